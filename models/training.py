@@ -1,0 +1,264 @@
+"""Training and inference loops for transformer classifiers: fine-tuning, distillation, prediction.
+
+One loop serves the teacher fine-tune, the distilled student and the hard-label baseline; what differs is the
+objective (a small nn.Module that runs the forward pass and returns the loss). The loop is seeded and
+deterministic on CPU, validates every epoch, stops early on validation macro-F1, keeps the best weights and
+checkpoints every epoch so a crashed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
+
+from models.losses import IGNORE_INDEX, FeatureAligner, even_layer_map, hard_label_ce, response_kd_loss
+from models.metrics import classification_metrics
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.06
+    max_length: int = 64
+    patience: int = 2
+    seed: int = 13
+    max_steps: int | None = None
+
+
+@dataclass
+class Encoded:
+    """Token ids of a text set (unpadded), hard labels (IGNORE_INDEX where unknown), optional teacher logits."""
+
+    input_ids: list[list[int]]
+    labels: Tensor  # (rows,) int64
+    teacher_logits: Tensor | None = None  # (rows, classes) float32
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class TrainResult:
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    best_score: float = -1.0
+    stopped_early: bool = False
+    resumed_from_epoch: int = 0
+    steps: int = 0
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int,
+           labels: Sequence[int] | None = None, teacher_logits: np.ndarray | None = None) -> Encoded:
+    """Tokenise once (truncated, unpadded); batches are padded dynamically later."""
+    ids = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)["input_ids"]
+    y = torch.tensor(list(labels) if labels is not None else [IGNORE_INDEX] * len(ids), dtype=torch.long)
+    t = torch.as_tensor(np.asarray(teacher_logits, dtype=np.float32)) if teacher_logits is not None else None
+    return Encoded(input_ids=ids, labels=y, teacher_logits=t)
+
+
+def collate(data: Encoded, index: Sequence[int], pad_id: int) -> dict[str, Tensor]:
+    rows = [data.input_ids[i] for i in index]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (batch, seq)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": data.labels[list(index)]}
+    if data.teacher_logits is not None:
+        batch["teacher_logits"] = data.teacher_logits[list(index)]
+    return batch
+
+
+class CrossEntropyObjective(nn.Module):
+    """Plain fine-tuning on hard labels (teacher bootstrap, and the no-distillation baseline student)."""
+
+    def forward(self, model: PreTrainedModel, batch: dict[str, Tensor]) -> Tensor:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return hard_label_ce(logits, batch["labels"])
+
+
+class DistillationObjective(nn.Module):
+    """Response-based KD on cached teacher logits, plus optional hidden-state alignment with a live teacher."""
+
+    def __init__(self, temperature: float, kd_weight: float, ce_weight: float, feature_weight: float = 0.0,
+                 feature_loss: str = "mse", teacher: PreTrainedModel | None = None,
+                 student: PreTrainedModel | None = None, layer_map: dict[int, int] | None = None):
+        super().__init__()
+        self.temperature, self.kd_weight, self.ce_weight = temperature, kd_weight, ce_weight
+        self.feature_weight, self.feature_loss = feature_weight, feature_loss
+        self.aligner: FeatureAligner | None = None
+        self._teacher = [teacher]  # a list keeps the frozen teacher out of this module's parameters
+        if feature_weight > 0:
+            if teacher is None or student is None:
+                raise ValueError("feature KD needs the teacher and the student")
+            mapping = layer_map or even_layer_map(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
+            self.aligner = FeatureAligner(student.config.hidden_size, teacher.config.hidden_size, mapping)
+            teacher.eval()
+
+    def forward(self, model: PreTrainedModel, batch: dict[str, Tensor]) -> Tensor:
+        want_states = self.aligner is not None
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    output_hidden_states=want_states)
+        loss = response_kd_loss(out.logits, batch["teacher_logits"], batch["labels"],
+                                self.temperature, self.kd_weight, self.ce_weight)
+        if want_states:
+            with torch.inference_mode():
+                t_states = self._teacher[0](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                            output_hidden_states=True).hidden_states
+            t_states = tuple(s.clone() for s in t_states)
+            loss = loss + self.feature_weight * self.aligner(out.hidden_states, t_states, batch["attention_mask"],
+                                                             self.feature_loss)
+        return loss
+
+
+def set_seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+@torch.inference_mode()
+def predict_logits(model: PreTrainedModel, data: Encoded, pad_id: int, batch_size: int = 64,
+                   progress: bool = False, desc: str = "predict") -> np.ndarray:
+    """Logits (rows, classes) float32 for every row, in input order. Rows are length-sorted to pad little."""
+    model.eval()
+    order = np.argsort([len(r) for r in data.input_ids], kind="stable")
+    out = np.zeros((len(data), model.config.num_labels), dtype=np.float32)
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
+        index = order[start : start + batch_size]
+        batch = collate(data, index, pad_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        out[index] = logits.float().numpy()
+    return out
+
+
+def _fingerprint(settings: TrainSettings, extra: dict) -> str:
+    return hashlib.sha256(json.dumps([asdict(settings), extra], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _save_atomic(state: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def train_model(
+    model: PreTrainedModel,
+    objective: nn.Module,
+    train: Encoded,
+    validation: Encoded,
+    settings: TrainSettings,
+    pad_id: int,
+    checkpoint_dir: Path | None = None,
+    on_epoch_end: Callable[[int, dict], None] | None = None,
+    progress: bool = True,
+    desc: str = "train",
+    fingerprint_extra: dict | None = None,
+) -> TrainResult:
+    """Train ``model`` in place with ``objective``; on return the model holds the best validation weights.
+
+    With ``checkpoint_dir`` the full state (weights, optimiser, scheduler, RNG, history, best weights) is saved
+    after every epoch and a later call with the same settings resumes after the last finished epoch.
+    """
+    set_seed(settings.seed)
+    params = [p for p in list(model.parameters()) + list(objective.parameters()) if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    steps_per_epoch = math.ceil(len(train) / settings.batch_size)
+    total = steps_per_epoch * settings.epochs
+    if settings.max_steps:
+        total = min(total, settings.max_steps)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(total * settings.warmup_fraction), max(total, 1))
+    result = TrainResult()
+    best_state: dict | None = None
+    bad_epochs, start_epoch = 0, 1
+    fingerprint = _fingerprint(settings, {"rows": len(train), **(fingerprint_extra or {})})
+    ckpt = Path(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir else None
+    if ckpt is not None and ckpt.is_file():
+        state = torch.load(ckpt, weights_only=False)
+        if state.get("fingerprint") == fingerprint:
+            model.load_state_dict(state["model"])
+            objective.load_state_dict(state["objective"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["rng"])
+            result = TrainResult(**state["result"])
+            best_state, bad_epochs = state["best_state"], state["bad_epochs"]
+            start_epoch = result.history[-1]["epoch"] + 1 if result.history else 1
+            result.resumed_from_epoch = start_epoch - 1
+            logger.info("%s: resuming after epoch %d from %s", desc, start_epoch - 1, ckpt)
+        else:
+            logger.info("%s: ignoring checkpoint %s made with other settings", desc, ckpt)
+
+    finished = result.stopped_early or (settings.max_steps is not None and result.steps >= settings.max_steps)
+    for epoch in range(start_epoch, settings.epochs + 1):
+        if finished:
+            break
+        model.train()
+        objective.train()
+        generator = torch.Generator().manual_seed(settings.seed * 1000 + epoch)
+        order = torch.randperm(len(train), generator=generator).tolist()
+        batches = [order[i : i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
+        losses = []
+        bar = tqdm(batches, desc=f"{desc} epoch {epoch}/{settings.epochs}", disable=not progress, leave=False)
+        for index in bar:
+            batch = collate(train, index, pad_id)
+            loss = objective(model, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{desc}: loss became {loss.item()} at step {result.steps}: "
+                                         "lower the learning rate or check the teacher logits")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            result.steps += 1
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+            if settings.max_steps is not None and result.steps >= settings.max_steps:
+                finished = True
+                break
+        logits = predict_logits(model, validation, pad_id, batch_size=max(settings.batch_size, 64))
+        m = classification_metrics(logits, validation.labels.numpy(), model.config.num_labels)
+        row = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
+               "val_accuracy": m["accuracy"], "val_macro_f1": m["macro_f1"], "steps": result.steps}
+        result.history.append(row)
+        logger.info("%s epoch %d: %s", desc, epoch, row)
+        if m["macro_f1"] > result.best_score:
+            result.best_score, result.best_epoch, bad_epochs = m["macro_f1"], epoch, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            bad_epochs += 1
+            if bad_epochs >= settings.patience:
+                result.stopped_early = True
+                finished = True
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, row)
+        if ckpt is not None:
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            _save_atomic({"fingerprint": fingerprint, "model": model.state_dict(), "objective": objective.state_dict(),
+                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                          "rng": torch.get_rng_state(), "result": asdict(result), "best_state": best_state,
+                          "bad_epochs": bad_epochs}, ckpt)
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return result

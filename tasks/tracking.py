@@ -1,0 +1,233 @@
+"""MLflow: the one home of experiment tracking and the model registry.
+
+Models are logged as MLflow pyfunc models that carry the transformers classifier folder (safetensors weights +
+tokenizer) as an artifact, so ``mlflow.pyfunc.load_model("models:/student@champion").predict([...])`` serves
+them anywhere, and the pipeline itself downloads the same folder to run torch on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.pyfunc import PythonModel
+
+from distillery.config import Config
+
+CLASSIFIER_ARTIFACT = "classifier"
+PIP_REQUIREMENTS = ["torch==2.13.0", "transformers==5.23.0", "pandas"]
+
+
+class TrackingError(RuntimeError):
+    """MLflow is unreachable or the registry lacks what was asked for; the message says what to do."""
+
+
+def tracking_uri(cfg: Config) -> str:
+    return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{cfg.path('mlflow.db')}"
+
+
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """For an http(s) tracking URI, fail fast with a clear message when the server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+            if resp.status != 200:
+                raise TrackingError(f"MLflow server at {uri} answered {resp.status} on /health")
+    except (urllib.error.URLError, OSError) as exc:
+        raise TrackingError(
+            f"MLflow tracking server at {uri} is not reachable ({exc}). Start it (`make servers-up`), fix "
+            f"tracking.uri / MLFLOW_TRACKING_URI, or unset them to use the embedded SQLite store."
+        ) from None
+
+
+def configure_tracking(cfg: Config) -> str:
+    """Point MLflow at the configured store and experiment (created with a project-local artifact root when local)."""
+    uri = tracking_uri(cfg)
+    check_server(uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    if mlflow.get_experiment_by_name(cfg.tracking.experiment) is None:
+        location = None
+        if not uri.startswith(("http://", "https://", "databricks")):
+            location = cfg.path(cfg.tracking.artifact_location).as_uri()
+        try:
+            mlflow.create_experiment(cfg.tracking.experiment, artifact_location=location)
+        except MlflowException:
+            pass  # created meanwhile by a parallel run
+    mlflow.set_experiment(cfg.tracking.experiment)
+    return uri
+
+
+class TextClassifierModel(PythonModel):
+    """Pyfunc wrapper: texts in, predicted label and confidence out."""
+
+    def load_context(self, context) -> None:  # noqa: ANN001 - MLflow's context type
+        from models.modeling import load_classifier, load_tokenizer
+
+        folder = Path(context.artifacts[CLASSIFIER_ARTIFACT])
+        self.tokenizer = load_tokenizer(folder)
+        self.model = load_classifier(folder).eval()
+
+    def predict(self, context, model_input: list[str], params: dict[str, Any] | None = None) -> list[dict]:  # noqa: ANN001
+        import torch
+
+        from models.metrics import softmax
+
+        texts = list(model_input)
+        with torch.inference_mode():
+            enc = self.tokenizer(texts, truncation=True, max_length=128, padding=True, return_tensors="pt")
+            logits = self.model(**enc).logits.numpy()
+        probs = softmax(logits)
+        names = self.model.config.id2label
+        return [{"label": names[int(p.argmax())], "confidence": float(p.max())} for p in probs]
+
+
+def log_classifier(folder: Path, name: str = "model") -> mlflow.models.model.ModelInfo:
+    """Log a classifier folder as a pyfunc model of the active run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp) / CLASSIFIER_ARTIFACT
+        shutil.copytree(folder, staged)
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=TextClassifierModel(),
+            artifacts={CLASSIFIER_ARTIFACT: str(staged)},
+            pip_requirements=PIP_REQUIREMENTS,
+        )
+
+
+def register_version(model_uri: str, name: str, tags: dict[str, Any]) -> ModelVersion:
+    """Create a registry version with its tags (no alias: callers move aliases last)."""
+    version = mlflow.register_model(model_uri, name, tags={k: _tag(v) for k, v in tags.items()})
+    return version
+
+
+def _tag(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return text[:4900]  # MLflow caps tag values at 5000 characters
+
+
+def set_version_tags(name: str, version: str, tags: dict[str, Any]) -> None:
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, _tag(value))
+
+
+def set_alias(name: str, alias: str, version: str) -> None:
+    MlflowClient().set_registered_model_alias(name, alias, version)
+
+
+def get_alias_version(name: str, alias: str) -> ModelVersion | None:
+    """The version behind ``name@alias``, or None when the model or alias does not exist."""
+    try:
+        return MlflowClient().get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def resolve_version(name: str, ref: str) -> ModelVersion:
+    """``ref`` is an alias (``production``) or a version number (``3``); a clear TrackingError when missing."""
+    client = MlflowClient()
+    try:
+        if str(ref).isdigit():
+            return client.get_model_version(name, str(ref))
+        return client.get_model_version_by_alias(name, ref)
+    except MlflowException:
+        raise TrackingError(
+            f"registered model {name}@{ref} not found in {mlflow.get_tracking_uri()}: "
+            f"run `distillery teacher` to bootstrap one, or check the name/alias in the config"
+        ) from None
+
+
+def download_classifier(version: ModelVersion, cache_root: Path) -> Path:
+    """Local classifier folder of a registry version (downloaded once into ``cache_root``)."""
+    target = Path(cache_root) / f"{version.name}-v{version.version}"
+    folder = target / "artifacts" / CLASSIFIER_ARTIFACT
+    if (folder / "config.json").is_file():
+        return folder
+    partial = target.with_name(target.name + ".partial")  # a crash mid-download never looks complete
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{version.name}/{version.version}", dst_path=str(partial))
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+    if not (folder / "config.json").is_file():
+        raise TrackingError(f"{version.name} v{version.version} holds no classifier folder: was it logged by distillery?")
+    return folder
+
+
+def curve_logger(prefix: str = "curve.") -> Callable[[int, dict], None]:
+    """An ``on_epoch_end`` callback that logs an epoch's training row as metrics at step=epoch."""
+
+    def log(epoch: int, row: dict) -> None:
+        mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in row.items() if k != "epoch"}, step=epoch)
+
+    return log
+
+
+def log_params(params: dict[str, Any]) -> None:
+    """Log many params at once (values stringified, MLflow's 6000-character cap respected)."""
+    mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+
+
+def log_json(data: Any, artifact_file: str) -> None:
+    mlflow.log_dict(data, artifact_file)
+
+
+def log_file(path: Path, artifact_path: str | None = None) -> None:
+    mlflow.log_artifact(str(path), artifact_path)
+
+
+def log_folder(path: Path, artifact_path: str | None = None) -> None:
+    mlflow.log_artifacts(str(path), artifact_path)
+
+
+def search_versions(name: str) -> list[ModelVersion]:
+    try:
+        return sorted(MlflowClient().search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
+    except MlflowException:
+        return []
+
+
+def versions_with_tag(versions: Iterable[ModelVersion], key: str, value: str) -> list[ModelVersion]:
+    return [v for v in versions if v.tags.get(key) == value]
+
+
+def create_run(cfg: Config, run_name: str, tags: dict[str, Any] | None = None, parent_run_id: str | None = None) -> str:
+    """Create a run (nested under ``parent_run_id`` when given) and return its id; tasks reopen it by id."""
+    configure_tracking(cfg)
+    experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    all_tags = {k: _tag(v) for k, v in (tags or {}).items()}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = MlflowClient().create_run(experiment.experiment_id, run_name=run_name, tags=all_tags)
+    return run.info.run_id
+
+
+@contextmanager
+def open_run(cfg: Config, run_id: str) -> Iterator[mlflow.ActiveRun]:
+    """Reopen a run by id in this thread/process; it ends FINISHED, or FAILED when the block raises."""
+    configure_tracking(cfg)
+    with mlflow.start_run(run_id=run_id) as run:
+        yield run
+
+
+def finish_run(run_id: str, status: str = "FINISHED") -> None:
+    MlflowClient().set_terminated(run_id, status=status)
+
+
+def set_run_tags(run_id: str, tags: dict[str, Any]) -> None:
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, _tag(value))

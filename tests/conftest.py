@@ -1,0 +1,51 @@
+"""Shared fixtures: one Prefect harness per session, throwaway project folders, tiny random-init models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import LABELS, make_frames, write_config, write_source
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for key, value in {
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DVC_NO_ANALYTICS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "GIT_PYTHON_REFRESH": "quiet",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    }.items():
+        os.environ.setdefault(key, value)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """A temporary Prefect API for all flow tests of the session (starting one costs ~18 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-init BERT (vocab from the fixture texts, hidden 32, 2 layers) saved as safetensors."""
+    from models.modeling import build_tiny_model
+
+    train, test = make_frames()
+    folder = tmp_path_factory.mktemp("models") / "tiny-teacher"
+    return build_tiny_model(folder, list(train["text"]) + list(test["text"]), LABELS)
+
+
+@pytest.fixture()
+def project(tmp_path: Path, tiny_teacher_dir: Path) -> Path:
+    """A throwaway project folder: source data, tiny base model and a distillery.yaml using both."""
+    write_source(tmp_path / "source")
+    os.symlink(tiny_teacher_dir, tmp_path / "tiny-teacher")
+    write_config(tmp_path)
+    return tmp_path

@@ -1,0 +1,70 @@
+"""Test fixtures built from code: a small synthetic intent data set and project folders around it."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+LABELS = ["card_arrival", "exchange_rate", "pin_blocked", "top_up"]
+_KEYWORDS = {
+    "card_arrival": ["card", "delivery", "arrive", "post"],
+    "exchange_rate": ["exchange", "rate", "currency", "euro"],
+    "pin_blocked": ["pin", "blocked", "locked", "code"],
+    "top_up": ["top", "balance", "add", "money"],
+}
+_OPENERS = ["please help", "i need to know", "can you tell me", "quick question", "hello", "urgent"]
+_TAILS = ["today", "now", "for my account", "again", "this week", "asap", "thanks", "on the app"]
+
+
+def make_texts(label: str) -> list[str]:
+    """Distinct texts for one label: its keywords in several templates (learnable by a tiny model)."""
+    words = _KEYWORDS[label]
+    out = []
+    for opener, (a, b), tail in itertools.product(_OPENERS, itertools.permutations(words, 2), _TAILS):
+        out.append(f"{opener} {a} {b} {tail}")
+    return out
+
+
+def make_frames(train_per_label: int = 40, test_per_label: int = 10) -> tuple[pd.DataFrame, pd.DataFrame]:
+    train, test = [], []
+    for label in LABELS:
+        texts = make_texts(label)[:: 7][: train_per_label + test_per_label]
+        train += [(t, label) for t in texts[:train_per_label]]
+        test += [(t, label) for t in texts[train_per_label:]]
+    return (pd.DataFrame(train, columns=["text", "category"]), pd.DataFrame(test, columns=["text", "category"]))
+
+
+def write_source(folder: Path, train: pd.DataFrame | None = None, test: pd.DataFrame | None = None,
+                 labels: list[str] | None = None) -> Path:
+    """A source folder like ../shared/data/banking77 (train.csv, test.csv, categories.json)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    default_train, default_test = make_frames()
+    (train if train is not None else default_train).to_csv(folder / "train.csv", index=False)
+    (test if test is not None else default_test).to_csv(folder / "test.csv", index=False)
+    (folder / "categories.json").write_text(json.dumps(labels or LABELS))
+    return folder
+
+
+def write_config(root: Path, **sections: dict) -> Path:
+    """A distillery.yaml in ``root`` for a fast run on tiny models; ``sections`` update the defaults."""
+    config = {
+        "data": {"source": "source", "validation_fraction": 0.2},
+        "teacher": {"base_model": "tiny-teacher", "epochs": 3, "batch_size": 16, "learning_rate": 3e-3,
+                    "max_length": 16},
+        "labelling": {"batch_size": 32, "shards": 2},
+        "validation": {"min_teacher_accuracy": 0.3, "min_teacher_macro_f1": 0.2, "min_mean_confidence": 0.05},
+        "student": {"init": "cut", "layers": [0]},
+        "distill": {"epochs": 3, "batch_size": 16, "learning_rate": 3e-3, "max_length": 16, "temperature": 2.0},
+        "evaluation": {"repeats": 3, "warmup": 1, "throughput_batches": 1},
+        "tracking": {"uri": f"sqlite:///{Path(root) / 'mlflow.db'}"},
+    }
+    for name, values in sections.items():
+        config.setdefault(name, {}).update(values)
+    path = Path(root) / "distillery.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path

@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from distillery.config import ConfigError, config_from_dict, load_config, parse_override_args
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_project_config_loads_and_resolves_paths_against_its_folder():
+    cfg = load_config(ROOT / "distillery.yaml")
+    assert cfg.path(cfg.data.snapshot_dir) == ROOT / "data"
+    assert cfg.student.layers == (0, 5)
+    assert cfg.distill.sweep.temperature == ()
+
+
+def test_overrides_parse_yaml_values():
+    cfg = load_config(ROOT / "distillery.yaml", {"distill.temperature": "2", "student.layers": "[0, 2, 4]",
+                                                 "data.transfer_set": "null"})
+    assert cfg.distill.temperature == 2.0
+    assert cfg.student.layers == (0, 2, 4)
+    assert cfg.data.transfer_set is None
+
+
+def test_digest_changes_with_a_knob_not_with_root():
+    a = config_from_dict({}, root="/tmp/a")
+    b = config_from_dict({}, root="/tmp/b")
+    c = config_from_dict({"distill": {"kd_weight": 0.5}})
+    assert a.digest() == b.digest() != c.digest()
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"distill": {"temperature": 0}}, "distill.temperature must be > 0"),
+        ({"distill": {"kd_weight": 0, "ce_weight": 0}}, "must not all be 0"),
+        ({"data": {"validation_fraction": 0.7}}, "data.validation_fraction"),
+        ({"student": {"init": "grow"}}, "student.init"),
+        ({"student": {"layers": [1, 1]}}, "distinct"),
+        ({"runtime": {"task_runner": "ray"}}, "runtime.task_runner"),
+        ({"distill": {"epochs": "many"}}, "distill.epochs: expected an integer"),
+        ({"teacher": {"learning_rate": [1]}}, "teacher.learning_rate: expected a number"),
+        ({"distil": {}}, "unknown configuration key(s): distil"),
+        ({"gate": {"max_latency": 0.5}}, "gate.max_latency"),
+    ],
+)
+def test_bad_values_name_the_key(raw, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config_from_dict(raw)
+
+
+def test_missing_config_file_says_what_to_do(tmp_path):
+    with pytest.raises(ConfigError, match="--config"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_cli_override_syntax():
+    assert parse_override_args(["a.b=1", "c.d=[1, 2]"]) == {"a.b": "1", "c.d": "[1, 2]"}
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_override_args(["novalue"])

@@ -75,10 +75,25 @@ def cmd_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_label(args: argparse.Namespace) -> int:
+    from flows.label import label_flow
+    from flows.runners import task_runner_for
+
+    kwargs = _flow_kwargs(args)
+    cfg = load_config(args.config, kwargs["overrides"])
+    label_flow.with_options(task_runner=task_runner_for(cfg))(**kwargs, teacher_version=args.teacher_version)
+    return 0
+
+
+def _teacher_version_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--teacher-version", metavar="N", help="a registered teacher version (default: the alias)")
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "run": (cmd_run, "run the whole pipeline on the configured data and teacher (the main job)"),
     "ingest": (cmd_ingest, "check the source data, write the train/validation/test snapshot, version it with DVC"),
     "teacher": (cmd_teacher, "fine-tune the base model and register it as teacher@production (bootstrap)"),
+    "label": (cmd_label, "teacher soft labels on the snapshot (cached), checked by the Great Expectations suites"),
 }
 
 
@@ -101,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-EXTRA_ARGUMENTS: dict[str, list[Callable[[argparse.ArgumentParser], None]]] = {}
+EXTRA_ARGUMENTS: dict[str, list[Callable[[argparse.ArgumentParser], None]]] = {
+    "label": [_teacher_version_arg],
+}
 
 
 def main(argv: list[str] | None = None) -> int:

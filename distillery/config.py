@@ -50,7 +50,7 @@ class TeacherConfig:
     base_model: str = "minilm"
     registered_name: str = "teacher"
     alias: str = "production"
-    epochs: int = 4
+    epochs: int = 8
     batch_size: int = 32
     learning_rate: float = 1e-4
     weight_decay: float = 0.01

@@ -42,10 +42,26 @@ def tiny_teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(folder, list(train["text"]) + list(test["text"]), LABELS)
 
 
+def make_project(root: Path, tiny_teacher_dir: Path) -> Path:
+    """A throwaway project folder: source data, tiny base model and a distillery.yaml using both."""
+    write_source(root / "source")
+    os.symlink(tiny_teacher_dir, root / "tiny-teacher")
+    write_config(root)
+    return root
+
+
 @pytest.fixture()
 def project(tmp_path: Path, tiny_teacher_dir: Path) -> Path:
-    """A throwaway project folder: source data, tiny base model and a distillery.yaml using both."""
-    write_source(tmp_path / "source")
-    os.symlink(tiny_teacher_dir, tmp_path / "tiny-teacher")
-    write_config(tmp_path)
-    return tmp_path
+    return make_project(tmp_path, tiny_teacher_dir)
+
+
+@pytest.fixture(scope="module")
+def teacher_project(tmp_path_factory: pytest.TempPathFactory, tiny_teacher_dir: Path, prefect_harness) -> Path:
+    """A project with an ingested snapshot and a bootstrapped tiny teacher@production (shared by a module)."""
+    from flows.ingest import ingest_flow
+    from flows.teacher import teacher_flow
+
+    root = make_project(tmp_path_factory.mktemp("project"), tiny_teacher_dir)
+    ingest_flow(str(root / "distillery.yaml"))
+    teacher_flow(str(root / "distillery.yaml"))
+    return root

@@ -54,7 +54,7 @@ def write_config(root: Path, **sections: dict) -> Path:
     """A distillery.yaml in ``root`` for a fast run on tiny models; ``sections`` update the defaults."""
     config = {
         "data": {"source": "source", "validation_fraction": 0.2},
-        "teacher": {"base_model": "tiny-teacher", "epochs": 3, "batch_size": 16, "learning_rate": 3e-3,
+        "teacher": {"base_model": "tiny-teacher", "epochs": 8, "batch_size": 16, "learning_rate": 3e-3,
                     "max_length": 16},
         "labelling": {"batch_size": 32, "shards": 2},
         "validation": {"min_teacher_accuracy": 0.3, "min_teacher_macro_f1": 0.2, "min_mean_confidence": 0.05},

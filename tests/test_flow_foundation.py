@@ -67,7 +67,7 @@ def test_teacher_bootstrap_registers_an_aliased_version_with_lineage(project: Pa
     run = client.get_run(version.run_id)
     assert run.data.params["data.snapshot_md5"] == md5
     assert "val_macro_f1" in run.data.metrics
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "curve.val_accuracy")] == [1, 2, 3]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "curve.val_accuracy")] == [1, 2, 3, 4, 5, 6, 7, 8]
     # the registered model serves predictions through MLflow's generic interface
     predictions = mlflow.pyfunc.load_model("models:/teacher@production").predict(["hello pin blocked now"])
     assert predictions[0]["label"] in {"card_arrival", "exchange_rate", "pin_blocked", "top_up"}

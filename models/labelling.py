@@ -1,0 +1,114 @@
+"""Teacher soft labels: batched inference over texts and the outputs table that the GX suite checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from models.metrics import entropy, per_class_f1, softmax
+from models.training import encode, predict_logits
+
+OUTPUT_COLUMNS = ["id", "split", "label_id", "logits", "probs", "predicted_label", "max_prob", "entropy"]
+
+
+def shard_bounds(rows: int, shards: int) -> list[tuple[int, int]]:
+    """Contiguous [start, stop) ranges that cover ``rows`` in at most ``shards`` near-equal parts."""
+    shards = max(1, min(shards, rows)) if rows else 1
+    edges = np.linspace(0, rows, shards + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def teacher_logits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str],
+                   max_length: int, batch_size: int, progress: bool = True, desc: str = "label") -> np.ndarray:
+    """(rows, classes) float32 logits of the teacher, batched under ``torch.inference_mode``."""
+    data = encode(tokenizer, texts, max_length)
+    return predict_logits(model, data, tokenizer.pad_token_id, batch_size=batch_size, progress=progress, desc=desc)
+
+
+def build_outputs(ids: list[str], splits: list[str], label_ids: list[int], logits: np.ndarray,
+                  labels: list[str]) -> pd.DataFrame:
+    """The teacher-outputs table: row id, split, gold label id (-1 when unlabelled), logits, probs and summaries."""
+    probs = softmax(logits).astype(np.float32)
+    pred = probs.argmax(axis=1)
+    return pd.DataFrame({
+        "id": list(ids),
+        "split": list(splits),
+        "label_id": np.asarray(label_ids, dtype=np.int64),
+        "logits": list(np.asarray(logits, dtype=np.float32)),
+        "probs": list(probs),
+        "predicted_label": [labels[i] for i in pred],
+        "max_prob": probs.max(axis=1).astype(np.float64),
+        "entropy": entropy(probs),
+    })
+
+
+def write_outputs(df: pd.DataFrame, path) -> None:  # noqa: ANN001 - str or Path
+    """Parquet with logits/probs as fixed-size float32 lists (one value per class)."""
+    classes = len(df["logits"].iloc[0]) if len(df) else 0
+    table = pa.table({
+        "id": pa.array(df["id"], pa.string()),
+        "split": pa.array(df["split"], pa.string()),
+        "label_id": pa.array(df["label_id"], pa.int64()),
+        "logits": pa.FixedSizeListArray.from_arrays(
+            pa.array(np.concatenate(list(df["logits"])).astype(np.float32) if classes else [], pa.float32()), classes),
+        "probs": pa.FixedSizeListArray.from_arrays(
+            pa.array(np.concatenate(list(df["probs"])).astype(np.float32) if classes else [], pa.float32()), classes),
+        "predicted_label": pa.array(df["predicted_label"], pa.string()),
+        "max_prob": pa.array(df["max_prob"], pa.float64()),
+        "entropy": pa.array(df["entropy"], pa.float64()),
+    })
+    pq.write_table(table, path, compression="zstd")
+
+
+def read_outputs(path) -> pd.DataFrame:  # noqa: ANN001 - str or Path
+    df = pq.read_table(path).to_pandas()
+    for col in ("logits", "probs"):
+        df[col] = [np.asarray(v, dtype=np.float32) for v in df[col]]
+    return df
+
+
+def logits_matrix(df: pd.DataFrame) -> np.ndarray:
+    return np.stack(df["logits"].to_list()).astype(np.float32)
+
+
+def validation_tables(df: pd.DataFrame, labels: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Scalar views of the outputs for Great Expectations.
+
+    rows: one row per output with its finiteness, probability range and sum, and ``val_correct`` (1/0 on
+    labelled validation rows, NaN elsewhere, so its mean is the teacher's validation accuracy).
+    classes: one row per class with how often it is predicted and its validation F1 (mean = macro-F1).
+    """
+    logits = np.stack(df["logits"].to_list()) if len(df) else np.zeros((0, len(labels)))
+    probs = np.stack(df["probs"].to_list()) if len(df) else np.zeros((0, len(labels)))
+    is_val = (df["split"] == "validation").to_numpy() & (df["label_id"] >= 0).to_numpy()
+    pred_id = pd.Series(df["predicted_label"]).map({n: i for i, n in enumerate(labels)}).to_numpy()
+    with np.errstate(invalid="ignore"):
+        correct = np.where(is_val, (pred_id == df["label_id"].to_numpy()).astype(float), np.nan)
+    rows = pd.DataFrame({
+        "id": df["id"].to_numpy(),
+        "split": df["split"].to_numpy(),
+        "predicted_label": df["predicted_label"].to_numpy(),
+        "all_finite": np.isfinite(logits).all(axis=1) & np.isfinite(probs).all(axis=1),
+        "prob_min": probs.min(axis=1) if len(df) else [],
+        "prob_max": probs.max(axis=1) if len(df) else [],
+        "prob_sum": probs.sum(axis=1) if len(df) else [],
+        "max_prob": df["max_prob"].to_numpy(),
+        "entropy_fraction": df["entropy"].to_numpy() / np.log(len(labels)),
+        "val_correct": correct,
+    })
+    counts = pd.Series(df["predicted_label"]).value_counts()
+    val = df[is_val]
+    val_pred = pd.Series(val["predicted_label"]).map({n: i for i, n in enumerate(labels)}).fillna(-1).to_numpy()
+    f1 = per_class_f1(val_pred, val["label_id"].to_numpy(), len(labels)) if len(val) else np.zeros(len(labels))
+    # classes neither present nor predicted in validation have no F1 (NaN: left out of the macro mean)
+    seen = np.isin(np.arange(len(labels)), val["label_id"].to_numpy()) | np.isin(np.arange(len(labels)), val_pred)
+    f1 = np.where(seen, f1, np.nan)
+    classes = pd.DataFrame({
+        "label": labels,
+        "predicted_count": [int(counts.get(name, 0)) for name in labels],
+        "val_f1": f1,
+    })
+    return rows, classes

@@ -1,0 +1,174 @@
+"""Teacher outputs: the GX suites (data tier), sharded labelling, and the cached, validated labelling flow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from distillery.config import ValidationConfig, load_config
+from models.labelling import build_outputs, read_outputs, shard_bounds, teacher_logits, validation_tables, write_outputs
+from models.modeling import load_classifier, load_tokenizer
+from tasks.validation import ValidationFailed, validate_teacher_outputs
+from tests.helpers import LABELS, make_frames
+
+# ---------------------------------------------------------------- data tier: the suites on fixtures
+
+
+def _good_outputs(rows: int = 80, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    y = np.arange(rows) % len(LABELS)
+    logits = rng.normal(size=(rows, len(LABELS))).astype(np.float32)
+    logits[np.arange(rows), y] += 4.0  # a confident, mostly right teacher
+    splits = ["validation" if (i // len(LABELS)) % 2 else "train" for i in range(rows)]
+    return build_outputs([f"r{i}" for i in range(rows)], splits, y, logits, LABELS)
+
+
+def _validate(df, tmp_path, expected_rows=80, **thresholds):
+    rows, classes = validation_tables(df, LABELS)
+    cfg = ValidationConfig(**{"min_teacher_accuracy": 0.6, "min_teacher_macro_f1": 0.5, **thresholds})
+    return validate_teacher_outputs(rows, classes, LABELS, expected_rows, cfg, tmp_path / "docs")
+
+
+def _failed(report) -> set[tuple[str, str]]:
+    return {(f["expectation"], f["target"]) for f in report.failed}
+
+
+def test_suite_passes_good_outputs_and_builds_data_docs(tmp_path):
+    report = _validate(_good_outputs(), tmp_path)
+    assert report.success, report.failed
+    assert report.evaluated == 15
+    assert (tmp_path / "docs" / "index.html").is_file()
+    assert report.statistics["teacher_val_accuracy"] > 0.9
+
+
+def test_nan_row_fails_finiteness(tmp_path):
+    df = _good_outputs()
+    df.at[5, "logits"] = np.array([np.nan, 0, 0, 0], dtype=np.float32)
+    assert _failed(_validate(df, tmp_path)) == {("expect_column_values_to_be_in_set", "all_finite")}
+
+
+def test_unnormalised_probabilities_fail_the_sum(tmp_path):
+    df = _good_outputs()
+    df.at[7, "probs"] = df.at[7, "probs"] * 0.5
+    assert ("expect_column_values_to_be_between", "prob_sum") in _failed(_validate(df, tmp_path))
+
+
+def test_collapsed_teacher_fails_class_coverage(tmp_path):
+    df = _good_outputs()
+    df["predicted_label"] = LABELS[0]
+    report = _validate(df, tmp_path)
+    assert ("expect_column_values_to_be_between", "predicted_count") in _failed(report)
+    message = str(ValidationFailed(report))
+    assert "predicted_count" in message and "classes predicted too rarely" in message and LABELS[1] in message
+
+
+def test_teacher_below_accuracy_floor_fails(tmp_path):
+    df = _good_outputs()
+    wrong = df["split"] == "validation"
+    df.loc[wrong, "predicted_label"] = [LABELS[(LABELS.index(p) + 1) % 4] for p in df.loc[wrong, "predicted_label"]]
+    failed = _failed(_validate(df, tmp_path))
+    assert ("expect_column_mean_to_be_between", "val_correct") in failed
+    assert ("expect_column_mean_to_be_between", "val_f1") in failed
+
+
+def test_missing_rows_fail_the_row_count(tmp_path):
+    df = _good_outputs().iloc[:70].reset_index(drop=True)
+    assert _failed(_validate(df, tmp_path)) == {("expect_table_row_count_to_equal", "table")}
+
+
+def test_outputs_parquet_round_trips(tmp_path):
+    df = _good_outputs()
+    write_outputs(df, tmp_path / "o.parquet")
+    back = read_outputs(tmp_path / "o.parquet")
+    np.testing.assert_array_equal(np.stack(back["logits"]), np.stack(df["logits"]))
+    assert back["logits"].iloc[0].dtype == np.float32
+    assert list(back["predicted_label"]) == list(df["predicted_label"])
+
+
+# ---------------------------------------------------------------- shards
+
+
+def test_shards_give_the_same_outputs_as_one_pass(tiny_teacher_dir):
+    texts = make_frames()[0]["text"].tolist()
+    model, tokenizer = load_classifier(tiny_teacher_dir).eval(), load_tokenizer(tiny_teacher_dir)
+    whole = teacher_logits(model, tokenizer, texts, 16, 32, progress=False)
+    parts = [teacher_logits(model, tokenizer, texts[a:b], 16, 7, progress=False) for a, b in shard_bounds(len(texts), 3)]
+    sharded = np.concatenate(parts)
+    np.testing.assert_allclose(sharded, whole, rtol=0, atol=1e-5)
+    assert (sharded.argmax(1) == whole.argmax(1)).all()
+    assert shard_bounds(10, 3) == [(0, 3), (3, 7), (7, 10)] and shard_bounds(2, 5) == [(0, 1), (1, 2)]
+
+
+# ---------------------------------------------------------------- flow tier
+
+
+@pytest.mark.usefixtures("prefect_harness")
+class TestLabelFlow:
+    def test_first_run_labels_second_is_a_cache_hit(self, teacher_project: Path):
+        from flows.label import label_flow
+
+        cfg_path = str(teacher_project / "distillery.yaml")
+        first = label_flow(cfg_path)
+        assert first["cache_hit"] is False
+        assert first["validation"]["success"] is True
+        df = read_outputs(first["path"])
+        assert len(df) == 160 and set(df["split"]) == {"train", "validation"}
+        meta = json.loads((Path(first["path"]).parent / "meta.json").read_text())
+        assert meta["teacher"]["version"] == "1" and meta["run_id"] == first["run_id"]
+
+        second = label_flow(cfg_path)
+        assert second["cache_hit"] is True and second["path"] == first["path"]
+        assert second["seconds"] < first["seconds"]
+
+        cfg = load_config(cfg_path)
+        mlflow.set_tracking_uri(cfg.tracking.uri)
+        client = MlflowClient()
+        made = client.get_run(first["run_id"])
+        assert made.data.tags["teacher_outputs.cache_hit"] == "false"
+        assert made.data.tags["gx.success"] == "true"
+        artifacts = {a.path for a in client.list_artifacts(first["run_id"], "teacher_outputs")}
+        assert "teacher_outputs/outputs.parquet" in artifacts
+        assert client.list_artifacts(first["run_id"], "data_docs")
+        hit = client.get_run(second["run_id"])
+        assert hit.data.tags["teacher_outputs.cache_hit"] == "true"
+        assert hit.data.tags["teacher_outputs.source_run"] == first["run_id"]
+
+    def test_transfer_set_is_labelled_too(self, teacher_project: Path):
+        from flows.label import label_flow
+
+        (teacher_project / "transfer.csv").write_text("text\nmy pin is locked again\nrate for euro today\n")
+        out = label_flow(str(teacher_project / "distillery.yaml"), {"data.transfer_set": "transfer.csv"})
+        df = read_outputs(out["path"])
+        assert out["cache_hit"] is False
+        assert (df["split"] == "transfer").sum() == 2 and (df.loc[df["split"] == "transfer", "label_id"] == -1).all()
+
+    def test_corrupted_teacher_is_stopped_with_a_readable_error(self, teacher_project: Path, tmp_path: Path):
+        from flows.label import label_flow
+        from tasks import tracking
+
+        cfg = load_config(teacher_project / "distillery.yaml")
+        # register a NaN-emitting teacher version (and a new version means a cache miss)
+        tracking.configure_tracking(cfg)
+        good = tracking.resolve_version("teacher", "production")
+        folder = tracking.download_classifier(good, tmp_path / "dl")
+        model, tokenizer = load_classifier(folder), load_tokenizer(folder)
+        with torch.no_grad():
+            model.classifier.bias[:] = float("nan")
+        bad_dir = tmp_path / "bad"
+        model.save_pretrained(bad_dir)
+        tokenizer.save_pretrained(bad_dir)
+        with mlflow.start_run():
+            info = tracking.log_classifier(bad_dir)
+        bad = tracking.register_version(info.model_uri, "teacher", {"note": "corrupted"})
+
+        with pytest.raises(ValidationFailed) as caught:
+            label_flow(str(teacher_project / "distillery.yaml"), teacher_version=str(bad.version))
+        message = str(caught.value)
+        assert "all_finite" in message and "nothing registered" in message
+        assert str(tracking.resolve_version("teacher", "production").version) == str(good.version)

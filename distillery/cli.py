@@ -54,11 +54,25 @@ def _flow_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"config_path": args.config, "overrides": overrides or None}
 
 
+def _gate_exit(result: dict) -> int:
+    """Exit status 3 when the gate rejected the student: a scheduler or CI can tell it from a crash (2)."""
+    return 0 if result["decision"]["passed"] else 3
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.pipeline import pipeline_flow
 
-    pipeline_flow(**_flow_kwargs(args))
-    return 0
+    return _gate_exit(pipeline_flow(**_flow_kwargs(args), teacher_version=args.teacher_version))
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from flows.distill import distill_flow
+    from flows.runners import task_runner_for
+
+    kwargs = _flow_kwargs(args)
+    cfg = load_config(args.config, kwargs["overrides"])
+    flow = distill_flow.with_options(task_runner=task_runner_for(cfg))
+    return _gate_exit(flow(**kwargs, teacher_version=args.teacher_version))
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -93,6 +107,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "run": (cmd_run, "run the whole pipeline on the configured data and teacher (the main job)"),
     "ingest": (cmd_ingest, "check the source data, write the train/validation/test snapshot, version it with DVC"),
     "teacher": (cmd_teacher, "fine-tune the base model and register it as teacher@production (bootstrap)"),
+    "distill": (cmd_distill, "label (cached) -> distil + baseline -> evaluate -> gate, with the registered teacher"),
     "label": (cmd_label, "teacher soft labels on the snapshot (cached), checked by the Great Expectations suites"),
 }
 
@@ -118,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 EXTRA_ARGUMENTS: dict[str, list[Callable[[argparse.ArgumentParser], None]]] = {
     "label": [_teacher_version_arg],
+    "distill": [_teacher_version_arg],
+    "run": [_teacher_version_arg],
 }
 
 

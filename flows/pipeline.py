@@ -1,4 +1,5 @@
-"""The main job: ingest -> teacher (bootstrapped when none is registered) -> label + validate -> later stages."""
+"""The main job: ingest -> teacher (bootstrapped when none is registered) -> label -> validate -> distill ->
+evaluate -> gate."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from typing import Any
 from prefect import flow
 
 from distillery.config import load_config
+from flows.distill import distill_flow
 from flows.ingest import ingest_flow
-from flows.label import label_flow
 from flows.runners import task_runner_for
 from flows.teacher import teacher_flow
 from tasks.teacher import teacher_exists
@@ -21,6 +22,5 @@ def pipeline_flow(config_path: str | None = None, overrides: dict[str, Any] | No
     ingest = ingest_flow(config_path, overrides)
     if teacher_version is None and teacher_exists(cfg) is None:
         teacher_flow(config_path, overrides)
-    labelled = label_flow.with_options(task_runner=task_runner_for(cfg))(config_path, overrides, teacher_version)
-    return {"snapshot_md5": ingest["snapshot_md5"], "teacher_version": labelled["teacher"]["version"],
-            "teacher_outputs": labelled["path"]}
+    result = distill_flow.with_options(task_runner=task_runner_for(cfg))(config_path, overrides, teacher_version)
+    return {**result, "snapshot_md5": ingest["snapshot_md5"]}

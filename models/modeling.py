@@ -20,7 +20,6 @@ from typing import Iterable
 import torch
 from torch import nn
 from transformers import (
-    AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BertConfig,
@@ -171,11 +170,9 @@ def cut_student(teacher: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
 def fresh_student(teacher: PreTrainedModel, num_layers: int, hidden_size: int, num_attention_heads: int,
                   intermediate_size: int, seed: int = 0) -> PreTrainedModel:
     """A smaller randomly initialised model of the teacher's architecture (same vocabulary and labels)."""
-    config = AutoConfig.for_model(
-        teacher.config.model_type,
-        **{**teacher.config.to_dict(), "num_hidden_layers": num_layers, "hidden_size": hidden_size,
-           "num_attention_heads": num_attention_heads, "intermediate_size": intermediate_size},
-    )
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers, config.hidden_size = num_layers, hidden_size
+    config.num_attention_heads, config.intermediate_size = num_attention_heads, intermediate_size
     torch.manual_seed(seed)
     return AutoModelForSequenceClassification.from_config(config)
 
@@ -198,3 +195,11 @@ def size_on_disk(model: nn.Module) -> int:
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     return buffer.getbuffer().nbytes
+
+
+def build_student(teacher: PreTrainedModel, init: str, layers: list[int], num_layers: int, hidden_size: int,
+                  num_attention_heads: int, intermediate_size: int, seed: int = 0) -> PreTrainedModel:
+    """``init='cut'``: keep the teacher's chosen layers; ``'config'``: a smaller fresh model of its architecture."""
+    if init == "cut":
+        return cut_student(teacher, list(layers))
+    return fresh_student(teacher, num_layers, hidden_size, num_attention_heads, intermediate_size, seed)

@@ -59,7 +59,7 @@ def write_config(root: Path, **sections: dict) -> Path:
         "labelling": {"batch_size": 32, "shards": 2},
         "validation": {"min_teacher_accuracy": 0.3, "min_teacher_macro_f1": 0.2, "min_mean_confidence": 0.05},
         "student": {"init": "cut", "layers": [0]},
-        "distill": {"epochs": 3, "batch_size": 16, "learning_rate": 3e-3, "max_length": 16, "temperature": 2.0},
+        "distill": {"epochs": 6, "batch_size": 16, "learning_rate": 3e-3, "max_length": 16, "temperature": 2.0},
         "evaluation": {"repeats": 3, "warmup": 1, "throughput_batches": 1},
         "tracking": {"uri": f"sqlite:///{Path(root) / 'mlflow.db'}"},
     }

@@ -1,0 +1,65 @@
+"""The promotion gate: pure comparison of a candidate's metrics against the INT8 teacher and the champion."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class Criterion:
+    name: str
+    passed: bool
+    observed: float
+    threshold: float
+    rule: str
+
+
+@dataclass
+class GateDecision:
+    passed: bool
+    criteria: list[Criterion] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[Criterion]:
+        return [c for c in self.criteria if not c.passed]
+
+    def reasons(self) -> list[str]:
+        return [f"{'PASS' if c.passed else 'FAIL'} {c.name}: {c.observed:.4g} vs {c.threshold:.4g} ({c.rule})"
+                for c in self.criteria]
+
+    def to_dict(self) -> dict:
+        return {"passed": self.passed, "criteria": [asdict(c) for c in self.criteria]}
+
+
+def decide(student: dict, int8_teacher: dict, teacher: dict, champion: dict | None, *, accuracy_tolerance: float,
+           macro_f1_tolerance: float, max_latency_ratio: float, max_class_f1_drop: float,
+           champion_tolerance: float, labels: list[str] | None = None) -> GateDecision:
+    """Every criterion is evaluated (no short-circuit) so a rejection lists all its reasons.
+
+    ``student``/``int8_teacher``/``teacher``/``champion`` hold metrics as logged: accuracy, macro_f1,
+    latency_p50_ms and per_class_f1 (a list per label).
+    """
+    criteria = [
+        Criterion("accuracy_vs_int8_teacher", student["accuracy"] >= int8_teacher["accuracy"] - accuracy_tolerance,
+                  student["accuracy"], int8_teacher["accuracy"] - accuracy_tolerance,
+                  f"student accuracy >= INT8 teacher accuracy - {accuracy_tolerance}"),
+        Criterion("macro_f1_vs_int8_teacher", student["macro_f1"] >= int8_teacher["macro_f1"] - macro_f1_tolerance,
+                  student["macro_f1"], int8_teacher["macro_f1"] - macro_f1_tolerance,
+                  f"student macro-F1 >= INT8 teacher macro-F1 - {macro_f1_tolerance}"),
+        Criterion("latency_vs_int8_teacher",
+                  student["latency_p50_ms"] <= max_latency_ratio * int8_teacher["latency_p50_ms"],
+                  student["latency_p50_ms"], max_latency_ratio * int8_teacher["latency_p50_ms"],
+                  f"student p50 latency <= {max_latency_ratio} x INT8 teacher p50 latency (ms)"),
+    ]
+    drops = [t - s for t, s in zip(teacher["per_class_f1"], student["per_class_f1"])]
+    worst = max(range(len(drops)), key=lambda i: drops[i]) if drops else 0
+    worst_name = labels[worst] if labels and drops else str(worst)
+    criteria.append(Criterion(
+        "per_class_f1_drop", (max(drops) if drops else 0.0) <= max_class_f1_drop, max(drops) if drops else 0.0,
+        max_class_f1_drop, f"no class F1 more than {max_class_f1_drop} below the teacher's (worst: {worst_name})"))
+    if champion is not None:
+        criteria.append(Criterion(
+            "accuracy_vs_champion", student["accuracy"] >= champion["accuracy"] - champion_tolerance,
+            student["accuracy"], champion["accuracy"] - champion_tolerance,
+            f"student accuracy >= champion accuracy - {champion_tolerance}"))
+    return GateDecision(passed=all(c.passed for c in criteria), criteria=criteria)

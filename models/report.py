@@ -1,0 +1,128 @@
+"""Human-facing outputs: the results table, evaluation plots and the model card (pure; files only where asked)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from models.metrics import reliability_curve, softmax  # noqa: E402
+
+CANDIDATES = ("teacher_fp32", "teacher_int8", "student_fp32", "student_int8", "baseline_fp32")
+
+
+def results_table(metrics: dict[str, dict]) -> str:
+    """A fixed-width table of the candidates' headline metrics."""
+    head = f"{'candidate':<15}{'accuracy':>9}{'macro-F1':>9}{'ECE':>7}{'agree':>7}{'p50 ms':>8}{'p95 ms':>8}" \
+           f"{'rows/s':>8}{'params M':>9}{'MB':>7}"
+    lines = [head, "-" * len(head)]
+    for name, m in metrics.items():
+        lines.append(f"{name:<15}{m['accuracy']:>9.4f}{m['macro_f1']:>9.4f}{m['ece']:>7.3f}{m['agreement']:>7.3f}"
+                     f"{m['latency_p50_ms']:>8.2f}{m['latency_p95_ms']:>8.2f}{m['throughput_rps']:>8.0f}"
+                     f"{m['parameters'] / 1e6:>9.1f}{m['size_mb']:>7.1f}")
+    return "\n".join(lines)
+
+
+def headline_ratios(metrics: dict[str, dict]) -> dict[str, float]:
+    t, q, s, b = (metrics[k] for k in ("teacher_fp32", "teacher_int8", "student_fp32", "baseline_fp32"))
+    return {
+        "student_over_teacher_accuracy": s["accuracy"] / t["accuracy"],
+        "student_over_int8_teacher_accuracy": s["accuracy"] / q["accuracy"],
+        "int8_teacher_over_student_latency": q["latency_p50_ms"] / s["latency_p50_ms"],
+        "teacher_over_student_latency": t["latency_p50_ms"] / s["latency_p50_ms"],
+        "distilled_minus_baseline_accuracy": s["accuracy"] - b["accuracy"],
+    }
+
+
+def plot_confusion(logits: np.ndarray, labels_true: np.ndarray, names: list[str], path: Path, title: str) -> Path:
+    k = len(names)
+    matrix = np.zeros((k, k))
+    np.add.at(matrix, (labels_true, logits.argmax(1)), 1)
+    matrix = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(max(6, k * 0.15), max(5, k * 0.15)))
+    ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1)
+    ax.set_title(title)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if k <= 30:
+        ax.set_xticks(range(k), names, rotation=90, fontsize=6)
+        ax.set_yticks(range(k), names, fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_reliability(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, bins: int = 15) -> Path:
+    """Reliability diagram: accuracy against confidence per bin, one line per candidate."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    for name, (logits, labels) in curves.items():
+        conf, acc, _ = reliability_curve(softmax(logits), labels, bins)
+        ok = ~np.isnan(conf)
+        ax.plot(conf[ok], acc[ok], marker="o", label=name)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy_latency(metrics: dict[str, dict], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, m in metrics.items():
+        ax.scatter(m["latency_p50_ms"], m["accuracy"], s=40)
+        ax.annotate(name, (m["latency_p50_ms"], m["accuracy"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("p50 latency at batch 1 (ms, log scale)")
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_f1_difference(teacher_f1: list[float], student_f1: list[float], names: list[str], path: Path) -> Path:
+    diff = np.asarray(student_f1) - np.asarray(teacher_f1)
+    order = np.argsort(diff)
+    fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.12), 4))
+    ax.bar(range(len(diff)), diff[order], color=np.where(diff[order] < 0, "tab:red", "tab:green"))
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_ylabel("student F1 - teacher F1")
+    ax.set_xlabel("class (sorted)")
+    if len(names) <= 30:
+        ax.set_xticks(range(len(diff)), [names[i] for i in order], rotation=90, fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def model_card(name: str, version: str, lineage: dict, metrics: dict[str, dict], decision: dict,
+               params: dict) -> str:
+    """Markdown model card: what the model is, where it came from, how it scored, why it was promoted."""
+    ratios = headline_ratios(metrics)
+    lines = [
+        f"# {name} v{version}", "",
+        "Distilled intent classifier produced by distillery.", "",
+        "## Lineage", "",
+        *[f"- **{k}**: `{v}`" for k, v in lineage.items()], "",
+        "## Training", "",
+        *[f"- {k}: `{v}`" for k, v in params.items()], "",
+        "## Test-split results", "", "```", results_table(metrics), "```", "",
+        *[f"- {k.replace('_', ' ')}: {v:.4f}" for k, v in ratios.items()], "",
+        f"## Gate decision: {'PROMOTED' if decision['passed'] else 'REJECTED'}", "",
+        *[f"- {'PASS' if c['passed'] else 'FAIL'} `{c['name']}`: {c['observed']:.4g} vs {c['threshold']:.4g} ({c['rule']})"
+          for c in decision["criteria"]], "",
+        "## Use", "", "```python", "import mlflow",
+        f"model = mlflow.pyfunc.load_model(\"models:/{name}/{version}\")",
+        "model.predict([\"my card has not arrived yet\"])", "```", "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,90 @@
+"""Prefect tasks that train students: distilled from cached teacher logits, or the hard-label baseline."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from distillery.config import Config
+from models.data import read_snapshot
+from models.labelling import read_outputs
+from models.losses import IGNORE_INDEX
+from models.modeling import build_student, count_parameters, load_classifier, load_tokenizer, save_classifier
+from models.training import CrossEntropyObjective, DistillationObjective, encode, train_model
+from tasks import tracking
+from tasks.labelling import labelling_inputs
+from tasks.teacher import settings_from
+
+
+def sweep_grid(cfg: Config) -> list[dict]:
+    """Candidates for the sweep: temperature x kd_weight (ce_weight = 1 - kd_weight when kd_weight is swept)."""
+    d = cfg.distill
+    temperatures = d.sweep.temperature or (d.temperature,)
+    weights = [(w, 1.0 - w) for w in d.sweep.kd_weight] or [(d.kd_weight, d.ce_weight)]
+    return [{"kind": "distilled", "temperature": t, "kd_weight": kd, "ce_weight": ce, "feature_weight": d.feature_weight}
+            for t in temperatures for kd, ce in weights]
+
+
+BASELINE = {"kind": "baseline", "temperature": 1.0, "kd_weight": 0.0, "ce_weight": 1.0, "feature_weight": 0.0}
+
+
+@task(name="train-student", cache_policy=NO_CACHE)
+def train_student(cfg: Config, teacher: dict, outputs_path: str, candidate: dict, parent_run_id: str) -> dict:
+    """Train one student candidate in its own nested MLflow run; checkpointed so a crash resumes, a re-run reuses."""
+    logger = get_run_logger()
+    splits, labels = read_snapshot(cfg.path(cfg.data.snapshot_dir))
+    inputs, _ = labelling_inputs(cfg)
+    outputs = read_outputs(outputs_path).merge(inputs[["id", "text"]], on="id", how="inner", validate="one_to_one")
+    if candidate["kind"] == "baseline":
+        train_rows = outputs[outputs["split"] == "train"]
+    else:
+        train_rows = outputs[outputs["split"].isin(["train", "transfer"])]
+    teacher_folder = Path(teacher["folder"])
+    tokenizer = load_tokenizer(teacher_folder)
+    teacher_model = load_classifier(teacher_folder).eval()
+    s = cfg.student
+    student = build_student(teacher_model, s.init, list(s.layers), s.num_layers, s.hidden_size,
+                            s.num_attention_heads, s.intermediate_size, cfg.distill.seed)
+    settings = settings_from(cfg.distill)
+    hard = np.where(train_rows["label_id"] >= 0, train_rows["label_id"], IGNORE_INDEX)
+    train = encode(tokenizer, train_rows["text"].tolist(), settings.max_length, hard.tolist(),
+                   np.stack(train_rows["logits"].to_list()))
+    val = encode(tokenizer, splits["validation"]["text"].tolist(), settings.max_length,
+                 splits["validation"]["label_id"].tolist())
+    if candidate["kind"] == "baseline":
+        objective = CrossEntropyObjective()
+    else:
+        objective = DistillationObjective(
+            candidate["temperature"], candidate["kd_weight"], candidate["ce_weight"], candidate["feature_weight"],
+            cfg.distill.feature_loss, teacher=teacher_model, student=student,
+            layer_map={int(k): int(v) for k, v in (cfg.distill.layer_map or {}).items()} or None)
+    identity = json.dumps([Path(outputs_path).parent.name, candidate, vars(cfg.student), vars(settings)],
+                          sort_keys=True, default=str)
+    checkpoint_dir = cfg.path(cfg.runtime.workdir) / "checkpoints" / hashlib.sha256(identity.encode()).hexdigest()[:16]
+    name = "baseline" if candidate["kind"] == "baseline" else f"distill-T{candidate['temperature']}-kd{candidate['kd_weight']}"
+    run_id = tracking.create_run(cfg, name, {"stage": "train-student", "candidate": candidate["kind"]}, parent_run_id)
+    with tracking.open_run(cfg, run_id):
+        tracking.log_params({**{f"candidate.{k}": v for k, v in candidate.items()},
+                             **{f"student.{k}": v for k, v in vars(cfg.student).items()},
+                             **{f"distill.{k}": v for k, v in vars(settings).items()},
+                             "student.parameters": count_parameters(student), "train_rows": len(train_rows),
+                             "teacher.version": teacher["version"]})
+        start = time.perf_counter()
+        result = train_model(student, objective, train, val, settings, tokenizer.pad_token_id,
+                             checkpoint_dir=checkpoint_dir, on_epoch_end=tracking.curve_logger(), desc=name)
+        best = result.history[result.best_epoch - 1] if result.best_epoch else {}
+        summary = {"val_accuracy": best.get("val_accuracy", float("nan")),
+                   "val_macro_f1": best.get("val_macro_f1", float("nan")), "best_epoch": result.best_epoch,
+                   "train_seconds": time.perf_counter() - start, "stopped_early": float(result.stopped_early),
+                   "resumed_from_epoch": result.resumed_from_epoch}
+        mlflow.log_metrics(summary)
+    folder = save_classifier(student, tokenizer, cfg.path(cfg.runtime.workdir) / "students" / run_id)
+    logger.info("%s: validation macro-F1 %.4f (best epoch %d)", name, summary["val_macro_f1"], result.best_epoch)
+    return {"run_id": run_id, "folder": str(folder), "candidate": candidate, "name": name, **summary}

@@ -1,0 +1,95 @@
+"""Prefect task: the one evaluation harness over all candidates, logged to MLflow (a parent run, nested per candidate)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from distillery.config import Config
+from models.data import read_snapshot
+from models.evaluation import TimingSettings, evaluate_model
+from models.modeling import count_parameters, load_classifier, load_tokenizer, quantize_int8
+from models.report import (
+    headline_ratios,
+    plot_accuracy_latency,
+    plot_confusion,
+    plot_f1_difference,
+    plot_reliability,
+    results_table,
+)
+from models.training import encode
+from tasks import tracking
+
+PER_CLASS_FILE = "per_class_f1.json"
+
+
+@task(name="evaluate-candidates", cache_policy=NO_CACHE)
+def evaluate_candidates(cfg: Config, teacher: dict, student: dict, baseline: dict, parent_run_id: str) -> dict:
+    """Teacher FP32/INT8, distilled student FP32/INT8 and the baseline on the held-out test split."""
+    logger = get_run_logger()
+    splits, labels = read_snapshot(cfg.path(cfg.data.snapshot_dir))
+    test = splits["test"]
+    tokenizer = load_tokenizer(Path(teacher["folder"]))
+    data = encode(tokenizer, test["text"].tolist(), cfg.distill.max_length, test["label_id"].tolist())
+    e = cfg.evaluation
+    timing = TimingSettings(threads=e.threads, warmup=e.warmup, repeats=e.repeats, throughput_batches=e.throughput_batches)
+    teacher_model = load_classifier(Path(teacher["folder"])).eval()
+    student_model = load_classifier(Path(student["folder"])).eval()
+    candidates = {
+        "teacher_fp32": (teacher_model, None),
+        "teacher_int8": (quantize_int8(teacher_model), count_parameters(teacher_model)),
+        "student_fp32": (student_model, None),
+        "student_int8": (quantize_int8(student_model), count_parameters(student_model)),
+        "baseline_fp32": (load_classifier(Path(baseline["folder"])).eval(), None),
+    }
+    eval_run = tracking.create_run(cfg, "evaluation", {"stage": "evaluate", "teacher.version": teacher["version"],
+                                                        "student.run_id": student["run_id"],
+                                                        "baseline.run_id": baseline["run_id"]}, parent_run_id)
+    metrics: dict[str, dict] = {}
+    logits: dict[str, np.ndarray] = {}
+    reference = None
+    for name, (model, params) in candidates.items():
+        m, out = evaluate_model(model, data, tokenizer.pad_token_id, len(labels), reference, timing, params, e.ece_bins)
+        if name == "teacher_fp32":
+            reference = out.argmax(1)
+        metrics[name], logits[name] = m, out
+        run_id = tracking.create_run(cfg, name, {"stage": "evaluate", "candidate": name}, eval_run)
+        with tracking.open_run(cfg, run_id):
+            mlflow.log_metrics({k: v for k, v in m.items() if k != "per_class_f1"})
+            tracking.log_json(dict(zip(labels, m["per_class_f1"])), PER_CLASS_FILE)
+        logger.info("%s: accuracy %.4f, macro-F1 %.4f, p50 %.2f ms", name, m["accuracy"], m["macro_f1"],
+                    m["latency_p50_ms"])
+    table = results_table(metrics)
+    y = data.labels.numpy()
+    with tracking.open_run(cfg, eval_run), tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        plot_confusion(logits["student_fp32"], y, labels, folder / "confusion_student.png", "distilled student")
+        plot_reliability({k: (logits[k], y) for k in ("teacher_fp32", "student_fp32", "baseline_fp32")},
+                         folder / "reliability.png", e.ece_bins)
+        plot_accuracy_latency(metrics, folder / "accuracy_vs_latency.png")
+        plot_f1_difference(metrics["teacher_fp32"]["per_class_f1"], metrics["student_fp32"]["per_class_f1"], labels,
+                           folder / "per_class_f1_student_minus_teacher.png")
+        (folder / "results.txt").write_text(table + "\n")
+        tracking.log_folder(folder, "evaluation")
+        mlflow.log_metrics(headline_ratios(metrics))
+    return {"run_id": eval_run, "table": table, "ratios": headline_ratios(metrics),
+            "metrics": {k: {kk: vv for kk, vv in v.items() if kk != "per_class_f1"} for k, v in metrics.items()}}
+
+
+def logged_candidate_metrics(eval_run_id: str) -> dict[str, dict]:
+    """Read the candidates' metrics (and per-class F1) back from MLflow: what the gate decides on."""
+    client = mlflow.MlflowClient()
+    parent = client.get_run(eval_run_id)
+    runs = client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.mlflow.parentRunId = '{eval_run_id}'", max_results=50)
+    out = {}
+    for run in runs:
+        name = run.data.tags.get("candidate")
+        per_class = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{PER_CLASS_FILE}")
+        out[name] = {**run.data.metrics, "per_class_f1": list(per_class.values()), "labels": list(per_class)}
+    return out

@@ -1,0 +1,79 @@
+"""Flow tier: the whole distil -> evaluate -> gate path on tiny models, promoting and refusing for real."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from distillery.config import load_config
+from flows.distill import distill_flow
+from flows.runners import task_runner_for
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+CRIPPLED = {"student.init": "config", "student.num_layers": 1, "student.hidden_size": 8,
+            "student.num_attention_heads": 2, "student.intermediate_size": 8, "distill.max_steps": 1,
+            "distill.learning_rate": 1e-6}
+
+
+def _client(project: Path) -> MlflowClient:
+    mlflow.set_tracking_uri(load_config(project / "distillery.yaml").tracking.uri)
+    return MlflowClient()
+
+
+def test_good_student_is_promoted_then_a_crippled_one_is_refused(teacher_project: Path):
+    cfg_path = str(teacher_project / "distillery.yaml")
+    client = _client(teacher_project)
+    good = distill_flow(cfg_path)
+    assert good["decision"]["passed"] is True and good["decision"]["version"] == "1"
+    version = client.get_model_version_by_alias("student", "champion")
+    assert str(version.version) == "1"
+    tags = version.tags
+    assert tags["teacher.version"] == "1" and tags["teacher.name"] == "teacher"
+    assert tags["data.snapshot_md5"] == good["snapshot_md5"]
+    assert tags["config.hash"] == load_config(cfg_path).digest()
+    assert tags["gx.success"] == "true" and tags["gate.decision"] == "promoted"
+    assert float(tags["metric.accuracy"]) == pytest.approx(good["evaluation"]["metrics"]["student_fp32"]["accuracy"],
+                                                          abs=1e-5)
+    assert "model_card.md" in {a.path for a in client.list_artifacts(good["run_id"])}
+    card = mlflow.artifacts.load_text(f"runs:/{good['run_id']}/model_card.md")
+    assert "PROMOTED" in card and good["snapshot_md5"] in card
+
+    # one parent evaluation run with a nested run per candidate, and the plots
+    eval_run = good["evaluation"]["run_id"]
+    nested = client.search_runs([client.get_run(eval_run).info.experiment_id],
+                                f"tags.mlflow.parentRunId = '{eval_run}'")
+    assert {r.data.tags["candidate"] for r in nested} == {"teacher_fp32", "teacher_int8", "student_fp32",
+                                                          "student_int8", "baseline_fp32"}
+    plots = {a.path for a in client.list_artifacts(eval_run, "evaluation")}
+    assert {"evaluation/confusion_student.png", "evaluation/reliability.png", "evaluation/accuracy_vs_latency.png",
+            "evaluation/per_class_f1_student_minus_teacher.png"} <= plots
+    # the promoted model serves through MLflow
+    assert mlflow.pyfunc.load_model("models:/student@champion").predict(["my pin is blocked"])[0]["label"]
+
+    bad = distill_flow(cfg_path, overrides=CRIPPLED)
+    assert bad["decision"]["passed"] is False and bad["decision"]["version"] is None
+    assert any(r.startswith("FAIL accuracy_vs_int8_teacher") for r in bad["decision"]["reasons"])
+    assert any(r.startswith("FAIL accuracy_vs_champion") for r in bad["decision"]["reasons"])
+    assert str(client.get_model_version_by_alias("student", "champion").version) == "1"
+    assert [str(v.version) for v in client.search_model_versions("name='student'")] == ["1"]
+    run = client.get_run(bad["run_id"])
+    assert run.data.tags["gate.decision"] == "rejected" and "accuracy_vs_int8_teacher" in run.data.tags["gate.failed"]
+
+
+def test_sweep_runs_on_dask_and_picks_the_best(teacher_project: Path):
+    cfg_path = str(teacher_project / "distillery.yaml")
+    overrides = {"distill.sweep.temperature": "[1.0, 3.0]", "runtime.task_runner": "dask", "distill.epochs": 2,
+                 "gate.champion_tolerance": 1.0}
+    cfg = load_config(cfg_path, overrides)
+    out = distill_flow.with_options(task_runner=task_runner_for(cfg))(cfg_path, overrides)
+    client = _client(teacher_project)
+    children = client.search_runs([client.get_run(out["run_id"]).info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{out['run_id']}' and tags.stage = 'train-student'")
+    names = sorted(r.info.run_name for r in children)
+    assert names == ["baseline", "distill-T1.0-kd0.8", "distill-T3.0-kd0.8"]
+    best_score = max(r.data.metrics["val_macro_f1"] for r in children if r.info.run_name != "baseline")
+    assert out["best"]["val_macro_f1"] == pytest.approx(best_score)

@@ -1,0 +1,104 @@
+"""Students, training loop determinism and crash-resume, quantisation and the evaluation harness."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models.evaluation import TimingSettings, evaluate_model
+from models.modeling import ModelError, build_student, count_parameters, load_classifier, load_tokenizer, quantize_int8
+from models.training import CrossEntropyObjective, DistillationObjective, TrainSettings, encode, train_model
+from tests.helpers import LABELS, make_frames
+
+
+def test_cut_student_keeps_the_chosen_layers_weights(tiny_teacher_dir):
+    teacher = load_classifier(tiny_teacher_dir)
+    student = build_student(teacher, "cut", [1], 0, 0, 0, 0)
+    assert student.config.num_hidden_layers == 1 and len(student.bert.encoder.layer) == 1
+    for (name, p_s), (_, p_t) in zip(student.bert.encoder.layer[0].named_parameters(),
+                                     teacher.bert.encoder.layer[1].named_parameters()):
+        assert torch.equal(p_s, p_t), name
+    assert torch.equal(student.bert.embeddings.word_embeddings.weight, teacher.bert.embeddings.word_embeddings.weight)
+    assert torch.equal(student.classifier.weight, teacher.classifier.weight)
+    assert student.bert.encoder.layer[0] is not teacher.bert.encoder.layer[1]  # a copy: training it spares the teacher
+    assert count_parameters(student) < count_parameters(teacher)
+    with pytest.raises(ModelError, match="out of range"):
+        build_student(teacher, "cut", [5], 0, 0, 0, 0)
+
+
+def test_config_student_is_smaller_and_keeps_vocabulary(tiny_teacher_dir):
+    teacher = load_classifier(tiny_teacher_dir)
+    student = build_student(teacher, "config", [], num_layers=1, hidden_size=16, num_attention_heads=2,
+                            intermediate_size=32)
+    assert student.config.hidden_size == 16 and student.config.vocab_size == teacher.config.vocab_size
+    assert student.config.num_labels == len(LABELS)
+
+
+def _data(tokenizer):
+    train, test = make_frames()
+    return (encode(tokenizer, train["text"], 16, train["category"].map(LABELS.index)),
+            encode(tokenizer, test["text"], 16, test["category"].map(LABELS.index)))
+
+
+def test_training_is_deterministic_and_resumes_after_a_crash(tiny_teacher_dir, tmp_path):
+    tokenizer = load_tokenizer(tiny_teacher_dir)
+    train, val = _data(tokenizer)
+    settings = TrainSettings(epochs=3, batch_size=16, learning_rate=3e-3, patience=10, seed=5)
+
+    def run(checkpoint=None, crash_at=None):
+        model = load_classifier(tiny_teacher_dir)
+
+        def maybe_crash(epoch, row):
+            if epoch == crash_at:
+                raise KeyboardInterrupt("simulated crash")
+
+        result = train_model(model, CrossEntropyObjective(), train, val, settings, tokenizer.pad_token_id,
+                             checkpoint_dir=checkpoint, on_epoch_end=maybe_crash, progress=False)
+        return model, result
+
+    reference, ref_result = run()
+    again, _ = run()
+    for a, b in zip(reference.parameters(), again.parameters()):
+        assert torch.equal(a, b)  # seeded and deterministic on CPU
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "ckpt", crash_at=2)  # epoch 2 finished training, crashed before its checkpoint
+    resumed, result = run(tmp_path / "ckpt")
+    assert result.resumed_from_epoch == 1
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    assert result.history == ref_result.history
+    for a, b in zip(reference.parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_distillation_objective_moves_student_towards_teacher(tiny_teacher_dir):
+    tokenizer = load_tokenizer(tiny_teacher_dir)
+    train, val = _data(tokenizer)
+    teacher_logits = torch.randn(len(train), len(LABELS)) * 3
+    train.teacher_logits = teacher_logits
+    teacher = load_classifier(tiny_teacher_dir)
+    student = build_student(teacher, "config", [], 1, 16, 2, 32)
+    objective = DistillationObjective(2.0, 1.0, 0.0, feature_weight=0.5, teacher=teacher, student=student)
+    assert objective.aligner is not None and len(list(objective.parameters())) > 0
+    result = train_model(student, objective, train, val, TrainSettings(epochs=2, batch_size=16, learning_rate=5e-3,
+                                                                       patience=5), tokenizer.pad_token_id, progress=False)
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+
+
+def test_int8_and_harness_report_every_metric(tiny_teacher_dir):
+    tokenizer = load_tokenizer(tiny_teacher_dir)
+    _, test = _data(tokenizer)
+    model = load_classifier(tiny_teacher_dir).eval()
+    int8 = quantize_int8(model)
+    assert "DynamicQuantizedLinear" in repr(int8) and "DynamicQuantizedLinear" not in repr(model)
+    timing = TimingSettings(repeats=3, warmup=1, throughput_batches=1)
+    m, logits = evaluate_model(model, test, tokenizer.pad_token_id, len(LABELS), None, timing)
+    q, _ = evaluate_model(int8, test, tokenizer.pad_token_id, len(LABELS), logits.argmax(1), timing,
+                          parameters=count_parameters(model))
+    for key in ("accuracy", "macro_f1", "ece", "agreement", "latency_p50_ms", "latency_p95_ms", "throughput_rps",
+                "parameters", "size_mb", "per_class_f1"):
+        assert key in m and key in q
+    assert q["size_mb"] < m["size_mb"] and q["parameters"] == m["parameters"]
+    assert 0.9 <= q["agreement"] <= 1.0 and len(m["per_class_f1"]) == len(LABELS)
+    assert m["latency_p95_ms"] >= m["latency_p50_ms"] > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -62,7 +63,7 @@ def _gate_exit(result: dict) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.pipeline import pipeline_flow
 
-    return _gate_exit(pipeline_flow(**_flow_kwargs(args), teacher_version=args.teacher_version))
+    return _gate_exit(pipeline_flow(**_flow_kwargs(args), teacher_version=args.teacher_version, force=args.force))
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
@@ -72,7 +73,111 @@ def cmd_distill(args: argparse.Namespace) -> int:
     kwargs = _flow_kwargs(args)
     cfg = load_config(args.config, kwargs["overrides"])
     flow = distill_flow.with_options(task_runner=task_runner_for(cfg))
-    return _gate_exit(flow(**kwargs, teacher_version=args.teacher_version))
+    return _gate_exit(flow(**kwargs, teacher_version=args.teacher_version, force=args.force))
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from flows.watch import watch_flow
+
+    watch_flow(**_flow_kwargs(args))
+    return 0
+
+
+def _config(args: argparse.Namespace):  # noqa: ANN202 - Config
+    return load_config(args.config, parse_override_args(args.set or []))
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from tasks.lineage import lineage_of, verify_lineage
+
+    cfg = _config(args)
+    info = lineage_of(cfg, args.ref)
+    if args.json:
+        print(json.dumps(info, indent=1, default=str))
+    else:
+        t, d = info["teacher"], info["data"]
+        print(f"{info['model']} v{info['version']}  aliases: {', '.join(info['aliases']) or '-'}")
+        print(f"  teacher        {t['name']} v{t['version']} (run {t['run_id']})")
+        print(f"  data snapshot  {d['snapshot_md5']}  (DVC remote {d['dvc_remote']!r}; data.dvc at git commit "
+              f"{d['git_commit_with_data_dvc'] or 'not in this repository history'}; `dvc pull data.dvc` there)")
+        print(f"  code revision  {info['git_revision']}")
+        print(f"  config         hash {info['config_hash']}; candidate {info['candidate']}")
+        v = info["validation"]
+        print(f"  validation     GX success={v['gx_success']} {v['summary']}")
+        print("  metrics        " + ", ".join(f"{k}={val:.4g}" for k, val in sorted(info["metrics"].items())))
+        print(f"  gate           {info['gate']['decision']}")
+        for c in info["gate"]["criteria"] or []:
+            print(f"    {'PASS' if c['passed'] else 'FAIL'} {c['name']}: {c['observed']:.4g} vs {c['threshold']:.4g}")
+        print(f"  runs           {info['runs']}")
+        if info["rollback"]:
+            print(f"  rollback       {info['rollback']}")
+    if not args.verify:
+        return 0
+    checks = verify_lineage(cfg, info)
+    for name, ok, detail in checks:
+        print(f"  [{'ok' if ok else 'FAILED'}] {name}: {detail}")
+    failed = [name for name, ok, _ in checks if not ok]
+    print("lineage verified" if not failed else f"lineage verification FAILED: {', '.join(failed)}")
+    return 0 if not failed else 4
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from tasks.lineage import status_of
+
+    state = status_of(_config(args))
+    t, c = state["teacher"], state["champion"]
+    print("teacher   " + (f"{t['ref']} -> v{t['version']} (data {t['snapshot_md5']}, val accuracy {t['val_accuracy']})"
+                          if t else "none registered: run `distillery teacher`"))
+    print("champion  " + (f"{c['ref']} -> v{c['version']} (teacher v{c['teacher_version']}, data {c['snapshot_md5']}, "
+                          f"accuracy {c['accuracy']}, p50 {c['latency_p50_ms']} ms)" if c else "none promoted yet"))
+    print("last runs")
+    for r in state["runs"]:
+        print(f"  {r['run_id'][:12]}  {r['status']:<9} {r['name']:<28} {r['gate'] or ''}")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from tasks.lineage import rollback_champion
+
+    if not args.rollback:
+        print("only `distillery promote --rollback --reason TEXT` is supported: promotion itself is the gate's job")
+        return 2
+    cfg = _config(args)
+    retired, restored = rollback_champion(cfg, args.reason)
+    print(f"{cfg.tracking.student_name}@{cfg.tracking.champion_alias}: v{retired} -> v{restored} ({args.reason})")
+    return 0
+
+
+def cmd_webhook(args: argparse.Namespace) -> int:
+    from distillery.webhook import SECRET_ENV, make_handler, serve
+    from tasks import tracking
+    from tasks.events import emit_redistill
+
+    cfg = _config(args)
+    secret = os.environ.get(SECRET_ENV)
+    if not secret:
+        raise ConfigError(f"set {SECRET_ENV} to the shared webhook secret (never put it in a file under git)")
+    if args.action == "register":
+        from mlflow import MlflowClient
+
+        tracking.configure_tracking(cfg)
+        hook = MlflowClient().create_webhook(name="distillery-teacher-alias", url=args.url,
+                                            events=["model_version_alias.created"], secret=secret)
+        print(f"registered MLflow webhook {hook.webhook_id} -> {args.url}")
+        return 0
+
+    def on_alias(version: str, reason: str) -> str | None:
+        return emit_redistill(cfg.teacher.registered_name, version, reason)
+
+    server = serve(args.host, args.port, make_handler(secret, cfg.teacher.registered_name, cfg.teacher.alias, on_alias))
+    print(f"webhook receiver on http://{args.host}:{args.port}/ (POST MLflow deliveries, GET /health)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -108,6 +213,11 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "ingest": (cmd_ingest, "check the source data, write the train/validation/test snapshot, version it with DVC"),
     "teacher": (cmd_teacher, "fine-tune the base model and register it as teacher@production (bootstrap)"),
     "distill": (cmd_distill, "label (cached) -> distil + baseline -> evaluate -> gate, with the registered teacher"),
+    "watch": (cmd_watch, "compare teacher@alias and the data snapshot with the champion; emit a re-distill event"),
+    "lineage": (cmd_lineage, "show (and --verify) the lineage of a registered student, e.g. student@champion"),
+    "status": (cmd_status, "current teacher, champion and the last runs"),
+    "promote": (cmd_promote, "--rollback: move the champion alias back to the previous promoted version"),
+    "webhook": (cmd_webhook, "serve: MLflow registry webhook receiver; register: point an MLflow webhook at it"),
     "label": (cmd_label, "teacher soft labels on the snapshot (cached), checked by the Great Expectations suites"),
 }
 
@@ -131,10 +241,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _force_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--force", action="store_true",
+                        help="re-distil even when the champion was made from the same teacher, data and config")
+
+
+def _lineage_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("ref", nargs="?", default="student@champion", help="NAME@ALIAS, NAME/VERSION or VERSION")
+    parser.add_argument("--verify", action="store_true", help="fetch the data snapshot from DVC, check teacher/runs")
+    parser.add_argument("--json", action="store_true", help="print the record as JSON")
+
+
+def _promote_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rollback", action="store_true", help="move the champion back to the previous promoted version")
+    parser.add_argument("--reason", default="manual rollback", help="why (recorded on both versions)")
+
+
+def _webhook_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=["serve", "register"])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--url", default="http://127.0.0.1:8765/", help="receiver URL (register)")
+
+
 EXTRA_ARGUMENTS: dict[str, list[Callable[[argparse.ArgumentParser], None]]] = {
     "label": [_teacher_version_arg],
-    "distill": [_teacher_version_arg],
-    "run": [_teacher_version_arg],
+    "distill": [_teacher_version_arg, _force_arg],
+    "run": [_teacher_version_arg, _force_arg],
+    "lineage": [_lineage_args],
+    "promote": [_promote_args],
+    "webhook": [_webhook_args],
 }
 
 

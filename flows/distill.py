@@ -8,6 +8,10 @@ from prefect import flow
 
 from distillery.config import load_config
 from flows.label import label_flow
+from flows.runners import serialised
+from tasks.data import current_snapshot
+from tasks.events import champion_up_to_date
+from tasks.labelling import resolve_teacher
 from tasks.distill import BASELINE, sweep_grid, train_student
 from tasks.evaluate import evaluate_candidates
 from tasks.gate import gate_and_promote
@@ -16,9 +20,24 @@ from tasks.teacher import start_run
 
 @flow(name="distill", log_prints=True)
 def distill_flow(config_path: str | None = None, overrides: dict[str, Any] | None = None,
-                 teacher_version: str | None = None) -> dict:
+                 teacher_version: str | None = None, force: bool = False) -> dict:
     """Everything after the teacher: a failed GX suite stops it before any training, a rejection before any alias."""
     cfg = load_config(config_path, overrides)
+    with serialised(cfg):
+        if not force:
+            md5 = current_snapshot(cfg)
+            teacher = resolve_teacher(cfg, teacher_version)
+            champion = champion_up_to_date(cfg, teacher["version"], md5)
+            if champion is not None:
+                print(f"nothing to do: {cfg.tracking.student_name} v{champion} (@{cfg.tracking.champion_alias}) was made "
+                      f"from teacher v{teacher['version']}, data {md5} and this config (use --force to re-run)")
+                return {"skipped": True, "champion_version": champion, "teacher": teacher, "snapshot_md5": md5,
+                        "decision": {"passed": True, "version": None, "reasons": []}}
+        return _distill(cfg, config_path, overrides, teacher_version)
+
+
+def _distill(cfg, config_path: str | None, overrides: dict[str, Any] | None,  # noqa: ANN001 - Config
+             teacher_version: str | None) -> dict:
     labelled = label_flow(config_path, overrides, teacher_version)
     teacher, md5 = labelled["teacher"], labelled["snapshot_md5"]
     run_id = start_run(cfg, "distill", {"stage": "distill", "teacher.version": teacher["version"],
@@ -38,5 +57,5 @@ def distill_flow(config_path: str | None = None, overrides: dict[str, Any] | Non
     verdict = (f"PROMOTED as {cfg.tracking.student_name} v{decision['version']} (@{cfg.tracking.champion_alias})"
                if decision["passed"] else f"REJECTED ({cfg.tracking.student_name}@{cfg.tracking.champion_alias} unchanged)")
     print("\n" + evaluation["table"] + "\n\ngate:\n  " + "\n  ".join(decision["reasons"]) + f"\n\n{verdict}")
-    return {"run_id": run_id, "teacher": teacher, "snapshot_md5": md5, "best": best, "baseline": baseline,
+    return {"skipped": False, "run_id": run_id, "teacher": teacher, "snapshot_md5": md5, "best": best, "baseline": baseline,
             "evaluation": evaluation, "decision": decision, "labelling": {k: labelled[k] for k in ("cache_hit", "seconds")}}

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from distillery.config import Config
@@ -17,3 +20,16 @@ def task_runner_for(cfg: Config):  # noqa: ANN201 - a Prefect TaskRunner
         return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.runtime.dask_workers, "threads_per_worker": 1,
                                               "processes": True, "dashboard_address": None})
     return ThreadPoolTaskRunner(max_workers=max(cfg.labelling.shards, 2))
+
+
+@contextmanager
+def serialised(cfg: Config) -> Iterator[None]:
+    """Hold the one slot of ``distillery-<student>``: overlapping runs for the same model wait, never promote twice."""
+    from prefect.client.orchestration import get_client
+    from prefect.concurrency.sync import concurrency
+
+    name = f"distillery-{cfg.tracking.student_name}"
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(name, limit=1)
+    with concurrency(name, occupy=1, strict=True):
+        yield

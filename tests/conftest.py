@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,11 @@ def teacher_project(tmp_path_factory: pytest.TempPathFactory, tiny_teacher_dir: 
     from flows.teacher import teacher_flow
 
     root = make_project(tmp_path_factory.mktemp("project"), tiny_teacher_dir)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    (root / ".gitignore").write_text("mlflow.db\nmlartifacts/\n.distillery/\nsource/\ntiny-teacher\n")
     ingest_flow(str(root / "distillery.yaml"))
+    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
+    subprocess.run([*git, "commit", "-qm", "snapshot"], cwd=root, check=True)
     teacher_flow(str(root / "distillery.yaml"))
     return root

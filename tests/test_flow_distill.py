@@ -77,3 +77,58 @@ def test_sweep_runs_on_dask_and_picks_the_best(teacher_project: Path):
     assert names == ["baseline", "distill-T1.0-kd0.8", "distill-T3.0-kd0.8"]
     best_score = max(r.data.metrics["val_macro_f1"] for r in children if r.info.run_name != "baseline")
     assert out["best"]["val_macro_f1"] == pytest.approx(best_score)
+
+
+def test_lineage_skip_watch_and_rollback(teacher_project: Path):
+    from flows.watch import watch_flow
+    from tasks.lineage import lineage_of, rollback_champion, verify_lineage
+    from tasks.versioning import snapshot_md5
+
+    cfg_path = str(teacher_project / "distillery.yaml")
+    cfg = load_config(cfg_path)
+    client = _client(teacher_project)
+    # whatever the earlier tests left, promote one more time from the plain config
+    forced = distill_flow(cfg_path, overrides={"gate.champion_tolerance": 1.0}, force=True)
+    assert forced["decision"]["passed"]
+    cfg_tol = load_config(cfg_path, {"gate.champion_tolerance": 1.0})
+
+    # unchanged teacher, data and config: nothing to do, and it says so
+    again = distill_flow(cfg_path, overrides={"gate.champion_tolerance": 1.0})
+    assert again["skipped"] is True and again["champion_version"] == forced["decision"]["version"]
+
+    info = lineage_of(cfg_tol, "student@champion")
+    md5 = snapshot_md5(teacher_project / "data.dvc")
+    assert info["version"] == forced["decision"]["version"] and "champion" in info["aliases"]
+    assert info["data"]["snapshot_md5"] == md5 and info["teacher"]["version"] == "1"
+    assert info["data"]["git_commit_with_data_dvc"] is not None
+    assert info["validation"]["gx_success"] == "true" and info["gate"]["decision"] == "promoted"
+    assert info["metrics"]["accuracy"] > 0 and info["config"]["distill"]["temperature"] == 2.0
+    checks = verify_lineage(cfg_tol, info)
+    assert all(ok for _, ok, _ in checks), checks
+
+    # a lost snapshot fails verification
+    broken = {**info, "data": {**info["data"], "snapshot_md5": "0" * 32 + ".dir"}}
+    assert not dict((n, ok) for n, ok, _ in verify_lineage(cfg_tol, broken))[
+        "data snapshot fetchable from DVC remote and hashes to the recorded md5"]
+
+    # watch: up to date -> nothing; a new teacher alias -> a re-distill event
+    assert watch_flow(cfg_path)["changed"] is False
+    from flows.teacher import teacher_flow
+
+    new_teacher = teacher_flow(cfg_path)["version"]
+    change = watch_flow(cfg_path)
+    assert change["changed"] is True and change["teacher_version"] == new_teacher
+    assert f"-> v{new_teacher}" in change["reason"] and change["event_id"]
+
+    # the re-distillation that event requests promotes a student of the new teacher
+    redistilled = distill_flow(cfg_path, overrides={"gate.champion_tolerance": 1.0}, teacher_version=new_teacher)
+    assert redistilled["decision"]["passed"] and redistilled["teacher"]["version"] == new_teacher
+    assert watch_flow(cfg_path)["changed"] is False
+
+    # rollback moves the champion to the previous promoted version and records why
+    current = str(client.get_model_version_by_alias("student", "champion").version)
+    assert current == redistilled["decision"]["version"]
+    retired, restored = rollback_champion(cfg, "bad canary")
+    assert retired == current and restored == forced["decision"]["version"]
+    assert str(client.get_model_version_by_alias("student", "champion").version) == restored
+    assert client.get_model_version("student", retired).tags["rollback.reason"] == "bad canary"

@@ -161,6 +161,10 @@ def cmd_webhook(args: argparse.Namespace) -> int:
         from mlflow import MlflowClient
 
         tracking.configure_tracking(cfg)
+        existing = [h for h in MlflowClient().list_webhooks() if h.url == args.url]
+        if existing:
+            print(f"MLflow webhook {existing[0].webhook_id} already delivers to {args.url}")
+            return 0
         hook = MlflowClient().create_webhook(name="distillery-teacher-alias", url=args.url,
                                             events=["model_version_alias.created"], secret=secret)
         print(f"registered MLflow webhook {hook.webhook_id} -> {args.url}")

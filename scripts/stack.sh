@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Real servers on one machine, all on 127.0.0.1: Prefect server + process work pool/worker, MLflow tracking server
+# (SQLite backend + artifact folder), deployments from prefect.yaml, and the MLflow webhook receiver.
+#   scripts/stack.sh up      start everything (idempotent), then: source "$STACK_DIR/env"
+#   scripts/stack.sh down    stop what `up` started
+# Settings (environment): STACK_DIR (.distillery/stack), PREFECT_PORT (4200), MLFLOW_PORT (5000), WEBHOOK_PORT (8765),
+# DISTILLERY_CONFIG (./distillery.yaml), DISTILLERY_WEBHOOK_SECRET (set it to enable the webhook path).
+set -euo pipefail
+HERE="$(cd "$(dirname "$0")/.." && pwd)"
+BIN="${VENV_BIN:-$HERE/.venv/bin}"
+STACK_DIR="${STACK_DIR:-$HERE/.distillery/stack}"
+PREFECT_PORT="${PREFECT_PORT:-4200}"
+MLFLOW_PORT="${MLFLOW_PORT:-5000}"
+WEBHOOK_PORT="${WEBHOOK_PORT:-8765}"
+export DISTILLERY_CONFIG="${DISTILLERY_CONFIG:-$HERE/distillery.yaml}"
+export DISTILLERY_HOME="$HERE"
+export PREFECT_HOME="$STACK_DIR/prefect-home"
+export PREFECT_API_URL="http://127.0.0.1:$PREFECT_PORT/api"
+export MLFLOW_TRACKING_URI="http://127.0.0.1:$MLFLOW_PORT"
+export PREFECT_SERVER_ANALYTICS_ENABLED=false DVC_NO_ANALYTICS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export PREFECT_LOGGING_EXTRA_LOGGERS=models
+
+wait_for() {  # url seconds
+  for _ in $(seq "$2"); do curl -fsS "$1" >/dev/null 2>&1 && return 0; sleep 1; done
+  echo "timed out waiting for $1 (see $STACK_DIR/*.log)" >&2; return 1
+}
+
+start() {  # name command...
+  local name=$1; shift
+  if [ -f "$STACK_DIR/$name.pid" ] && kill -0 "$(cat "$STACK_DIR/$name.pid")" 2>/dev/null; then return 0; fi
+  setsid "$@" >"$STACK_DIR/$name.log" 2>&1 < /dev/null &
+  echo $! >"$STACK_DIR/$name.pid"
+}
+
+up() {
+  mkdir -p "$STACK_DIR/mlflow-artifacts" "$PREFECT_HOME"
+  start prefect-server "$BIN/prefect" server start --host 127.0.0.1 --port "$PREFECT_PORT"
+  MLFLOW_WEBHOOK_ALLOWED_SCHEMES=http,https MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS=true \
+    start mlflow-server "$BIN/mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT" \
+      --backend-store-uri "sqlite:///$STACK_DIR/mlflow-server.db" --artifacts-destination "$STACK_DIR/mlflow-artifacts"
+  wait_for "http://127.0.0.1:$PREFECT_PORT/api/health" 90
+  wait_for "http://127.0.0.1:$MLFLOW_PORT/health" 90
+  "$BIN/prefect" work-pool inspect distillery-pool >/dev/null 2>&1 \
+    || "$BIN/prefect" work-pool create distillery-pool --type process >/dev/null
+  (cd "$HERE" && "$BIN/prefect" --no-prompt deploy --all >"$STACK_DIR/deploy.log" 2>&1) \
+    || { echo "prefect deploy failed: see $STACK_DIR/deploy.log" >&2; exit 1; }
+  start worker "$BIN/prefect" worker start --pool distillery-pool
+  if [ -n "${DISTILLERY_WEBHOOK_SECRET:-}" ]; then
+    start webhook "$BIN/distillery" webhook serve --port "$WEBHOOK_PORT"
+    wait_for "http://127.0.0.1:$WEBHOOK_PORT/health" 60
+    "$BIN/distillery" webhook register --url "http://127.0.0.1:$WEBHOOK_PORT/" >>"$STACK_DIR/webhook.log" 2>&1
+  fi
+  cat >"$STACK_DIR/env" <<ENV
+export PREFECT_API_URL=$PREFECT_API_URL
+export MLFLOW_TRACKING_URI=$MLFLOW_TRACKING_URI
+export PREFECT_HOME=$PREFECT_HOME
+export DISTILLERY_CONFIG=$DISTILLERY_CONFIG
+ENV
+  echo "stack up: Prefect $PREFECT_API_URL, MLflow $MLFLOW_TRACKING_URI (source $STACK_DIR/env)"
+}
+
+down() {
+  for name in webhook worker mlflow-server prefect-server; do
+    if [ -f "$STACK_DIR/$name.pid" ]; then
+      kill -- -"$(cat "$STACK_DIR/$name.pid")" 2>/dev/null || kill "$(cat "$STACK_DIR/$name.pid")" 2>/dev/null || true
+      rm -f "$STACK_DIR/$name.pid"
+    fi
+  done
+  echo "stack down"
+}
+
+case "${1:-}" in
+  up) up ;;
+  down) down ;;
+  *) echo "usage: $0 up|down" >&2; exit 2 ;;
+esac

@@ -1,0 +1,95 @@
+"""Integration tier: real `prefect server`, `mlflow server`, process worker and webhook receiver on loopback,
+started by scripts/stack.sh exactly as documented; a new teacher version alone leads to a promoted student."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_project
+from tests.helpers import write_config
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.integration
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _champion(env: dict) -> dict | None:
+    code = ("import json, mlflow; from mlflow import MlflowClient\n"
+            "try:\n v = MlflowClient().get_model_version_by_alias('student', 'champion')\n"
+            " print(json.dumps({'version': str(v.version), 'teacher': v.tags.get('teacher.version')}))\n"
+            "except Exception:\n print('null')")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    return json.loads(out.stdout.strip().splitlines()[-1]) if out.stdout.strip() else None
+
+
+def _wait_for_champion(env: dict, teacher_version: str, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        champion = _champion(env)
+        if champion and champion["teacher"] == teacher_version:
+            return champion
+        time.sleep(5)
+    raise AssertionError(f"no champion distilled from teacher v{teacher_version} within {timeout} s")
+
+
+def test_new_teacher_version_is_distilled_and_promoted_with_no_other_action(tmp_path, tiny_teacher_dir):
+    project = make_project(tmp_path / "project", tiny_teacher_dir)
+    write_config(project, tracking={"uri": None})
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    (project / ".gitignore").write_text(".distillery/\nsource/\ntiny-teacher\nstack/\n")
+    env = {**os.environ, "STACK_DIR": str(tmp_path / "stack"), "PREFECT_PORT": str(_free_port()),
+           "MLFLOW_PORT": str(_free_port()), "WEBHOOK_PORT": str(_free_port()),
+           "DISTILLERY_CONFIG": str(project / "distillery.yaml"), "DISTILLERY_WEBHOOK_SECRET": "integration-secret",
+           "VENV_BIN": str(Path(sys.executable).parent)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    stack = ROOT / "scripts" / "stack.sh"
+    up = subprocess.run(["bash", str(stack), "up"], env=env, capture_output=True, text=True, timeout=300)
+    assert up.returncode == 0, up.stdout + up.stderr
+    try:
+        env.update({"PREFECT_API_URL": f"http://127.0.0.1:{env['PREFECT_PORT']}/api",
+                    "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{env['MLFLOW_PORT']}",
+                    "PREFECT_HOME": str(tmp_path / "stack" / "prefect-home")})
+        cli = [str(Path(sys.executable).parent / "distillery")]
+        run = lambda *args: subprocess.run([*cli, *args], cwd=project, env=env, capture_output=True, text=True,
+                                           timeout=600)
+        ingest = run("ingest")
+        assert ingest.returncode == 0, ingest.stderr[-3000:]
+        subprocess.run(["git", "add", "-A"], cwd=project, check=True)
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qm", "data"], cwd=project,
+                       check=True)
+
+        # registering a teacher moves teacher@production: the MLflow webhook -> receiver -> Prefect event ->
+        # deployment trigger -> worker runs the distillation, which promotes a student of that teacher
+        assert run("teacher").returncode == 0
+        first = _wait_for_champion(env, "1", timeout=420)
+        assert run("teacher").returncode == 0
+        second = _wait_for_champion(env, "2", timeout=420)
+        assert int(second["version"]) > int(first["version"])
+        # the push path did its part: the receiver accepted signed deliveries for both alias moves
+        webhook_log = (tmp_path / "stack" / "webhook.log").read_text()
+        assert webhook_log.count('"POST / HTTP/1.1" 202') >= 2, webhook_log[-2000:]
+
+        # an unchanged teacher triggers nothing
+        watch = run("watch")
+        assert watch.returncode == 0 and "no change" in watch.stdout + watch.stderr
+        time.sleep(15)
+        assert _champion(env) == second
+
+        lineage = run("lineage", "student@champion", "--verify")
+        assert lineage.returncode == 0, lineage.stdout[-3000:] + lineage.stderr[-3000:]
+        assert "lineage verified" in lineage.stdout
+    finally:
+        subprocess.run(["bash", str(stack), "down"], env=env, capture_output=True, timeout=60)

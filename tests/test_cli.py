@@ -1,0 +1,46 @@
+"""The command line: help, and clear one-line errors (exit 2) instead of tracebacks."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.helpers import write_config
+
+CLI = [str(Path(sys.executable).parent / "distillery")]
+
+
+def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_every_command(tmp_path):
+    out = _run("--help", cwd=tmp_path)
+    assert out.returncode == 0
+    for command in ("run", "ingest", "teacher", "label", "distill", "watch", "lineage", "status", "promote", "webhook"):
+        assert command in out.stdout
+
+
+def test_bad_override_is_a_clear_error(tmp_path):
+    write_config(tmp_path)
+    out = _run("ingest", "--set", "distill.temperature=-1", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "distill.temperature must be > 0" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_missing_config_is_a_clear_error(tmp_path):
+    out = _run("status", cwd=tmp_path)
+    assert out.returncode == 2 and "--config" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_mlflow_server_down_is_a_clear_error(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again when the block ends: nothing listens there
+    write_config(tmp_path, tracking={"uri": f"http://127.0.0.1:{port}"})
+    out = _run("status", cwd=tmp_path)
+    assert out.returncode == 2
+    assert f"MLflow tracking server at http://127.0.0.1:{port} is not reachable" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -29,7 +29,10 @@ def results_table(metrics: dict[str, dict]) -> str:
 
 def headline_ratios(metrics: dict[str, dict]) -> dict[str, float]:
     t, q, s, b = (metrics[k] for k in ("teacher_fp32", "teacher_int8", "student_fp32", "baseline_fp32"))
+    s8 = metrics.get("student_int8", s)
     return {
+        "student_int8_over_teacher_accuracy": s8["accuracy"] / t["accuracy"],
+        "int8_teacher_over_student_int8_latency": q["latency_p50_ms"] / s8["latency_p50_ms"],
         "student_over_teacher_accuracy": s["accuracy"] / t["accuracy"],
         "student_over_int8_teacher_accuracy": s["accuracy"] / q["accuracy"],
         "int8_teacher_over_student_latency": q["latency_p50_ms"] / s["latency_p50_ms"],

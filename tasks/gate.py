@@ -29,7 +29,8 @@ def champion_metrics(cfg: Config) -> tuple[str | None, dict | None]:
     eval_run = version.tags.get("evaluation.run_id")
     if not eval_run:
         raise GateError(f"champion {cfg.tracking.student_name} v{version.version} has no evaluation.run_id tag")
-    return str(version.version), logged_candidate_metrics(eval_run)["student_fp32"]
+    form = version.tags.get("deploy.form", "fp32")
+    return str(version.version), logged_candidate_metrics(eval_run)[f"student_{form}"]
 
 
 @task(name="gate-and-promote", cache_policy=NO_CACHE)
@@ -44,10 +45,11 @@ def gate_and_promote(cfg: Config, run_id: str, evaluation_run_id: str, student: 
         raise GateError(f"evaluation run {evaluation_run_id} lacks metrics for {sorted(missing)}")
     champion_version, champion = champion_metrics(cfg)
     g = cfg.gate
-    decision = decide(logged["student_fp32"], logged["teacher_int8"], logged["teacher_fp32"], champion,
+    deployed = f"student_{cfg.student.deploy}"  # the gate judges the form that will be served
+    decision = decide(logged[deployed], logged["teacher_int8"], logged["teacher_fp32"], champion,
                       accuracy_tolerance=g.accuracy_tolerance, macro_f1_tolerance=g.macro_f1_tolerance,
                       max_latency_ratio=g.max_latency_ratio, max_class_f1_drop=g.max_class_f1_drop,
-                      champion_tolerance=g.champion_tolerance, labels=logged["student_fp32"]["labels"])
+                      champion_tolerance=g.champion_tolerance, labels=logged[deployed]["labels"])
     record = {**decision.to_dict(), "champion_version": champion_version}
     revision = versioning.git_revision(Path(cfg.root))
     with tracking.open_run(cfg, run_id):
@@ -63,7 +65,7 @@ def gate_and_promote(cfg: Config, run_id: str, evaluation_run_id: str, student: 
                        cfg.tracking.student_name, cfg.tracking.champion_alias)
         return {"passed": False, "reasons": decision.reasons(), "version": None, "champion_version": champion_version}
 
-    metrics = {k: v for k, v in logged["student_fp32"].items() if k not in ("per_class_f1", "labels")}
+    metrics = {k: v for k, v in logged[deployed].items() if k not in ("per_class_f1", "labels")}
     lineage = {
         "teacher.name": teacher["name"], "teacher.version": teacher["version"], "teacher.run_id": teacher["run_id"],
         "data.snapshot_md5": snapshot_md5, "git.revision": revision, "config.hash": cfg.digest(),
@@ -72,12 +74,12 @@ def gate_and_promote(cfg: Config, run_id: str, evaluation_run_id: str, student: 
     tags = {**lineage, "gx.success": str(validation["success"]).lower(),
             "gx.summary": {"evaluated": validation["evaluated"], "failed": len(validation["failed"]),
                            **validation["statistics"]},
-            "gate.decision": "promoted", "gate.criteria": decision.to_dict()["criteria"],
+            "deploy.form": cfg.student.deploy, "gate.decision": "promoted", "gate.criteria": decision.to_dict()["criteria"],
             "candidate": student["candidate"], "config": cfg.to_dict(),
             **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()}}
     name = cfg.tracking.student_name
     with tracking.open_run(cfg, run_id):
-        info = tracking.log_classifier(Path(student["folder"]))
+        info = tracking.log_classifier(Path(student["folder"]), quantize=cfg.student.deploy)
     version = tracking.register_version(info.model_uri, name, tags)
     try:
         all_metrics = {k: v for k, v in logged.items()}

@@ -26,6 +26,7 @@ from mlflow.pyfunc import PythonModel
 from distillery.config import Config
 
 CLASSIFIER_ARTIFACT = "classifier"
+SERVING_FILE = "distillery-serving.json"
 PIP_REQUIREMENTS = ["torch==2.13.0", "transformers==5.23.0", "pandas"]
 
 
@@ -76,9 +77,14 @@ class TextClassifierModel(PythonModel):
     def load_context(self, context) -> None:  # noqa: ANN001 - MLflow's context type
         from models.modeling import load_classifier, load_tokenizer
 
+        from models.modeling import quantize_int8
+
         folder = Path(context.artifacts[CLASSIFIER_ARTIFACT])
         self.tokenizer = load_tokenizer(folder)
         self.model = load_classifier(folder).eval()
+        serving = folder / SERVING_FILE
+        if serving.is_file() and json.loads(serving.read_text()).get("quantize") == "int8":
+            self.model = quantize_int8(self.model)  # served as gated: dynamic INT8
 
     def predict(self, context, model_input: list[str], params: dict[str, Any] | None = None) -> list[dict]:  # noqa: ANN001
         import torch
@@ -94,11 +100,12 @@ class TextClassifierModel(PythonModel):
         return [{"label": names[int(p.argmax())], "confidence": float(p.max())} for p in probs]
 
 
-def log_classifier(folder: Path, name: str = "model") -> mlflow.models.model.ModelInfo:
-    """Log a classifier folder as a pyfunc model of the active run."""
+def log_classifier(folder: Path, name: str = "model", quantize: str = "fp32") -> mlflow.models.model.ModelInfo:
+    """Log a classifier folder as a pyfunc model of the active run (FP32 weights; ``quantize`` says how to serve)."""
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / CLASSIFIER_ARTIFACT
         shutil.copytree(folder, staged)
+        (staged / SERVING_FILE).write_text(json.dumps({"quantize": quantize}))
         return mlflow.pyfunc.log_model(
             name=name,
             python_model=TextClassifierModel(),

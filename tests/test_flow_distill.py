@@ -35,8 +35,8 @@ def test_good_student_is_promoted_then_a_crippled_one_is_refused(teacher_project
     assert tags["teacher.version"] == "1" and tags["teacher.name"] == "teacher"
     assert tags["data.snapshot_md5"] == good["snapshot_md5"]
     assert tags["config.hash"] == load_config(cfg_path).digest()
-    assert tags["gx.success"] == "true" and tags["gate.decision"] == "promoted"
-    assert float(tags["metric.accuracy"]) == pytest.approx(good["evaluation"]["metrics"]["student_fp32"]["accuracy"],
+    assert tags["gx.success"] == "true" and tags["gate.decision"] == "promoted" and tags["deploy.form"] == "int8"
+    assert float(tags["metric.accuracy"]) == pytest.approx(good["evaluation"]["metrics"]["student_int8"]["accuracy"],
                                                           abs=1e-5)
     assert "model_card.md" in {a.path for a in client.list_artifacts(good["run_id"])}
     card = mlflow.artifacts.load_text(f"runs:/{good['run_id']}/model_card.md")
@@ -52,7 +52,9 @@ def test_good_student_is_promoted_then_a_crippled_one_is_refused(teacher_project
     assert {"evaluation/confusion_student.png", "evaluation/reliability.png", "evaluation/accuracy_vs_latency.png",
             "evaluation/per_class_f1_student_minus_teacher.png"} <= plots
     # the promoted model serves through MLflow
-    assert mlflow.pyfunc.load_model("models:/student@champion").predict(["my pin is blocked"])[0]["label"]
+    served = mlflow.pyfunc.load_model("models:/student@champion")
+    assert served.predict(["my pin is blocked"])[0]["label"]
+    assert "DynamicQuantizedLinear" in repr(served.unwrap_python_model().model)  # served as gated: INT8
 
     bad = distill_flow(cfg_path, overrides=CRIPPLED)
     assert bad["decision"]["passed"] is False and bad["decision"]["version"] is None

@@ -1,0 +1,235 @@
+"""Measured quality, speed and pipeline overhead of the current champion, in one process.
+
+    .venv/bin/python benchmarks/run.py [--config distillery.yaml] [--name default] [--repeats 200]
+
+Needs a promoted ``student@champion`` (run ``make run`` first). Prints tables and writes
+``benchmarks/results/<name>.json``. It measures:
+  1. teacher FP32/INT8, distilled student FP32/INT8 and the baseline student on the test split (one harness:
+     quality, batch-1 latency p50/p95 and batch-32 throughput with fixed threads, warm-up and repeats, size);
+  2. the wall time of each stage of the run that made the champion (from its MLflow runs), and a cached re-run of
+     the whole pipeline (same teacher, data and config: no relabelling, no retraining), timed here;
+  3. teacher labelling in the pipeline (Prefect + MLflow + GX, forced cache miss) against a bare batched loop;
+  4. the same short distillation with and without Prefect + MLflow (orchestration and tracking overhead).
+Probe runs go to the MLflow experiment ``<experiment>-benchmarks`` and never touch the registry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = "unknown"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "platform": platform.platform()}
+
+
+def run_duration(client, run_id: str) -> float:  # noqa: ANN001 - MlflowClient
+    info = client.get_run(run_id).info
+    return (info.end_time - info.start_time) / 1000.0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=str(ROOT / "distillery.yaml"))
+    parser.add_argument("--name", default="default")
+    parser.add_argument("--repeats", type=int, default=200, help="batch-1 latency samples per candidate")
+    parser.add_argument("--overhead-steps", type=int, default=120, help="optimiser steps in the overhead probe")
+    args = parser.parse_args()
+    for key, value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1",
+                       "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                       "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}.items():
+        os.environ.setdefault(key, value)
+
+    import mlflow
+    import numpy as np
+    from mlflow import MlflowClient
+
+    from distillery.config import load_config
+    from models.data import read_snapshot
+    from models.evaluation import TimingSettings, evaluate_model
+    from models.labelling import teacher_logits
+    from models.modeling import build_student, count_parameters, load_classifier, load_tokenizer, quantize_int8
+    from models.report import headline_ratios, results_table
+    from models.training import DistillationObjective, encode, train_model
+    from tasks import tracking
+    from tasks.labelling import labelling_inputs
+    from tasks.teacher import settings_from
+
+    cfg = load_config(args.config)
+    tracking.configure_tracking(cfg)
+    client = MlflowClient()
+    champion = tracking.get_alias_version(cfg.tracking.student_name, cfg.tracking.champion_alias)
+    if champion is None:
+        print("no student@champion: run `make run` first", file=sys.stderr)
+        return 2
+    tags = champion.tags
+    teacher_mv = tracking.resolve_version(cfg.teacher.registered_name, tags["teacher.version"])
+    cache = cfg.path(cfg.runtime.workdir) / "registry"
+    teacher_dir = tracking.download_classifier(teacher_mv, cache)
+    student_dir = tracking.download_classifier(champion, cache)
+    distill_run = tags["distill.run_id"]
+    experiment_id = client.get_run(distill_run).info.experiment_id
+    children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{distill_run}' and "
+                                                   "tags.stage = 'train-student'")
+    baseline_run = next(r for r in children if r.data.tags.get("candidate") == "baseline")
+    baseline_dir = cfg.path(cfg.runtime.workdir) / "students" / baseline_run.info.run_id
+    results: dict = {"machine": machine(), "profile": args.name, "champion": f"{champion.name} v{champion.version}",
+                     "teacher": f"{teacher_mv.name} v{teacher_mv.version}", "base_model": cfg.teacher.base_model}
+
+    # 1. models on one harness
+    splits, labels = read_snapshot(cfg.path(cfg.data.snapshot_dir))
+    tokenizer = load_tokenizer(teacher_dir)
+    test = encode(tokenizer, splits["test"]["text"].tolist(), cfg.distill.max_length, splits["test"]["label_id"].tolist())
+    timing = TimingSettings(threads=cfg.evaluation.threads, warmup=20, repeats=args.repeats, throughput_batches=20)
+    teacher = load_classifier(teacher_dir).eval()
+    student = load_classifier(student_dir).eval()
+    candidates = {"teacher_fp32": (teacher, None), "teacher_int8": (quantize_int8(teacher), count_parameters(teacher)),
+                  "student_fp32": (student, None), "student_int8": (quantize_int8(student), count_parameters(student)),
+                  "baseline_fp32": (load_classifier(baseline_dir).eval(), None)}
+    metrics, reference = {}, None
+    for name, (model, params) in candidates.items():
+        m, logits = evaluate_model(model, test, tokenizer.pad_token_id, len(labels), reference, timing, params)
+        reference = logits.argmax(1) if reference is None else reference
+        metrics[name] = {k: v for k, v in m.items() if k != "per_class_f1"}
+        print(f"  measured {name}", flush=True)
+    results["models"] = metrics
+    results["ratios"] = headline_ratios(metrics)
+    results["timing"] = {"threads": timing.threads, "warmup": timing.warmup, "repeats": timing.repeats,
+                         "throughput_batch": timing.throughput_batch_size, "throughput_batches": timing.throughput_batches}
+
+    # 2. pipeline stages of the run that made the champion, and a cached re-run
+    labelling_run = client.get_run(distill_run).data.tags.get("teacher_outputs.run_id")
+    source_labelling = client.get_run(labelling_run).data.tags.get("teacher_outputs.source_run", labelling_run)
+    starts = [r.info.start_time for r in children]
+    ends = [r.info.end_time for r in children]
+    stages = {
+        "teacher_fine_tune_s": run_duration(client, teacher_mv.run_id),
+        "labelling_and_validation_s": run_duration(client, source_labelling),
+        "student_training_s": (max(ends) - min(starts)) / 1000.0,
+        "evaluation_s": run_duration(client, tags["evaluation.run_id"]),
+        "distill_run_total_s": run_duration(client, distill_run),
+    }
+    stages["full_run_s"] = stages["teacher_fine_tune_s"] + stages["labelling_and_validation_s"] + \
+        stages["distill_run_total_s"]
+    from flows.pipeline import pipeline_flow
+
+    start = time.perf_counter()
+    rerun = pipeline_flow(args.config)
+    stages["cached_rerun_s"] = time.perf_counter() - start
+    stages["cached_rerun_skipped"] = bool(rerun.get("skipped"))
+    stages["cached_over_full"] = stages["cached_rerun_s"] / stages["full_run_s"]
+    results["pipeline"] = stages
+
+    # 3. labelling: pipeline (forced cache miss) vs a bare batched loop over the same rows
+    from flows.label import label_flow
+
+    inputs, _ = labelling_inputs(cfg)
+    texts = inputs["text"].tolist()
+    start = time.perf_counter()
+    teacher_logits(teacher, tokenizer, texts, cfg.teacher.max_length, cfg.labelling.batch_size, progress=False)
+    bare = time.perf_counter() - start
+    probe = {"tracking.experiment": f"{cfg.tracking.experiment}-benchmarks"}
+    scratch = tempfile.TemporaryDirectory()  # the probe's own label cache and workdir, removed at the end
+    start = time.perf_counter()
+    out = label_flow(args.config, {**probe, "labelling.cache_dir": f"{scratch.name}/cache"}, tags["teacher.version"])
+    flow_total = time.perf_counter() - start
+    results["labelling"] = {"rows": len(texts), "bare_loop_s": bare, "pipeline_inference_s": out["seconds"],
+                            "pipeline_flow_total_s": flow_total, "bare_rows_per_s": len(texts) / bare,
+                            "pipeline_rows_per_s": len(texts) / flow_total,
+                            "pipeline_over_bare_time": flow_total / bare,
+                            "pipeline_inference_over_bare_time": out["seconds"] / bare}
+
+    # 4. orchestration + tracking overhead on the same short distillation
+    from prefect import flow
+
+    from tasks.distill import train_student
+
+    overrides = {**probe, "distill.epochs": 1, "distill.max_steps": args.overhead_steps}
+    if True:  # noqa: SIM108 - keeps the probe's steps together
+        probe_cfg = load_config(args.config, {**overrides, "runtime.workdir": f"{scratch.name}/work"})
+        teacher_info = {"name": teacher_mv.name, "version": str(teacher_mv.version), "run_id": teacher_mv.run_id,
+                        "folder": str(teacher_dir)}
+
+        @flow(name="overhead-probe")
+        def overhead_probe() -> dict:
+            parent = tracking.create_run(probe_cfg, "overhead-probe", {"stage": "benchmark"})
+            candidate = {"kind": "distilled", "temperature": cfg.distill.temperature, "kd_weight": cfg.distill.kd_weight,
+                         "ce_weight": cfg.distill.ce_weight, "feature_weight": 0.0}
+            return train_student(probe_cfg, teacher_info, out["path"], candidate, parent)
+
+        start = time.perf_counter()
+        overhead_probe()
+        with_orchestration = time.perf_counter() - start
+
+        # the same work without Prefect or MLflow: read, build, encode, train
+        from models.labelling import read_outputs
+
+        start = time.perf_counter()
+        outputs = read_outputs(out["path"]).merge(inputs[["id", "text"]], on="id")
+        rows = outputs[outputs["split"].isin(["train", "transfer"])]
+        s = cfg.student
+        bare_student = build_student(load_classifier(teacher_dir).eval(), s.init, list(s.layers), s.num_layers,
+                                     s.hidden_size, s.num_attention_heads, s.intermediate_size, cfg.distill.seed)
+        settings = settings_from(probe_cfg.distill)
+        train = encode(tokenizer, rows["text"].tolist(), settings.max_length, rows["label_id"].tolist(),
+                       np.stack(rows["logits"].to_list()))
+        val = encode(tokenizer, splits["validation"]["text"].tolist(), settings.max_length,
+                     splits["validation"]["label_id"].tolist())
+        train_model(bare_student, DistillationObjective(cfg.distill.temperature, cfg.distill.kd_weight,
+                                                        cfg.distill.ce_weight), train, val, settings,
+                    tokenizer.pad_token_id, progress=False)
+        without = time.perf_counter() - start
+    scratch.cleanup()
+    results["overhead"] = {"steps": args.overhead_steps, "with_prefect_mlflow_s": with_orchestration,
+                           "bare_s": without, "ratio": with_orchestration / without}
+
+    print_report(results, results_table(metrics))
+    out_file = ROOT / "benchmarks" / "results" / f"{args.name}.json"
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"\nwritten {out_file.relative_to(ROOT)}")
+    mlflow.end_run()
+    return 0
+
+
+def print_report(results: dict, table: str) -> None:
+    m = results["machine"]
+    print(f"\n== {results['profile']}: {results['champion']} distilled from {results['teacher']} "
+          f"({results['base_model']}) on {m['cpu']}, {m['cores']} cores, torch {m['torch']}")
+    t = results["timing"]
+    print(f"timing: {t['threads']} thread(s), batch 1 x {t['repeats']} (after {t['warmup']} warm-up), "
+          f"batch {t['throughput_batch']} x {t['throughput_batches']}\n")
+    print(table)
+    print("\nratios")
+    for key, value in results["ratios"].items():
+        print(f"  {key:<42}{value:>8.3f}")
+    print("\npipeline (seconds)")
+    for key, value in results["pipeline"].items():
+        print(f"  {key:<42}{value:>8.3f}" if isinstance(value, float) else f"  {key:<42}{value!s:>8}")
+    print("\nteacher labelling")
+    for key, value in results["labelling"].items():
+        print(f"  {key:<42}{value:>8.3f}" if isinstance(value, float) else f"  {key:<42}{value:>8}")
+    print("\norchestration + tracking overhead (same distillation steps)")
+    for key, value in results["overhead"].items():
+        print(f"  {key:<42}{value:>8.3f}" if isinstance(value, float) else f"  {key:<42}{value:>8}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

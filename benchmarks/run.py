@@ -52,10 +52,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=200, help="batch-1 latency samples per candidate")
     parser.add_argument("--overhead-steps", type=int, default=120, help="optimiser steps in the overhead probe")
     args = parser.parse_args()
-    for key, value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1",
-                       "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                       "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}.items():
-        os.environ.setdefault(key, value)
+    from distillery.cli import environment_defaults
+
+    environment_defaults()
 
     import mlflow
     import numpy as np

@@ -19,7 +19,7 @@ without them everything runs embedded (temporary Prefect server, MLflow on SQLit
 """
 
 
-def _environment_defaults() -> None:
+def environment_defaults() -> None:
     """Offline, quiet defaults for this process (the user's own settings win)."""
     for key, value in {
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -29,6 +29,7 @@ def _environment_defaults() -> None:
         "TOKENIZERS_PARALLELISM": "false",
         "PREFECT_LOGGING_EXTRA_LOGGERS": "models",
         "GIT_PYTHON_REFRESH": "quiet",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     }.items():
         os.environ.setdefault(key, value)
 
@@ -279,7 +280,7 @@ EXTRA_ARGUMENTS: dict[str, list[Callable[[argparse.ArgumentParser], None]]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    _environment_defaults()
+    environment_defaults()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore", "alembic", "mlflow.store.db.utils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -12,16 +12,9 @@ from tests.helpers import LABELS, make_frames, write_config, write_source
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    for key, value in {
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "DVC_NO_ANALYTICS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "GIT_PYTHON_REFRESH": "quiet",
-        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-    }.items():
-        os.environ.setdefault(key, value)
+    from distillery.cli import environment_defaults
+
+    environment_defaults()  # the same offline, quiet defaults as the CLI
 
 
 @pytest.fixture(scope="session")

@@ -64,7 +64,7 @@ def main() -> int:
     from models.data import read_snapshot
     from models.evaluation import TimingSettings, evaluate_model
     from models.labelling import teacher_logits
-    from models.modeling import build_student, count_parameters, load_classifier, load_tokenizer, quantize_int8
+    from models.modeling import count_parameters, load_classifier, load_tokenizer, quantize_int8
     from models.report import headline_ratios, results_table
     from models.training import DistillationObjective, encode, train_model
     from tasks import tracking
@@ -95,16 +95,22 @@ def main() -> int:
     # 1. models on one harness
     splits, labels = read_snapshot(cfg.path(cfg.data.snapshot_dir))
     tokenizer = load_tokenizer(teacher_dir)
-    test = encode(tokenizer, splits["test"]["text"].tolist(), cfg.distill.max_length, splits["test"]["label_id"].tolist())
+    texts_test, gold = splits["test"]["text"].tolist(), splits["test"]["label_id"].tolist()
+    tokenizers = {str(d): load_tokenizer(d) for d in (teacher_dir, student_dir, baseline_dir)}
+    encoded = {d: encode(t, texts_test, cfg.distill.max_length, gold) for d, t in tokenizers.items()}
     timing = TimingSettings(threads=cfg.evaluation.threads, warmup=20, repeats=args.repeats, throughput_batches=20)
     teacher = load_classifier(teacher_dir).eval()
     student = load_classifier(student_dir).eval()
-    candidates = {"teacher_fp32": (teacher, None), "teacher_int8": (quantize_int8(teacher), count_parameters(teacher)),
-                  "student_fp32": (student, None), "student_int8": (quantize_int8(student), count_parameters(student)),
-                  "baseline_fp32": (load_classifier(baseline_dir).eval(), None)}
+    t_dir, s_dir, b_dir = str(teacher_dir), str(student_dir), str(baseline_dir)
+    candidates = {"teacher_fp32": (teacher, None, t_dir),
+                  "teacher_int8": (quantize_int8(teacher), count_parameters(teacher), t_dir),
+                  "student_fp32": (student, None, s_dir),
+                  "student_int8": (quantize_int8(student), count_parameters(student), s_dir),
+                  "baseline_fp32": (load_classifier(baseline_dir).eval(), None, b_dir)}
     metrics, reference = {}, None
-    for name, (model, params) in candidates.items():
-        m, logits = evaluate_model(model, test, tokenizer.pad_token_id, len(labels), reference, timing, params)
+    for name, (model, params, folder) in candidates.items():
+        m, logits = evaluate_model(model, encoded[folder], tokenizers[folder].pad_token_id, len(labels), reference,
+                                   timing, params)
         reference = logits.argmax(1) if reference is None else reference
         metrics[name] = {k: v for k, v in m.items() if k != "per_class_f1"}
         print(f"  measured {name}", flush=True)
@@ -158,7 +164,7 @@ def main() -> int:
     # 4. orchestration + tracking overhead on the same short distillation
     from prefect import flow
 
-    from tasks.distill import train_student
+    from tasks.distill import make_student, train_student
 
     overrides = {**probe, "distill.epochs": 1, "distill.max_steps": args.overhead_steps}
     if True:  # noqa: SIM108 - keeps the probe's steps together
@@ -183,17 +189,16 @@ def main() -> int:
         start = time.perf_counter()
         outputs = read_outputs(out["path"]).merge(inputs[["id", "text"]], on="id")
         rows = outputs[outputs["split"].isin(["train", "transfer"])]
-        s = cfg.student
-        bare_student = build_student(load_classifier(teacher_dir).eval(), s.init, list(s.layers), s.num_layers,
-                                     s.hidden_size, s.num_attention_heads, s.intermediate_size, cfg.distill.seed)
+        bare_student, student_tokenizer = make_student(probe_cfg, load_classifier(teacher_dir).eval(), teacher_dir,
+                                                       labels)
         settings = settings_from(probe_cfg.distill)
-        train = encode(tokenizer, rows["text"].tolist(), settings.max_length, rows["label_id"].tolist(),
+        train = encode(student_tokenizer, rows["text"].tolist(), settings.max_length, rows["label_id"].tolist(),
                        np.stack(rows["logits"].to_list()))
-        val = encode(tokenizer, splits["validation"]["text"].tolist(), settings.max_length,
+        val = encode(student_tokenizer, splits["validation"]["text"].tolist(), settings.max_length,
                      splits["validation"]["label_id"].tolist())
         train_model(bare_student, DistillationObjective(cfg.distill.temperature, cfg.distill.kd_weight,
                                                         cfg.distill.ce_weight), train, val, settings,
-                    tokenizer.pad_token_id, progress=False)
+                    student_tokenizer.pad_token_id, progress=False)
         without = time.perf_counter() - start
     scratch.cleanup()
     results["overhead"] = {"steps": args.overhead_steps, "with_prefect_mlflow_s": with_orchestration,

@@ -81,6 +81,7 @@ class ValidationConfig:
 @dataclass(frozen=True)
 class StudentConfig:
     init: str = "cut"
+    base_model: str = "minilm"
     layers: tuple[int, ...] = (0, 5)
     num_layers: int = 2
     hidden_size: int = 256
@@ -335,7 +336,9 @@ def validate_config(cfg: Config) -> Config:
     need(0 <= v.min_teacher_accuracy <= 1, "validation.min_teacher_accuracy must be in [0, 1]")
     need(0 <= v.min_teacher_macro_f1 <= 1, "validation.min_teacher_macro_f1 must be in [0, 1]")
     s = cfg.student
-    need(s.init in ("cut", "config"), "student.init must be 'cut' or 'config'")
+    need(s.init in ("cut", "config", "pretrained"), "student.init must be 'cut', 'config' or 'pretrained'")
+    need(s.init != "pretrained" or cfg.distill.feature_weight == 0,
+         "feature KD (distill.feature_weight > 0) needs a student that shares the teacher's tokenizer (init cut/config)")
     if s.init == "cut":
         need(len(s.layers) >= 1, "student.layers must keep at least one layer")
         need(len(set(s.layers)) == len(s.layers) and all(i >= 0 for i in s.layers),

@@ -10,17 +10,25 @@ from pathlib import Path
 import mlflow
 import numpy as np
 from prefect import get_run_logger, task
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from prefect.cache_policies import NO_CACHE
 
 from distillery.config import Config
 from models.data import read_snapshot
 from models.labelling import read_outputs
 from models.losses import IGNORE_INDEX
-from models.modeling import build_student, count_parameters, load_classifier, load_tokenizer, save_classifier
+from models.modeling import (
+    build_student,
+    count_parameters,
+    load_classifier,
+    load_tokenizer,
+    resolve_base_model,
+    save_classifier,
+)
 from models.training import CrossEntropyObjective, DistillationObjective, encode, train_model
 from tasks import tracking
 from tasks.labelling import labelling_inputs
-from tasks.teacher import settings_from
+from tasks.teacher import model_name, settings_from
 
 
 def sweep_grid(cfg: Config) -> list[dict]:
@@ -30,6 +38,18 @@ def sweep_grid(cfg: Config) -> list[dict]:
     weights = [(w, 1.0 - w) for w in d.sweep.kd_weight] or [(d.kd_weight, d.ce_weight)]
     return [{"kind": "distilled", "temperature": t, "kd_weight": kd, "ce_weight": ce, "feature_weight": d.feature_weight}
             for t in temperatures for kd, ce in weights]
+
+
+def make_student(cfg: Config, teacher_model: PreTrainedModel, teacher_folder: Path,
+                 labels: list[str]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The configured student and the tokenizer it reads with (the teacher's, unless it is a pretrained model)."""
+    s = cfg.student
+    if s.init == "pretrained":  # e.g. MiniLM under an MPNet teacher: the student keeps its own tokenizer
+        folder = resolve_base_model(model_name(cfg, s.base_model), cfg.path(cfg.runtime.workdir) / "pretrained")
+        return load_classifier(folder, labels), load_tokenizer(folder)
+    student = build_student(teacher_model, s.init, list(s.layers), s.num_layers, s.hidden_size,
+                            s.num_attention_heads, s.intermediate_size, cfg.distill.seed)
+    return student, load_tokenizer(teacher_folder)
 
 
 BASELINE = {"kind": "baseline", "temperature": 1.0, "kd_weight": 0.0, "ce_weight": 1.0, "feature_weight": 0.0}
@@ -47,11 +67,8 @@ def train_student(cfg: Config, teacher: dict, outputs_path: str, candidate: dict
     else:
         train_rows = outputs[outputs["split"].isin(["train", "transfer"])]
     teacher_folder = Path(teacher["folder"])
-    tokenizer = load_tokenizer(teacher_folder)
     teacher_model = load_classifier(teacher_folder).eval()
-    s = cfg.student
-    student = build_student(teacher_model, s.init, list(s.layers), s.num_layers, s.hidden_size,
-                            s.num_attention_heads, s.intermediate_size, cfg.distill.seed)
+    student, tokenizer = make_student(cfg, teacher_model, teacher_folder, labels)
     settings = settings_from(cfg.distill)
     hard = np.where(train_rows["label_id"] >= 0, train_rows["label_id"], IGNORE_INDEX)
     train = encode(tokenizer, train_rows["text"].tolist(), settings.max_length, hard.tolist(),

@@ -34,18 +34,21 @@ def evaluate_candidates(cfg: Config, teacher: dict, student: dict, baseline: dic
     logger = get_run_logger()
     splits, labels = read_snapshot(cfg.path(cfg.data.snapshot_dir))
     test = splits["test"]
-    tokenizer = load_tokenizer(Path(teacher["folder"]))
-    data = encode(tokenizer, test["text"].tolist(), cfg.distill.max_length, test["label_id"].tolist())
+    texts, gold = test["text"].tolist(), test["label_id"].tolist()
+    # each candidate reads the test texts through its own tokenizer (a pretrained student may differ from its teacher)
+    encoded = {folder: encode(load_tokenizer(Path(folder)), texts, cfg.distill.max_length, gold)
+               for folder in {teacher["folder"], student["folder"], baseline["folder"]}}
+    pad = {folder: load_tokenizer(Path(folder)).pad_token_id for folder in encoded}
     e = cfg.evaluation
     timing = TimingSettings(threads=e.threads, warmup=e.warmup, repeats=e.repeats, throughput_batches=e.throughput_batches)
     teacher_model = load_classifier(Path(teacher["folder"])).eval()
     student_model = load_classifier(Path(student["folder"])).eval()
     candidates = {
-        "teacher_fp32": (teacher_model, None),
-        "teacher_int8": (quantize_int8(teacher_model), count_parameters(teacher_model)),
-        "student_fp32": (student_model, None),
-        "student_int8": (quantize_int8(student_model), count_parameters(student_model)),
-        "baseline_fp32": (load_classifier(Path(baseline["folder"])).eval(), None),
+        "teacher_fp32": (teacher_model, None, teacher["folder"]),
+        "teacher_int8": (quantize_int8(teacher_model), count_parameters(teacher_model), teacher["folder"]),
+        "student_fp32": (student_model, None, student["folder"]),
+        "student_int8": (quantize_int8(student_model), count_parameters(student_model), student["folder"]),
+        "baseline_fp32": (load_classifier(Path(baseline["folder"])).eval(), None, baseline["folder"]),
     }
     eval_run = tracking.create_run(cfg, "evaluation", {"stage": "evaluate", "teacher.version": teacher["version"],
                                                         "student.run_id": student["run_id"],
@@ -53,8 +56,8 @@ def evaluate_candidates(cfg: Config, teacher: dict, student: dict, baseline: dic
     metrics: dict[str, dict] = {}
     logits: dict[str, np.ndarray] = {}
     reference = None
-    for name, (model, params) in candidates.items():
-        m, out = evaluate_model(model, data, tokenizer.pad_token_id, len(labels), reference, timing, params, e.ece_bins)
+    for name, (model, params, folder) in candidates.items():
+        m, out = evaluate_model(model, encoded[folder], pad[folder], len(labels), reference, timing, params, e.ece_bins)
         if name == "teacher_fp32":
             reference = out.argmax(1)
         metrics[name], logits[name] = m, out
@@ -65,7 +68,7 @@ def evaluate_candidates(cfg: Config, teacher: dict, student: dict, baseline: dic
         logger.info("%s: accuracy %.4f, macro-F1 %.4f, p50 %.2f ms", name, m["accuracy"], m["macro_f1"],
                     m["latency_p50_ms"])
     table = results_table(metrics)
-    y = data.labels.numpy()
+    y = np.asarray(gold)
     with tracking.open_run(cfg, eval_run), tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         plot_confusion(logits["student_fp32"], y, labels, folder / "confusion_student.png", "distilled student")

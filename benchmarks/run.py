@@ -49,6 +49,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=str(ROOT / "distillery.yaml"))
     parser.add_argument("--name", default="default")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, as for the CLI (e.g. the large profile's names)")
     parser.add_argument("--repeats", type=int, default=200, help="batch-1 latency samples per candidate")
     parser.add_argument("--overhead-steps", type=int, default=120, help="optimiser steps in the overhead probe")
     args = parser.parse_args()
@@ -71,7 +73,10 @@ def main() -> int:
     from tasks.labelling import labelling_inputs
     from tasks.teacher import settings_from
 
-    cfg = load_config(args.config)
+    from distillery.config import parse_override_args
+
+    base = parse_override_args(args.set)
+    cfg = load_config(args.config, base)
     tracking.configure_tracking(cfg)
     client = MlflowClient()
     champion = tracking.get_alias_version(cfg.tracking.student_name, cfg.tracking.champion_alias)
@@ -136,7 +141,7 @@ def main() -> int:
     from flows.pipeline import pipeline_flow
 
     start = time.perf_counter()
-    rerun = pipeline_flow(args.config)
+    rerun = pipeline_flow(args.config, base or None)
     stages["cached_rerun_s"] = time.perf_counter() - start
     stages["cached_rerun_skipped"] = bool(rerun.get("skipped"))
     stages["cached_over_full"] = stages["cached_rerun_s"] / stages["full_run_s"]
@@ -150,7 +155,7 @@ def main() -> int:
     start = time.perf_counter()
     teacher_logits(teacher, tokenizer, texts, cfg.teacher.max_length, cfg.labelling.batch_size, progress=False)
     bare = time.perf_counter() - start
-    probe = {"tracking.experiment": f"{cfg.tracking.experiment}-benchmarks"}
+    probe = {**base, "tracking.experiment": f"{cfg.tracking.experiment}-benchmarks"}
     scratch = tempfile.TemporaryDirectory()  # the probe's own label cache and workdir, removed at the end
     start = time.perf_counter()
     out = label_flow(args.config, {**probe, "labelling.cache_dir": f"{scratch.name}/cache"}, tags["teacher.version"])

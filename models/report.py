@@ -41,6 +41,13 @@ def headline_ratios(metrics: dict[str, dict]) -> dict[str, float]:
     }
 
 
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_confusion(logits: np.ndarray, labels_true: np.ndarray, names: list[str], path: Path, title: str) -> Path:
     k = len(names)
     matrix = np.zeros((k, k))
@@ -54,10 +61,7 @@ def plot_confusion(logits: np.ndarray, labels_true: np.ndarray, names: list[str]
     if k <= 30:
         ax.set_xticks(range(k), names, rotation=90, fontsize=6)
         ax.set_yticks(range(k), names, fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_reliability(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, bins: int = 15) -> Path:
@@ -71,10 +75,7 @@ def plot_reliability(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Pat
     ax.set_xlabel("confidence")
     ax.set_ylabel("accuracy")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_accuracy_latency(metrics: dict[str, dict], path: Path) -> Path:
@@ -86,10 +87,7 @@ def plot_accuracy_latency(metrics: dict[str, dict], path: Path) -> Path:
     ax.set_xlabel("p50 latency at batch 1 (ms, log scale)")
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_f1_difference(teacher_f1: list[float], student_f1: list[float], names: list[str], path: Path) -> Path:
@@ -102,10 +100,7 @@ def plot_f1_difference(teacher_f1: list[float], student_f1: list[float], names: 
     ax.set_xlabel("class (sorted)")
     if len(names) <= 30:
         ax.set_xticks(range(len(diff)), [names[i] for i in order], rotation=90, fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def model_card(name: str, version: str, lineage: dict, metrics: dict[str, dict], decision: dict,

@@ -8,7 +8,7 @@ from prefect import flow
 
 from distillery.config import load_config
 from flows.label import label_flow
-from flows.runners import serialised
+from flows.runners import serialised, task_runner_for
 from tasks.data import current_snapshot
 from tasks.events import champion_up_to_date
 from tasks.labelling import resolve_teacher
@@ -38,7 +38,7 @@ def distill_flow(config_path: str | None = None, overrides: dict[str, Any] | Non
 
 def _distill(cfg, config_path: str | None, overrides: dict[str, Any] | None,  # noqa: ANN001 - Config
              teacher_version: str | None) -> dict:
-    labelled = label_flow(config_path, overrides, teacher_version)
+    labelled = label_flow.with_options(task_runner=task_runner_for(cfg))(config_path, overrides, teacher_version)
     teacher, md5 = labelled["teacher"], labelled["snapshot_md5"]
     run_id = start_run(cfg, "distill", {"stage": "distill", "teacher.version": teacher["version"],
                                         "data.snapshot_md5": md5, "teacher_outputs.run_id": labelled["run_id"]})

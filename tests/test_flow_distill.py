@@ -127,6 +127,15 @@ def test_lineage_skip_watch_and_rollback(teacher_project: Path):
     assert redistilled["decision"]["passed"] and redistilled["teacher"]["version"] == new_teacher
     assert watch_flow(cfg_path)["changed"] is False
 
+    # new data counts too: a changed source gives a new snapshot that the watch reports
+    from flows.ingest import ingest_flow
+
+    with open(teacher_project / "source" / "train.csv", "a") as f:
+        f.write("my new card still has not come in the post,card_arrival\n")
+    new_md5 = ingest_flow(cfg_path)["snapshot_md5"]
+    data_change = watch_flow(cfg_path)
+    assert data_change["changed"] is True and new_md5 in data_change["reason"]
+
     # rollback moves the champion to the previous promoted version and records why
     current = str(client.get_model_version_by_alias("student", "champion").version)
     assert current == redistilled["decision"]["version"]
@@ -164,3 +173,16 @@ def test_pretrained_student_reads_with_its_own_tokenizer(teacher_project: Path, 
     accuracy = classification_metrics(logits, data.labels.numpy(), len(labels))["accuracy"]
     assert out["evaluation"]["metrics"]["student_fp32"]["accuracy"] == pytest.approx(accuracy)
     assert accuracy >= 0.5  # above the 0.25 of chance on four balanced classes
+
+
+def test_overlapping_runs_are_serialised_and_promote_once(teacher_project: Path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    cfg_path = str(teacher_project / "distillery.yaml")
+    overrides = {"gate.champion_tolerance": 1.0, "distill.temperature": 3.0}  # a config no champion was made from
+    client = _client(teacher_project)
+    before = len(client.search_model_versions("name='student'"))
+    with ThreadPoolExecutor(2) as pool:
+        runs = list(pool.map(lambda _: distill_flow(cfg_path, overrides=overrides), range(2)))
+    assert sorted(r["skipped"] for r in runs) == [False, True]  # the second waited, then found nothing to do
+    assert len(client.search_model_versions("name='student'")) == before + 1

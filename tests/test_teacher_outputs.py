@@ -139,6 +139,20 @@ class TestLabelFlow:
         assert hit.data.tags["teacher_outputs.cache_hit"] == "true"
         assert hit.data.tags["teacher_outputs.source_run"] == first["run_id"]
 
+    def test_dask_shards_give_the_same_outputs(self, teacher_project: Path, tmp_path: Path):
+        from flows.label import label_flow
+        from flows.runners import task_runner_for
+
+        cfg_path = str(teacher_project / "distillery.yaml")
+        threads = label_flow(cfg_path, {"labelling.cache_dir": str(tmp_path / "a"), "labelling.shards": 1})
+        overrides = {"labelling.cache_dir": str(tmp_path / "b"), "labelling.shards": 3, "runtime.task_runner": "dask"}
+        dask = label_flow.with_options(task_runner=task_runner_for(load_config(cfg_path, overrides)))(cfg_path, overrides)
+        assert dask["cache_hit"] is False and dask["key"] == threads["key"]
+        a, b = read_outputs(threads["path"]), read_outputs(dask["path"])
+        assert list(a["id"]) == list(b["id"]) and list(a["predicted_label"]) == list(b["predicted_label"])
+        np.testing.assert_allclose(np.stack(a["logits"]), np.stack(b["logits"]), rtol=0, atol=1e-5)
+        assert json.loads((Path(dask["path"]).parent / "meta.json").read_text())["shards"] == 3
+
     def test_transfer_set_is_labelled_too(self, teacher_project: Path):
         from flows.label import label_flow
 

@@ -70,10 +70,6 @@ def read_outputs(path) -> pd.DataFrame:  # noqa: ANN001 - str or Path
     return df
 
 
-def logits_matrix(df: pd.DataFrame) -> np.ndarray:
-    return np.stack(df["logits"].to_list()).astype(np.float32)
-
-
 def validation_tables(df: pd.DataFrame, labels: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Scalar views of the outputs for Great Expectations.
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import time
 from pathlib import Path
 
 import mlflow
@@ -132,7 +131,3 @@ def log_labelling(cfg: Config, run_id: str, teacher: dict, snapshot_md5: str, ke
         mlflow.set_tags({"teacher_outputs.cache_hit": str(cache_hit).lower(),
                          "teacher_outputs.source_run": meta["run_id"], "teacher_outputs.path": outputs_path})
         mlflow.log_metric("labelling_seconds", seconds)
-
-
-def elapsed_since(start: float) -> float:
-    return time.perf_counter() - start

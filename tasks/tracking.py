@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 import mlflow
 from mlflow import MlflowClient
@@ -192,10 +192,6 @@ def log_json(data: Any, artifact_file: str) -> None:
     mlflow.log_dict(data, artifact_file)
 
 
-def log_file(path: Path, artifact_path: str | None = None) -> None:
-    mlflow.log_artifact(str(path), artifact_path)
-
-
 def log_folder(path: Path, artifact_path: str | None = None) -> None:
     mlflow.log_artifacts(str(path), artifact_path)
 
@@ -205,10 +201,6 @@ def search_versions(name: str) -> list[ModelVersion]:
         return sorted(MlflowClient().search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
     except MlflowException:
         return []
-
-
-def versions_with_tag(versions: Iterable[ModelVersion], key: str, value: str) -> list[ModelVersion]:
-    return [v for v in versions if v.tags.get(key) == value]
 
 
 def create_run(cfg: Config, run_name: str, tags: dict[str, Any] | None = None, parent_run_id: str | None = None) -> str:
@@ -232,9 +224,3 @@ def open_run(cfg: Config, run_id: str) -> Iterator[mlflow.ActiveRun]:
 
 def finish_run(run_id: str, status: str = "FINISHED") -> None:
     MlflowClient().set_terminated(run_id, status=status)
-
-
-def set_run_tags(run_id: str, tags: dict[str, Any]) -> None:
-    client = MlflowClient()
-    for key, value in tags.items():
-        client.set_tag(run_id, key, _tag(value))

@@ -34,6 +34,15 @@ start() {  # name command...
 
 up() {
   mkdir -p "$STACK_DIR/mlflow-artifacts" "$PREFECT_HOME"
+  # mlflow server runs several workers: without one shared key each encrypts webhook secrets with its own random key
+  # and deliveries fail. The key lives in the stack folder (never in git), or comes from the environment.
+  if [ -z "${MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY:-}" ]; then
+    key_file="$STACK_DIR/webhook-encryption.key"
+    [ -s "$key_file" ] || (umask 077; "$BIN/python" -c \
+      "from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())" >"$key_file")
+    MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY="$(cat "$key_file")"
+  fi
+  export MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY
   start prefect-server "$BIN/prefect" server start --host 127.0.0.1 --port "$PREFECT_PORT"
   MLFLOW_WEBHOOK_ALLOWED_SCHEMES=http,https MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS=true \
     start mlflow-server "$BIN/mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT" \

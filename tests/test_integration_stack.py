@@ -50,11 +50,12 @@ def test_new_teacher_version_is_distilled_and_promoted_with_no_other_action(tmp_
     write_config(project, tracking={"uri": None})
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)
     (project / ".gitignore").write_text(".distillery/\nsource/\ntiny-teacher\nstack/\n")
-    env = {**os.environ, "STACK_DIR": str(tmp_path / "stack"), "PREFECT_PORT": str(_free_port()),
+    # a clean Prefect environment: the session's test harness must not leak its temporary API or database settings
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env = {**clean, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "STACK_DIR": str(tmp_path / "stack"), "PREFECT_PORT": str(_free_port()),
            "MLFLOW_PORT": str(_free_port()), "WEBHOOK_PORT": str(_free_port()),
            "DISTILLERY_CONFIG": str(project / "distillery.yaml"), "DISTILLERY_WEBHOOK_SECRET": "integration-secret",
            "VENV_BIN": str(Path(sys.executable).parent)}
-    env.pop("MLFLOW_TRACKING_URI", None)
     stack = ROOT / "scripts" / "stack.sh"
     up = subprocess.run(["bash", str(stack), "up"], env=env, capture_output=True, text=True, timeout=300)
     assert up.returncode == 0, up.stdout + up.stderr

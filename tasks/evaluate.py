@@ -36,9 +36,10 @@ def evaluate_candidates(cfg: Config, teacher: dict, student: dict, baseline: dic
     test = splits["test"]
     texts, gold = test["text"].tolist(), test["label_id"].tolist()
     # each candidate reads the test texts through its own tokenizer (a pretrained student may differ from its teacher)
-    encoded = {folder: encode(load_tokenizer(Path(folder)), texts, cfg.distill.max_length, gold)
-               for folder in {teacher["folder"], student["folder"], baseline["folder"]}}
-    pad = {folder: load_tokenizer(Path(folder)).pad_token_id for folder in encoded}
+    tokenizers = {folder: load_tokenizer(Path(folder))
+                  for folder in {teacher["folder"], student["folder"], baseline["folder"]}}
+    encoded = {folder: encode(tok, texts, cfg.distill.max_length, gold) for folder, tok in tokenizers.items()}
+    pad = {folder: tok.pad_token_id for folder, tok in tokenizers.items()}
     e = cfg.evaluation
     timing = TimingSettings(threads=e.threads, warmup=e.warmup, repeats=e.repeats, throughput_batches=e.throughput_batches)
     teacher_model = load_classifier(Path(teacher["folder"])).eval()

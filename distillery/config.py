@@ -58,6 +58,7 @@ class TeacherConfig:
     max_length: int = 64
     seed: int = 13
     max_steps: int | None = None
+    group_by_length: bool = True
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,8 @@ class DistillConfig:
     patience: int = 2
     seed: int = 13
     max_steps: int | None = None
+    group_by_length: bool = True
+    baseline_init: str = "base"
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
@@ -354,6 +357,7 @@ def validate_config(cfg: Config) -> Config:
     need(k.kd_weight + k.ce_weight + k.feature_weight > 0, "distill loss weights must not all be 0")
     need(k.feature_loss in ("mse", "cosine"), "distill.feature_loss must be 'mse' or 'cosine'")
     need(k.patience >= 1, "distill.patience must be >= 1")
+    need(k.baseline_init in ("base", "teacher"), "distill.baseline_init must be 'base' or 'teacher'")
     need(all(t > 0 for t in k.sweep.temperature), "distill.sweep.temperature values must be > 0")
     need(all(w >= 0 for w in k.sweep.kd_weight), "distill.sweep.kd_weight values must be >= 0")
     e = cfg.evaluation

@@ -40,6 +40,7 @@ class TrainSettings:
     patience: int = 2
     seed: int = 13
     max_steps: int | None = None
+    group_by_length: bool = True  # batches of similar lengths (less padding); the batch order stays random
 
 
 @dataclass
@@ -161,6 +162,21 @@ def _save_atomic(state: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def epoch_batches(data: Encoded, batch_size: int, generator: torch.Generator, group_by_length: bool = True,
+                  window: int = 50) -> list[list[int]]:
+    """One epoch's batches: a seeded shuffle, then (``group_by_length``) sorted by length within windows of
+    ``window`` batches so each batch pads little, and the batches shuffled again. Every row appears exactly once."""
+    order = torch.randperm(len(data), generator=generator).tolist()
+    if not group_by_length:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = []
+    span = batch_size * window
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start : start + span], key=lambda i: len(data.input_ids[i]), reverse=True)
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
 def train_model(
     model: PreTrainedModel,
     objective: nn.Module,
@@ -215,8 +231,7 @@ def train_model(
         model.train()
         objective.train()
         generator = torch.Generator().manual_seed(settings.seed * 1000 + epoch)
-        order = torch.randperm(len(train), generator=generator).tolist()
-        batches = [order[i : i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
+        batches = epoch_batches(train, settings.batch_size, generator, settings.group_by_length)
         losses = []
         bar = tqdm(batches, desc=f"{desc} epoch {epoch}/{settings.epochs}", disable=not progress, leave=False)
         for index in bar:

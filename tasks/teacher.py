@@ -27,6 +27,7 @@ def settings_from(section) -> TrainSettings:  # noqa: ANN001 - TeacherConfig or 
         epochs=section.epochs, batch_size=section.batch_size, learning_rate=section.learning_rate,
         weight_decay=section.weight_decay, warmup_fraction=section.warmup_fraction, max_length=section.max_length,
         patience=getattr(section, "patience", section.epochs), seed=section.seed, max_steps=section.max_steps,
+        group_by_length=section.group_by_length,
     )
 
 

@@ -101,3 +101,25 @@ def test_int8_and_harness_report_every_metric(tiny_teacher_dir):
     assert q["size_mb"] < m["size_mb"] and q["parameters"] == m["parameters"]
     assert 0.9 <= q["agreement"] <= 1.0 and len(m["per_class_f1"]) == len(LABELS)
     assert m["latency_p95_ms"] >= m["latency_p50_ms"] > 0
+
+
+def test_length_grouped_batches_cover_every_row_once_and_pad_less(tiny_teacher_dir):
+    from models.training import Encoded, epoch_batches
+
+    rng = torch.Generator().manual_seed(0)
+    lengths = torch.randint(2, 60, (1000,), generator=rng).tolist()
+    data = Encoded([[1] * n for n in lengths], torch.zeros(1000, dtype=torch.long))
+
+    def padded(batches):
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+    plain = epoch_batches(data, 16, torch.Generator().manual_seed(3), group_by_length=False)
+    grouped = epoch_batches(data, 16, torch.Generator().manual_seed(3), group_by_length=True, window=10)
+    for batches in (plain, grouped):
+        assert sorted(i for b in batches for i in b) == list(range(1000)) and max(len(b) for b in batches) == 16
+    assert padded(grouped) < 0.75 * padded(plain)
+    assert grouped == epoch_batches(data, 16, torch.Generator().manual_seed(3), group_by_length=True, window=10)
+    assert grouped != epoch_batches(data, 16, torch.Generator().manual_seed(4), group_by_length=True, window=10)
+    # the batch order is shuffled, not longest-first
+    firsts = [max(lengths[i] for i in b) for b in grouped]
+    assert firsts != sorted(firsts, reverse=True)

@@ -18,6 +18,7 @@ from models.data import read_snapshot
 from models.labelling import read_outputs
 from models.losses import IGNORE_INDEX
 from models.modeling import (
+    ModelError,
     build_student,
     count_parameters,
     load_classifier,
@@ -42,7 +43,9 @@ def sweep_grid(cfg: Config) -> list[dict]:
 
 def make_student(cfg: Config, teacher_model: PreTrainedModel, teacher_folder: Path,
                  labels: list[str]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The configured student and the tokenizer it reads with (the teacher's, unless it is a pretrained model)."""
+    """The configured student and the tokenizer it reads with (the teacher's, unless it is a pretrained model).
+
+    ``teacher_model`` is what a cut student is cut from (the teacher, or its base model for a baseline)."""
     s = cfg.student
     if s.init == "pretrained":  # e.g. MiniLM under an MPNet teacher: the student keeps its own tokenizer
         folder = resolve_base_model(model_name(cfg, s.base_model), cfg.path(cfg.runtime.workdir) / "pretrained")
@@ -53,6 +56,36 @@ def make_student(cfg: Config, teacher_model: PreTrainedModel, teacher_folder: Pa
 
 
 BASELINE = {"kind": "baseline", "temperature": 1.0, "kd_weight": 0.0, "ce_weight": 1.0, "feature_weight": 0.0}
+_SAME_SHAPE = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+
+
+def weights_from(cfg: Config) -> str:
+    """Where a student's initial weights come from, in words (recorded on its run)."""
+    s = cfg.student
+    return {"cut": f"teacher (layers {list(s.layers)})", "config": "random init",
+            "pretrained": f"pretrained ({s.base_model})"}[s.init]
+
+
+def baseline_source(cfg: Config, teacher_model: PreTrainedModel, teacher: dict,
+                    labels: list[str]) -> tuple[PreTrainedModel, str]:
+    """What a cut baseline is cut from, and why: with ``distill.baseline_init: base`` the teacher's pretrained base
+    model (the same layers before fine-tuning, so the baseline holds no knowledge of the teacher), else the teacher.
+
+    A base model that cannot be found or does not have the teacher's shape (a teacher registered from elsewhere)
+    falls back to the teacher's weights, and the reason is recorded on the baseline's run.
+    """
+    if cfg.student.init != "cut" or cfg.distill.baseline_init == "teacher":
+        return teacher_model, weights_from(cfg)
+    base = teacher.get("base_model") or cfg.teacher.base_model
+    try:
+        folder = resolve_base_model(model_name(cfg, base), cfg.path(cfg.runtime.workdir) / "pretrained")
+        model = load_classifier(folder, labels)
+    except ModelError as exc:
+        return teacher_model, f"{weights_from(cfg)}: base model {base!r} unavailable: {exc}"
+    differs = [k for k in _SAME_SHAPE if getattr(model.config, k, None) != getattr(teacher_model.config, k, None)]
+    if differs:
+        return teacher_model, f"{weights_from(cfg)}: base model {base!r} differs from the teacher in {', '.join(differs)}"
+    return model, f"base model {base} (layers {list(cfg.student.layers)}, before fine-tuning)"
 
 
 @task(name="train-student", cache_policy=NO_CACHE)
@@ -68,7 +101,12 @@ def train_student(cfg: Config, teacher: dict, outputs_path: str, candidate: dict
         train_rows = outputs[outputs["split"].isin(["train", "transfer"])]
     teacher_folder = Path(teacher["folder"])
     teacher_model = load_classifier(teacher_folder).eval()
-    student, tokenizer = make_student(cfg, teacher_model, teacher_folder, labels)
+    source, init_note = teacher_model, weights_from(cfg)
+    if candidate["kind"] == "baseline":
+        source, init_note = baseline_source(cfg, teacher_model, teacher, labels)
+        if ": base model" in init_note:
+            logger.warning("baseline cut from the teacher's weights: %s", init_note)
+    student, tokenizer = make_student(cfg, source, teacher_folder, labels)
     settings = settings_from(cfg.distill)
     hard = np.where(train_rows["label_id"] >= 0, train_rows["label_id"], IGNORE_INDEX)
     train = encode(tokenizer, train_rows["text"].tolist(), settings.max_length, hard.tolist(),
@@ -82,7 +120,7 @@ def train_student(cfg: Config, teacher: dict, outputs_path: str, candidate: dict
             candidate["temperature"], candidate["kd_weight"], candidate["ce_weight"], candidate["feature_weight"],
             cfg.distill.feature_loss, teacher=teacher_model, student=student,
             layer_map={int(k): int(v) for k, v in (cfg.distill.layer_map or {}).items()} or None)
-    identity = json.dumps([Path(outputs_path).parent.name, candidate, vars(cfg.student), vars(settings)],
+    identity = json.dumps([Path(outputs_path).parent.name, candidate, vars(cfg.student), vars(settings), init_note],
                           sort_keys=True, default=str)
     checkpoint_dir = cfg.path(cfg.runtime.workdir) / "checkpoints" / hashlib.sha256(identity.encode()).hexdigest()[:16]
     name = "baseline" if candidate["kind"] == "baseline" else f"distill-T{candidate['temperature']}-kd{candidate['kd_weight']}"
@@ -92,6 +130,7 @@ def train_student(cfg: Config, teacher: dict, outputs_path: str, candidate: dict
                              **{f"student.{k}": v for k, v in vars(cfg.student).items()},
                              **{f"distill.{k}": v for k, v in vars(settings).items()},
                              "student.parameters": count_parameters(student), "train_rows": len(train_rows),
+                             "student.weights_from": init_note[:250],
                              "teacher.version": teacher["version"]})
         start = time.perf_counter()
         result = train_model(student, objective, train, val, settings, tokenizer.pad_token_id,

@@ -32,7 +32,7 @@ def resolve_teacher(cfg: Config, version: str | None = None) -> dict:
     mv = tracking.resolve_version(name, version or cfg.teacher.alias)
     folder = tracking.download_classifier(mv, cfg.path(cfg.runtime.workdir) / "registry")
     return {"name": name, "version": str(mv.version), "run_id": mv.run_id, "folder": str(folder),
-            "snapshot_md5": mv.tags.get("data.snapshot_md5", "")}
+            "snapshot_md5": mv.tags.get("data.snapshot_md5", ""), "base_model": mv.tags.get("base_model", "")}
 
 
 def labelling_inputs(cfg: Config) -> tuple[pd.DataFrame, list[str]]:

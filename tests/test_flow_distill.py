@@ -56,6 +56,12 @@ def test_good_student_is_promoted_then_a_crippled_one_is_refused(teacher_project
     assert served.predict(["my pin is blocked"])[0]["label"]
     assert "DynamicQuantizedLinear" in repr(served.unwrap_python_model().model)  # served as gated: INT8
 
+    # the baseline holds no teacher knowledge: its layers came from the teacher's base model before fine-tuning
+    weights = {r.data.tags["candidate"]: r.data.params["student.weights_from"] for r in client.search_runs(
+        [client.get_run(good["run_id"]).info.experiment_id],
+        f"tags.mlflow.parentRunId = '{good['run_id']}' and tags.stage = 'train-student'")}
+    assert weights == {"distilled": "teacher (layers [0])", "baseline": "base model tiny-teacher (layers [0], before fine-tuning)"}
+
     bad = distill_flow(cfg_path, overrides=CRIPPLED)
     assert bad["decision"]["passed"] is False and bad["decision"]["version"] is None
     assert any(r.startswith("FAIL accuracy_vs_int8_teacher") for r in bad["decision"]["reasons"])
@@ -186,3 +192,33 @@ def test_overlapping_runs_are_serialised_and_promote_once(teacher_project: Path)
         runs = list(pool.map(lambda _: distill_flow(cfg_path, overrides=overrides), range(2)))
     assert sorted(r["skipped"] for r in runs) == [False, True]  # the second waited, then found nothing to do
     assert len(client.search_model_versions("name='student'")) == before + 1
+
+
+def test_baseline_is_cut_from_the_base_model_or_says_why_not(teacher_project: Path, tmp_path: Path):
+    import torch
+
+    from models.modeling import build_tiny_model, encoder_layers, load_classifier
+    from tasks.distill import baseline_source
+    from tasks.labelling import resolve_teacher
+    from tests.helpers import LABELS, make_frames
+
+    cfg = load_config(teacher_project / "distillery.yaml")
+    teacher = resolve_teacher.fn(cfg)
+    assert teacher["base_model"] == "tiny-teacher"  # recorded on the registered teacher version
+    teacher_model = load_classifier(Path(teacher["folder"]))
+    base_model = load_classifier(teacher_project / "tiny-teacher")
+    source, note = baseline_source(cfg, teacher_model, teacher, LABELS)
+    assert note.startswith("base model tiny-teacher")
+    layer = next(encoder_layers(source)[0].parameters())
+    assert torch.equal(layer, next(encoder_layers(base_model)[0].parameters()))
+    assert not torch.equal(layer, next(encoder_layers(teacher_model)[0].parameters()))  # fine-tuning moved it
+
+    as_before = load_config(teacher_project / "distillery.yaml", {"distill.baseline_init": "teacher"})
+    assert baseline_source(as_before, teacher_model, teacher, LABELS) == (teacher_model, "teacher (layers [0])")
+
+    train, _ = make_frames()
+    other = build_tiny_model(tmp_path / "other", train["text"], LABELS, vocab_words=99)
+    source, note = baseline_source(cfg, teacher_model, {**teacher, "base_model": str(other)}, LABELS)
+    assert source is teacher_model and "differs from the teacher in vocab_size" in note
+    source, note = baseline_source(cfg, teacher_model, {**teacher, "base_model": str(tmp_path / "absent")}, LABELS)
+    assert source is teacher_model and "unavailable" in note

@@ -5,7 +5,8 @@
 Needs a promoted ``student@champion`` (run ``make run`` first). Prints tables and writes
 ``benchmarks/results/<name>.json``. It measures:
   1. teacher FP32/INT8, distilled student FP32/INT8 and the baseline student on the test split (one harness:
-     quality, batch-1 latency p50/p95 and batch-32 throughput with fixed threads, warm-up and repeats, size);
+     quality, batch-1 latency p50/p95 and batch-32 throughput with fixed threads, warm-up and repeats, size), and
+     teacher and student as ONNX Runtime INT8 models (an extra deployment target; --no-onnx skips them);
   2. the wall time of each stage of the run that made the champion (from its MLflow runs), and a cached re-run of
      the whole pipeline (same teacher, data and config: no relabelling, no retraining), timed here;
   3. teacher labelling in the pipeline (Prefect + MLflow + GX, forced cache miss) against a bare batched loop;
@@ -53,6 +54,7 @@ def main() -> int:
                         help="config override, as for the CLI (e.g. the large profile's names)")
     parser.add_argument("--repeats", type=int, default=200, help="batch-1 latency samples per candidate")
     parser.add_argument("--overhead-steps", type=int, default=120, help="optimiser steps in the overhead probe")
+    parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime INT8 rows")
     args = parser.parse_args()
     from distillery.cli import environment_defaults
 
@@ -112,13 +114,22 @@ def main() -> int:
                   "student_fp32": (student, None, s_dir),
                   "student_int8": (quantize_int8(student), count_parameters(student), s_dir),
                   "baseline_fp32": (load_classifier(baseline_dir).eval(), None, b_dir)}
+    onnx_dir = tempfile.TemporaryDirectory()  # ONNX Runtime INT8: an extra deployment target for both
+    if not args.no_onnx:
+        from models.onnx_runtime import onnx_int8
+
+        for name, model, folder in (("teacher_int8_onnx", teacher, t_dir), ("student_int8_onnx", student, s_dir)):
+            candidates[name] = (onnx_int8(model, Path(onnx_dir.name), name, timing.threads), count_parameters(model),
+                                folder)
     metrics, reference = {}, None
     for name, (model, params, folder) in candidates.items():
+        size = model.size_bytes() if hasattr(model, "size_bytes") else None
         m, logits = evaluate_model(model, encoded[folder], tokenizers[folder].pad_token_id, len(labels), reference,
-                                   timing, params)
+                                   timing, params, size_bytes=size)
         reference = logits.argmax(1) if reference is None else reference
         metrics[name] = {k: v for k, v in m.items() if k != "per_class_f1"}
         print(f"  measured {name}", flush=True)
+    onnx_dir.cleanup()
     results["models"] = metrics
     results["ratios"] = headline_ratios(metrics)
     results["timing"] = {"threads": timing.threads, "warmup": timing.warmup, "repeats": timing.repeats,

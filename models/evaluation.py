@@ -66,8 +66,12 @@ def measure_speed(model: PreTrainedModel, data: Encoded, pad_id: int, settings: 
 
 def evaluate_model(model: PreTrainedModel, data: Encoded, pad_id: int, num_classes: int,
                    reference_pred: np.ndarray | None, timing: TimingSettings, parameters: int | None = None,
-                   ece_bins: int = 15, batch_size: int = 64) -> tuple[dict, np.ndarray]:
-    """Quality + speed + size of one candidate on an encoded labelled split; returns (metrics, logits)."""
+                   ece_bins: int = 15, batch_size: int = 64, size_bytes: int | None = None) -> tuple[dict, np.ndarray]:
+    """Quality + speed + size of one candidate on an encoded labelled split; returns (metrics, logits).
+
+    ``model`` is anything answering ``model(input_ids=..., attention_mask=...).logits`` (a torch classifier or an
+    ``OnnxClassifier``); give ``parameters`` and ``size_bytes`` for a model whose weights torch cannot see.
+    """
     logits = predict_logits(model, data, pad_id, batch_size=batch_size)
     quality = classification_metrics(logits, data.labels.numpy(), num_classes, reference_pred, ece_bins)
     speed = measure_speed(model, data, pad_id, timing)
@@ -75,7 +79,7 @@ def evaluate_model(model: PreTrainedModel, data: Encoded, pad_id: int, num_class
         **{k: v for k, v in quality.items() if k != "per_class_f1"},
         **speed,
         "parameters": float(parameters if parameters is not None else count_parameters(model)),
-        "size_mb": size_on_disk(model) / 1e6,
+        "size_mb": (size_bytes if size_bytes is not None else size_on_disk(model)) / 1e6,
         "per_class_f1": quality["per_class_f1"].tolist(),
     }
     if reference_pred is None:

@@ -17,11 +17,11 @@ CANDIDATES = ("teacher_fp32", "teacher_int8", "student_fp32", "student_int8", "b
 
 def results_table(metrics: dict[str, dict]) -> str:
     """A fixed-width table of the candidates' headline metrics."""
-    head = f"{'candidate':<15}{'accuracy':>9}{'macro-F1':>9}{'ECE':>7}{'agree':>7}{'p50 ms':>8}{'p95 ms':>8}" \
+    head = f"{'candidate':<19}{'accuracy':>9}{'macro-F1':>9}{'ECE':>7}{'agree':>7}{'p50 ms':>8}{'p95 ms':>8}" \
            f"{'rows/s':>8}{'params M':>9}{'MB':>7}"
     lines = [head, "-" * len(head)]
     for name, m in metrics.items():
-        lines.append(f"{name:<15}{m['accuracy']:>9.4f}{m['macro_f1']:>9.4f}{m['ece']:>7.3f}{m['agreement']:>7.3f}"
+        lines.append(f"{name:<19}{m['accuracy']:>9.4f}{m['macro_f1']:>9.4f}{m['ece']:>7.3f}{m['agreement']:>7.3f}"
                      f"{m['latency_p50_ms']:>8.2f}{m['latency_p95_ms']:>8.2f}{m['throughput_rps']:>8.0f}"
                      f"{m['parameters'] / 1e6:>9.1f}{m['size_mb']:>7.1f}")
     return "\n".join(lines)
@@ -30,7 +30,7 @@ def results_table(metrics: dict[str, dict]) -> str:
 def headline_ratios(metrics: dict[str, dict]) -> dict[str, float]:
     t, q, s, b = (metrics[k] for k in ("teacher_fp32", "teacher_int8", "student_fp32", "baseline_fp32"))
     s8 = metrics.get("student_int8", s)
-    return {
+    ratios = {
         "student_int8_over_teacher_accuracy": s8["accuracy"] / t["accuracy"],
         "int8_teacher_over_student_int8_latency": q["latency_p50_ms"] / s8["latency_p50_ms"],
         "student_over_teacher_accuracy": s["accuracy"] / t["accuracy"],
@@ -39,6 +39,14 @@ def headline_ratios(metrics: dict[str, dict]) -> dict[str, float]:
         "teacher_over_student_latency": t["latency_p50_ms"] / s["latency_p50_ms"],
         "distilled_minus_baseline_accuracy": s["accuracy"] - b["accuracy"],
     }
+    if "student_int8_onnx" in metrics:  # the ONNX Runtime deployment target, against both INT8 teachers
+        so = metrics["student_int8_onnx"]
+        ratios["student_int8_onnx_over_teacher_accuracy"] = so["accuracy"] / t["accuracy"]
+        ratios["int8_teacher_over_student_int8_onnx_latency"] = q["latency_p50_ms"] / so["latency_p50_ms"]
+        if "teacher_int8_onnx" in metrics:
+            ratios["onnx_int8_teacher_over_onnx_int8_student_latency"] = \
+                metrics["teacher_int8_onnx"]["latency_p50_ms"] / so["latency_p50_ms"]
+    return ratios
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:

@@ -1,0 +1,112 @@
+"""ONNX Runtime as an extra deployment target: export a classifier, quantise it to INT8, run it like a torch model.
+
+``OnnxClassifier`` answers ``model(input_ids=..., attention_mask=...).logits`` with a torch tensor, so the one
+evaluation harness (quality, latency, throughput) measures it exactly as it measures the torch candidates.
+onnxruntime is imported lazily: the rest of the project does not need it.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+from models.modeling import ModelError
+
+logger = logging.getLogger(__name__)
+
+INPUTS = ("input_ids", "attention_mask")
+OPSET = 17
+
+
+def _onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ModelError("the ONNX Runtime target needs onnxruntime and onnx: pip install onnxruntime onnx") from None
+    return onnxruntime
+
+
+def export_onnx(model: PreTrainedModel, path: Path, opset: int = OPSET) -> Path:
+    """Export ``model`` (inputs input_ids, attention_mask; output logits) with dynamic batch and sequence axes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    example = torch.tensor([[model.config.pad_token_id or 0] * 8])
+    axes = {name: {0: "batch", 1: "sequence"} for name in INPUTS}
+    axes["logits"] = {0: "batch"}
+    tmp = path.with_suffix(".partial")
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")
+        # the TorchScript exporter: fast, and one self-contained file for a model of any size that fits in 2 GB
+        torch.onnx.export(model, (), str(tmp), kwargs={"input_ids": example, "attention_mask": torch.ones_like(example)},
+                          input_names=list(INPUTS), output_names=["logits"], dynamic_axes=axes, opset_version=opset,
+                          do_constant_folding=True, dynamo=False)
+    tmp.replace(path)
+    return path
+
+
+def quantize_onnx_int8(source: Path, target: Path) -> Path:
+    """Dynamic INT8 quantisation of the MatMul/Gemm weights (activations quantised on the fly), as for torch."""
+    _onnxruntime()
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+    return target
+
+
+@dataclass
+class _Output:
+    logits: torch.Tensor
+
+
+class _Config:
+    def __init__(self, num_labels: int) -> None:
+        self.num_labels = num_labels
+
+
+class OnnxClassifier:
+    """An ONNX Runtime session behind the call signature of a transformers sequence classifier."""
+
+    def __init__(self, path: Path, num_labels: int, threads: int = 1) -> None:
+        ort = _onnxruntime()
+        path = Path(path)
+        if not path.is_file():
+            raise ModelError(f"no ONNX model at {path}")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.path = path
+        self.config = _Config(num_labels)
+        names = {i.name for i in self.session.get_inputs()}
+        if names != set(INPUTS):
+            raise ModelError(f"{path} takes inputs {sorted(names)}, expected {list(INPUTS)}")
+
+    def eval(self) -> "OnnxClassifier":
+        return self
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> _Output:
+        (logits,) = self.session.run(["logits"], {"input_ids": input_ids.numpy(),
+                                                  "attention_mask": attention_mask.numpy()})
+        return _Output(torch.from_numpy(logits))
+
+    def size_bytes(self) -> int:
+        return self.path.stat().st_size
+
+
+def onnx_int8(model: PreTrainedModel, folder: Path, name: str, threads: int = 1) -> OnnxClassifier:
+    """Export ``model`` to ``folder/<name>.onnx``, quantise it to ``<name>-int8.onnx`` and open the INT8 session."""
+    folder = Path(folder)
+    fp32 = export_onnx(model, folder / f"{name}.onnx")
+    int8 = quantize_onnx_int8(fp32, folder / f"{name}-int8.onnx")
+    fp32.unlink()
+    return OnnxClassifier(int8, model.config.num_labels, threads)

@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE ?= 1
 LARGE := --set teacher.base_model=mpnet --set teacher.registered_name=teacher-large --set teacher.epochs=4 \
   --set teacher.learning_rate=1e-4 \
   --set teacher.batch_size=32 --set tracking.student_name=student-large --set student.init=pretrained \
-  --set student.base_model=minilm --set distill.epochs=4
+  --set student.base_model=minilm --set distill.epochs=4 --set 'distill.sweep.temperature=[]'
 
 setup: $(VENV)/.installed
 

@@ -13,7 +13,7 @@ def test_project_config_loads_and_resolves_paths_against_its_folder():
     cfg = load_config(ROOT / "distillery.yaml")
     assert cfg.path(cfg.data.snapshot_dir) == ROOT / "data"
     assert cfg.student.layers == (0, 5)
-    assert cfg.distill.sweep.temperature == ()
+    assert cfg.distill.sweep.temperature == (1.0, 2.0, 4.0) and cfg.distill.sweep.kd_weight == ()
 
 
 def test_overrides_parse_yaml_values():

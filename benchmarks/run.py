@@ -66,9 +66,9 @@ def main() -> int:
 
     from distillery.config import load_config
     from models.data import read_snapshot
-    from models.evaluation import TimingSettings, evaluate_model
+    from models.evaluation import TimingSettings, encode_per_folder, evaluate_model, harness_candidates
     from models.labelling import teacher_logits
-    from models.modeling import count_parameters, load_classifier, load_tokenizer, quantize_int8
+    from models.modeling import count_parameters, load_classifier, load_tokenizer
     from models.report import headline_ratios, results_table
     from models.training import DistillationObjective, encode, train_model
     from tasks import tracking
@@ -103,29 +103,23 @@ def main() -> int:
     splits, labels = read_snapshot(cfg.path(cfg.data.snapshot_dir))
     tokenizer = load_tokenizer(teacher_dir)
     texts_test, gold = splits["test"]["text"].tolist(), splits["test"]["label_id"].tolist()
-    tokenizers = {str(d): load_tokenizer(d) for d in (teacher_dir, student_dir, baseline_dir)}
-    encoded = {d: encode(t, texts_test, cfg.distill.max_length, gold) for d, t in tokenizers.items()}
     timing = TimingSettings(threads=cfg.evaluation.threads, warmup=20, repeats=args.repeats, throughput_batches=20)
-    teacher = load_classifier(teacher_dir).eval()
-    student = load_classifier(student_dir).eval()
-    t_dir, s_dir, b_dir = str(teacher_dir), str(student_dir), str(baseline_dir)
-    candidates = {"teacher_fp32": (teacher, None, t_dir),
-                  "teacher_int8": (quantize_int8(teacher), count_parameters(teacher), t_dir),
-                  "student_fp32": (student, None, s_dir),
-                  "student_int8": (quantize_int8(student), count_parameters(student), s_dir),
-                  "baseline_fp32": (load_classifier(baseline_dir).eval(), None, b_dir)}
+    candidates = harness_candidates(teacher_dir, student_dir, baseline_dir)
+    teacher = candidates["teacher_fp32"][0]
+    encoded = encode_per_folder({c[2] for c in candidates.values()}, texts_test, gold, cfg.distill.max_length)
     onnx_dir = tempfile.TemporaryDirectory()  # ONNX Runtime INT8: an extra deployment target for both
     if not args.no_onnx:
         from models.onnx_runtime import onnx_int8
 
-        for name, model, folder in (("teacher_int8_onnx", teacher, t_dir), ("student_int8_onnx", student, s_dir)):
+        for name, source in (("teacher_int8_onnx", "teacher_fp32"), ("student_int8_onnx", "student_fp32")):
+            model, _, folder = candidates[source]
             candidates[name] = (onnx_int8(model, Path(onnx_dir.name), name, timing.threads), count_parameters(model),
                                 folder)
     metrics, reference = {}, None
     for name, (model, params, folder) in candidates.items():
         size = model.size_bytes() if hasattr(model, "size_bytes") else None
-        m, logits = evaluate_model(model, encoded[folder], tokenizers[folder].pad_token_id, len(labels), reference,
-                                   timing, params, size_bytes=size)
+        data, pad = encoded[folder]
+        m, logits = evaluate_model(model, data, pad, len(labels), reference, timing, params, size_bytes=size)
         reference = logits.argmax(1) if reference is None else reference
         metrics[name] = {k: v for k, v in m.items() if k != "per_class_f1"}
         print(f"  measured {name}", flush=True)
@@ -183,39 +177,38 @@ def main() -> int:
     from tasks.distill import make_student, train_student
 
     overrides = {**probe, "distill.epochs": 1, "distill.max_steps": args.overhead_steps}
-    if True:  # noqa: SIM108 - keeps the probe's steps together
-        probe_cfg = load_config(args.config, {**overrides, "runtime.workdir": f"{scratch.name}/work"})
-        teacher_info = {"name": teacher_mv.name, "version": str(teacher_mv.version), "run_id": teacher_mv.run_id,
-                        "folder": str(teacher_dir)}
+    probe_cfg = load_config(args.config, {**overrides, "runtime.workdir": f"{scratch.name}/work"})
+    teacher_info = {"name": teacher_mv.name, "version": str(teacher_mv.version), "run_id": teacher_mv.run_id,
+                    "folder": str(teacher_dir)}
 
-        @flow(name="overhead-probe")
-        def overhead_probe() -> dict:
-            parent = tracking.create_run(probe_cfg, "overhead-probe", {"stage": "benchmark"})
-            candidate = {"kind": "distilled", "temperature": cfg.distill.temperature, "kd_weight": cfg.distill.kd_weight,
-                         "ce_weight": cfg.distill.ce_weight, "feature_weight": 0.0}
-            return train_student(probe_cfg, teacher_info, out["path"], candidate, parent)
+    @flow(name="overhead-probe")
+    def overhead_probe() -> dict:
+        parent = tracking.create_run(probe_cfg, "overhead-probe", {"stage": "benchmark"})
+        candidate = {"kind": "distilled", "temperature": cfg.distill.temperature, "kd_weight": cfg.distill.kd_weight,
+                     "ce_weight": cfg.distill.ce_weight, "feature_weight": 0.0}
+        return train_student(probe_cfg, teacher_info, out["path"], candidate, parent)
 
-        start = time.perf_counter()
-        overhead_probe()
-        with_orchestration = time.perf_counter() - start
+    start = time.perf_counter()
+    overhead_probe()
+    with_orchestration = time.perf_counter() - start
 
-        # the same work without Prefect or MLflow: read, build, encode, train
-        from models.labelling import read_outputs
+    # the same work without Prefect or MLflow: read, build, encode, train
+    from models.labelling import read_outputs
 
-        start = time.perf_counter()
-        outputs = read_outputs(out["path"]).merge(inputs[["id", "text"]], on="id")
-        rows = outputs[outputs["split"].isin(["train", "transfer"])]
-        bare_student, student_tokenizer = make_student(probe_cfg, load_classifier(teacher_dir).eval(), teacher_dir,
-                                                       labels)
-        settings = settings_from(probe_cfg.distill)
-        train = encode(student_tokenizer, rows["text"].tolist(), settings.max_length, rows["label_id"].tolist(),
-                       np.stack(rows["logits"].to_list()))
-        val = encode(student_tokenizer, splits["validation"]["text"].tolist(), settings.max_length,
-                     splits["validation"]["label_id"].tolist())
-        train_model(bare_student, DistillationObjective(cfg.distill.temperature, cfg.distill.kd_weight,
-                                                        cfg.distill.ce_weight), train, val, settings,
-                    student_tokenizer.pad_token_id, progress=False)
-        without = time.perf_counter() - start
+    start = time.perf_counter()
+    outputs = read_outputs(out["path"]).merge(inputs[["id", "text"]], on="id")
+    rows = outputs[outputs["split"].isin(["train", "transfer"])]
+    bare_student, student_tokenizer = make_student(probe_cfg, load_classifier(teacher_dir).eval(), teacher_dir,
+                                                   labels)
+    settings = settings_from(probe_cfg.distill)
+    train = encode(student_tokenizer, rows["text"].tolist(), settings.max_length, rows["label_id"].tolist(),
+                   np.stack(rows["logits"].to_list()))
+    val = encode(student_tokenizer, splits["validation"]["text"].tolist(), settings.max_length,
+                 splits["validation"]["label_id"].tolist())
+    train_model(bare_student, DistillationObjective(cfg.distill.temperature, cfg.distill.kd_weight,
+                                                    cfg.distill.ce_weight), train, val, settings,
+                student_tokenizer.pad_token_id, progress=False)
+    without = time.perf_counter() - start
     scratch.cleanup()
     results["overhead"] = {"steps": args.overhead_steps, "with_prefect_mlflow_s": with_orchestration,
                            "bare_s": without, "ratio": with_orchestration / without}

@@ -5,14 +5,15 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import PreTrainedModel
 
 from models.metrics import classification_metrics
-from models.modeling import count_parameters, size_on_disk
-from models.training import Encoded, collate, predict_logits
+from models.modeling import count_parameters, load_classifier, load_tokenizer, quantize_int8, size_on_disk
+from models.training import Encoded, collate, encode, predict_logits
 
 logger = logging.getLogger(__name__)
 
@@ -85,3 +86,31 @@ def evaluate_model(model: PreTrainedModel, data: Encoded, pad_id: int, num_class
     if reference_pred is None:
         metrics["agreement"] = 1.0
     return metrics, logits
+
+
+def harness_candidates(teacher_dir: str, student_dir: str, baseline_dir: str) -> dict[str, tuple]:
+    """The five candidates every evaluation compares, as ``name: (model, parameters or None, model folder)``.
+
+    INT8 forms carry their FP32 parameter count (quantised weights hide from ``parameters()``); the folder says
+    which tokenizer reads the texts for that candidate.
+    """
+    teacher = load_classifier(Path(teacher_dir)).eval()
+    student = load_classifier(Path(student_dir)).eval()
+    return {
+        "teacher_fp32": (teacher, None, str(teacher_dir)),
+        "teacher_int8": (quantize_int8(teacher), count_parameters(teacher), str(teacher_dir)),
+        "student_fp32": (student, None, str(student_dir)),
+        "student_int8": (quantize_int8(student), count_parameters(student), str(student_dir)),
+        "baseline_fp32": (load_classifier(Path(baseline_dir)).eval(), None, str(baseline_dir)),
+    }
+
+
+def encode_per_folder(folders: set[str], texts: list[str], labels: list[int],
+                      max_length: int) -> dict[str, tuple[Encoded, int]]:
+    """The texts read through each model folder's own tokenizer, once per folder: ``{folder: (encoded, pad id)}``
+    (a pretrained student may not share its teacher's tokenizer)."""
+    out = {}
+    for folder in folders:
+        tokenizer = load_tokenizer(Path(folder))
+        out[folder] = (encode(tokenizer, texts, max_length, labels), tokenizer.pad_token_id)
+    return out

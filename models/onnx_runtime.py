@@ -7,7 +7,6 @@ onnxruntime is imported lazily: the rest of the project does not need it.
 
 from __future__ import annotations
 
-import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +15,6 @@ import torch
 from transformers import PreTrainedModel
 
 from models.modeling import ModelError
-
-logger = logging.getLogger(__name__)
 
 INPUTS = ("input_ids", "attention_mask")
 OPSET = 17

@@ -10,8 +10,8 @@ from pathlib import Path
 import mlflow
 import numpy as np
 from prefect import get_run_logger, task
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from prefect.cache_policies import NO_CACHE
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distillery.config import Config
 from models.data import read_snapshot

@@ -12,8 +12,7 @@ from prefect.cache_policies import NO_CACHE
 
 from distillery.config import Config
 from models.data import read_snapshot
-from models.evaluation import TimingSettings, evaluate_model
-from models.modeling import count_parameters, load_classifier, load_tokenizer, quantize_int8
+from models.evaluation import TimingSettings, encode_per_folder, evaluate_model, harness_candidates
 from models.report import (
     headline_ratios,
     plot_accuracy_latency,
@@ -22,7 +21,6 @@ from models.report import (
     plot_reliability,
     results_table,
 )
-from models.training import encode
 from tasks import tracking
 
 PER_CLASS_FILE = "per_class_f1.json"
@@ -35,22 +33,10 @@ def evaluate_candidates(cfg: Config, teacher: dict, student: dict, baseline: dic
     splits, labels = read_snapshot(cfg.path(cfg.data.snapshot_dir))
     test = splits["test"]
     texts, gold = test["text"].tolist(), test["label_id"].tolist()
-    # each candidate reads the test texts through its own tokenizer (a pretrained student may differ from its teacher)
-    tokenizers = {folder: load_tokenizer(Path(folder))
-                  for folder in {teacher["folder"], student["folder"], baseline["folder"]}}
-    encoded = {folder: encode(tok, texts, cfg.distill.max_length, gold) for folder, tok in tokenizers.items()}
-    pad = {folder: tok.pad_token_id for folder, tok in tokenizers.items()}
     e = cfg.evaluation
     timing = TimingSettings(threads=e.threads, warmup=e.warmup, repeats=e.repeats, throughput_batches=e.throughput_batches)
-    teacher_model = load_classifier(Path(teacher["folder"])).eval()
-    student_model = load_classifier(Path(student["folder"])).eval()
-    candidates = {
-        "teacher_fp32": (teacher_model, None, teacher["folder"]),
-        "teacher_int8": (quantize_int8(teacher_model), count_parameters(teacher_model), teacher["folder"]),
-        "student_fp32": (student_model, None, student["folder"]),
-        "student_int8": (quantize_int8(student_model), count_parameters(student_model), student["folder"]),
-        "baseline_fp32": (load_classifier(Path(baseline["folder"])).eval(), None, baseline["folder"]),
-    }
+    candidates = harness_candidates(teacher["folder"], student["folder"], baseline["folder"])
+    encoded = encode_per_folder({c[2] for c in candidates.values()}, texts, gold, cfg.distill.max_length)
     eval_run = tracking.create_run(cfg, "evaluation", {"stage": "evaluate", "teacher.version": teacher["version"],
                                                         "student.run_id": student["run_id"],
                                                         "baseline.run_id": baseline["run_id"]}, parent_run_id)
@@ -58,7 +44,8 @@ def evaluate_candidates(cfg: Config, teacher: dict, student: dict, baseline: dic
     logits: dict[str, np.ndarray] = {}
     reference = None
     for name, (model, params, folder) in candidates.items():
-        m, out = evaluate_model(model, encoded[folder], pad[folder], len(labels), reference, timing, params, e.ece_bins)
+        data, pad = encoded[folder]
+        m, out = evaluate_model(model, data, pad, len(labels), reference, timing, params, e.ece_bins)
         if name == "teacher_fp32":
             reference = out.argmax(1)
         metrics[name], logits[name] = m, out

@@ -51,5 +51,16 @@ def test_int8_session_runs_through_the_harness(tiny_teacher_dir, tmp_path):
 
 
 def test_missing_or_foreign_model_is_a_clear_error(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
     with pytest.raises(ModelError, match="no ONNX model"):
         OnnxClassifier(tmp_path / "absent.onnx", 3)
+    # a model that is not a classifier export: one input named x
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["logits"])], "foreign",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3])])
+    foreign = tmp_path / "foreign.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(foreign))
+    with pytest.raises(ModelError, match=r"takes inputs \['x'\]"):
+        OnnxClassifier(foreign, 3)

@@ -71,36 +71,40 @@ def main() -> int:
     from models.modeling import count_parameters, load_classifier, load_tokenizer
     from models.report import headline_ratios, results_table
     from models.training import DistillationObjective, encode, train_model
-    from tasks import tracking
-    from tasks.labelling import labelling_inputs
+    from distillery.integrations import registry
+    from distillery.records import Candidate, Lineage, TeacherRef
+    from tasks.data import freeze
+    from tasks.labelling import labelling_inputs, transfer_path
     from tasks.teacher import settings_from
 
     from distillery.config import parse_override_args
 
     base = parse_override_args(args.set)
     cfg = load_config(args.config, base)
-    tracking.configure_tracking(cfg)
+    registry.configure_tracking(cfg)
     client = MlflowClient()
-    champion = tracking.get_alias_version(cfg.tracking.student_name, cfg.tracking.champion_alias)
+    reg = registry.Registry.from_config(cfg)
+    champion = reg.alias_version(cfg.tracking.student_name, cfg.tracking.champion_alias)
     if champion is None:
         print("no student@champion: run `make run` first", file=sys.stderr)
         return 2
-    tags = champion.tags
-    teacher_mv = tracking.resolve_version(cfg.teacher.registered_name, tags["teacher.version"])
-    cache = cfg.path(cfg.runtime.workdir) / "registry"
-    teacher_dir = tracking.download_classifier(teacher_mv, cache)
-    student_dir = tracking.download_classifier(champion, cache)
-    distill_run = tags["distill.run_id"]
+    lineage = Lineage.from_tags(champion.tags)
+    teacher_mv = reg.resolve(cfg.teacher.registered_name, lineage.teacher.version)
+    cache = cfg.workdir / "registry"
+    teacher_dir = registry.download_classifier(teacher_mv, cache)
+    student_dir = registry.download_classifier(champion, cache)
+    distill_run = lineage.distill_run_id
     experiment_id = client.get_run(distill_run).info.experiment_id
     children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{distill_run}' and "
                                                    "tags.stage = 'train-student'")
     baseline_run = next(r for r in children if r.data.tags.get("candidate") == "baseline")
-    baseline_dir = cfg.path(cfg.runtime.workdir) / "students" / baseline_run.info.run_id
+    baseline_dir = cfg.workdir / "students" / baseline_run.info.run_id
     results: dict = {"machine": machine(), "profile": args.name, "champion": f"{champion.name} v{champion.version}",
                      "teacher": f"{teacher_mv.name} v{teacher_mv.version}", "base_model": cfg.teacher.base_model}
 
     # 1. models on one harness
-    splits, labels = read_snapshot(cfg.path(cfg.data.snapshot_dir))
+    snapshot = freeze(cfg)
+    splits, labels = read_snapshot(Path(snapshot.path))
     tokenizer = load_tokenizer(teacher_dir)
     texts_test, gold = splits["test"]["text"].tolist(), splits["test"]["label_id"].tolist()
     timing = TimingSettings(threads=cfg.evaluation.threads, warmup=20, repeats=args.repeats, throughput_batches=20)
@@ -138,7 +142,7 @@ def main() -> int:
         "teacher_fine_tune_s": run_duration(client, teacher_mv.run_id),
         "labelling_and_validation_s": run_duration(client, source_labelling),
         "student_training_s": (max(ends) - min(starts)) / 1000.0,
-        "evaluation_s": run_duration(client, tags["evaluation.run_id"]),
+        "evaluation_s": run_duration(client, lineage.evaluation_run_id),
         "distill_run_total_s": run_duration(client, distill_run),
     }
     stages["full_run_s"] = stages["teacher_fine_tune_s"] + stages["labelling_and_validation_s"] + \
@@ -148,14 +152,14 @@ def main() -> int:
     start = time.perf_counter()
     rerun = pipeline_flow(args.config, base or None)
     stages["cached_rerun_s"] = time.perf_counter() - start
-    stages["cached_rerun_skipped"] = bool(rerun.get("skipped"))
+    stages["cached_rerun_skipped"] = rerun.skipped
     stages["cached_over_full"] = stages["cached_rerun_s"] / stages["full_run_s"]
     results["pipeline"] = stages
 
     # 3. labelling: pipeline (forced cache miss) vs a bare batched loop over the same rows
     from flows.label import label_flow
 
-    inputs, _ = labelling_inputs(cfg)
+    inputs, _ = labelling_inputs(snapshot, transfer_path(cfg))
     texts = inputs["text"].tolist()
     start = time.perf_counter()
     teacher_logits(teacher, tokenizer, texts, cfg.teacher.max_length, cfg.labelling.batch_size, progress=False)
@@ -163,13 +167,16 @@ def main() -> int:
     probe = {**base, "tracking.experiment": f"{cfg.tracking.experiment}-benchmarks"}
     scratch = tempfile.TemporaryDirectory()  # the probe's own label cache and workdir, removed at the end
     start = time.perf_counter()
-    out = label_flow(args.config, {**probe, "labelling.cache_dir": f"{scratch.name}/cache"}, tags["teacher.version"])
+    probe_label_cfg = load_config(args.config, {**probe, "labelling.cache_dir": f"{scratch.name}/cache"})
+    teacher_ref = TeacherRef.from_version(teacher_mv.name, str(teacher_mv.version), teacher_mv.run_id, teacher_mv.tags,
+                                          str(teacher_dir))
+    out = label_flow(probe_label_cfg, snapshot, teacher_ref)
     flow_total = time.perf_counter() - start
-    results["labelling"] = {"rows": len(texts), "bare_loop_s": bare, "pipeline_inference_s": out["seconds"],
+    results["labelling"] = {"rows": len(texts), "bare_loop_s": bare, "pipeline_inference_s": out.seconds,
                             "pipeline_flow_total_s": flow_total, "bare_rows_per_s": len(texts) / bare,
                             "pipeline_rows_per_s": len(texts) / flow_total,
                             "pipeline_over_bare_time": flow_total / bare,
-                            "pipeline_inference_over_bare_time": out["seconds"] / bare}
+                            "pipeline_inference_over_bare_time": out.seconds / bare}
 
     # 4. orchestration + tracking overhead on the same short distillation
     from prefect import flow
@@ -178,15 +185,13 @@ def main() -> int:
 
     overrides = {**probe, "distill.epochs": 1, "distill.max_steps": args.overhead_steps}
     probe_cfg = load_config(args.config, {**overrides, "runtime.workdir": f"{scratch.name}/work"})
-    teacher_info = {"name": teacher_mv.name, "version": str(teacher_mv.version), "run_id": teacher_mv.run_id,
-                    "folder": str(teacher_dir)}
 
     @flow(name="overhead-probe")
-    def overhead_probe() -> dict:
-        parent = tracking.create_run(probe_cfg, "overhead-probe", {"stage": "benchmark"})
-        candidate = {"kind": "distilled", "temperature": cfg.distill.temperature, "kd_weight": cfg.distill.kd_weight,
-                     "ce_weight": cfg.distill.ce_weight, "feature_weight": 0.0}
-        return train_student(probe_cfg, teacher_info, out["path"], candidate, parent)
+    def overhead_probe():  # noqa: ANN202
+        parent = registry.create_run(probe_cfg, "overhead-probe", {"stage": "benchmark"})
+        candidate = Candidate(kind="distilled", temperature=cfg.distill.temperature, kd_weight=cfg.distill.kd_weight,
+                              ce_weight=cfg.distill.ce_weight)
+        return train_student(probe_cfg, teacher_ref, snapshot, out, candidate, parent)
 
     start = time.perf_counter()
     overhead_probe()
@@ -196,7 +201,7 @@ def main() -> int:
     from models.labelling import read_outputs
 
     start = time.perf_counter()
-    outputs = read_outputs(out["path"]).merge(inputs[["id", "text"]], on="id")
+    outputs = read_outputs(out.path).merge(inputs[["id", "text"]], on="id")
     rows = outputs[outputs["split"].isin(["train", "transfer"])]
     bare_student, student_tokenizer = make_student(probe_cfg, load_classifier(teacher_dir).eval(), teacher_dir,
                                                    labels)

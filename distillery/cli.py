@@ -30,66 +30,75 @@ def environment_defaults() -> None:
         "PREFECT_LOGGING_EXTRA_LOGGERS": "models",
         "GIT_PYTHON_REFRESH": "quiet",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        # a down tracking server answers within seconds; the registry adapter then retries with its own backoff
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
     }.items():
         os.environ.setdefault(key, value)
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
+    from distillery.integrations.expectations import ValidationFailed
+    from distillery.integrations.registry import TrackingError
+    from distillery.integrations.store import VersioningError
+    from flows.admin import LineageError
     from models.data import DataError
+    from models.gate import GateError
     from models.modeling import ModelError
-    from tasks.tracking import TrackingError
-    from tasks.versioning import VersioningError
 
-    errors: list[type[BaseException]] = [ConfigError, DataError, ModelError, TrackingError, VersioningError]
-    for module, name in (("tasks.validation", "ValidationFailed"), ("tasks.gate", "GateError"),
-                         ("tasks.lineage", "LineageError")):
-        try:
-            errors.append(getattr(__import__(module, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
+    return (ConfigError, DataError, ModelError, TrackingError, VersioningError, ValidationFailed, GateError,
+            LineageError)
 
 
-def _flow_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    overrides = parse_override_args(args.set or [])
-    load_config(args.config, overrides)  # validate before any flow (and its server) starts
-    return {"config_path": args.config, "overrides": overrides or None}
-
-
-def _gate_exit(result: dict) -> int:
-    """Exit status 3 when the gate rejected the student: a scheduler or CI can tell it from a crash (2)."""
-    return 0 if result["decision"]["passed"] else 3
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    from flows.pipeline import pipeline_flow
-
-    return _gate_exit(pipeline_flow(**_flow_kwargs(args), teacher_version=args.teacher_version, force=args.force))
-
-
-def cmd_distill(args: argparse.Namespace) -> int:
-    from flows.distill import distill_flow
-    from flows.runners import task_runner_for
-
-    kwargs = _flow_kwargs(args)
-    cfg = load_config(args.config, kwargs["overrides"])
-    flow = distill_flow.with_options(task_runner=task_runner_for(cfg))
-    return _gate_exit(flow(**kwargs, teacher_version=args.teacher_version, force=args.force))
-
-
-def cmd_watch(args: argparse.Namespace) -> int:
-    from flows.watch import watch_flow
-
-    watch_flow(**_flow_kwargs(args))
-    return 0
+def _overrides(args: argparse.Namespace) -> dict[str, str] | None:
+    return parse_override_args(args.set or []) or None
 
 
 def _config(args: argparse.Namespace):  # noqa: ANN202 - Config
-    return load_config(args.config, parse_override_args(args.set or []))
+    return load_config(args.config, _overrides(args))
+
+
+def _pipeline(args: argparse.Namespace, command: str) -> int:
+    """Run one pipeline command; exit 3 when the gate rejected the student (a scheduler can tell it from a crash)."""
+    from flows.pipeline import pipeline_flow
+
+    _config(args)  # validate before any flow (and its server) starts: a bad key fails in a second
+    result = pipeline_flow(args.config, _overrides(args), command=command,
+                           teacher_version=getattr(args, "teacher_version", None), force=getattr(args, "force", False))
+    return 0 if result.decision is None or result.decision.passed else 3
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    return _pipeline(args, "run")
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    return _pipeline(args, "distill")
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    return _pipeline(args, "ingest")
+
+
+def cmd_teacher(args: argparse.Namespace) -> int:
+    return _pipeline(args, "teacher")
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    return _pipeline(args, "label")
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from flows.pipeline import watch_flow
+
+    _config(args)
+    watch_flow(args.config, _overrides(args))
+    return 0
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
-    from tasks.lineage import lineage_of, verify_lineage
+    from flows.admin import lineage_of, verify_lineage
 
     cfg = _config(args)
     info = lineage_of(cfg, args.ref)
@@ -123,14 +132,18 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from tasks.lineage import status_of
+    from flows.admin import status_of
 
-    state = status_of(_config(args))
+    cfg = _config(args)
+    state = status_of(cfg)
     t, c = state["teacher"], state["champion"]
     print("teacher   " + (f"{t['ref']} -> v{t['version']} (data {t['snapshot_md5']}, val accuracy {t['val_accuracy']})"
                           if t else "none registered: run `distillery teacher`"))
     print("champion  " + (f"{c['ref']} -> v{c['version']} (teacher v{c['teacher_version']}, data {c['snapshot_md5']}, "
                           f"accuracy {c['accuracy']}, p50 {c['latency_p50_ms']} ms)" if c else "none promoted yet"))
+    for left in state["leftovers"]:
+        print(f"leftover  {cfg.tracking.student_name} v{left['version']} is {left['state']} (interrupted promotion): "
+              f"the next run or `distillery gc` will {left['next_run_will']} it")
     print("last runs")
     for r in state["runs"]:
         print(f"  {r['run_id'][:12]}  {r['status']:<9} {r['name']:<28} {r['gate'] or ''}")
@@ -138,7 +151,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from tasks.lineage import rollback_champion
+    from flows.admin import rollback_champion
 
     if not args.rollback:
         print("only `distillery promote --rollback --reason TEXT` is supported: promotion itself is the gate's job")
@@ -149,63 +162,31 @@ def cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    from flows.admin import collect_garbage
+
+    report = collect_garbage(_config(args), keep_runs=args.keep, dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    verb = "would delete" if args.dry_run else "deleted"
+    for item in report["deleted"]:
+        print(f"  {verb} {item}")
+    for version, action in report["registry"]:
+        print(f"  registry: {action} pending v{version}")
+    print(f"gc: {verb} {len(report['deleted'])} entries ({report['freed_bytes'] / 1e6:.1f} MB), kept {report['kept']}")
+    return 0
+
+
 def cmd_webhook(args: argparse.Namespace) -> int:
-    from distillery.webhook import SECRET_ENV, make_handler, serve
-    from tasks import tracking
-    from tasks.events import emit_redistill
+    from flows.admin import register_webhook, serve_webhook
 
     cfg = _config(args)
-    secret = os.environ.get(SECRET_ENV)
-    if not secret:
-        raise ConfigError(f"set {SECRET_ENV} to the shared webhook secret (never put it in a file under git)")
     if args.action == "register":
-        from mlflow import MlflowClient
-
-        tracking.configure_tracking(cfg)
-        existing = [h for h in MlflowClient().list_webhooks() if h.url == args.url]
-        if existing:
-            print(f"MLflow webhook {existing[0].webhook_id} already delivers to {args.url}")
-            return 0
-        hook = MlflowClient().create_webhook(name="distillery-teacher-alias", url=args.url,
-                                            events=["model_version_alias.created"], secret=secret)
-        print(f"registered MLflow webhook {hook.webhook_id} -> {args.url}")
+        print(register_webhook(cfg, args.url))
         return 0
-
-    def on_alias(version: str, reason: str) -> str | None:
-        return emit_redistill(cfg.teacher.registered_name, version, reason)
-
-    server = serve(args.host, args.port, make_handler(secret, cfg.teacher.registered_name, cfg.teacher.alias, on_alias))
     print(f"webhook receiver on http://{args.host}:{args.port}/ (POST MLflow deliveries, GET /health)", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-    return 0
-
-
-def cmd_ingest(args: argparse.Namespace) -> int:
-    from flows.ingest import ingest_flow
-
-    ingest_flow(**_flow_kwargs(args))
-    return 0
-
-
-def cmd_teacher(args: argparse.Namespace) -> int:
-    from flows.teacher import teacher_flow
-
-    teacher_flow(**_flow_kwargs(args))
-    return 0
-
-
-def cmd_label(args: argparse.Namespace) -> int:
-    from flows.label import label_flow
-    from flows.runners import task_runner_for
-
-    kwargs = _flow_kwargs(args)
-    cfg = load_config(args.config, kwargs["overrides"])
-    label_flow.with_options(task_runner=task_runner_for(cfg))(**kwargs, teacher_version=args.teacher_version)
+    serve_webhook(cfg, args.host, args.port)
     return 0
 
 
@@ -224,6 +205,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "promote": (cmd_promote, "--rollback: move the champion alias back to the previous promoted version"),
     "webhook": (cmd_webhook, "serve: MLflow registry webhook receiver; register: point an MLflow webhook at it"),
     "label": (cmd_label, "teacher soft labels on the snapshot (cached), checked by the Great Expectations suites"),
+    "gc": (cmd_gc, "delete work files no run needs (keeps the champion's and the latest runs'); clean the registry"),
 }
 
 
@@ -269,6 +251,12 @@ def _webhook_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default="http://127.0.0.1:8765/", help="receiver URL (register)")
 
 
+def _gc_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--keep", type=int, metavar="N", help="latest entries of each kind to keep (runtime.keep_runs)")
+    parser.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
 EXTRA_ARGUMENTS: dict[str, list[Callable[[argparse.ArgumentParser], None]]] = {
     "label": [_teacher_version_arg],
     "distill": [_teacher_version_arg, _force_arg],
@@ -276,6 +264,7 @@ EXTRA_ARGUMENTS: dict[str, list[Callable[[argparse.ArgumentParser], None]]] = {
     "lineage": [_lineage_args],
     "promote": [_promote_args],
     "webhook": [_webhook_args],
+    "gc": [_gc_args],
 }
 
 

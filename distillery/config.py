@@ -1,23 +1,21 @@
 """One typed configuration for the whole pipeline.
 
-Frozen dataclasses, loaded from one YAML file, overridable by dotted keys (``distill.temperature=2.0``) from the
-CLI and from flow parameters. All validation lives in ``validate_config``: a bad value ends in one
-``ConfigError`` that names the key and says what is allowed.
+Frozen pydantic models, loaded from one YAML file, overridable by dotted keys (``distill.temperature=2.0``) from the
+CLI and from flow parameters. Types are checked by pydantic; ranges and cross-field rules live in ``validate_config``.
+A bad value ends in one ``ConfigError`` that names the key and says what is allowed. Load it once at an entry point
+and hand it (or the section a step needs) down.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
-import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 CONFIG_ENV = "DISTILLERY_CONFIG"
 DEFAULT_CONFIG_NAME = "distillery.yaml"
@@ -27,8 +25,13 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown or out of range."""
 
 
-@dataclass(frozen=True)
-class DataConfig:
+class Section(BaseModel):
+    """A frozen config section: unknown keys are errors, YAML numbers are accepted where text is expected."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", coerce_numbers_to_str=True)
+
+
+class DataConfig(Section):
     source: str = "../shared/data/banking77"
     text_column: str = "text"
     label_column: str = "category"
@@ -39,14 +42,12 @@ class DataConfig:
     transfer_set: str | None = None
 
 
-@dataclass(frozen=True)
-class DvcConfig:
+class DvcConfig(Section):
     remote_name: str = "local"
     remote_url: str = ".distillery/dvc-remote"
 
 
-@dataclass(frozen=True)
-class TeacherConfig:
+class TeacherConfig(Section):
     base_model: str = "minilm"
     registered_name: str = "teacher"
     alias: str = "production"
@@ -58,18 +59,16 @@ class TeacherConfig:
     max_length: int = 64
     seed: int = 13
     max_steps: int | None = None
-    group_by_length: bool = True
+    group_by_length: StrictBool = True
 
 
-@dataclass(frozen=True)
-class LabellingConfig:
+class LabellingConfig(Section):
     batch_size: int = 64
     shards: int = 2
     cache_dir: str = ".distillery/teacher-outputs"
 
 
-@dataclass(frozen=True)
-class ValidationConfig:
+class ValidationConfig(Section):
     min_predictions_per_class: int = 1
     prob_sum_tolerance: float = 1e-3
     min_mean_confidence: float = 0.2
@@ -79,8 +78,7 @@ class ValidationConfig:
     min_teacher_macro_f1: float = 0.45
 
 
-@dataclass(frozen=True)
-class StudentConfig:
+class StudentConfig(Section):
     init: str = "cut"
     base_model: str = "minilm"
     layers: tuple[int, ...] = (0, 5)
@@ -91,14 +89,12 @@ class StudentConfig:
     deploy: str = "int8"
 
 
-@dataclass(frozen=True)
-class SweepConfig:
+class SweepConfig(Section):
     temperature: tuple[float, ...] = ()
     kd_weight: tuple[float, ...] = ()
 
 
-@dataclass(frozen=True)
-class DistillConfig:
+class DistillConfig(Section):
     temperature: float = 4.0
     kd_weight: float = 0.8
     ce_weight: float = 0.2
@@ -114,13 +110,12 @@ class DistillConfig:
     patience: int = 2
     seed: int = 13
     max_steps: int | None = None
-    group_by_length: bool = True
+    group_by_length: StrictBool = True
     baseline_init: str = "base"
-    sweep: SweepConfig = field(default_factory=SweepConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
 
 
-@dataclass(frozen=True)
-class EvaluationConfig:
+class EvaluationConfig(Section):
     threads: int = 1
     warmup: int = 5
     repeats: int = 50
@@ -128,8 +123,7 @@ class EvaluationConfig:
     ece_bins: int = 15
 
 
-@dataclass(frozen=True)
-class GateConfig:
+class GateConfig(Section):
     accuracy_tolerance: float = 0.03
     macro_f1_tolerance: float = 0.03
     max_latency_ratio: float = 0.5
@@ -137,38 +131,40 @@ class GateConfig:
     champion_tolerance: float = 0.005
 
 
-@dataclass(frozen=True)
-class TrackingConfig:
+class TrackingConfig(Section):
     uri: str | None = None
     artifact_location: str = "mlartifacts"
     experiment: str = "distillery"
     student_name: str = "student"
     champion_alias: str = "champion"
+    retries: int = 3                   # attempts at a registry call that could not reach the store
+    retry_backoff_s: float = 1.0       # first wait between attempts; doubles each time
 
 
-@dataclass(frozen=True)
-class RuntimeConfig:
+class RuntimeConfig(Section):
     task_runner: str = "threads"
     dask_address: str | None = None
     dask_workers: int = 2
     workdir: str = ".distillery"
+    lock: str = "file"                 # file: runs on this machine wait for each other; prefect: a global
+                                       # concurrency limit on the Prefect server (workers on several machines)
+    keep_runs: int = 3                 # `distillery gc` keeps the files of this many latest runs (and the champion's)
 
 
-@dataclass(frozen=True)
-class Config:
+class Config(Section):
     """The whole pipeline configuration. ``root`` is the folder relative paths resolve against."""
 
-    data: DataConfig = field(default_factory=DataConfig)
-    dvc: DvcConfig = field(default_factory=DvcConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    labelling: LabellingConfig = field(default_factory=LabellingConfig)
-    validation: ValidationConfig = field(default_factory=ValidationConfig)
-    student: StudentConfig = field(default_factory=StudentConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
-    gate: GateConfig = field(default_factory=GateConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    dvc: DvcConfig = Field(default_factory=DvcConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    labelling: LabellingConfig = Field(default_factory=LabellingConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     root: str = "."
 
     def path(self, value: str) -> Path:
@@ -176,11 +172,13 @@ class Config:
         p = Path(value).expanduser()
         return p if p.is_absolute() else (Path(self.root) / p).resolve()
 
+    @property
+    def workdir(self) -> Path:
+        return self.path(self.runtime.workdir)
+
     def to_dict(self) -> dict[str, Any]:
         """The configuration as plain data (without ``root``), as written to YAML and logged to MLflow."""
-        d = dataclasses.asdict(self)
-        d.pop("root")
-        return _plain(d)
+        return json.loads(self.model_dump_json(exclude={"root"}))
 
     def digest(self) -> str:
         """A short, stable hash of everything that shapes a result (not where files live)."""
@@ -202,75 +200,17 @@ class Config:
         return out
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Convert a YAML value to the declared field type, or raise a ConfigError naming the key."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ConfigError(f"{key}: a value is required")
-        non_none = [a for a in args if a is not type(None)]
-        return _coerce(value, non_none[0], key)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return _build(tp, value, key)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return {_coerce(k, args[0], key): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        try:
-            return int(value)
-        except ValueError:
-            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-    if tp is str:
-        if not isinstance(value, (str, int, float)):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return str(value)
-    return value
-
-
-def _build(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown configuration key(s): {', '.join(where + u for u in unknown)}")
-    kwargs = {
-        name: _coerce(values[name], hints[name], f"{prefix}.{name}" if prefix else name)
-        for name in names
-        if name in values
-    }
-    return cls(**kwargs)
+def _describe(exc: ValidationError) -> str:
+    """pydantic's errors as one message that names each key."""
+    unknown, other = [], []
+    for err in exc.errors():
+        key = ".".join(str(part) for part in err["loc"])
+        if err["type"] == "extra_forbidden":
+            unknown.append(key)
+        else:
+            other.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+    lines = ([f"unknown configuration key(s): {', '.join(unknown)}"] if unknown else []) + other
+    return "\n  - ".join(lines)
 
 
 def _parse_scalar(text: str) -> Any:
@@ -317,6 +257,9 @@ def validate_config(cfg: Config) -> Config:
             problems.append(message)
 
     d = cfg.data
+    snapshot = cfg.path(d.snapshot_dir)
+    need(snapshot != Path(cfg.root) and Path(cfg.root) in snapshot.parents,
+         f"data.snapshot_dir must be a folder inside the project ({cfg.root}): DVC versions it there, got {snapshot}")
     need(0.0 < d.validation_fraction < 0.5, "data.validation_fraction must be in (0, 0.5)")
     need(0.0 <= d.max_drop_fraction < 1.0, "data.max_drop_fraction must be in [0, 1)")
     need(bool(d.text_column) and bool(d.label_column), "data.text_column and data.label_column must be set")
@@ -373,6 +316,10 @@ def validate_config(cfg: Config) -> Config:
          "tracking.student_name and tracking.champion_alias must be set")
     need(cfg.runtime.task_runner in ("threads", "dask"), "runtime.task_runner must be 'threads' or 'dask'")
     need(cfg.runtime.dask_workers >= 1, "runtime.dask_workers must be >= 1")
+    need(cfg.runtime.lock in ("file", "prefect"), "runtime.lock must be 'file' or 'prefect'")
+    need(cfg.runtime.keep_runs >= 1, "runtime.keep_runs must be >= 1")
+    need(cfg.tracking.retries >= 1 and cfg.tracking.retry_backoff_s >= 0,
+         "tracking.retries must be >= 1 and tracking.retry_backoff_s >= 0")
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return cfg
@@ -411,6 +358,9 @@ def config_from_dict(
 ) -> Config:
     """Build a validated Config from plain data (as read from YAML) plus dotted-key overrides."""
     merged = apply_overrides(dict(raw), overrides or {})
-    merged.pop("root", None)
-    cfg = _build(Config, merged)
-    return validate_config(dataclasses.replace(cfg, root=str(Path(root).resolve())))
+    merged["root"] = str(Path(root).resolve())
+    try:
+        cfg = Config.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid configuration:\n  - {_describe(exc)}") from None
+    return validate_config(cfg)

@@ -1,26 +1,84 @@
-"""The main job: ingest -> teacher (bootstrapped when none is registered) -> label -> validate -> distill ->
-evaluate -> gate."""
+"""The one pipeline entry, used by the CLI and by every deployment in prefect.yaml.
+
+It loads the configuration once and hands it down, picks the task runner for the flows that map work (labelling
+shards, sweep candidates), and holds the run lock around everything that writes the data snapshot or the student
+registry, so a scheduled ingest can never rewrite ``data/`` under a running distillation.
+
+Commands: ``run`` (ingest -> teacher when none is registered -> distil), ``ingest``, ``teacher``, ``label``,
+``distill``; ``watch`` compares the registry with the champion and emits the re-distill event.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from prefect import flow
 
-from distillery.config import load_config
+from distillery.config import Config, ConfigError, load_config
+from distillery.records import RunResult
 from flows.distill import distill_flow
 from flows.ingest import ingest_flow
-from flows.runners import task_runner_for
+from flows.label import label_flow
+from flows.runners import run_lock, task_runner_for
 from flows.teacher import teacher_flow
-from tasks.teacher import teacher_exists
+from tasks.data import verify_snapshot
+from tasks.events import check_for_changes, emit_redistill_task
+from tasks.teacher import current_teacher_version, resolve_teacher
+
+COMMANDS = ("run", "ingest", "teacher", "label", "distill")
 
 
-@flow(name="distillery-pipeline", log_prints=True)
-def pipeline_flow(config_path: str | None = None, overrides: dict[str, Any] | None = None,
-                  teacher_version: str | None = None, force: bool = False) -> dict:
+def _run_name() -> str:
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters
+    teacher = f"-teacher-v{params['teacher_version']}" if params.get("teacher_version") else ""
+    return f"{params.get('command', 'run')}{teacher}"
+
+
+@flow(name="distillery", log_prints=True, flow_run_name=_run_name)
+def pipeline_flow(config_path: str | None = None, overrides: dict[str, Any] | None = None, command: str = "run",
+                  teacher_version: str | None = None, force: bool = False) -> RunResult:
+    """Run one pipeline command on one configuration (``config_path`` + dotted ``overrides``)."""
+    if command not in COMMANDS:
+        raise ConfigError(f"unknown pipeline command {command!r}: one of {', '.join(COMMANDS)}")
     cfg = load_config(config_path, overrides)
-    ingest = ingest_flow(config_path, overrides)
-    if teacher_version is None and teacher_exists(cfg) is None:
-        teacher_flow(config_path, overrides)
-    result = distill_flow.with_options(task_runner=task_runner_for(cfg))(config_path, overrides, teacher_version, force)
-    return {**result, "snapshot_md5": ingest["snapshot_md5"]}
+    return run_command(cfg, command, teacher_version, force)
+
+
+def run_command(cfg: Config, command: str, teacher_version: str | None = None, force: bool = False) -> RunResult:
+    """The pipeline's wiring for one command, on a configuration loaded once."""
+    if command == "teacher":
+        snapshot = verify_snapshot(cfg)
+        return RunResult(command=command, snapshot=snapshot, teacher=teacher_flow(cfg, snapshot))
+    if command == "label":
+        snapshot = verify_snapshot(cfg)
+        teacher = resolve_teacher(cfg, teacher_version)
+        outputs = label_flow.with_options(task_runner=task_runner_for(cfg))(cfg, snapshot, teacher)
+        return RunResult(command=command, snapshot=snapshot, teacher=teacher, outputs=outputs)
+    with run_lock(cfg):
+        report = None
+        if command in ("run", "ingest"):
+            snapshot, report = ingest_flow(cfg)
+            if command == "ingest":
+                return RunResult(command=command, snapshot=snapshot, ingest=report)
+        else:
+            snapshot = verify_snapshot(cfg)
+        if command == "run" and teacher_version is None and current_teacher_version(cfg) is None:
+            teacher_version = teacher_flow(cfg, snapshot).version
+        teacher = resolve_teacher(cfg, teacher_version)
+        result = distill_flow.with_options(task_runner=task_runner_for(cfg))(cfg, snapshot, teacher, force)
+    return dataclasses.replace(result, command=command, ingest=report)
+
+
+@flow(name="teacher-watch", log_prints=True)
+def watch_flow(config_path: str | None = None, overrides: dict[str, Any] | None = None) -> dict:
+    """Poll once (deploy it on a schedule); emits ``distillery.redistill.requested`` on a change."""
+    cfg = load_config(config_path, overrides)
+    snapshot = verify_snapshot(cfg)
+    change = check_for_changes(cfg, snapshot)
+    if change["changed"]:
+        change["event_id"] = emit_redistill_task(cfg, change["teacher_version"], snapshot, change["reason"])
+    print(("change: " if change["changed"] else "no change: ") + change["reason"])
+    return change

@@ -1,10 +1,15 @@
-"""Task runners by configuration: threads on one machine, or Dask (a local cluster or a running scheduler)."""
+"""Task runners by configuration (threads on one machine, or Dask), and the lock that serialises runs."""
 
 from __future__ import annotations
 
+import fcntl
+import logging
+import os
 from contextlib import contextmanager
 from typing import Iterator
 
+from prefect import get_run_logger
+from prefect.exceptions import MissingContextError
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from distillery.config import Config
@@ -22,14 +27,46 @@ def task_runner_for(cfg: Config):  # noqa: ANN201 - a Prefect TaskRunner
     return ThreadPoolTaskRunner(max_workers=max(cfg.labelling.shards, 2))
 
 
-@contextmanager
-def serialised(cfg: Config) -> Iterator[None]:
-    """Hold the one slot of ``distillery-<student>``: overlapping runs for the same model wait, never promote twice."""
-    from prefect.client.orchestration import get_client
-    from prefect.concurrency.sync import concurrency
+def _logger():  # noqa: ANN202 - the run's logger inside a flow, else this module's
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
 
+
+@contextmanager
+def run_lock(cfg: Config) -> Iterator[None]:
+    """One run at a time for a student model: ingest, distillation and promotion happen inside it.
+
+    ``runtime.lock: file`` (default) holds an exclusive ``flock`` on ``<workdir>/locks/<student>.lock``: the kernel
+    releases it when the holder exits, even on ``kill -9``, so a crashed run never blocks the next one.
+    ``runtime.lock: prefect`` holds the one slot of the global concurrency limit ``distillery-<student>`` on the
+    Prefect server, for workers spread over several machines (a crashed holder's lease expires on the server).
+    """
     name = f"distillery-{cfg.tracking.student_name}"
-    with get_client(sync_client=True) as client:
-        client.upsert_global_concurrency_limit_by_name(name, limit=1)
-    with concurrency(name, occupy=1, strict=True):
-        yield
+    if cfg.runtime.lock == "prefect":
+        from prefect.client.orchestration import get_client
+        from prefect.concurrency.sync import concurrency
+
+        with get_client(sync_client=True) as client:
+            client.upsert_global_concurrency_limit_by_name(name, limit=1)
+        with concurrency(name, occupy=1, strict=True):
+            yield
+        return
+    folder = cfg.workdir / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{cfg.tracking.student_name}.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            _logger().warning("another distillery run (%s) holds %s: waiting for it", handle.read().strip() or "?", name)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from prefect import flow
 
-from distillery.config import load_config
-from tasks.data import current_snapshot
+from distillery.config import Config
+from distillery.records import SnapshotRef, TeacherRef
 from tasks.teacher import fine_tune_teacher, register_teacher, start_run
 
 
-@flow(name="teacher-bootstrap", log_prints=True)
-def teacher_flow(config_path: str | None = None, overrides: dict[str, Any] | None = None) -> dict:
+@flow(name="teacher-bootstrap", log_prints=True, validate_parameters=False)
+def teacher_flow(cfg: Config, snapshot: SnapshotRef) -> TeacherRef:
     """Fine-tune, evaluate on validation, log to MLflow and register with lineage tags; the alias moves last."""
-    cfg = load_config(config_path, overrides)
-    md5 = current_snapshot(cfg)
-    run_id = start_run(cfg, "teacher-bootstrap", {"stage": "teacher", "data.snapshot_md5": md5})
-    trained = fine_tune_teacher(cfg, run_id, md5)
-    version = register_teacher(cfg, run_id, trained["folder"], trained["metrics"], md5)
-    m = trained["metrics"]
-    print(f"teacher {cfg.teacher.registered_name} v{version} (@{cfg.teacher.alias}): validation accuracy "
-          f"{m['val_accuracy']:.4f}, macro-F1 {m['val_macro_f1']:.4f}")
-    return {"version": version, "run_id": run_id, "snapshot_md5": md5, "metrics": m}
+    run_id = start_run(cfg, "teacher-bootstrap", {"stage": "teacher", **snapshot.to_tags()})
+    folder, metrics = fine_tune_teacher(cfg, snapshot, run_id)
+    teacher = register_teacher(cfg, snapshot, run_id, folder, metrics)
+    print(f"teacher {teacher.name} v{teacher.version} (@{cfg.teacher.alias}): validation accuracy "
+          f"{metrics['val_accuracy']:.4f}, macro-F1 {metrics['val_macro_f1']:.4f}")
+    return teacher

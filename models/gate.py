@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 
+class GateError(RuntimeError):
+    """The gate cannot decide (metrics missing) or promotion failed; the message says what was left where."""
+
+
 @dataclass(frozen=True)
 class Criterion:
     name: str
@@ -63,3 +67,17 @@ def decide(student: dict, int8_teacher: dict, teacher: dict, champion: dict | No
             student["accuracy"], champion["accuracy"] - champion_tolerance,
             f"student accuracy >= champion accuracy - {champion_tolerance}"))
     return GateDecision(passed=all(c.passed for c in criteria), criteria=criteria)
+
+
+def plan_reconcile(versions: list[tuple[str, str | None, bool]], pending: str, promoted: str) -> list[tuple[str, str]]:
+    """What to do with versions a crashed promotion left behind.
+
+    ``versions`` holds (version, promotion state tag, holds the champion alias). A ``pending`` version that holds the
+    alias was promoted before the crash (the alias moved; only the final mark is missing): ``finish`` it. A ``pending``
+    version without the alias never served: ``delete`` it. Versions in any other state are left alone.
+    """
+    actions = []
+    for version, state, holds_alias in versions:
+        if state == pending:
+            actions.append((version, "finish" if holds_alias else "delete"))
+    return actions

@@ -29,6 +29,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from models.randomness import seeded
+
 logger = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -130,13 +132,13 @@ def build_tiny_model(folder: Path, texts: Iterable[str], labels: list[str], voca
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True)
-    torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=len(vocab), hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=2,
         intermediate_size=hidden_size * 2, max_position_embeddings=128, num_labels=len(labels),
         id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)},
     )
-    model = BertForSequenceClassification(config)
+    with seeded(seed):
+        model = BertForSequenceClassification(config)
     return save_classifier(model, tokenizer, folder)
 
 
@@ -173,8 +175,8 @@ def fresh_student(teacher: PreTrainedModel, num_layers: int, hidden_size: int, n
     config = copy.deepcopy(teacher.config)
     config.num_hidden_layers, config.hidden_size = num_layers, hidden_size
     config.num_attention_heads, config.intermediate_size = num_attention_heads, intermediate_size
-    torch.manual_seed(seed)
-    return AutoModelForSequenceClassification.from_config(config)
+    with seeded(seed):
+        return AutoModelForSequenceClassification.from_config(config)
 
 
 def count_parameters(model: nn.Module) -> int:

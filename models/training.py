@@ -25,6 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_sc
 
 from models.losses import IGNORE_INDEX, FeatureAligner, even_layer_map, hard_label_ce, response_kd_loss
 from models.metrics import classification_metrics
+from models.randomness import seeded
 
 logger = logging.getLogger(__name__)
 
@@ -130,12 +131,6 @@ class DistillationObjective(nn.Module):
         return loss
 
 
-def set_seed(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-
-
 @torch.inference_mode()
 def predict_logits(model: PreTrainedModel, data: Encoded, pad_id: int, batch_size: int = 64,
                    progress: bool = False, desc: str = "predict") -> np.ndarray:
@@ -193,9 +188,17 @@ def train_model(
     """Train ``model`` in place with ``objective``; on return the model holds the best validation weights.
 
     With ``checkpoint_dir`` the full state (weights, optimiser, scheduler, RNG, history, best weights) is saved
-    after every epoch and a later call with the same settings resumes after the last finished epoch.
+    after every epoch and a later call with the same settings resumes after the last finished epoch. The run holds the
+    process's RNG lock (``models.randomness``), so the same seed gives the same weights under any task runner.
     """
-    set_seed(settings.seed)
+    with seeded(settings.seed):
+        return _train(model, objective, train, validation, settings, pad_id, checkpoint_dir, on_epoch_end, progress,
+                      desc, fingerprint_extra)
+
+
+def _train(model: PreTrainedModel, objective: nn.Module, train: Encoded, validation: Encoded, settings: TrainSettings,
+           pad_id: int, checkpoint_dir: Path | None, on_epoch_end: Callable[[int, dict], None] | None, progress: bool,
+           desc: str, fingerprint_extra: dict | None) -> TrainResult:
     params = [p for p in list(model.parameters()) + list(objective.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     steps_per_epoch = math.ceil(len(train) / settings.batch_size)
@@ -209,7 +212,7 @@ def train_model(
     fingerprint = _fingerprint(settings, {"rows": len(train), **(fingerprint_extra or {})})
     ckpt = Path(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir else None
     if ckpt is not None and ckpt.is_file():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=True)
         if state.get("fingerprint") == fingerprint:
             model.load_state_dict(state["model"])
             objective.load_state_dict(state["objective"])

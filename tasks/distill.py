@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
+import dataclasses
 import time
 from pathlib import Path
 
@@ -14,6 +13,8 @@ from prefect.cache_policies import NO_CACHE
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distillery.config import Config
+from distillery.integrations import registry
+from distillery.records import Candidate, SnapshotRef, TeacherOutputs, TeacherRef, TrainedStudent
 from models.data import read_snapshot
 from models.labelling import read_outputs
 from models.losses import IGNORE_INDEX
@@ -26,19 +27,10 @@ from models.modeling import (
     resolve_base_model,
     save_classifier,
 )
+from models.randomness import seeded
 from models.training import CrossEntropyObjective, DistillationObjective, encode, train_model
-from tasks import tracking
-from tasks.labelling import labelling_inputs
-from tasks.teacher import model_name, settings_from
-
-
-def sweep_grid(cfg: Config) -> list[dict]:
-    """Candidates for the sweep: temperature x kd_weight (ce_weight = 1 - kd_weight when kd_weight is swept)."""
-    d = cfg.distill
-    temperatures = d.sweep.temperature or (d.temperature,)
-    weights = [(w, 1.0 - w) for w in d.sweep.kd_weight] or [(d.kd_weight, d.ce_weight)]
-    return [{"kind": "distilled", "temperature": t, "kd_weight": kd, "ce_weight": ce, "feature_weight": d.feature_weight}
-            for t in temperatures for kd, ce in weights]
+from tasks.labelling import labelling_inputs, transfer_path
+from tasks.teacher import checkpoint_key, epoch_callback, model_name, settings_from
 
 
 def make_student(cfg: Config, teacher_model: PreTrainedModel, teacher_folder: Path,
@@ -48,14 +40,13 @@ def make_student(cfg: Config, teacher_model: PreTrainedModel, teacher_folder: Pa
     ``teacher_model`` is what a cut student is cut from (the teacher, or its base model for a baseline)."""
     s = cfg.student
     if s.init == "pretrained":  # e.g. MiniLM under an MPNet teacher: the student keeps its own tokenizer
-        folder = resolve_base_model(model_name(cfg, s.base_model), cfg.path(cfg.runtime.workdir) / "pretrained")
+        folder = resolve_base_model(model_name(cfg, s.base_model), cfg.workdir / "pretrained")
         return load_classifier(folder, labels), load_tokenizer(folder)
     student = build_student(teacher_model, s.init, list(s.layers), s.num_layers, s.hidden_size,
                             s.num_attention_heads, s.intermediate_size, cfg.distill.seed)
     return student, load_tokenizer(teacher_folder)
 
 
-BASELINE = {"kind": "baseline", "temperature": 1.0, "kd_weight": 0.0, "ce_weight": 1.0, "feature_weight": 0.0}
 _SAME_SHAPE = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
 
 
@@ -66,7 +57,7 @@ def weights_from(cfg: Config) -> str:
             "pretrained": f"pretrained ({s.base_model})"}[s.init]
 
 
-def baseline_source(cfg: Config, teacher_model: PreTrainedModel, teacher: dict,
+def baseline_source(cfg: Config, teacher_model: PreTrainedModel, teacher: TeacherRef,
                     labels: list[str]) -> tuple[PreTrainedModel, str]:
     """What a cut baseline is cut from, and why: with ``distill.baseline_init: base`` the teacher's pretrained base
     model (the same layers before fine-tuning, so the baseline holds no knowledge of the teacher), else the teacher.
@@ -76,9 +67,9 @@ def baseline_source(cfg: Config, teacher_model: PreTrainedModel, teacher: dict,
     """
     if cfg.student.init != "cut" or cfg.distill.baseline_init == "teacher":
         return teacher_model, weights_from(cfg)
-    base = teacher.get("base_model") or cfg.teacher.base_model
+    base = teacher.base_model or cfg.teacher.base_model
     try:
-        folder = resolve_base_model(model_name(cfg, base), cfg.path(cfg.runtime.workdir) / "pretrained")
+        folder = resolve_base_model(model_name(cfg, base), cfg.workdir / "pretrained")
         model = load_classifier(folder, labels)
     except ModelError as exc:
         return teacher_model, f"{weights_from(cfg)}: base model {base!r} unavailable: {exc}"
@@ -89,58 +80,62 @@ def baseline_source(cfg: Config, teacher_model: PreTrainedModel, teacher: dict,
 
 
 @task(name="train-student", cache_policy=NO_CACHE)
-def train_student(cfg: Config, teacher: dict, outputs_path: str, candidate: dict, parent_run_id: str) -> dict:
-    """Train one student candidate in its own nested MLflow run; checkpointed so a crash resumes, a re-run reuses."""
+def train_student(cfg: Config, teacher: TeacherRef, snapshot: SnapshotRef, outputs: TeacherOutputs,
+                  candidate: Candidate, parent_run_id: str) -> TrainedStudent:
+    """Train one student candidate in its own nested MLflow run; checkpointed by its inputs, so a run killed
+    mid-way resumes after its last finished epoch and an identical re-run reuses the result."""
     logger = get_run_logger()
-    splits, labels = read_snapshot(cfg.path(cfg.data.snapshot_dir))
-    inputs, _ = labelling_inputs(cfg)
-    outputs = read_outputs(outputs_path).merge(inputs[["id", "text"]], on="id", how="inner", validate="one_to_one")
-    if candidate["kind"] == "baseline":
-        train_rows = outputs[outputs["split"] == "train"]
-    else:
-        train_rows = outputs[outputs["split"].isin(["train", "transfer"])]
-    teacher_folder = Path(teacher["folder"])
+    splits, labels = read_snapshot(Path(snapshot.path))
+    inputs, _ = labelling_inputs(snapshot, transfer_path(cfg))
+    table = read_outputs(outputs.path).merge(inputs[["id", "text"]], on="id", how="inner", validate="one_to_one")
+    baseline = candidate.kind == "baseline"
+    train_rows = table[table["split"] == "train"] if baseline else table[table["split"].isin(["train", "transfer"])]
+    teacher_folder = Path(teacher.folder)
     teacher_model = load_classifier(teacher_folder).eval()
     source, init_note = teacher_model, weights_from(cfg)
-    if candidate["kind"] == "baseline":
+    if baseline:
         source, init_note = baseline_source(cfg, teacher_model, teacher, labels)
         if ": base model" in init_note:
             logger.warning("baseline cut from the teacher's weights: %s", init_note)
-    student, tokenizer = make_student(cfg, source, teacher_folder, labels)
     settings = settings_from(cfg.distill)
+    with seeded(settings.seed):  # a new head (pretrained students) is drawn from the seeded generator
+        student, tokenizer = make_student(cfg, source, teacher_folder, labels)
     hard = np.where(train_rows["label_id"] >= 0, train_rows["label_id"], IGNORE_INDEX)
     train = encode(tokenizer, train_rows["text"].tolist(), settings.max_length, hard.tolist(),
                    np.stack(train_rows["logits"].to_list()))
     val = encode(tokenizer, splits["validation"]["text"].tolist(), settings.max_length,
                  splits["validation"]["label_id"].tolist())
-    if candidate["kind"] == "baseline":
+    if baseline:
         objective = CrossEntropyObjective()
     else:
         objective = DistillationObjective(
-            candidate["temperature"], candidate["kd_weight"], candidate["ce_weight"], candidate["feature_weight"],
+            candidate.temperature, candidate.kd_weight, candidate.ce_weight, candidate.feature_weight,
             cfg.distill.feature_loss, teacher=teacher_model, student=student,
             layer_map={int(k): int(v) for k, v in (cfg.distill.layer_map or {}).items()} or None)
-    identity = json.dumps([Path(outputs_path).parent.name, candidate, vars(cfg.student), vars(settings), init_note],
-                          sort_keys=True, default=str)
-    checkpoint_dir = cfg.path(cfg.runtime.workdir) / "checkpoints" / hashlib.sha256(identity.encode()).hexdigest()[:16]
-    name = "baseline" if candidate["kind"] == "baseline" else f"distill-T{candidate['temperature']}-kd{candidate['kd_weight']}"
-    run_id = tracking.create_run(cfg, name, {"stage": "train-student", "candidate": candidate["kind"]}, parent_run_id)
-    with tracking.open_run(cfg, run_id):
-        tracking.log_params({**{f"candidate.{k}": v for k, v in candidate.items()},
-                             **{f"student.{k}": v for k, v in vars(cfg.student).items()},
+    key = checkpoint_key(outputs.key, candidate.to_dict(), cfg.student.model_dump(), vars(settings), init_note)
+    name = candidate.name
+    run_id = registry.create_run(cfg, name, {"stage": "train-student", "candidate": candidate.kind}, parent_run_id)
+    with registry.open_run(cfg, run_id):
+        registry.log_params({**{f"candidate.{k}": v for k, v in candidate.to_dict().items()},
+                             **{f"student.{k}": v for k, v in cfg.student.model_dump().items()},
                              **{f"distill.{k}": v for k, v in vars(settings).items()},
                              "student.parameters": count_parameters(student), "train_rows": len(train_rows),
-                             "student.weights_from": init_note[:250],
-                             "teacher.version": teacher["version"]})
+                             "student.weights_from": init_note[:250], "student.checkpoint": key,
+                             **teacher.to_tags()})
         start = time.perf_counter()
         result = train_model(student, objective, train, val, settings, tokenizer.pad_token_id,
-                             checkpoint_dir=checkpoint_dir, on_epoch_end=tracking.curve_logger(), desc=name)
+                             checkpoint_dir=cfg.workdir / "checkpoints" / key,
+                             on_epoch_end=epoch_callback(registry.curve_logger()), desc=name)
         best = result.history[result.best_epoch - 1] if result.best_epoch else {}
-        summary = {"val_accuracy": best.get("val_accuracy", float("nan")),
-                   "val_macro_f1": best.get("val_macro_f1", float("nan")), "best_epoch": result.best_epoch,
-                   "train_seconds": time.perf_counter() - start, "stopped_early": float(result.stopped_early),
-                   "resumed_from_epoch": result.resumed_from_epoch}
-        mlflow.log_metrics(summary)
-    folder = save_classifier(student, tokenizer, cfg.path(cfg.runtime.workdir) / "students" / run_id)
-    logger.info("%s: validation macro-F1 %.4f (best epoch %d)", name, summary["val_macro_f1"], result.best_epoch)
-    return {"run_id": run_id, "folder": str(folder), "candidate": candidate, "name": name, **summary}
+        trained = TrainedStudent(
+            run_id=run_id, folder="", candidate=candidate,
+            val_accuracy=best.get("val_accuracy", float("nan")), val_macro_f1=best.get("val_macro_f1", float("nan")),
+            best_epoch=result.best_epoch, train_seconds=time.perf_counter() - start,
+            resumed_from_epoch=result.resumed_from_epoch, weights_from=init_note)
+        mlflow.log_metrics({"val_accuracy": trained.val_accuracy, "val_macro_f1": trained.val_macro_f1,
+                            "best_epoch": trained.best_epoch, "train_seconds": trained.train_seconds,
+                            "stopped_early": float(result.stopped_early),
+                            "resumed_from_epoch": trained.resumed_from_epoch})
+    folder = save_classifier(student, tokenizer, cfg.workdir / "students" / run_id)
+    logger.info("%s: validation macro-F1 %.4f (best epoch %d)", name, trained.val_macro_f1, result.best_epoch)
+    return dataclasses.replace(trained, folder=str(folder))

@@ -11,6 +11,9 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from distillery.config import Config
+from distillery.integrations import registry
+from distillery.integrations.registry import PER_CLASS_FILE
+from distillery.records import Evaluation, SnapshotRef, TeacherRef, TrainedStudent
 from models.data import read_snapshot
 from models.evaluation import TimingSettings, encode_per_folder, evaluate_model, harness_candidates
 from models.report import (
@@ -21,25 +24,22 @@ from models.report import (
     plot_reliability,
     results_table,
 )
-from tasks import tracking
-
-PER_CLASS_FILE = "per_class_f1.json"
-
 
 @task(name="evaluate-candidates", cache_policy=NO_CACHE)
-def evaluate_candidates(cfg: Config, teacher: dict, student: dict, baseline: dict, parent_run_id: str) -> dict:
+def evaluate_candidates(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef, student: TrainedStudent,
+                        baseline: TrainedStudent, parent_run_id: str) -> Evaluation:
     """Teacher FP32/INT8, distilled student FP32/INT8 and the baseline on the held-out test split."""
     logger = get_run_logger()
-    splits, labels = read_snapshot(cfg.path(cfg.data.snapshot_dir))
+    splits, labels = read_snapshot(Path(snapshot.path))
     test = splits["test"]
     texts, gold = test["text"].tolist(), test["label_id"].tolist()
     e = cfg.evaluation
     timing = TimingSettings(threads=e.threads, warmup=e.warmup, repeats=e.repeats, throughput_batches=e.throughput_batches)
-    candidates = harness_candidates(teacher["folder"], student["folder"], baseline["folder"])
+    candidates = harness_candidates(teacher.folder, student.folder, baseline.folder)
     encoded = encode_per_folder({c[2] for c in candidates.values()}, texts, gold, cfg.distill.max_length)
-    eval_run = tracking.create_run(cfg, "evaluation", {"stage": "evaluate", "teacher.version": teacher["version"],
-                                                        "student.run_id": student["run_id"],
-                                                        "baseline.run_id": baseline["run_id"]}, parent_run_id)
+    eval_run = registry.create_run(cfg, "evaluation", {"stage": "evaluate", **teacher.to_tags(),
+                                                        "student.run_id": student.run_id,
+                                                        "baseline.run_id": baseline.run_id}, parent_run_id)
     metrics: dict[str, dict] = {}
     logits: dict[str, np.ndarray] = {}
     reference = None
@@ -49,15 +49,15 @@ def evaluate_candidates(cfg: Config, teacher: dict, student: dict, baseline: dic
         if name == "teacher_fp32":
             reference = out.argmax(1)
         metrics[name], logits[name] = m, out
-        run_id = tracking.create_run(cfg, name, {"stage": "evaluate", "candidate": name}, eval_run)
-        with tracking.open_run(cfg, run_id):
+        run_id = registry.create_run(cfg, name, {"stage": "evaluate", "candidate": name}, eval_run)
+        with registry.open_run(cfg, run_id):
             mlflow.log_metrics({k: v for k, v in m.items() if k != "per_class_f1"})
-            tracking.log_json(dict(zip(labels, m["per_class_f1"])), PER_CLASS_FILE)
+            registry.log_json(dict(zip(labels, m["per_class_f1"])), PER_CLASS_FILE)
         logger.info("%s: accuracy %.4f, macro-F1 %.4f, p50 %.2f ms", name, m["accuracy"], m["macro_f1"],
                     m["latency_p50_ms"])
     table = results_table(metrics)
     y = np.asarray(gold)
-    with tracking.open_run(cfg, eval_run), tempfile.TemporaryDirectory() as tmp:
+    with registry.open_run(cfg, eval_run), tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         plot_confusion(logits["student_fp32"], y, labels, folder / "confusion_student.png", "distilled student")
         plot_reliability({k: (logits[k], y) for k in ("teacher_fp32", "student_fp32", "baseline_fp32")},
@@ -66,21 +66,7 @@ def evaluate_candidates(cfg: Config, teacher: dict, student: dict, baseline: dic
         plot_f1_difference(metrics["teacher_fp32"]["per_class_f1"], metrics["student_fp32"]["per_class_f1"], labels,
                            folder / "per_class_f1_student_minus_teacher.png")
         (folder / "results.txt").write_text(table + "\n")
-        tracking.log_folder(folder, "evaluation")
+        registry.log_folder(folder, "evaluation")
         mlflow.log_metrics(headline_ratios(metrics))
-    return {"run_id": eval_run, "table": table, "ratios": headline_ratios(metrics),
-            "metrics": {k: {kk: vv for kk, vv in v.items() if kk != "per_class_f1"} for k, v in metrics.items()}}
-
-
-def logged_candidate_metrics(eval_run_id: str) -> dict[str, dict]:
-    """Read the candidates' metrics (and per-class F1) back from MLflow: what the gate decides on."""
-    client = mlflow.MlflowClient()
-    parent = client.get_run(eval_run_id)
-    runs = client.search_runs([parent.info.experiment_id],
-                              filter_string=f"tags.mlflow.parentRunId = '{eval_run_id}'", max_results=50)
-    out = {}
-    for run in runs:
-        name = run.data.tags.get("candidate")
-        per_class = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{PER_CLASS_FILE}")
-        out[name] = {**run.data.metrics, "per_class_f1": list(per_class.values()), "labels": list(per_class)}
-    return out
+    return Evaluation(run_id=eval_run, table=table, ratios=headline_ratios(metrics),
+                      metrics={k: {kk: vv for kk, vv in v.items() if kk != "per_class_f1"} for k, v in metrics.items()})

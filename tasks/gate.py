@@ -1,97 +1,165 @@
-"""Prefect task: the promotion gate on MLflow-logged metrics, and the only code that moves the champion alias."""
+"""Prefect tasks: the promotion gate on MLflow-logged metrics, the two-phase promotion (the only code that moves the
+champion alias), and the reconciliation that cleans what a crashed promotion left behind."""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from pathlib import Path
 
 import mlflow
-from mlflow import MlflowClient
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from distillery.config import Config
-from models.gate import decide
+from distillery.faults import fault_point
+from distillery.integrations import registry, store
+from distillery.records import (
+    DECISION_TAG,
+    PENDING,
+    PROMOTED,
+    REJECTED,
+    Decision,
+    Evaluation,
+    Lineage,
+    SnapshotRef,
+    TeacherRef,
+    TrainedStudent,
+    ValidationSummary,
+    decision_of,
+)
+from models.gate import GateError, decide, plan_reconcile
 from models.report import model_card
-from tasks import tracking, versioning
-from tasks.evaluate import logged_candidate_metrics
+
+HARNESS = {"teacher_fp32", "teacher_int8", "student_fp32", "baseline_fp32"}
 
 
-class GateError(RuntimeError):
-    """The gate cannot decide (metrics missing) or promotion failed; the registry is left as it was."""
+def champion_metrics(cfg: Config, reg: registry.Registry) -> tuple[str | None, dict | None]:
+    """The current champion's version and the metrics of its served form, from the evaluation that promoted it.
 
-
-def champion_metrics(cfg: Config) -> tuple[str | None, dict | None]:
-    """The current champion's version and the student metrics of the evaluation that promoted it."""
-    version = tracking.get_alias_version(cfg.tracking.student_name, cfg.tracking.champion_alias)
+    (None, None) only when the registry answers that there is no champion; an unreachable registry raises.
+    """
+    version = reg.alias_version(cfg.tracking.student_name, cfg.tracking.champion_alias)
     if version is None:
         return None, None
-    eval_run = version.tags.get("evaluation.run_id")
-    if not eval_run:
+    try:
+        lineage = Lineage.from_tags(version.tags)
+    except KeyError:
+        raise GateError(f"champion {cfg.tracking.student_name} v{version.version} carries no lineage tags") from None
+    if not lineage.evaluation_run_id:
         raise GateError(f"champion {cfg.tracking.student_name} v{version.version} has no evaluation.run_id tag")
-    form = version.tags.get("deploy.form", "fp32")
-    return str(version.version), logged_candidate_metrics(eval_run)[f"student_{form}"]
+    logged = registry.logged_candidate_metrics(lineage.evaluation_run_id)
+    return str(version.version), logged[f"student_{lineage.deploy_form}"]
 
 
-@task(name="gate-and-promote", cache_policy=NO_CACHE)
-def gate_and_promote(cfg: Config, run_id: str, evaluation_run_id: str, student: dict, teacher: dict,
-                     snapshot_md5: str, validation: dict) -> dict:
-    """Decide on the logged metrics; on a pass register the student with lineage and move the alias last."""
+@task(name="gate", cache_policy=NO_CACHE)
+def judge(cfg: Config, run_id: str, evaluation: Evaluation) -> tuple[Decision, dict]:
+    """Decide on the logged metrics against the INT8 teacher and the champion; record the decision on the run."""
     logger = get_run_logger()
-    tracking.configure_tracking(cfg)
-    logged = logged_candidate_metrics(evaluation_run_id)
-    missing = {"teacher_fp32", "teacher_int8", "student_fp32", "baseline_fp32"} - set(logged)
-    if missing:
-        raise GateError(f"evaluation run {evaluation_run_id} lacks metrics for {sorted(missing)}")
-    champion_version, champion = champion_metrics(cfg)
-    g = cfg.gate
+    registry.configure_tracking(cfg)
+    logged = registry.logged_candidate_metrics(evaluation.run_id)
     deployed = f"student_{cfg.student.deploy}"  # the gate judges the form that will be served
-    decision = decide(logged[deployed], logged["teacher_int8"], logged["teacher_fp32"], champion,
-                      accuracy_tolerance=g.accuracy_tolerance, macro_f1_tolerance=g.macro_f1_tolerance,
-                      max_latency_ratio=g.max_latency_ratio, max_class_f1_drop=g.max_class_f1_drop,
-                      champion_tolerance=g.champion_tolerance, labels=logged[deployed]["labels"])
-    record = {**decision.to_dict(), "champion_version": champion_version}
-    revision = versioning.git_revision(Path(cfg.root))
-    with tracking.open_run(cfg, run_id):
-        tracking.log_json(record, "gate/decision.json")
+    missing = (HARNESS | {deployed}) - set(logged)
+    if missing:
+        raise GateError(f"evaluation run {evaluation.run_id} lacks metrics for {sorted(missing)}")
+    fault_point("gate.before")
+    champion_version, champion = champion_metrics(cfg, registry.Registry.from_config(cfg))
+    g = cfg.gate
+    verdict = decide(logged[deployed], logged["teacher_int8"], logged["teacher_fp32"], champion,
+                     accuracy_tolerance=g.accuracy_tolerance, macro_f1_tolerance=g.macro_f1_tolerance,
+                     max_latency_ratio=g.max_latency_ratio, max_class_f1_drop=g.max_class_f1_drop,
+                     champion_tolerance=g.champion_tolerance, labels=logged[deployed]["labels"])
+    decision = Decision(passed=verdict.passed, reasons=tuple(verdict.reasons()),
+                        criteria=tuple(verdict.to_dict()["criteria"]), champion_version=champion_version)
+    with registry.open_run(cfg, run_id):
+        registry.log_json(decision.to_dict(), "gate/decision.json")
         mlflow.log_metric("gate.passed", float(decision.passed))
-        mlflow.set_tags({"gate.decision": "promoted" if decision.passed else "rejected",
-                         "gate.failed": ",".join(c.name for c in decision.failed) or "none",
-                         "git.revision": revision})
-    for line in decision.reasons():
+        mlflow.set_tags({DECISION_TAG: PROMOTED if decision.passed else REJECTED,
+                         "gate.failed": ",".join(decision.failed_names()) or "none",
+                         "git.revision": store.git_revision(Path(cfg.root))})
+    for line in decision.reasons:
         logger.info("gate: %s", line)
     if not decision.passed:
-        logger.warning("student rejected: %s; %s@%s unchanged", ", ".join(c.name for c in decision.failed),
+        logger.warning("student rejected: %s; %s@%s unchanged", ", ".join(decision.failed_names()),
                        cfg.tracking.student_name, cfg.tracking.champion_alias)
-        return {"passed": False, "reasons": decision.reasons(), "version": None, "champion_version": champion_version}
+    return decision, logged
 
-    metrics = {k: v for k, v in logged[deployed].items() if k not in ("per_class_f1", "labels")}
-    lineage = {
-        "teacher.name": teacher["name"], "teacher.version": teacher["version"], "teacher.run_id": teacher["run_id"],
-        "data.snapshot_md5": snapshot_md5, "git.revision": revision, "config.hash": cfg.digest(),
-        "distill.run_id": run_id, "student.run_id": student["run_id"], "evaluation.run_id": evaluation_run_id,
-    }
-    tags = {**lineage, "gx.success": str(validation["success"]).lower(),
-            "gx.summary": {"evaluated": validation["evaluated"], "failed": len(validation["failed"]),
-                           **validation["statistics"]},
-            "deploy.form": cfg.student.deploy, "gate.decision": "promoted", "gate.criteria": decision.to_dict()["criteria"],
-            "candidate": student["candidate"], "config": cfg.to_dict(),
-            **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()}}
-    name = cfg.tracking.student_name
-    with tracking.open_run(cfg, run_id):
-        info = tracking.log_classifier(Path(student["folder"]), quantize=cfg.student.deploy)
-    version = tracking.register_version(info.model_uri, name, tags)
+
+@task(name="promote", cache_policy=NO_CACHE)
+def promote(cfg: Config, run_id: str, snapshot: SnapshotRef, teacher: TeacherRef, student: TrainedStudent,
+            validation: ValidationSummary, evaluation: Evaluation, decision: Decision, logged: dict) -> Decision:
+    """Two-phase promotion: register the student as ``pending``, move the champion alias, then mark it ``promoted``.
+
+    A crash before the alias moves leaves the alias where it was and a ``pending`` version that never served (the
+    next run's ``reconcile_registry`` deletes it); a crash after leaves the alias on a ``pending`` version, which
+    reconciliation marks ``promoted``. No version ever claims to have served without having held the alias.
+    """
+    logger = get_run_logger()
+    name, alias = cfg.tracking.student_name, cfg.tracking.champion_alias
+    reg = registry.Registry.from_config(cfg)
+    deployed = f"student_{cfg.student.deploy}"
+    lineage = Lineage(
+        teacher=teacher, snapshot_md5=snapshot.md5, git_revision=store.git_revision(Path(cfg.root)),
+        config_hash=cfg.digest(), distill_run_id=run_id, student_run_id=student.run_id,
+        evaluation_run_id=evaluation.run_id, deploy_form=cfg.student.deploy, candidate=student.candidate.to_dict(),
+        validation=validation.to_tags(), criteria=decision.criteria,
+        metrics={k: v for k, v in logged[deployed].items() if k not in ("per_class_f1", "labels")})
+    with registry.open_run(cfg, run_id):
+        info = registry.log_classifier(Path(student.folder), quantize=cfg.student.deploy)
+        registry.log_json(cfg.to_dict(), "config.json")
+    tags = {**lineage.to_tags(), "config": cfg.to_dict(), "model_card": f"runs:/{run_id}/model_card.md",
+            DECISION_TAG: PENDING}
+    version = str(reg.register(info.model_uri, name, tags).version)
+    fault_point("promote.registered")
     try:
-        all_metrics = {k: v for k, v in logged.items()}
-        card = model_card(name, str(version.version), lineage, all_metrics, decision.to_dict(),
-                          {**student["candidate"], "student": json.dumps(tags["config"]["student"])})
-        with tracking.open_run(cfg, run_id):
+        card_lineage = {k: v for k, v in lineage.to_tags().items()
+                        if not k.startswith(("metric.", "gate.", "gx.", "candidate"))}
+        card = model_card(name, version, card_lineage, logged,
+                          {"passed": decision.passed, "criteria": list(decision.criteria)},
+                          {**student.candidate.to_dict(), "student": cfg.student.model_dump_json()})
+        with registry.open_run(cfg, run_id):
             mlflow.log_text(card, "model_card.md")
-        tracking.set_version_tags(name, str(version.version), {"model_card": f"runs:/{run_id}/model_card.md"})
-        tracking.set_alias(name, cfg.tracking.champion_alias, str(version.version))  # last
+        reg.set_alias(name, alias, version)
     except Exception as exc:
-        MlflowClient().delete_model_version(name, str(version.version))  # leave the registry as it was
-        raise GateError(f"promotion of {name} v{version.version} failed and was undone: {exc}") from exc
-    logger.info("promoted %s v%s to @%s", name, version.version, cfg.tracking.champion_alias)
-    return {"passed": True, "reasons": decision.reasons(), "version": str(version.version),
-            "champion_version": champion_version}
+        try:
+            reg.delete_version(name, version)
+            undone = "the new version was deleted again"
+        except registry.TrackingError:
+            undone = (f"v{version} is left marked {PENDING} (it never served); the next run or `distillery gc` "
+                      f"deletes it")
+        raise GateError(f"promotion of {name} v{version} failed before {name}@{alias} moved ({exc}); the alias is "
+                        f"unchanged and {undone}") from exc
+    fault_point("promote.alias_moved")
+    try:
+        reg.set_tags(name, version, {DECISION_TAG: PROMOTED})
+    except registry.TrackingError as exc:
+        logger.warning("%s@%s now serves v%s, but marking it %s failed (%s): the next run marks it", name, alias,
+                       version, PROMOTED, exc)
+    logger.info("promoted %s v%s to @%s", name, version, alias)
+    return dataclasses.replace(decision, version=version)
+
+
+@task(name="reconcile-registry", cache_policy=NO_CACHE)
+def reconcile_registry(cfg: Config) -> list[tuple[str, str]]:
+    """Finish or delete what a crashed promotion left (see ``models.gate.plan_reconcile``); returns what it did."""
+    return reconcile(cfg, registry.Registry.from_config(cfg), get_run_logger())
+
+
+def reconcile(cfg: Config, reg: registry.Registry, logger, apply: bool = True) -> list[tuple[str, str]]:  # noqa: ANN001
+    name, alias = cfg.tracking.student_name, cfg.tracking.champion_alias
+    versions = reg.versions(name)
+    actions = plan_reconcile([(str(v.version), decision_of(v.tags), alias in (v.aliases or [])) for v in versions],
+                             PENDING, PROMOTED)
+    for version, action in actions:
+        if not apply:
+            logger.warning("%s v%s was left %s by an interrupted promotion: the next run will %s it", name, version,
+                           PENDING, action)
+            continue
+        if action == "finish":
+            reg.set_tags(name, version, {DECISION_TAG: PROMOTED})
+            logger.warning("%s v%s holds @%s but was left %s by an interrupted promotion: marked %s", name, version,
+                           alias, PENDING, PROMOTED)
+        else:
+            reg.delete_version(name, version)
+            logger.warning("%s v%s was left %s by an interrupted promotion and never served: deleted", name, version,
+                           PENDING)
+    return actions

@@ -1,7 +1,10 @@
-"""Prefect tasks for the teacher: fine-tune a base model on the snapshot, register it with lineage."""
+"""Prefect tasks for the teacher: fine-tune a base model on the snapshot, register it, resolve the registered one."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -9,12 +12,22 @@ import mlflow
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from distillery.config import Config
+from distillery.config import Config, DistillConfig, TeacherConfig
+from distillery.faults import fault_point
+from distillery.integrations import registry, store
+from distillery.records import SnapshotRef, TeacherRef
 from models.data import read_snapshot
 from models.metrics import classification_metrics
-from models.modeling import PACKAGED_BASE_MODELS, count_parameters, load_classifier, load_tokenizer, resolve_base_model, save_classifier
+from models.modeling import (
+    PACKAGED_BASE_MODELS,
+    count_parameters,
+    load_classifier,
+    load_tokenizer,
+    resolve_base_model,
+    save_classifier,
+)
+from models.randomness import seeded
 from models.training import CrossEntropyObjective, TrainSettings, encode, predict_logits, train_model
-from tasks import tracking, versioning
 
 
 def model_name(cfg: Config, name: str) -> str:
@@ -22,7 +35,7 @@ def model_name(cfg: Config, name: str) -> str:
     return name if name in PACKAGED_BASE_MODELS else str(cfg.path(name))
 
 
-def settings_from(section) -> TrainSettings:  # noqa: ANN001 - TeacherConfig or DistillConfig
+def settings_from(section: TeacherConfig | DistillConfig) -> TrainSettings:
     return TrainSettings(
         epochs=section.epochs, batch_size=section.batch_size, learning_rate=section.learning_rate,
         weight_decay=section.weight_decay, warmup_fraction=section.warmup_fraction, max_length=section.max_length,
@@ -31,65 +44,96 @@ def settings_from(section) -> TrainSettings:  # noqa: ANN001 - TeacherConfig or 
     )
 
 
+def epoch_callback(run_logger) -> callable:  # noqa: ANN001 - an MLflow curve logger with the training fault point
+    def on_epoch_end(epoch: int, row: dict) -> None:
+        run_logger(epoch, row)
+        fault_point("train.epoch_end")
+
+    return on_epoch_end
+
+
+def checkpoint_key(*parts: object) -> str:
+    """A checkpoint folder name from everything that shapes the training: a re-run after a crash finds it again."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 @task(name="fine-tune-teacher", cache_policy=NO_CACHE)
-def fine_tune_teacher(cfg: Config, run_id: str, snapshot_md5: str) -> dict:
-    """Fine-tune the configured base model on train, keep the best validation epoch, save it locally."""
+def fine_tune_teacher(cfg: Config, snapshot: SnapshotRef, run_id: str) -> tuple[str, dict]:
+    """Fine-tune the configured base model on train, keep the best validation epoch, save it locally.
+
+    Checkpoints are keyed by the inputs (base model, snapshot, teacher settings), so a run killed mid-way resumes
+    after its last finished epoch when started again.
+    """
     logger = get_run_logger()
-    splits, labels = read_snapshot(cfg.path(cfg.data.snapshot_dir))
-    base = resolve_base_model(model_name(cfg, cfg.teacher.base_model), cfg.path(cfg.runtime.workdir) / "pretrained")
-    tokenizer = load_tokenizer(base)
-    model = load_classifier(base, labels)
+    splits, labels = read_snapshot(Path(snapshot.path))
+    base = resolve_base_model(model_name(cfg, cfg.teacher.base_model), cfg.workdir / "pretrained")
     settings = settings_from(cfg.teacher)
+    with seeded(settings.seed):  # the new classification head is drawn from the seeded generator
+        tokenizer = load_tokenizer(base)
+        model = load_classifier(base, labels)
     train = encode(tokenizer, splits["train"]["text"], settings.max_length, splits["train"]["label_id"])
     val = encode(tokenizer, splits["validation"]["text"], settings.max_length, splits["validation"]["label_id"])
-    with tracking.open_run(cfg, run_id):
-        tracking.log_params({f"teacher.{k}": v for k, v in vars(cfg.teacher).items()} |
-                            {"data.snapshot_md5": snapshot_md5, "teacher.base_folder": str(base),
-                             "teacher.parameters": count_parameters(model)})
+    key = checkpoint_key("teacher", str(base), snapshot.md5, cfg.teacher.model_dump())
+    with registry.open_run(cfg, run_id):
+        registry.log_params({f"teacher.{k}": v for k, v in cfg.teacher.model_dump().items()} |
+                            {"data.snapshot_md5": snapshot.md5, "teacher.base_folder": str(base),
+                             "teacher.parameters": count_parameters(model), "teacher.checkpoint": key})
         start = time.perf_counter()
         result = train_model(
             model, CrossEntropyObjective(), train, val, settings, tokenizer.pad_token_id,
-            checkpoint_dir=cfg.path(cfg.runtime.workdir) / "checkpoints" / f"teacher-{run_id}",
-            on_epoch_end=tracking.curve_logger(),
-            desc="teacher",
+            checkpoint_dir=cfg.workdir / "checkpoints" / f"teacher-{key}",
+            on_epoch_end=epoch_callback(registry.curve_logger()), desc="teacher",
         )
         logits = predict_logits(model, val, tokenizer.pad_token_id, batch_size=128)
         metrics = classification_metrics(logits, val.labels.numpy(), len(labels))
         summary = {"val_accuracy": metrics["accuracy"], "val_macro_f1": metrics["macro_f1"], "val_ece": metrics["ece"],
-                   "train_seconds": time.perf_counter() - start, "best_epoch": result.best_epoch}
+                   "train_seconds": time.perf_counter() - start, "best_epoch": result.best_epoch,
+                   "resumed_from_epoch": result.resumed_from_epoch}
         mlflow.log_metrics(summary)
-    folder = save_classifier(model, tokenizer, cfg.path(cfg.runtime.workdir) / "teachers" / run_id)
-    logger.info("teacher fine-tuned: validation accuracy %.4f, macro-F1 %.4f (best epoch %d)",
-                summary["val_accuracy"], summary["val_macro_f1"], result.best_epoch)
-    return {"folder": str(folder), "metrics": summary}
+    folder = save_classifier(model, tokenizer, cfg.workdir / "teachers" / run_id)
+    logger.info("teacher fine-tuned: validation accuracy %.4f, macro-F1 %.4f (best epoch %d%s)",
+                summary["val_accuracy"], summary["val_macro_f1"], result.best_epoch,
+                f", resumed after epoch {result.resumed_from_epoch}" if result.resumed_from_epoch else "")
+    return str(folder), summary
 
 
 @task(name="register-teacher", cache_policy=NO_CACHE)
-def register_teacher(cfg: Config, run_id: str, folder: str, metrics: dict, snapshot_md5: str) -> str:
+def register_teacher(cfg: Config, snapshot: SnapshotRef, run_id: str, folder: str, metrics: dict) -> TeacherRef:
     """Log the teacher as a model, register a version with lineage tags, and move the alias to it last."""
     logger = get_run_logger()
-    revision = versioning.git_revision(Path(cfg.root))
-    with tracking.open_run(cfg, run_id):
-        info = tracking.log_classifier(Path(folder))
-        mlflow.set_tags({"data.snapshot_md5": snapshot_md5, "git.revision": revision})
-    tags = {"data.snapshot_md5": snapshot_md5, "git.revision": revision, "run_id": run_id,
-            "base_model": cfg.teacher.base_model, "config.hash": cfg.digest(),
-            **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()}}
+    revision = store.git_revision(Path(cfg.root))
+    with registry.open_run(cfg, run_id):
+        info = registry.log_classifier(Path(folder))
+        mlflow.set_tags({**snapshot.to_tags(), "git.revision": revision})
     name = cfg.teacher.registered_name
-    version = tracking.register_version(info.model_uri, name, tags)
-    tracking.set_alias(name, cfg.teacher.alias, version.version)  # last: a failure above leaves the alias alone
+    draft = TeacherRef(name=name, version="", run_id=run_id, folder=folder, base_model=cfg.teacher.base_model,
+                       snapshot_md5=snapshot.md5)
+    reg = registry.Registry.from_config(cfg)
+    version = reg.register(info.model_uri, name, draft.version_tags(revision, cfg.digest(), metrics))
+    reg.set_alias(name, cfg.teacher.alias, str(version.version))  # last: a failure above leaves the alias alone
     logger.info("registered %s version %s and moved @%s to it", name, version.version, cfg.teacher.alias)
-    return str(version.version)
+    return dataclasses.replace(draft, version=str(version.version))
+
+
+@task(name="resolve-teacher", cache_policy=NO_CACHE)
+def resolve_teacher(cfg: Config, version: str | None = None) -> TeacherRef:
+    """The registered teacher behind ``version`` (or the configured alias), downloaded to a local folder."""
+    registry.configure_tracking(cfg)
+    name = cfg.teacher.registered_name
+    mv = registry.Registry.from_config(cfg).resolve(name, version or cfg.teacher.alias)
+    folder = registry.download_classifier(mv, cfg.workdir / "registry")
+    return TeacherRef.from_version(name, str(mv.version), mv.run_id, mv.tags, str(folder))
+
+
+@task(name="current-teacher", cache_policy=NO_CACHE)
+def current_teacher_version(cfg: Config) -> str | None:
+    """The version behind ``teacher@alias``; None only when the registry says there is none (an unreachable
+    registry is an error, never "no teacher": that would bootstrap a second one)."""
+    registry.configure_tracking(cfg)
+    version = registry.Registry.from_config(cfg).alias_version(cfg.teacher.registered_name, cfg.teacher.alias)
+    return str(version.version) if version else None
 
 
 @task(name="start-run", cache_policy=NO_CACHE)
 def start_run(cfg: Config, run_name: str, tags: dict | None = None, parent_run_id: str | None = None) -> str:
-    return tracking.create_run(cfg, run_name, tags, parent_run_id)
-
-
-@task(name="teacher-exists", cache_policy=NO_CACHE)
-def teacher_exists(cfg: Config) -> str | None:
-    """The version behind ``teacher@alias``, or None when there is none yet."""
-    tracking.configure_tracking(cfg)
-    version = tracking.get_alias_version(cfg.teacher.registered_name, cfg.teacher.alias)
-    return str(version.version) if version else None
+    return registry.create_run(cfg, run_name, tags, parent_run_id)

@@ -52,15 +52,14 @@ def project(tmp_path: Path, tiny_teacher_dir: Path) -> Path:
 @pytest.fixture(scope="module")
 def teacher_project(tmp_path_factory: pytest.TempPathFactory, tiny_teacher_dir: Path, prefect_harness) -> Path:
     """A project with an ingested snapshot and a bootstrapped tiny teacher@production (shared by a module)."""
-    from flows.ingest import ingest_flow
-    from flows.teacher import teacher_flow
+    from tests.helpers import run_command
 
     root = make_project(tmp_path_factory.mktemp("project"), tiny_teacher_dir)
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     (root / ".gitignore").write_text("mlflow.db\nmlartifacts/\n.distillery/\nsource/\ntiny-teacher\n")
-    ingest_flow(str(root / "distillery.yaml"))
+    run_command(root / "distillery.yaml", "ingest")
     subprocess.run(["git", "add", "-A"], cwd=root, check=True)
     subprocess.run([*git, "commit", "-qm", "snapshot"], cwd=root, check=True)
-    teacher_flow(str(root / "distillery.yaml"))
+    run_command(root / "distillery.yaml", "teacher")
     return root

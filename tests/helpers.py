@@ -73,3 +73,11 @@ def write_config(root: Path, **sections: dict) -> Path:
     path = Path(root) / "distillery.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def run_command(config_path: Path | str, command: str = "distill", overrides: dict | None = None,
+                teacher_version: str | None = None, force: bool = False):  # noqa: ANN201 - distillery.records.RunResult
+    """One pipeline command through the one entry the CLI and the deployments use."""
+    from flows.pipeline import pipeline_flow
+
+    return pipeline_flow(str(config_path), overrides, command=command, teacher_version=teacher_version, force=force)

@@ -40,8 +40,12 @@ def test_digest_changes_with_a_knob_not_with_root():
         ({"student": {"init": "grow"}}, "student.init"),
         ({"student": {"layers": [1, 1]}}, "distinct"),
         ({"runtime": {"task_runner": "ray"}}, "runtime.task_runner"),
-        ({"distill": {"epochs": "many"}}, "distill.epochs: expected an integer"),
-        ({"teacher": {"learning_rate": [1]}}, "teacher.learning_rate: expected a number"),
+        ({"distill": {"epochs": "many"}}, "distill.epochs: Input should be a valid integer"),
+        ({"teacher": {"learning_rate": [1]}}, "teacher.learning_rate: Input should be a valid number"),
+        ({"teacher": {"group_by_length": "yes"}}, "teacher.group_by_length: Input should be a valid boolean"),
+        ({"data": {"snapshot_dir": "/tmp/elsewhere"}}, "data.snapshot_dir must be a folder inside the project"),
+        ({"data": {"snapshot_dir": "."}}, "data.snapshot_dir must be a folder inside the project"),
+        ({"runtime": {"lock": "redis"}}, "runtime.lock"),
         ({"distil": {}}, "unknown configuration key(s): distil"),
         ({"gate": {"max_latency": 0.5}}, "gate.max_latency"),
     ],
@@ -60,3 +64,12 @@ def test_cli_override_syntax():
     assert parse_override_args(["a.b=1", "c.d=[1, 2]"]) == {"a.b": "1", "c.d": "[1, 2]"}
     with pytest.raises(ConfigError, match="section.key=value"):
         parse_override_args(["novalue"])
+
+
+def test_config_is_frozen_and_typed():
+    import pydantic
+
+    cfg = config_from_dict({"student": {"layers": [0, 3]}})
+    assert cfg.student.layers == (0, 3)
+    with pytest.raises(pydantic.ValidationError):
+        cfg.student.init = "config"  # one load per run: nobody downstream can change what was loaded

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import mlflow
@@ -9,8 +10,7 @@ import pytest
 from mlflow import MlflowClient
 
 from distillery.config import load_config
-from flows.distill import distill_flow
-from flows.runners import task_runner_for
+from tests.helpers import run_command
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -27,23 +27,23 @@ def _client(project: Path) -> MlflowClient:
 def test_good_student_is_promoted_then_a_crippled_one_is_refused(teacher_project: Path):
     cfg_path = str(teacher_project / "distillery.yaml")
     client = _client(teacher_project)
-    good = distill_flow(cfg_path)
-    assert good["decision"]["passed"] is True and good["decision"]["version"] == "1"
+    good = run_command(cfg_path)
+    assert good.decision.passed is True and good.decision.version == "1"
     version = client.get_model_version_by_alias("student", "champion")
     assert str(version.version) == "1"
     tags = version.tags
     assert tags["teacher.version"] == "1" and tags["teacher.name"] == "teacher"
-    assert tags["data.snapshot_md5"] == good["snapshot_md5"]
+    assert tags["data.snapshot_md5"] == good.snapshot.md5
     assert tags["config.hash"] == load_config(cfg_path).digest()
     assert tags["gx.success"] == "true" and tags["gate.decision"] == "promoted" and tags["deploy.form"] == "int8"
-    assert float(tags["metric.accuracy"]) == pytest.approx(good["evaluation"]["metrics"]["student_int8"]["accuracy"],
+    assert float(tags["metric.accuracy"]) == pytest.approx(good.evaluation.metrics["student_int8"]["accuracy"],
                                                           abs=1e-5)
-    assert "model_card.md" in {a.path for a in client.list_artifacts(good["run_id"])}
-    card = mlflow.artifacts.load_text(f"runs:/{good['run_id']}/model_card.md")
-    assert "PROMOTED" in card and good["snapshot_md5"] in card
+    assert "model_card.md" in {a.path for a in client.list_artifacts(good.run_id)}
+    card = mlflow.artifacts.load_text(f"runs:/{good.run_id}/model_card.md")
+    assert "PROMOTED" in card and good.snapshot.md5 in card and "student v1" in card
 
     # one parent evaluation run with a nested run per candidate, and the plots
-    eval_run = good["evaluation"]["run_id"]
+    eval_run = good.evaluation.run_id
     nested = client.search_runs([client.get_run(eval_run).info.experiment_id],
                                 f"tags.mlflow.parentRunId = '{eval_run}'")
     assert {r.data.tags["candidate"] for r in nested} == {"teacher_fp32", "teacher_int8", "student_fp32",
@@ -58,17 +58,17 @@ def test_good_student_is_promoted_then_a_crippled_one_is_refused(teacher_project
 
     # the baseline holds no teacher knowledge: its layers came from the teacher's base model before fine-tuning
     weights = {r.data.tags["candidate"]: r.data.params["student.weights_from"] for r in client.search_runs(
-        [client.get_run(good["run_id"]).info.experiment_id],
-        f"tags.mlflow.parentRunId = '{good['run_id']}' and tags.stage = 'train-student'")}
+        [client.get_run(good.run_id).info.experiment_id],
+        f"tags.mlflow.parentRunId = '{good.run_id}' and tags.stage = 'train-student'")}
     assert weights == {"distilled": "teacher (layers [0])", "baseline": "base model tiny-teacher (layers [0], before fine-tuning)"}
 
-    bad = distill_flow(cfg_path, overrides=CRIPPLED)
-    assert bad["decision"]["passed"] is False and bad["decision"]["version"] is None
-    assert any(r.startswith("FAIL accuracy_vs_int8_teacher") for r in bad["decision"]["reasons"])
-    assert any(r.startswith("FAIL accuracy_vs_champion") for r in bad["decision"]["reasons"])
+    bad = run_command(cfg_path, overrides=CRIPPLED)
+    assert bad.decision.passed is False and bad.decision.version is None
+    assert any(r.startswith("FAIL accuracy_vs_int8_teacher") for r in bad.decision.reasons)
+    assert any(r.startswith("FAIL accuracy_vs_champion") for r in bad.decision.reasons)
     assert str(client.get_model_version_by_alias("student", "champion").version) == "1"
     assert [str(v.version) for v in client.search_model_versions("name='student'")] == ["1"]
-    run = client.get_run(bad["run_id"])
+    run = client.get_run(bad.run_id)
     assert run.data.tags["gate.decision"] == "rejected" and "accuracy_vs_int8_teacher" in run.data.tags["gate.failed"]
 
 
@@ -76,37 +76,36 @@ def test_sweep_runs_on_dask_and_picks_the_best(teacher_project: Path):
     cfg_path = str(teacher_project / "distillery.yaml")
     overrides = {"distill.sweep.temperature": "[1.0, 3.0]", "runtime.task_runner": "dask", "distill.epochs": 2,
                  "gate.champion_tolerance": 1.0}
-    cfg = load_config(cfg_path, overrides)
-    out = distill_flow.with_options(task_runner=task_runner_for(cfg))(cfg_path, overrides)
+    out = run_command(cfg_path, overrides=overrides)
     client = _client(teacher_project)
-    children = client.search_runs([client.get_run(out["run_id"]).info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{out['run_id']}' and tags.stage = 'train-student'")
+    children = client.search_runs([client.get_run(out.run_id).info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{out.run_id}' and tags.stage = 'train-student'")
     names = sorted(r.info.run_name for r in children)
     assert names == ["baseline", "distill-T1.0-kd0.8", "distill-T3.0-kd0.8"]
     best_score = max(r.data.metrics["val_macro_f1"] for r in children if r.info.run_name != "baseline")
-    assert out["best"]["val_macro_f1"] == pytest.approx(best_score)
+    assert out.best.val_macro_f1 == pytest.approx(best_score)
 
 
 def test_lineage_skip_watch_and_rollback(teacher_project: Path):
-    from flows.watch import watch_flow
-    from tasks.lineage import lineage_of, rollback_champion, verify_lineage
-    from tasks.versioning import snapshot_md5
+    from distillery.integrations.store import snapshot_md5
+    from flows.admin import lineage_of, rollback_champion, verify_lineage
+    from flows.pipeline import watch_flow
 
     cfg_path = str(teacher_project / "distillery.yaml")
     cfg = load_config(cfg_path)
     client = _client(teacher_project)
     # whatever the earlier tests left, promote one more time from the plain config
-    forced = distill_flow(cfg_path, overrides={"gate.champion_tolerance": 1.0}, force=True)
-    assert forced["decision"]["passed"]
+    forced = run_command(cfg_path, overrides={"gate.champion_tolerance": 1.0}, force=True)
+    assert forced.decision.passed
     cfg_tol = load_config(cfg_path, {"gate.champion_tolerance": 1.0})
 
     # unchanged teacher, data and config: nothing to do, and it says so
-    again = distill_flow(cfg_path, overrides={"gate.champion_tolerance": 1.0})
-    assert again["skipped"] is True and again["champion_version"] == forced["decision"]["version"]
+    again = run_command(cfg_path, overrides={"gate.champion_tolerance": 1.0})
+    assert again.skipped is True and again.decision.champion_version == forced.decision.version
 
     info = lineage_of(cfg_tol, "student@champion")
     md5 = snapshot_md5(teacher_project / "data.dvc")
-    assert info["version"] == forced["decision"]["version"] and "champion" in info["aliases"]
+    assert info["version"] == forced.decision.version and "champion" in info["aliases"]
     assert info["data"]["snapshot_md5"] == md5 and info["teacher"]["version"] == "1"
     assert info["data"]["git_commit_with_data_dvc"] is not None
     assert info["validation"]["gx_success"] == "true" and info["gate"]["decision"] == "promoted"
@@ -121,32 +120,28 @@ def test_lineage_skip_watch_and_rollback(teacher_project: Path):
 
     # watch: up to date -> nothing; a new teacher alias -> a re-distill event
     assert watch_flow(cfg_path)["changed"] is False
-    from flows.teacher import teacher_flow
-
-    new_teacher = teacher_flow(cfg_path)["version"]
+    new_teacher = run_command(cfg_path, "teacher").teacher.version
     change = watch_flow(cfg_path)
     assert change["changed"] is True and change["teacher_version"] == new_teacher
     assert f"-> v{new_teacher}" in change["reason"] and change["event_id"]
 
     # the re-distillation that event requests promotes a student of the new teacher
-    redistilled = distill_flow(cfg_path, overrides={"gate.champion_tolerance": 1.0}, teacher_version=new_teacher)
-    assert redistilled["decision"]["passed"] and redistilled["teacher"]["version"] == new_teacher
+    redistilled = run_command(cfg_path, overrides={"gate.champion_tolerance": 1.0}, teacher_version=new_teacher)
+    assert redistilled.decision.passed and redistilled.teacher.version == new_teacher
     assert watch_flow(cfg_path)["changed"] is False
 
     # new data counts too: a changed source gives a new snapshot that the watch reports
-    from flows.ingest import ingest_flow
-
     with open(teacher_project / "source" / "train.csv", "a") as f:
         f.write("my new card still has not come in the post,card_arrival\n")
-    new_md5 = ingest_flow(cfg_path)["snapshot_md5"]
+    new_md5 = run_command(cfg_path, "ingest").snapshot.md5
     data_change = watch_flow(cfg_path)
     assert data_change["changed"] is True and new_md5 in data_change["reason"]
 
     # rollback moves the champion to the previous promoted version and records why
     current = str(client.get_model_version_by_alias("student", "champion").version)
-    assert current == redistilled["decision"]["version"]
+    assert current == redistilled.decision.version
     retired, restored = rollback_champion(cfg, "bad canary")
-    assert retired == current and restored == forced["decision"]["version"]
+    assert retired == current and restored == forced.decision.version
     assert str(client.get_model_version_by_alias("student", "champion").version) == restored
     assert client.get_model_version("student", retired).tags["rollback.reason"] == "bad canary"
 
@@ -162,10 +157,9 @@ def test_pretrained_student_reads_with_its_own_tokenizer(teacher_project: Path, 
                  "distill.learning_rate": 3e-3, "distill.epochs": 10, "distill.patience": 10,
                  # the tiny teacher is underconfident (ECE ~0.5): give the random-init student the hard labels too
                  "distill.kd_weight": 0.5, "distill.ce_weight": 0.5, "distill.temperature": 1.0}
-    out = distill_flow(str(teacher_project / "distillery.yaml"), overrides=overrides)
-    assert len(load_tokenizer(Path(out["best"]["folder"]))) == len(load_tokenizer(other))
-    assert out["evaluation"]["metrics"]["student_fp32"]["parameters"] <= \
-        out["evaluation"]["metrics"]["teacher_fp32"]["parameters"]
+    out = run_command(teacher_project / "distillery.yaml", overrides=overrides)
+    assert len(load_tokenizer(Path(out.best.folder))) == len(load_tokenizer(other))
+    assert out.evaluation.metrics["student_fp32"]["parameters"] <= out.evaluation.metrics["teacher_fp32"]["parameters"]
     # the harness read the test split through the student's own tokenizer: recomputing it that way agrees exactly
     from models.data import read_snapshot
     from models.metrics import classification_metrics
@@ -175,9 +169,9 @@ def test_pretrained_student_reads_with_its_own_tokenizer(teacher_project: Path, 
     splits, labels = read_snapshot(teacher_project / "data")
     tokenizer = load_tokenizer(other)
     data = encode(tokenizer, splits["test"]["text"].tolist(), 16, splits["test"]["label_id"].tolist())
-    logits = predict_logits(load_classifier(Path(out["best"]["folder"])), data, tokenizer.pad_token_id)
+    logits = predict_logits(load_classifier(Path(out.best.folder)), data, tokenizer.pad_token_id)
     accuracy = classification_metrics(logits, data.labels.numpy(), len(labels))["accuracy"]
-    assert out["evaluation"]["metrics"]["student_fp32"]["accuracy"] == pytest.approx(accuracy)
+    assert out.evaluation.metrics["student_fp32"]["accuracy"] == pytest.approx(accuracy)
     assert accuracy >= 0.5  # above the 0.25 of chance on four balanced classes
 
 
@@ -189,8 +183,8 @@ def test_overlapping_runs_are_serialised_and_promote_once(teacher_project: Path)
     client = _client(teacher_project)
     before = len(client.search_model_versions("name='student'"))
     with ThreadPoolExecutor(2) as pool:
-        runs = list(pool.map(lambda _: distill_flow(cfg_path, overrides=overrides), range(2)))
-    assert sorted(r["skipped"] for r in runs) == [False, True]  # the second waited, then found nothing to do
+        runs = list(pool.map(lambda _: run_command(cfg_path, overrides=overrides), range(2)))
+    assert sorted(r.skipped for r in runs) == [False, True]  # the second waited, then found nothing to do
     assert len(client.search_model_versions("name='student'")) == before + 1
 
 
@@ -199,13 +193,13 @@ def test_baseline_is_cut_from_the_base_model_or_says_why_not(teacher_project: Pa
 
     from models.modeling import build_tiny_model, encoder_layers, load_classifier
     from tasks.distill import baseline_source
-    from tasks.labelling import resolve_teacher
+    from tasks.teacher import resolve_teacher
     from tests.helpers import LABELS, make_frames
 
     cfg = load_config(teacher_project / "distillery.yaml")
     teacher = resolve_teacher.fn(cfg)
-    assert teacher["base_model"] == "tiny-teacher"  # recorded on the registered teacher version
-    teacher_model = load_classifier(Path(teacher["folder"]))
+    assert teacher.base_model == "tiny-teacher"  # recorded on the registered teacher version
+    teacher_model = load_classifier(Path(teacher.folder))
     base_model = load_classifier(teacher_project / "tiny-teacher")
     source, note = baseline_source(cfg, teacher_model, teacher, LABELS)
     assert note.startswith("base model tiny-teacher")
@@ -218,7 +212,8 @@ def test_baseline_is_cut_from_the_base_model_or_says_why_not(teacher_project: Pa
 
     train, _ = make_frames()
     other = build_tiny_model(tmp_path / "other", train["text"], LABELS, vocab_words=99)
-    source, note = baseline_source(cfg, teacher_model, {**teacher, "base_model": str(other)}, LABELS)
+    source, note = baseline_source(cfg, teacher_model, dataclasses.replace(teacher, base_model=str(other)), LABELS)
     assert source is teacher_model and "differs from the teacher in vocab_size" in note
-    source, note = baseline_source(cfg, teacher_model, {**teacher, "base_model": str(tmp_path / "absent")}, LABELS)
+    source, note = baseline_source(cfg, teacher_model, dataclasses.replace(teacher, base_model=str(tmp_path / "absent")),
+                                   LABELS)
     assert source is teacher_model and "unavailable" in note

@@ -27,9 +27,70 @@ def test_models_is_pure_code():
         assert not bad, f"{path.name} imports {bad}: models/ must stay pure torch/transformers/pandas code"
 
 
+def _project_imports(path: Path) -> set[str]:
+    """Dotted project modules a file imports (``distillery.config``, ``tasks.gate``, ...)."""
+    tree = ast.parse(path.read_text())
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        out |= {n for n in names if n.split(".")[0] in {"distillery", "models", "tasks", "flows"}}
+    return out
+
+
+# The layers, bottom to top: each may import only from layers below it (and from its own).
+LAYERS = [
+    {"distillery.config", "distillery.records", "distillery.faults"},
+    {"models"},
+    {"distillery.integrations"},
+    {"tasks"},
+    {"flows"},
+    {"distillery.cli", "distillery.__main__"},
+]
+
+
+def _layer_of(module: str) -> int:
+    for i, layer in enumerate(LAYERS):
+        if any(module == m or module.startswith(m + ".") for m in layer):
+            return i
+    return -1  # the package markers themselves (``distillery``, ``distillery.integrations`` as a package)
+
+
 def test_imports_go_one_way():
+    """config/records at the bottom, then models, integrations, tasks, flows, and the CLI at the top."""
+    problems = []
+    for folder in ("distillery", "distillery/integrations", "models", "tasks", "flows"):
+        for path in sorted((ROOT / folder).glob("*.py")):
+            module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+            own = _layer_of(module)
+            for imported in _project_imports(path):
+                theirs = _layer_of(imported)
+                if theirs > own:
+                    problems.append(f"{module} (layer {own}) imports {imported} (layer {theirs})")
+    assert not problems, "\n".join(problems)
+
+
+def test_cli_calls_flows_only():
+    """The CLI runs flows (and the admin functions beside them); it wires no task itself."""
+    imported = {m.split(".")[0] for m in _project_imports(ROOT / "distillery" / "cli.py")}
+    assert "tasks" not in imported, imported
+
+
+def test_tasks_define_tasks_and_integrations_live_in_one_home():
     for path in sorted((ROOT / "tasks").glob("*.py")):
-        assert "flows" not in _imports(path), f"tasks/{path.name} imports flows"
+        if path.stem != "__init__":
+            assert "@task(" in path.read_text(), f"tasks/{path.name} defines no Prefect task"
+    homes = {"mlflow": "registry.py", "great_expectations": "expectations.py"}
+    for path in sorted(ROOT.glob("*/*.py")) + sorted(ROOT.glob("distillery/integrations/*.py")):
+        if path.parts[-2] in ("tests", "benchmarks", ".venv"):
+            continue
+        for library, home in homes.items():
+            if library in _imports(path) and path.name != home and path.parent.name != "tasks":
+                raise AssertionError(f"{path.relative_to(ROOT)} imports {library}: its home is {home}")
 
 
 def test_importing_models_loads_no_orchestration_or_tracking():
@@ -45,7 +106,8 @@ def test_no_side_effects_at_import(tmp_path):
     work = tmp_path / "work"
     home.mkdir()
     work.mkdir()
-    modules = [f"{p.parent.name}.{p.stem}" for d in ("models", "tasks", "flows", "distillery")
+    modules = [".".join(p.relative_to(ROOT).with_suffix("").parts)
+               for d in ("models", "tasks", "flows", "distillery", "distillery/integrations")
                for p in sorted((ROOT / d).glob("*.py")) if p.stem != "__init__"]
     code = "import importlib, sys; [importlib.import_module(m) for m in sys.argv[1:]]"
     subprocess.run([sys.executable, "-c", code, *modules], cwd=work, check=True,
@@ -54,7 +116,9 @@ def test_no_side_effects_at_import(tmp_path):
 
 
 def test_no_remote_code_or_pickle_weights():
-    for path in list((ROOT / "models").glob("*.py")) + list((ROOT / "tasks").glob("*.py")):
+    for path in [p for d in ("models", "tasks", "flows", "distillery", "distillery/integrations")
+                 for p in (ROOT / d).glob("*.py")]:
         text = path.read_text()
         assert "trust_remote_code=True" not in text, path
         assert "from_pretrained(" not in text or "local_files_only=True" in text, path
+        assert "weights_only=False" not in text, path

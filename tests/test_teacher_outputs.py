@@ -14,8 +14,8 @@ from mlflow import MlflowClient
 from distillery.config import ValidationConfig, load_config
 from models.labelling import build_outputs, read_outputs, shard_bounds, teacher_logits, validation_tables, write_outputs
 from models.modeling import load_classifier, load_tokenizer
-from tasks.validation import ValidationFailed, validate_teacher_outputs
-from tests.helpers import LABELS, make_frames
+from distillery.integrations.expectations import ValidationFailed, validate_teacher_outputs
+from tests.helpers import run_command, LABELS, make_frames
 
 # ---------------------------------------------------------------- data tier: the suites on fixtures
 
@@ -111,66 +111,60 @@ def test_shards_give_the_same_outputs_as_one_pass(tiny_teacher_dir):
 @pytest.mark.usefixtures("prefect_harness")
 class TestLabelFlow:
     def test_first_run_labels_second_is_a_cache_hit(self, teacher_project: Path):
-        from flows.label import label_flow
-
         cfg_path = str(teacher_project / "distillery.yaml")
-        first = label_flow(cfg_path)
-        assert first["cache_hit"] is False
-        assert first["validation"]["success"] is True
-        df = read_outputs(first["path"])
+        first = run_command(cfg_path, "label").outputs
+        assert first.cache_hit is False
+        assert first.validation.success is True
+        df = read_outputs(first.path)
         assert len(df) == 160 and set(df["split"]) == {"train", "validation"}
-        meta = json.loads((Path(first["path"]).parent / "meta.json").read_text())
-        assert meta["teacher"]["version"] == "1" and meta["run_id"] == first["run_id"]
+        meta = json.loads((Path(first.path).parent / "meta.json").read_text())
+        assert meta["teacher"]["version"] == "1" and meta["run_id"] == first.run_id
 
-        second = label_flow(cfg_path)
-        assert second["cache_hit"] is True and second["path"] == first["path"]
-        assert second["seconds"] < first["seconds"]
+        second = run_command(cfg_path, "label").outputs
+        assert second.cache_hit is True and second.path == first.path
+        assert second.seconds < first.seconds
 
         cfg = load_config(cfg_path)
         mlflow.set_tracking_uri(cfg.tracking.uri)
         client = MlflowClient()
-        made = client.get_run(first["run_id"])
+        made = client.get_run(first.run_id)
         assert made.data.tags["teacher_outputs.cache_hit"] == "false"
         assert made.data.tags["gx.success"] == "true"
-        artifacts = {a.path for a in client.list_artifacts(first["run_id"], "teacher_outputs")}
+        artifacts = {a.path for a in client.list_artifacts(first.run_id, "teacher_outputs")}
         assert "teacher_outputs/outputs.parquet" in artifacts
-        assert client.list_artifacts(first["run_id"], "data_docs")
-        hit = client.get_run(second["run_id"])
+        assert client.list_artifacts(first.run_id, "data_docs")
+        hit = client.get_run(second.run_id)
         assert hit.data.tags["teacher_outputs.cache_hit"] == "true"
-        assert hit.data.tags["teacher_outputs.source_run"] == first["run_id"]
+        assert hit.data.tags["teacher_outputs.source_run"] == first.run_id
 
     def test_dask_shards_give_the_same_outputs(self, teacher_project: Path, tmp_path: Path):
-        from flows.label import label_flow
-        from flows.runners import task_runner_for
-
         cfg_path = str(teacher_project / "distillery.yaml")
-        threads = label_flow(cfg_path, {"labelling.cache_dir": str(tmp_path / "a"), "labelling.shards": 1})
+        threads = run_command(cfg_path, "label", {"labelling.cache_dir": str(tmp_path / "a"),
+                                                  "labelling.shards": 1}).outputs
         overrides = {"labelling.cache_dir": str(tmp_path / "b"), "labelling.shards": 3, "runtime.task_runner": "dask"}
-        dask = label_flow.with_options(task_runner=task_runner_for(load_config(cfg_path, overrides)))(cfg_path, overrides)
-        assert dask["cache_hit"] is False and dask["key"] == threads["key"]
-        a, b = read_outputs(threads["path"]), read_outputs(dask["path"])
+        dask = run_command(cfg_path, "label", overrides).outputs
+        assert dask.cache_hit is False and dask.key == threads.key
+        a, b = read_outputs(threads.path), read_outputs(dask.path)
         assert list(a["id"]) == list(b["id"]) and list(a["predicted_label"]) == list(b["predicted_label"])
         np.testing.assert_allclose(np.stack(a["logits"]), np.stack(b["logits"]), rtol=0, atol=1e-5)
-        assert json.loads((Path(dask["path"]).parent / "meta.json").read_text())["shards"] == 3
+        assert json.loads((Path(dask.path).parent / "meta.json").read_text())["shards"] == 3
 
     def test_transfer_set_is_labelled_too(self, teacher_project: Path):
-        from flows.label import label_flow
-
         (teacher_project / "transfer.csv").write_text("text\nmy pin is locked again\nrate for euro today\n")
-        out = label_flow(str(teacher_project / "distillery.yaml"), {"data.transfer_set": "transfer.csv"})
-        df = read_outputs(out["path"])
-        assert out["cache_hit"] is False
+        out = run_command(teacher_project / "distillery.yaml", "label", {"data.transfer_set": "transfer.csv"}).outputs
+        df = read_outputs(out.path)
+        assert out.cache_hit is False
         assert (df["split"] == "transfer").sum() == 2 and (df.loc[df["split"] == "transfer", "label_id"] == -1).all()
 
     def test_corrupted_teacher_is_stopped_with_a_readable_error(self, teacher_project: Path, tmp_path: Path):
-        from flows.label import label_flow
-        from tasks import tracking
+        from distillery.integrations import registry
 
         cfg = load_config(teacher_project / "distillery.yaml")
         # register a NaN-emitting teacher version (and a new version means a cache miss)
-        tracking.configure_tracking(cfg)
-        good = tracking.resolve_version("teacher", "production")
-        folder = tracking.download_classifier(good, tmp_path / "dl")
+        registry.configure_tracking(cfg)
+        reg = registry.Registry.from_config(cfg)
+        good = reg.resolve("teacher", "production")
+        folder = registry.download_classifier(good, tmp_path / "dl")
         model, tokenizer = load_classifier(folder), load_tokenizer(folder)
         with torch.no_grad():
             model.classifier.bias[:] = float("nan")
@@ -178,11 +172,11 @@ class TestLabelFlow:
         model.save_pretrained(bad_dir)
         tokenizer.save_pretrained(bad_dir)
         with mlflow.start_run():
-            info = tracking.log_classifier(bad_dir)
-        bad = tracking.register_version(info.model_uri, "teacher", {"note": "corrupted"})
+            info = registry.log_classifier(bad_dir)
+        bad = reg.register(info.model_uri, "teacher", {"note": "corrupted"})
 
         with pytest.raises(ValidationFailed) as caught:
-            label_flow(str(teacher_project / "distillery.yaml"), teacher_version=str(bad.version))
+            run_command(teacher_project / "distillery.yaml", "label", teacher_version=str(bad.version))
         message = str(caught.value)
         assert "all_finite" in message and "nothing registered" in message
-        assert str(tracking.resolve_version("teacher", "production").version) == str(good.version)
+        assert str(reg.resolve("teacher", "production").version) == str(good.version)

@@ -11,21 +11,33 @@ import urllib.request
 import pytest
 from mlflow.webhooks.delivery import _generate_hmac_signature
 
-from distillery.webhook import make_handler, serve, verify
+from distillery.integrations.webhook import create_app, verify
 
 SECRET = "test-secret"
 
 
 @pytest.fixture()
 def receiver():
+    """The real app on a real uvicorn server on a loopback port."""
+    import socket
+
+    import uvicorn
+
     calls: list[tuple[str, str]] = []
-    server = serve("127.0.0.1", 0, make_handler(SECRET, "teacher", "production",
-                                                lambda v, why: calls.append((v, why)) or "event-1"))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    app = create_app(SECRET, "teacher", "production", lambda v, why: calls.append((v, why)) or "event-1",
+                     max_body_bytes=4096)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/", calls
-    server.shutdown()
-    server.server_close()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/", calls
+    server.should_exit = True
+    thread.join(10)
 
 
 def _post(url: str, message: dict, secret: str = SECRET, timestamp: int | None = None) -> tuple[int, dict]:
@@ -68,3 +80,21 @@ def test_other_models_and_aliases_are_ignored(receiver):
 
 def test_verify_rejects_missing_headers():
     assert verify(SECRET, {}, "{}") == "missing signature headers"
+
+
+def test_oversized_body_is_refused_before_it_is_read(receiver):
+    """A large body, or a Content-Length that claims one, gets 413 and emits nothing."""
+    import http.client
+
+    url, calls = receiver
+    big = _alias()
+    big["data"]["padding"] = "x" * 10_000
+    assert _post(url, big)[0] == 413
+    port = int(url.rsplit(":", 1)[1].strip("/"))
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.putrequest("POST", "/")
+    conn.putheader("Content-Length", str(10**12))  # claims a terabyte, sends nothing
+    conn.endheaders()
+    assert conn.getresponse().status == 413
+    conn.close()
+    assert calls == []

@@ -7,6 +7,7 @@ is configuration only. Every failure ends in a VersioningError that says what to
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -25,12 +26,22 @@ def _env() -> dict[str, str]:
     return {**os.environ, "DVC_NO_ANALYTICS": "1"}
 
 
+_DVC_NOISE = ("Having any troubles?", "Hit us up at", "https://dvc.org/support", "discord.com", "support@dvc.org")
+
+
+def dvc_reason(output: str) -> str:
+    """DVC's own explanation of a failure, without its support banner (which is not what a user should read)."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    lines = [line for line in lines if not any(noise in line for noise in _DVC_NOISE) and set(line) - set("-+|")]
+    errors = [line.removeprefix("ERROR:").strip() for line in lines if line.startswith("ERROR")]
+    return "; ".join(errors or lines[-3:]) or "no reason given"
+
+
 def run_dvc(repo: Path, *args: str) -> str:
-    """Run ``dvc ARGS`` in ``repo``; return stdout or raise VersioningError with DVC's own message."""
+    """Run ``dvc ARGS`` in ``repo``; return stdout or raise VersioningError with DVC's own reason."""
     proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=_env(), capture_output=True, text=True)
     if proc.returncode != 0:
-        detail = (proc.stderr or proc.stdout).strip().splitlines()
-        raise VersioningError(f"`dvc {' '.join(args)}` failed in {repo}: {' '.join(detail[-3:])}")
+        raise VersioningError(f"`dvc {' '.join(args)}` failed in {repo}: {dvc_reason(proc.stderr + proc.stdout)}")
     return proc.stdout
 
 
@@ -68,13 +79,91 @@ def snapshot_md5(dvc_file: Path) -> str:
         raise VersioningError(f"{dvc_file} is not a valid .dvc file (no outs[0].md5)") from None
 
 
-def track_and_push(repo: Path, folder: Path, remote_name: str) -> str:
-    """``dvc add`` the folder, push it to the remote, and return the snapshot md5."""
-    repo, folder = Path(repo), Path(folder)
+def publish_snapshot(repo: Path, staged: Path, folder: Path, remote_name: str) -> str:
+    """Make ``staged`` the tracked snapshot ``folder``: ``dvc add`` it and push it, all or nothing.
+
+    The old folder and its .dvc file are kept aside until the push has succeeded; on any failure (remote unreachable,
+    disk full, DVC error) both are put back, so ``data/`` and ``data.dvc`` never name a snapshot that no remote holds.
+    Returns the new snapshot md5.
+    """
+    repo, staged, folder = Path(repo), Path(staged), Path(folder)
+    rel = os.path.relpath(folder, repo)
+    dvc_file = repo / f"{rel}.dvc"
+    old_text = dvc_file.read_text() if dvc_file.is_file() else None
+    aside = folder.with_name(folder.name + ".previous")
+    shutil.rmtree(aside, ignore_errors=True)
+    if folder.exists():
+        folder.rename(aside)
+    try:
+        shutil.move(str(staged), str(folder))
+        run_dvc(repo, "add", "-q", rel)
+        run_dvc(repo, "push", "-q", "-r", remote_name, f"{rel}.dvc")
+        md5 = snapshot_md5(dvc_file)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        if aside.exists():
+            aside.rename(folder)
+        if old_text is None:
+            dvc_file.unlink(missing_ok=True)
+        else:
+            dvc_file.write_text(old_text)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+    return md5
+
+
+def push_snapshot(repo: Path, folder: Path, remote_name: str) -> str:
+    """``dvc add`` + ``dvc push`` the folder as it is (re-publishing an unchanged snapshot); returns its md5."""
     rel = os.path.relpath(folder, repo)
     run_dvc(repo, "add", "-q", rel)
     run_dvc(repo, "push", "-q", "-r", remote_name, f"{rel}.dvc")
-    return snapshot_md5(repo / f"{rel}.dvc")
+    return snapshot_md5(Path(repo) / f"{rel}.dvc")
+
+
+def dir_md5(folder: Path) -> str:
+    """DVC's content hash of a folder (``<md5>.dir``), computed from the bytes on disk.
+
+    DVC 3 hashes each file's bytes with md5, lists ``{"md5", "relpath"}`` sorted by path and hashes that list's JSON
+    (``json.dumps(..., sort_keys=True)``); this gives the value ``dvc add`` writes into the .dvc file.
+    """
+    folder = Path(folder)
+    entries = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest = hashlib.md5()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        entries.append({"md5": digest.hexdigest(), "relpath": path.relative_to(folder).as_posix()})
+    entries.sort(key=lambda e: e["relpath"])
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
+
+
+def freeze_snapshot(folder: Path, dvc_file: Path, frozen_root: Path) -> tuple[str, Path]:
+    """Copy the tracked snapshot into ``frozen_root/<md5>`` and check the copy hashes to the md5 ``dvc_file`` records.
+
+    What a run reads is that copy, so a rewrite of ``folder`` during the run (an ingest, an editor) cannot change the
+    bytes behind the md5 it records. Raises VersioningError when ``folder`` does not match ``dvc_file``.
+    """
+    expected = snapshot_md5(dvc_file)
+    target = Path(frozen_root) / expected.removesuffix(".dir")
+    if target.is_dir() and dir_md5(target) == expected:
+        return expected, target
+    partial = target.with_name(target.name + f".partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    if not Path(folder).is_dir():
+        raise VersioningError(f"{folder} is missing: run `distillery ingest`, or `dvc pull {dvc_file.name}`")
+    shutil.copytree(folder, partial)
+    got = dir_md5(partial)
+    if got != expected:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise VersioningError(
+            f"{folder} does not hold the snapshot {dvc_file.name} records: its files hash to {got}, {dvc_file.name} "
+            f"says {expected}. Run `distillery ingest` to version what is there, or `dvc checkout {dvc_file.name}` "
+            f"to restore the recorded snapshot."
+        )
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+    return expected, target
 
 
 def dvc_file_for(repo: Path, folder: Path) -> Path:

@@ -1,5 +1,9 @@
 """MLflow: the one home of experiment tracking and the model registry.
 
+The registry is reached through ``Registry``, an adapter around an explicit ``MlflowClient`` that tells "not there"
+(``None`` / ``NotFound``) from "cannot tell" (``RegistryUnavailable``, after retries with backoff): a store that does
+not answer is never read as an empty registry, so no decision is made on missing facts.
+
 Models are logged as MLflow pyfunc models that carry the transformers classifier folder (safetensors weights +
 tokenizer) as an artifact, so ``mlflow.pyfunc.load_model("models:/student@champion").predict([...])`` serves
 them anywhere, and the pipeline itself downloads the same folder to run torch on it.
@@ -8,9 +12,11 @@ them anywhere, and the pipeline itself downloads the same folder to run torch on
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
@@ -25,13 +31,132 @@ from mlflow.pyfunc import PythonModel
 
 from distillery.config import Config
 
+logger = logging.getLogger(__name__)
+
 CLASSIFIER_ARTIFACT = "classifier"
+PER_CLASS_FILE = "per_class_f1.json"
 SERVING_FILE = "distillery-serving.json"
 PIP_REQUIREMENTS = ["torch==2.13.0", "transformers==5.23.0", "pandas"]
 
 
 class TrackingError(RuntimeError):
     """MLflow is unreachable or the registry lacks what was asked for; the message says what to do."""
+
+
+class NotFound(TrackingError):
+    """The registry answered: the model, version or alias does not exist."""
+
+
+class RegistryUnavailable(TrackingError):
+    """The tracking/registry store did not answer (after retries): nothing can be concluded from it."""
+
+
+_NOT_FOUND_CODES = {"RESOURCE_DOES_NOT_EXIST"}
+
+
+def _is_not_found(exc: BaseException) -> bool:
+    """MLflow's own word that a thing does not exist (a missing alias comes as INVALID_PARAMETER_VALUE)."""
+    if not isinstance(exc, MlflowException):
+        return False
+    return exc.error_code in _NOT_FOUND_CODES or (
+        exc.error_code == "INVALID_PARAMETER_VALUE" and "alias" in str(exc) and "not found" in str(exc))
+
+
+class Registry:
+    """The model registry (and run lookups) through one explicit client, with faults classified and retried.
+
+    Reads and idempotent writes (tags, aliases, deletes) are retried ``retries`` times with exponential backoff when
+    the store does not answer; creating a version is not retried (a retry could register it twice).
+    """
+
+    def __init__(self, uri: str, retries: int = 3, backoff_s: float = 1.0):
+        self.uri = uri
+        self.retries = max(1, retries)
+        self.backoff_s = backoff_s
+        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "Registry":
+        return cls(tracking_uri(cfg), cfg.tracking.retries, cfg.tracking.retry_backoff_s)
+
+    def _call(self, what: str, fn: Callable[[], Any], retry: bool = True) -> Any:
+        """Run ``fn``; NotFound when MLflow says the thing does not exist, RegistryUnavailable when it cannot answer."""
+        attempts = self.retries if retry else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                return fn()
+            except Exception as exc:  # noqa: BLE001 - every failure is classified below
+                if _is_not_found(exc):
+                    raise NotFound(f"{what}: {str(exc).splitlines()[0]}") from None
+                if isinstance(exc, MlflowException) and exc.error_code in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST"):
+                    raise TrackingError(f"{what}: {str(exc).splitlines()[0]}") from None
+                if attempt == attempts:
+                    detail = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+                    raise RegistryUnavailable(
+                        f"the MLflow store at {self.uri} did not answer {what} after {attempts} attempt(s): {detail}. "
+                        f"Nothing was decided on it; check the server (or tracking.uri / MLFLOW_TRACKING_URI) and "
+                        f"run again."
+                    ) from None
+                wait = self.backoff_s * 2 ** (attempt - 1)
+                logger.warning("registry: %s failed (%s); retrying in %.1f s", what, type(exc).__name__, wait)
+                time.sleep(wait)
+        raise AssertionError("unreachable")
+
+    def alias_version(self, name: str, alias: str) -> ModelVersion | None:
+        """The version behind ``name@alias``; None only when the registry says the model or alias does not exist."""
+        try:
+            return self._call(f"reading {name}@{alias}", lambda: self.client.get_model_version_by_alias(name, alias))
+        except NotFound:
+            return None
+
+    def version(self, name: str, version: str) -> ModelVersion:
+        return self._call(f"reading {name} v{version}", lambda: self.client.get_model_version(name, str(version)))
+
+    def resolve(self, name: str, ref: str) -> ModelVersion:
+        """``ref`` is an alias (``production``) or a version number (``3``); NotFound with what to do when missing."""
+        try:
+            if str(ref).isdigit():
+                return self.version(name, str(ref))
+            return self._call(f"reading {name}@{ref}", lambda: self.client.get_model_version_by_alias(name, ref))
+        except NotFound:
+            raise NotFound(
+                f"registered model {name}@{ref} not found in {self.uri}: run `distillery teacher` to bootstrap one, "
+                f"or check the name/alias in the config"
+            ) from None
+
+    def versions(self, name: str) -> list[ModelVersion]:
+        """Every version of ``name``, oldest first (an empty list only when the registry answered so)."""
+        found = self._call(f"listing versions of {name}",
+                           lambda: self.client.search_model_versions(f"name='{name}'"))
+        return sorted(found, key=lambda v: int(v.version))
+
+    def register(self, model_uri: str, name: str, tags: dict[str, Any]) -> ModelVersion:
+        """Create a version with its tags (never an alias: callers move aliases last). Not retried."""
+        mlflow.set_registry_uri(self.uri)
+        return self._call(f"registering {name}", lambda: mlflow.register_model(
+            model_uri, name, tags={k: _tag(v) for k, v in tags.items()}), retry=False)
+
+    def set_tags(self, name: str, version: str, tags: dict[str, Any]) -> None:
+        for key, value in tags.items():
+            self._call(f"tagging {name} v{version}",
+                       lambda k=key, v=value: self.client.set_model_version_tag(name, str(version), k, _tag(v)))
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        self._call(f"moving {name}@{alias} to v{version}",
+                   lambda: self.client.set_registered_model_alias(name, alias, str(version)))
+
+    def delete_version(self, name: str, version: str) -> None:
+        try:
+            self._call(f"deleting {name} v{version}", lambda: self.client.delete_model_version(name, str(version)))
+        except NotFound:
+            pass  # already gone: what a delete wants
+
+    def run(self, run_id: str):  # noqa: ANN201 - mlflow.entities.Run or None
+        """A tracking run, or None when the store says it does not exist."""
+        try:
+            return self._call(f"reading run {run_id}", lambda: self.client.get_run(run_id))
+        except NotFound:
+            return None
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -48,7 +173,7 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
                 raise TrackingError(f"MLflow server at {uri} answered {resp.status} on /health")
     except (urllib.error.URLError, OSError) as exc:
         raise TrackingError(
-            f"MLflow tracking server at {uri} is not reachable ({exc}). Start it (`make servers-up`), fix "
+            f"MLflow tracking server at {uri} is not reachable ({exc}). Start it (`scripts/stack.sh up` starts one), fix "
             f"tracking.uri / MLFLOW_TRACKING_URI, or unset them to use the embedded SQLite store."
         ) from None
 
@@ -75,9 +200,7 @@ class TextClassifierModel(PythonModel):
     """Pyfunc wrapper: texts in, predicted label and confidence out."""
 
     def load_context(self, context) -> None:  # noqa: ANN001 - MLflow's context type
-        from models.modeling import load_classifier, load_tokenizer
-
-        from models.modeling import quantize_int8
+        from models.modeling import load_classifier, load_tokenizer, quantize_int8
 
         folder = Path(context.artifacts[CLASSIFIER_ARTIFACT])
         self.tokenizer = load_tokenizer(folder)
@@ -114,47 +237,9 @@ def log_classifier(folder: Path, name: str = "model", quantize: str = "fp32") ->
         )
 
 
-def register_version(model_uri: str, name: str, tags: dict[str, Any]) -> ModelVersion:
-    """Create a registry version with its tags (no alias: callers move aliases last)."""
-    version = mlflow.register_model(model_uri, name, tags={k: _tag(v) for k, v in tags.items()})
-    return version
-
-
 def _tag(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
     return text[:4900]  # MLflow caps tag values at 5000 characters
-
-
-def set_version_tags(name: str, version: str, tags: dict[str, Any]) -> None:
-    client = MlflowClient()
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, _tag(value))
-
-
-def set_alias(name: str, alias: str, version: str) -> None:
-    MlflowClient().set_registered_model_alias(name, alias, version)
-
-
-def get_alias_version(name: str, alias: str) -> ModelVersion | None:
-    """The version behind ``name@alias``, or None when the model or alias does not exist."""
-    try:
-        return MlflowClient().get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
-
-
-def resolve_version(name: str, ref: str) -> ModelVersion:
-    """``ref`` is an alias (``production``) or a version number (``3``); a clear TrackingError when missing."""
-    client = MlflowClient()
-    try:
-        if str(ref).isdigit():
-            return client.get_model_version(name, str(ref))
-        return client.get_model_version_by_alias(name, ref)
-    except MlflowException:
-        raise TrackingError(
-            f"registered model {name}@{ref} not found in {mlflow.get_tracking_uri()}: "
-            f"run `distillery teacher` to bootstrap one, or check the name/alias in the config"
-        ) from None
 
 
 def download_classifier(version: ModelVersion, cache_root: Path) -> Path:
@@ -196,13 +281,6 @@ def log_folder(path: Path, artifact_path: str | None = None) -> None:
     mlflow.log_artifacts(str(path), artifact_path)
 
 
-def search_versions(name: str) -> list[ModelVersion]:
-    try:
-        return sorted(MlflowClient().search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
-    except MlflowException:
-        return []
-
-
 def create_run(cfg: Config, run_name: str, tags: dict[str, Any] | None = None, parent_run_id: str | None = None) -> str:
     """Create a run (nested under ``parent_run_id`` when given) and return its id; tasks reopen it by id."""
     configure_tracking(cfg)
@@ -224,3 +302,17 @@ def open_run(cfg: Config, run_id: str) -> Iterator[mlflow.ActiveRun]:
 
 def finish_run(run_id: str, status: str = "FINISHED") -> None:
     MlflowClient().set_terminated(run_id, status=status)
+
+
+def logged_candidate_metrics(eval_run_id: str) -> dict[str, dict]:
+    """Read the candidates' metrics (and per-class F1) back from MLflow: what the gate decides on."""
+    client = MlflowClient()
+    parent = client.get_run(eval_run_id)
+    runs = client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.mlflow.parentRunId = '{eval_run_id}'", max_results=50)
+    out = {}
+    for run in runs:
+        name = run.data.tags.get("candidate")
+        per_class = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{PER_CLASS_FILE}")
+        out[name] = {**run.data.metrics, "per_class_f1": list(per_class.values()), "labels": list(per_class)}
+    return out

@@ -1,0 +1,270 @@
+"""The records that flow between the pipeline's steps, and the registry tags they own.
+
+config -> SnapshotRef -> TeacherRef -> TeacherOutputs -> TrainedStudent -> Evaluation -> Decision -> Lineage tags.
+Each record is frozen; a step is handed the record it needs and never re-reads what it was handed. A key that names a
+fact in the MLflow registry (the lineage schema) is spelled once, in the ``to_tags`` / ``from_tags`` of the record
+that owns it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+# The promotion state of a registered student version (two-phase promotion): registered as PENDING, the champion alias
+# moves to it, then it is marked PROMOTED. A PENDING version never served unless it holds the alias.
+DECISION_TAG = "gate.decision"
+PENDING, PROMOTED, REJECTED = "pending", "promoted", "rejected"
+ROLLBACK_PREFIX = "rollback."
+METRIC_PREFIX = "metric."
+
+
+def _json(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+
+
+def _loads(value: str | None) -> Any:
+    if value is None:
+        return None
+    try:
+        return json.loads(value)
+    except (json.JSONDecodeError, TypeError):
+        return value
+
+
+@dataclass(frozen=True)
+class SnapshotRef:
+    """A verified data snapshot: ``md5`` is DVC's ``.dir`` hash and ``path`` a folder whose bytes hash to it."""
+
+    md5: str
+    path: str
+
+    def to_tags(self) -> dict[str, str]:
+        return {"data.snapshot_md5": self.md5}
+
+    @staticmethod
+    def md5_from_tags(tags: Mapping[str, str]) -> str:
+        return tags.get("data.snapshot_md5", "")
+
+
+@dataclass(frozen=True)
+class TeacherRef:
+    """A registered teacher version and the local folder its classifier was downloaded to."""
+
+    name: str
+    version: str
+    run_id: str
+    folder: str = ""
+    base_model: str = ""
+    snapshot_md5: str = ""
+
+    def to_tags(self) -> dict[str, str]:
+        """What a student records about its teacher."""
+        return {"teacher.name": self.name, "teacher.version": self.version, "teacher.run_id": self.run_id}
+
+    @classmethod
+    def from_tags(cls, tags: Mapping[str, str]) -> "TeacherRef":
+        return cls(name=tags.get("teacher.name", ""), version=tags.get("teacher.version", ""),
+                   run_id=tags.get("teacher.run_id", ""))
+
+    def version_tags(self, git_revision: str, config_hash: str, metrics: Mapping[str, float]) -> dict[str, str]:
+        """The tags of the teacher's own registry version."""
+        return {"data.snapshot_md5": self.snapshot_md5, "git.revision": git_revision, "run_id": self.run_id,
+                "base_model": self.base_model, "config.hash": config_hash,
+                **{f"{METRIC_PREFIX}{k}": f"{v:.6g}" for k, v in metrics.items()}}
+
+    @classmethod
+    def from_version(cls, name: str, version: str, run_id: str, tags: Mapping[str, str], folder: str = "") -> "TeacherRef":
+        return cls(name=name, version=str(version), run_id=run_id or "", folder=folder,
+                   base_model=tags.get("base_model", ""), snapshot_md5=tags.get("data.snapshot_md5", ""))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One student recipe: a distilled candidate of the sweep, or the hard-label baseline."""
+
+    kind: str  # "distilled" | "baseline"
+    temperature: float
+    kd_weight: float
+    ce_weight: float
+    feature_weight: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return "baseline" if self.kind == "baseline" else f"distill-T{self.temperature}-kd{self.kd_weight}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+BASELINE = Candidate(kind="baseline", temperature=1.0, kd_weight=0.0, ce_weight=1.0, feature_weight=0.0)
+
+
+@dataclass(frozen=True)
+class ValidationSummary:
+    """What the Great Expectations suites said about the teacher outputs."""
+
+    success: bool
+    evaluated: int
+    failed: tuple[dict, ...] = ()
+    statistics: Mapping[str, float] = field(default_factory=dict)
+
+    def to_tags(self) -> dict[str, str]:
+        return {"gx.success": str(self.success).lower(),
+                "gx.summary": _json({"evaluated": self.evaluated, "failed": len(self.failed), **self.statistics})}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"success": self.success, "evaluated": self.evaluated, "failed": list(self.failed),
+                "statistics": dict(self.statistics)}
+
+
+@dataclass(frozen=True)
+class TeacherOutputs:
+    """Validated soft labels of one teacher on one snapshot, cached under ``key``."""
+
+    path: str
+    key: str
+    cache_hit: bool
+    seconds: float
+    run_id: str
+    validation: ValidationSummary
+
+
+@dataclass(frozen=True)
+class TrainedStudent:
+    """A trained candidate: its run, its saved folder and its validation scores."""
+
+    run_id: str
+    folder: str
+    candidate: Candidate
+    val_accuracy: float
+    val_macro_f1: float
+    best_epoch: int
+    train_seconds: float
+    resumed_from_epoch: int = 0
+    weights_from: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.candidate.name
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The one harness's result: the parent MLflow run, the printed table and headline ratios."""
+
+    run_id: str
+    table: str
+    ratios: Mapping[str, float]
+    metrics: Mapping[str, Mapping[str, float]]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the gate decided and, on a pass, the registered version. ``skipped``: nothing needed doing."""
+
+    passed: bool
+    reasons: tuple[str, ...] = ()
+    criteria: tuple[dict, ...] = ()
+    version: str | None = None
+    champion_version: str | None = None
+    skipped: bool = False
+
+    def failed_names(self) -> list[str]:
+        return [c["name"] for c in self.criteria if not c["passed"]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "reasons": list(self.reasons), "criteria": list(self.criteria),
+                "version": self.version, "champion_version": self.champion_version, "skipped": self.skipped}
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """Everything a registered student records about how it was made (its registry version tags)."""
+
+    teacher: TeacherRef
+    snapshot_md5: str
+    git_revision: str
+    config_hash: str
+    distill_run_id: str
+    student_run_id: str
+    evaluation_run_id: str
+    deploy_form: str = "fp32"
+    candidate: Mapping[str, Any] = field(default_factory=dict)
+    validation: Mapping[str, Any] = field(default_factory=dict)
+    criteria: tuple[dict, ...] = ()
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+    RUN_KEYS = ("distill.run_id", "student.run_id", "evaluation.run_id")
+
+    def to_tags(self) -> dict[str, str]:
+        return {**self.teacher.to_tags(), "data.snapshot_md5": self.snapshot_md5, "git.revision": self.git_revision,
+                "config.hash": self.config_hash, "distill.run_id": self.distill_run_id,
+                "student.run_id": self.student_run_id, "evaluation.run_id": self.evaluation_run_id,
+                "deploy.form": self.deploy_form, "candidate": _json(dict(self.candidate)),
+                "gate.criteria": _json(list(self.criteria)), **{k: _json(v) for k, v in self.validation.items()},
+                **{f"{METRIC_PREFIX}{k}": f"{v:.6g}" for k, v in self.metrics.items()}}
+
+    @classmethod
+    def from_tags(cls, tags: Mapping[str, str]) -> "Lineage":
+        if "teacher.version" not in tags:
+            raise KeyError("teacher.version")
+        return cls(
+            teacher=TeacherRef.from_tags(tags), snapshot_md5=tags.get("data.snapshot_md5", ""),
+            git_revision=tags.get("git.revision", ""), config_hash=tags.get("config.hash", ""),
+            distill_run_id=tags.get("distill.run_id", ""), student_run_id=tags.get("student.run_id", ""),
+            evaluation_run_id=tags.get("evaluation.run_id", ""), deploy_form=tags.get("deploy.form", "fp32"),
+            candidate=_loads(tags.get("candidate")) or {},
+            validation={"gx.success": tags.get("gx.success"), "gx.summary": _loads(tags.get("gx.summary"))},
+            criteria=tuple(_loads(tags.get("gate.criteria")) or ()),
+            metrics={k.removeprefix(METRIC_PREFIX): float(v) for k, v in tags.items() if k.startswith(METRIC_PREFIX)},
+        )
+
+    def runs(self) -> dict[str, str]:
+        return dict(zip(self.RUN_KEYS, (self.distill_run_id, self.student_run_id, self.evaluation_run_id)))
+
+    def made_from(self, teacher_version: str, snapshot_md5: str, config_hash: str) -> bool:
+        return (self.teacher.version == str(teacher_version) and self.snapshot_md5 == snapshot_md5
+                and self.config_hash == config_hash)
+
+
+def decision_of(tags: Mapping[str, str]) -> str | None:
+    return tags.get(DECISION_TAG)
+
+
+def rollback_tags(tags: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in tags.items() if k.startswith(ROLLBACK_PREFIX)}
+
+
+def retired_tags(reason: str, replaced_by: str) -> dict[str, str]:
+    return {f"{ROLLBACK_PREFIX}retired": "true", f"{ROLLBACK_PREFIX}reason": reason,
+            f"{ROLLBACK_PREFIX}replaced_by": replaced_by}
+
+
+def restored_tags(reason: str, restored_from: str) -> dict[str, str]:
+    return {f"{ROLLBACK_PREFIX}restored_from": restored_from, f"{ROLLBACK_PREFIX}reason": reason}
+
+
+def is_retired(tags: Mapping[str, str]) -> bool:
+    return f"{ROLLBACK_PREFIX}retired" in tags
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What one pipeline command produced; fields a command did not reach stay None."""
+
+    command: str
+    snapshot: SnapshotRef
+    teacher: TeacherRef | None = None
+    outputs: TeacherOutputs | None = None
+    run_id: str = ""
+    best: TrainedStudent | None = None
+    baseline: TrainedStudent | None = None
+    evaluation: Evaluation | None = None
+    decision: Decision | None = None
+    ingest: Mapping[str, Any] | None = None
+
+    @property
+    def skipped(self) -> bool:
+        return self.decision is not None and self.decision.skipped

@@ -1,0 +1,259 @@
+"""Read and admin commands (status, lineage, rollback, gc) for the CLI.
+
+They read or change only the registry and the work folder, answer in about a second and need no orchestration
+server, so they are plain functions over the integrations rather than Prefect flows.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from distillery.config import Config, ConfigError
+from distillery.integrations import registry, store
+from distillery.records import (
+    PENDING,
+    PROMOTED,
+    Lineage,
+    decision_of,
+    is_retired,
+    restored_tags,
+    retired_tags,
+    rollback_tags,
+)
+from flows.runners import run_lock
+from models.retention import Entry, plan_retention
+from tasks.gate import reconcile
+
+logger = logging.getLogger(__name__)
+
+SNAPSHOT_CHECK = "data snapshot fetchable from DVC remote and hashes to the recorded md5"
+
+
+class LineageError(RuntimeError):
+    """A lineage record is missing or does not verify; the message names what failed."""
+
+
+def parse_ref(ref: str, default_name: str) -> tuple[str, str]:
+    """``student@champion`` / ``student/3`` / ``3`` / ``champion`` -> (model name, alias or version)."""
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return name or default_name, alias
+    if "/" in ref:
+        name, version = ref.split("/", 1)
+        return name, version
+    return default_name, ref
+
+
+def dvc_commit_for(root: Path, md5: str, dvc_file: str = "data.dvc") -> str | None:
+    """The first git commit whose ``data.dvc`` records ``md5`` (where to check the snapshot out from)."""
+    log = subprocess.run(["git", "log", "--reverse", "--format=%H", "--", dvc_file], cwd=root,
+                         capture_output=True, text=True)
+    for commit in log.stdout.split():
+        shown = subprocess.run(["git", "show", f"{commit}:{dvc_file}"], cwd=root, capture_output=True, text=True)
+        if md5 in shown.stdout:
+            return commit
+    return None
+
+
+def _registry(cfg: Config) -> registry.Registry:
+    registry.configure_tracking(cfg)
+    return registry.Registry.from_config(cfg)
+
+
+def lineage_of(cfg: Config, ref: str) -> dict:
+    """Everything recorded about a registered student version."""
+    reg = _registry(cfg)
+    name, which = parse_ref(ref, cfg.tracking.student_name)
+    version = reg.resolve(name, which)
+    tags = version.tags
+    try:
+        lineage = Lineage.from_tags(tags)
+    except KeyError:
+        raise LineageError(f"{name} v{version.version} carries no distillery lineage tags") from None
+    md5 = lineage.snapshot_md5
+    return {
+        "model": name, "version": str(version.version), "aliases": list(version.aliases),
+        "teacher": {"name": lineage.teacher.name, "version": lineage.teacher.version, "run_id": lineage.teacher.run_id},
+        "data": {"snapshot_md5": md5, "dvc_remote": cfg.dvc.remote_name,
+                 "git_commit_with_data_dvc": dvc_commit_for(Path(cfg.root), md5) if md5 else None},
+        "git_revision": lineage.git_revision, "config_hash": lineage.config_hash,
+        "config": _json_or_none(tags.get("config")), "candidate": dict(lineage.candidate),
+        "validation": {"gx_success": lineage.validation.get("gx.success"),
+                       "summary": lineage.validation.get("gx.summary")},
+        "metrics": dict(lineage.metrics),
+        "gate": {"decision": decision_of(tags), "criteria": list(lineage.criteria)},
+        "runs": lineage.runs(),
+        "model_card": tags.get("model_card"),
+        "rollback": rollback_tags(tags),
+    }
+
+
+def _json_or_none(value: str | None):  # noqa: ANN202
+    import json
+
+    try:
+        return json.loads(value) if value else None
+    except json.JSONDecodeError:
+        return value
+
+
+def verify_lineage(cfg: Config, info: dict) -> list[tuple[str, bool, str]]:
+    """Check what a lineage record claims: snapshot fetchable and hashing right, teacher and runs still there."""
+    checks: list[tuple[str, bool, str]] = []
+    md5 = info["data"]["snapshot_md5"]
+    dvc_text = f"outs:\n- md5: {md5}\n  hash: md5\n  path: data\n"
+    try:
+        got = store.verify_snapshot_fetchable(Path(cfg.root), dvc_text, cfg.dvc.remote_name)
+        checks.append((SNAPSHOT_CHECK, True, got))
+    except store.VersioningError as exc:
+        checks.append((SNAPSHOT_CHECK, False, str(exc)))
+    reg = _registry(cfg)
+    teacher = info["teacher"]
+    try:
+        mv = reg.version(teacher["name"], teacher["version"])
+        checks.append(("teacher version still registered (same run)", mv.run_id == teacher["run_id"],
+                       f"{teacher['name']} v{teacher['version']} run {mv.run_id}"))
+    except registry.NotFound as exc:
+        checks.append(("teacher version still registered (same run)", False, str(exc)))
+    for key, run_id in info["runs"].items():
+        found = reg.run(run_id) if run_id else None
+        checks.append((f"{key} exists in tracking", found is not None, str(run_id)))
+    revision = (info["git_revision"] or "").removesuffix("-dirty")
+    known = subprocess.run(["git", "cat-file", "-e", f"{revision}^{{commit}}"], cwd=cfg.root,
+                           capture_output=True).returncode == 0 if revision and revision != "unknown" else False
+    checks.append(("code revision known to this git repository", known, info["git_revision"] or "none"))
+    return checks
+
+
+def status_of(cfg: Config, last_runs: int = 8) -> dict:
+    """Current teacher, champion, versions an interrupted promotion left, and the most recent runs."""
+    reg = _registry(cfg)
+    teacher = reg.alias_version(cfg.teacher.registered_name, cfg.teacher.alias)
+    champion = reg.alias_version(cfg.tracking.student_name, cfg.tracking.champion_alias)
+    leftovers = reconcile(cfg, reg, logger, apply=False)
+    experiment = reg.client.get_experiment_by_name(cfg.tracking.experiment)
+    runs = reg.client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"],
+                                  max_results=last_runs) if experiment else []
+    made = Lineage.from_tags(champion.tags) if champion is not None else None
+    return {
+        "teacher": None if teacher is None else {
+            "ref": f"{teacher.name}@{cfg.teacher.alias}", "version": str(teacher.version),
+            "snapshot_md5": teacher.tags.get("data.snapshot_md5"),
+            "val_accuracy": teacher.tags.get("metric.val_accuracy")},
+        "champion": None if champion is None else {
+            "ref": f"{champion.name}@{cfg.tracking.champion_alias}", "version": str(champion.version),
+            "teacher_version": made.teacher.version, "snapshot_md5": made.snapshot_md5,
+            "accuracy": made.metrics.get("accuracy"), "latency_p50_ms": made.metrics.get("latency_p50_ms")},
+        "leftovers": [{"version": v, "state": PENDING, "next_run_will": action} for v, action in leftovers],
+        "runs": [{"name": r.info.run_name, "status": r.info.status, "run_id": r.info.run_id,
+                  "stage": r.data.tags.get("stage"), "gate": r.data.tags.get("gate.decision")} for r in runs],
+    }
+
+
+def rollback_champion(cfg: Config, reason: str) -> tuple[str, str]:
+    """Move the champion alias back to the previous promoted version; record why on both versions."""
+    reg = _registry(cfg)
+    name, alias = cfg.tracking.student_name, cfg.tracking.champion_alias
+    current = reg.alias_version(name, alias)
+    if current is None:
+        raise LineageError(f"{name}@{alias} does not exist: nothing to roll back")
+    promoted = [v for v in reg.versions(name)
+                if decision_of(v.tags) == PROMOTED and int(v.version) < int(current.version) and not is_retired(v.tags)]
+    if not promoted:
+        raise LineageError(f"{name} has no promoted version before v{current.version}: nothing to roll back to")
+    previous = promoted[-1]
+    reg.set_tags(name, str(current.version), retired_tags(reason, str(previous.version)))
+    reg.set_tags(name, str(previous.version), restored_tags(reason, str(current.version)))
+    reg.set_alias(name, alias, str(previous.version))  # last
+    return str(current.version), str(previous.version)
+
+
+# Work-folder kinds that `gc` manages, and how an entry there is named after what uses it.
+GC_KINDS = ("checkpoints", "students", "teachers", "registry", "teacher-outputs", "data-docs", "snapshots")
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def collect_garbage(cfg: Config, keep_runs: int | None = None, dry_run: bool = False) -> dict:
+    """Delete what no run needs from the work folder (``runtime.workdir``) and reconcile the registry.
+
+    Kept: the champion's and the current teacher's registry downloads, the verified snapshot ``data.dvc`` records and
+    the champion's, the teacher outputs the champion was distilled from, and per kind the ``keep_runs`` latest
+    entries (so the latest runs can resume or re-run from cache). Everything else, and any half-written leftover, goes.
+    """
+    keep_runs = keep_runs or cfg.runtime.keep_runs
+    reg = _registry(cfg)
+    in_use: set[tuple[str, str]] = set()
+    teacher = reg.alias_version(cfg.teacher.registered_name, cfg.teacher.alias)
+    champion = reg.alias_version(cfg.tracking.student_name, cfg.tracking.champion_alias)
+    if teacher is not None:
+        in_use.add(("registry", f"{teacher.name}-v{teacher.version}"))
+    if champion is not None:
+        made = Lineage.from_tags(champion.tags)
+        in_use |= {("registry", f"{champion.name}-v{champion.version}"),
+                   ("registry", f"{made.teacher.name}-v{made.teacher.version}"),
+                   ("snapshots", made.snapshot_md5.removesuffix(".dir"))}
+        outputs_run = reg.run(made.distill_run_id)
+        source = outputs_run.data.tags.get("teacher_outputs.run_id") if outputs_run else None
+        label_run = reg.run(source) if source else None
+        if label_run is not None and label_run.data.params.get("labelling.cache_key"):
+            in_use.add(("teacher-outputs", label_run.data.params["labelling.cache_key"]))
+    dvc_file = store.dvc_file_for(Path(cfg.root), cfg.path(cfg.data.snapshot_dir))
+    if dvc_file.is_file():
+        in_use.add(("snapshots", store.snapshot_md5(dvc_file).removesuffix(".dir")))
+    roots = {kind: cfg.workdir / kind for kind in GC_KINDS}
+    roots["teacher-outputs"] = cfg.path(cfg.labelling.cache_dir)
+    entries = [Entry(kind, p.name, p.stat().st_mtime, _size(p)) for kind, root in roots.items() if root.is_dir()
+               for p in root.iterdir()]
+    keep, delete = plan_retention(entries, in_use, keep_runs)
+    with run_lock(cfg):  # never under a running distillation's feet
+        if not dry_run:
+            for entry in delete:
+                path = roots[entry.kind] / entry.name
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        actions = reconcile(cfg, reg, logger, apply=not dry_run)
+    return {"kept": len(keep), "deleted": [f"{e.kind}/{e.name}" for e in delete],
+            "freed_bytes": sum(e.size for e in delete), "registry": actions, "dry_run": dry_run,
+            "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def register_webhook(cfg: Config, url: str) -> str:
+    """Point an MLflow registry webhook (teacher alias moves) at the receiver at ``url``; idempotent."""
+    import os
+
+    from distillery.integrations.webhook import SECRET_ENV
+
+    secret = os.environ.get(SECRET_ENV)
+    if not secret:
+        raise ConfigError(f"set {SECRET_ENV} to the shared webhook secret (never put it in a file under git)")
+    reg = _registry(cfg)
+    existing = [h for h in reg.client.list_webhooks() if h.url == url]
+    if existing:
+        return f"MLflow webhook {existing[0].webhook_id} already delivers to {url}"
+    hook = reg.client.create_webhook(name="distillery-teacher-alias", url=url, events=["model_version_alias.created"],
+                                     secret=secret)
+    return f"registered MLflow webhook {hook.webhook_id} -> {url}"
+
+
+def serve_webhook(cfg: Config, host: str, port: int) -> None:
+    """Serve the MLflow webhook receiver; a verified teacher alias move emits the re-distill event."""
+    import os
+
+    from distillery.integrations.events import emit_redistill
+    from distillery.integrations.webhook import SECRET_ENV, create_app, serve
+
+    secret = os.environ.get(SECRET_ENV)
+    if not secret:
+        raise ConfigError(f"set {SECRET_ENV} to the shared webhook secret (never put it in a file under git)")
+    name = cfg.teacher.registered_name
+
+    def on_alias(version: str, reason: str) -> str | None:
+        return emit_redistill(name, version, reason)
+
+    serve(create_app(secret, name, cfg.teacher.alias, on_alias), host, port)

@@ -1,0 +1,23 @@
+"""Pure decisions about candidates: the sweep grid and which trained candidate goes on to evaluation."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from distillery.config import DistillConfig
+from distillery.records import Candidate, TrainedStudent
+
+
+def sweep_grid(distill: DistillConfig) -> list[Candidate]:
+    """temperature x kd_weight (ce_weight = 1 - kd_weight when kd_weight is swept); one candidate without a sweep."""
+    temperatures = distill.sweep.temperature or (distill.temperature,)
+    weights = [(w, 1.0 - w) for w in distill.sweep.kd_weight] or [(distill.kd_weight, distill.ce_weight)]
+    return [Candidate(kind="distilled", temperature=t, kd_weight=kd, ce_weight=ce, feature_weight=distill.feature_weight)
+            for t in temperatures for kd, ce in weights]
+
+
+def pick_best(candidates: Sequence[TrainedStudent]) -> TrainedStudent:
+    """The candidate with the best validation macro-F1 (accuracy breaks ties; the first of equals wins)."""
+    if not candidates:
+        raise ValueError("no trained candidates to choose from")
+    return max(candidates, key=lambda c: (c.val_macro_f1, c.val_accuracy))

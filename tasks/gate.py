@@ -147,7 +147,10 @@ def reconcile_registry(cfg: Config) -> list[tuple[str, str]]:
 def reconcile(cfg: Config, reg: registry.Registry, logger, apply: bool = True) -> list[tuple[str, str]]:  # noqa: ANN001
     name, alias = cfg.tracking.student_name, cfg.tracking.champion_alias
     versions = reg.versions(name)
-    actions = plan_reconcile([(str(v.version), decision_of(v.tags), alias in (v.aliases or [])) for v in versions],
+    # who holds the alias is read from the alias itself: search results do not reliably carry aliases
+    holder = reg.alias_version(name, alias) if any(decision_of(v.tags) == PENDING for v in versions) else None
+    serving = str(holder.version) if holder is not None else None
+    actions = plan_reconcile([(str(v.version), decision_of(v.tags), str(v.version) == serving) for v in versions],
                              PENDING, PROMOTED)
     for version, action in actions:
         if not apply:

@@ -145,22 +145,29 @@ def freeze_snapshot(folder: Path, dvc_file: Path, frozen_root: Path) -> tuple[st
     bytes behind the md5 it records. Raises VersioningError when ``folder`` does not match ``dvc_file``.
     """
     expected = snapshot_md5(dvc_file)
+    if not Path(folder).is_dir():
+        raise VersioningError(f"{folder} is missing: run `distillery ingest`, or `dvc pull {dvc_file.name}`")
+
+    def diverged(got: str) -> VersioningError:
+        return VersioningError(
+            f"{folder} does not hold the snapshot {dvc_file.name} records: its files hash to {got}, {dvc_file.name} "
+            f"says {expected}. Run `distillery ingest` to version what is there, or `dvc checkout {dvc_file.name}` "
+            f"to restore the recorded snapshot."
+        )
+
+    here = dir_md5(folder)
+    if here != expected:  # edited, or rewritten without `dvc add`: the user meant something, say so
+        raise diverged(here)
     target = Path(frozen_root) / expected.removesuffix(".dir")
     if target.is_dir() and dir_md5(target) == expected:
         return expected, target
     partial = target.with_name(target.name + f".partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
-    if not Path(folder).is_dir():
-        raise VersioningError(f"{folder} is missing: run `distillery ingest`, or `dvc pull {dvc_file.name}`")
     shutil.copytree(folder, partial)
-    got = dir_md5(partial)
+    got = dir_md5(partial)  # the copy itself is what runs read: check it, not only its source
     if got != expected:
         shutil.rmtree(partial, ignore_errors=True)
-        raise VersioningError(
-            f"{folder} does not hold the snapshot {dvc_file.name} records: its files hash to {got}, {dvc_file.name} "
-            f"says {expected}. Run `distillery ingest` to version what is there, or `dvc checkout {dvc_file.name}` "
-            f"to restore the recorded snapshot."
-        )
+        raise diverged(got)
     shutil.rmtree(target, ignore_errors=True)
     partial.rename(target)
     return expected, target

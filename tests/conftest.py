@@ -17,6 +17,19 @@ def pytest_configure(config: pytest.Config) -> None:
     environment_defaults()  # the same offline, quiet defaults as the CLI
 
 
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # noqa: ANN001 - pytest's hook
+    """The fault-injection table, when that tier ran."""
+    from tests.helpers import FAULT_ROWS
+
+    if not FAULT_ROWS:
+        return
+    terminalreporter.section("fault injection")
+    terminalreporter.write_line("| case | outcome | nothing lost |")
+    terminalreporter.write_line("|---|---|---|")
+    for case, outcome, ok in FAULT_ROWS:
+        terminalreporter.write_line(f"| {case} | {outcome} | {ok} |")
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """A temporary Prefect API for all flow tests of the session (starting one costs ~18 s)."""

@@ -9,6 +9,9 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+# Rows of the fault-injection table (tests/test_faults.py): case, outcome, nothing lost. Printed after the run.
+FAULT_ROWS: list[tuple[str, str, str]] = []
+
 LABELS = ["card_arrival", "exchange_rate", "pin_blocked", "top_up"]
 _KEYWORDS = {
     "card_arrival": ["card", "delivery", "arrive", "post"],

@@ -26,6 +26,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _processes_using(folder: Path) -> list[str]:
+    """Live processes whose command line or environment names ``folder`` (what the stack started, and children)."""
+    needle = str(folder).encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            status = (proc / "stat").read_text().split(")")[-1].split()[0]
+            if status == "Z":
+                continue  # exited, not yet reaped by its parent
+            if needle in (proc / "cmdline").read_bytes() or needle in (proc / "environ").read_bytes():
+                found.append(f"{proc.name}: {(proc / 'cmdline').read_bytes().replace(bytes(1), b' ')[:120].decode()}")
+        except OSError:
+            continue
+    return found
+
+
 def _champion(env: dict) -> dict | None:
     code = ("import json, mlflow; from mlflow import MlflowClient\n"
             "try:\n v = MlflowClient().get_model_version_by_alias('student', 'champion')\n"
@@ -93,4 +111,7 @@ def test_new_teacher_version_is_distilled_and_promoted_with_no_other_action(tmp_
         assert lineage.returncode == 0, lineage.stdout[-3000:] + lineage.stderr[-3000:]
         assert "lineage verified" in lineage.stdout
     finally:
-        subprocess.run(["bash", str(stack), "down"], env=env, capture_output=True, timeout=60)
+        down = subprocess.run(["bash", str(stack), "down"], env=env, capture_output=True, text=True, timeout=120)
+    assert down.returncode == 0, down.stderr
+    left = _processes_using(tmp_path / "stack")
+    assert not left, f"`stack.sh down` left processes running: {left}"

@@ -62,6 +62,16 @@ def _is_not_found(exc: BaseException) -> bool:
         exc.error_code == "INVALID_PARAMETER_VALUE" and "alias" in str(exc) and "not found" in str(exc))
 
 
+def _short_reason(exc: BaseException) -> str:
+    """The gist of a transport failure (urllib3's messages run to several hundred characters)."""
+    text = str(exc)
+    for gist in ("Connection refused", "Read timed out", "Connection reset", "Name or service not known",
+                 "database is locked", "No route to host"):
+        if gist in text:
+            return gist.lower()
+    return (text.splitlines()[0][:200] if text else "") or type(exc).__name__
+
+
 class Registry:
     """The model registry (and run lookups) through one explicit client, with faults classified and retried.
 
@@ -91,7 +101,7 @@ class Registry:
                 if isinstance(exc, MlflowException) and exc.error_code in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST"):
                     raise TrackingError(f"{what}: {str(exc).splitlines()[0]}") from None
                 if attempt == attempts:
-                    detail = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+                    detail = _short_reason(exc)
                     raise RegistryUnavailable(
                         f"the MLflow store at {self.uri} did not answer {what} after {attempts} attempt(s): {detail}. "
                         f"Nothing was decided on it; check the server (or tracking.uri / MLFLOW_TRACKING_URI) and "

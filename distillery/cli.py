@@ -27,7 +27,7 @@ def environment_defaults() -> None:
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
-        "PREFECT_LOGGING_EXTRA_LOGGERS": "models",
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "models,distillery",
         "GIT_PYTHON_REFRESH": "quiet",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         # a down tracking server answers within seconds; the registry adapter then retries with its own backoff

@@ -162,21 +162,20 @@ class Evaluation:
 
 @dataclass(frozen=True)
 class Decision:
-    """What the gate decided and, on a pass, the registered version. ``skipped``: nothing needed doing."""
+    """What the gate decided and, on a pass, the registered version."""
 
     passed: bool
     reasons: tuple[str, ...] = ()
     criteria: tuple[dict, ...] = ()
     version: str | None = None
     champion_version: str | None = None
-    skipped: bool = False
 
     def failed_names(self) -> list[str]:
         return [c["name"] for c in self.criteria if not c["passed"]]
 
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "reasons": list(self.reasons), "criteria": list(self.criteria),
-                "version": self.version, "champion_version": self.champion_version, "skipped": self.skipped}
+                "version": self.version, "champion_version": self.champion_version}
 
 
 @dataclass(frozen=True)
@@ -252,7 +251,9 @@ def is_retired(tags: Mapping[str, str]) -> bool:
 
 @dataclass(frozen=True)
 class RunResult:
-    """What one pipeline command produced; fields a command did not reach stay None."""
+    """What one pipeline command produced; fields a command did not reach stay None. ``up_to_date``: the champion
+    version that was already made from this teacher, snapshot and config (the run had nothing to do, and no gate
+    decided anything)."""
 
     command: str
     snapshot: SnapshotRef
@@ -264,7 +265,8 @@ class RunResult:
     evaluation: Evaluation | None = None
     decision: Decision | None = None
     ingest: Mapping[str, Any] | None = None
+    up_to_date: str | None = None
 
     @property
     def skipped(self) -> bool:
-        return self.decision is not None and self.decision.skipped
+        return self.up_to_date is not None

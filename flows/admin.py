@@ -6,6 +6,7 @@ server, so they are plain functions over the integrations rather than Prefect fl
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import subprocess
@@ -15,9 +16,11 @@ from pathlib import Path
 from distillery.config import Config, ConfigError
 from distillery.integrations import registry, store
 from distillery.records import (
+    METRIC_PREFIX,
     PENDING,
     PROMOTED,
     Lineage,
+    TeacherRef,
     decision_of,
     is_retired,
     restored_tags,
@@ -92,9 +95,7 @@ def lineage_of(cfg: Config, ref: str) -> dict:
     }
 
 
-def _json_or_none(value: str | None):  # noqa: ANN202
-    import json
-
+def _json_or_none(value: str | None):  # noqa: ANN202 - JSON value or the string itself
     try:
         return json.loads(value) if value else None
     except json.JSONDecodeError:
@@ -139,18 +140,19 @@ def status_of(cfg: Config, last_runs: int = 8) -> dict:
     runs = reg.client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"],
                                   max_results=last_runs) if experiment else []
     made = Lineage.from_tags(champion.tags) if champion is not None else None
+    teacher_ref = TeacherRef.from_version(teacher.name, teacher.version, teacher.run_id, teacher.tags) if teacher else None
     return {
         "teacher": None if teacher is None else {
             "ref": f"{teacher.name}@{cfg.teacher.alias}", "version": str(teacher.version),
-            "snapshot_md5": teacher.tags.get("data.snapshot_md5"),
-            "val_accuracy": teacher.tags.get("metric.val_accuracy")},
+            "snapshot_md5": teacher_ref.snapshot_md5,
+            "val_accuracy": teacher.tags.get(f"{METRIC_PREFIX}val_accuracy")},
         "champion": None if champion is None else {
             "ref": f"{champion.name}@{cfg.tracking.champion_alias}", "version": str(champion.version),
             "teacher_version": made.teacher.version, "snapshot_md5": made.snapshot_md5,
             "accuracy": made.metrics.get("accuracy"), "latency_p50_ms": made.metrics.get("latency_p50_ms")},
         "leftovers": [{"version": v, "state": PENDING, "next_run_will": action} for v, action in leftovers],
         "runs": [{"name": r.info.run_name, "status": r.info.status, "run_id": r.info.run_id,
-                  "stage": r.data.tags.get("stage"), "gate": r.data.tags.get("gate.decision")} for r in runs],
+                  "stage": r.data.tags.get("stage"), "gate": decision_of(r.data.tags)} for r in runs],
     }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow
 
 from distillery.config import Config
-from distillery.records import BASELINE, Decision, RunResult, SnapshotRef, TeacherRef
+from distillery.records import BASELINE, RunResult, SnapshotRef, TeacherRef
 from flows.label import label_flow
 from flows.runners import task_runner_for
 from models.selection import pick_best, sweep_grid
@@ -28,8 +28,7 @@ def distill_flow(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef, force:
         if champion is not None:
             print(f"nothing to do: {cfg.tracking.student_name} v{champion} (@{cfg.tracking.champion_alias}) was made "
                   f"from teacher v{teacher.version}, data {snapshot.md5} and this config (use --force to re-run)")
-            return RunResult(command="distill", snapshot=snapshot, teacher=teacher,
-                             decision=Decision(passed=True, champion_version=champion, skipped=True))
+            return RunResult(command="distill", snapshot=snapshot, teacher=teacher, up_to_date=champion)
     outputs = label_flow.with_options(task_runner=task_runner_for(cfg))(cfg, snapshot, teacher)
     run_id = start_run(cfg, "distill", {"stage": "distill", **teacher.to_tags(), **snapshot.to_tags(),
                                         "teacher_outputs.run_id": outputs.run_id})

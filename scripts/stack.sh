@@ -18,7 +18,7 @@ export PREFECT_HOME="$STACK_DIR/prefect-home"
 export PREFECT_API_URL="http://127.0.0.1:$PREFECT_PORT/api"
 export MLFLOW_TRACKING_URI="http://127.0.0.1:$MLFLOW_PORT"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false DVC_NO_ANALYTICS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-export PREFECT_LOGGING_EXTRA_LOGGERS=models
+export PREFECT_LOGGING_EXTRA_LOGGERS=models,distillery
 
 wait_for() {  # url seconds
   for _ in $(seq "$2"); do curl -fsS "$1" >/dev/null 2>&1 && return 0; sleep 1; done

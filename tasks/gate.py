@@ -15,6 +15,7 @@ from distillery.faults import fault_point
 from distillery.integrations import registry, store
 from distillery.records import (
     DECISION_TAG,
+    METRIC_PREFIX,
     PENDING,
     PROMOTED,
     REJECTED,
@@ -112,7 +113,7 @@ def promote(cfg: Config, run_id: str, snapshot: SnapshotRef, teacher: TeacherRef
     fault_point("promote.registered")
     try:
         card_lineage = {k: v for k, v in lineage.to_tags().items()
-                        if not k.startswith(("metric.", "gate.", "gx.", "candidate"))}
+                        if not k.startswith((METRIC_PREFIX, "gate.", "gx.", "candidate"))}
         card = model_card(name, version, card_lineage, logged,
                           {"passed": decision.passed, "criteria": list(decision.criteria)},
                           {**student.candidate.to_dict(), "student": cfg.student.model_dump_json()})

@@ -7,6 +7,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
 import mlflow
 from prefect import get_run_logger, task
@@ -44,7 +45,9 @@ def settings_from(section: TeacherConfig | DistillConfig) -> TrainSettings:
     )
 
 
-def epoch_callback(run_logger) -> callable:  # noqa: ANN001 - an MLflow curve logger with the training fault point
+def epoch_callback(run_logger: Callable[[int, dict], None]) -> Callable[[int, dict], None]:
+    """The MLflow curve logger, then the ``train.epoch_end`` fault point (before that epoch's checkpoint)."""
+
     def on_epoch_end(epoch: int, row: dict) -> None:
         run_logger(epoch, row)
         fault_point("train.epoch_end")
@@ -76,7 +79,7 @@ def fine_tune_teacher(cfg: Config, snapshot: SnapshotRef, run_id: str) -> tuple[
     key = checkpoint_key("teacher", str(base), snapshot.md5, cfg.teacher.model_dump())
     with registry.open_run(cfg, run_id):
         registry.log_params({f"teacher.{k}": v for k, v in cfg.teacher.model_dump().items()} |
-                            {"data.snapshot_md5": snapshot.md5, "teacher.base_folder": str(base),
+                            {**snapshot.to_tags(), "teacher.base_folder": str(base),
                              "teacher.parameters": count_parameters(model), "teacher.checkpoint": key})
         start = time.perf_counter()
         result = train_model(

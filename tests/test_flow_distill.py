@@ -101,7 +101,7 @@ def test_lineage_skip_watch_and_rollback(teacher_project: Path):
 
     # unchanged teacher, data and config: nothing to do, and it says so
     again = run_command(cfg_path, overrides={"gate.champion_tolerance": 1.0})
-    assert again.skipped is True and again.decision.champion_version == forced.decision.version
+    assert again.skipped is True and again.up_to_date == forced.decision.version and again.decision is None
 
     info = lineage_of(cfg_tol, "student@champion")
     md5 = snapshot_md5(teacher_project / "data.dvc")

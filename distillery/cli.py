@@ -40,15 +40,15 @@ def environment_defaults() -> None:
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     from distillery.integrations.expectations import ValidationFailed
-    from distillery.integrations.registry import TrackingError
+    from distillery.integrations.registry import KNOWN_ERRORS
     from distillery.integrations.store import VersioningError
     from flows.admin import LineageError
     from models.data import DataError
     from models.gate import GateError
     from models.modeling import ModelError
 
-    return (ConfigError, DataError, ModelError, TrackingError, VersioningError, ValidationFailed, GateError,
-            LineageError)
+    return (ConfigError, DataError, ModelError, VersioningError, ValidationFailed, GateError, LineageError,
+            *KNOWN_ERRORS)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, str] | None:
@@ -102,8 +102,14 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     info = lineage_of(cfg, args.ref)
-    if args.json:
+    checks = verify_lineage(cfg, info) if args.verify else []
+    failed = [name for name, ok, _ in checks if not ok]
+    if args.json:  # JSON only, so a script can parse it
+        if args.verify:
+            info = {**info, "verification": {"passed": not failed,
+                                             "checks": [{"name": n, "ok": ok, "detail": d} for n, ok, d in checks]}}
         print(json.dumps(info, indent=1, default=str))
+        return 4 if failed else 0
     else:
         t, d = info["teacher"], info["data"]
         print(f"{info['model']} v{info['version']}  aliases: {', '.join(info['aliases']) or '-'}")
@@ -123,10 +129,8 @@ def cmd_lineage(args: argparse.Namespace) -> int:
             print(f"  rollback       {info['rollback']}")
     if not args.verify:
         return 0
-    checks = verify_lineage(cfg, info)
     for name, ok, detail in checks:
         print(f"  [{'ok' if ok else 'FAILED'}] {name}: {detail}")
-    failed = [name for name, ok, _ in checks if not ok]
     print("lineage verified" if not failed else f"lineage verification FAILED: {', '.join(failed)}")
     return 0 if not failed else 4
 
@@ -136,6 +140,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     state = status_of(cfg)
+    if args.json:
+        print(json.dumps(state, indent=1, default=str))
+        return 0
     t, c = state["teacher"], state["champion"]
     print("teacher   " + (f"{t['ref']} -> v{t['version']} (data {t['snapshot_md5']}, val accuracy {t['val_accuracy']})"
                           if t else "none registered: run `distillery teacher`"))
@@ -218,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Distil a registered teacher classifier into a small, fast student; promote it only when it "
                     "passes the gate.",
     )
+    from distillery import __version__
+
+    parser.add_argument("--version", action="version", version=f"distillery {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (func, text) in COMMANDS.items():
         p = sub.add_parser(name, parents=[common], help=text, description=text, epilog=EPILOG,
@@ -251,6 +261,10 @@ def _webhook_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default="http://127.0.0.1:8765/", help="receiver URL (register)")
 
 
+def _json_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON only")
+
+
 def _gc_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", type=int, metavar="N", help="latest entries of each kind to keep (runtime.keep_runs)")
     parser.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
@@ -265,6 +279,7 @@ EXTRA_ARGUMENTS: dict[str, list[Callable[[argparse.ArgumentParser], None]]] = {
     "promote": [_promote_args],
     "webhook": [_webhook_args],
     "gc": [_gc_args],
+    "status": [_json_arg],
 }
 
 

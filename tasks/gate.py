@@ -48,7 +48,7 @@ def champion_metrics(cfg: Config, reg: registry.Registry) -> tuple[str | None, d
         raise GateError(f"champion {cfg.tracking.student_name} v{version.version} carries no lineage tags") from None
     if not lineage.evaluation_run_id:
         raise GateError(f"champion {cfg.tracking.student_name} v{version.version} has no evaluation.run_id tag")
-    logged = registry.logged_candidate_metrics(lineage.evaluation_run_id)
+    logged = registry.logged_candidate_metrics(reg, lineage.evaluation_run_id)
     return str(version.version), logged[f"student_{lineage.deploy_form}"]
 
 
@@ -57,13 +57,14 @@ def judge(cfg: Config, run_id: str, evaluation: Evaluation) -> tuple[Decision, d
     """Decide on the logged metrics against the INT8 teacher and the champion; record the decision on the run."""
     logger = get_run_logger()
     registry.configure_tracking(cfg)
-    logged = registry.logged_candidate_metrics(evaluation.run_id)
+    reg = registry.Registry.from_config(cfg)
+    logged = registry.logged_candidate_metrics(reg, evaluation.run_id)
     deployed = f"student_{cfg.student.deploy}"  # the gate judges the form that will be served
     missing = (HARNESS | {deployed}) - set(logged)
     if missing:
         raise GateError(f"evaluation run {evaluation.run_id} lacks metrics for {sorted(missing)}")
     fault_point("gate.before")
-    champion_version, champion = champion_metrics(cfg, registry.Registry.from_config(cfg))
+    champion_version, champion = champion_metrics(cfg, reg)
     g = cfg.gate
     verdict = decide(logged[deployed], logged["teacher_int8"], logged["teacher_fp32"], champion,
                      accuracy_tolerance=g.accuracy_tolerance, macro_f1_tolerance=g.macro_f1_tolerance,

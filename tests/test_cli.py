@@ -44,3 +44,21 @@ def test_mlflow_server_down_is_a_clear_error(tmp_path):
     assert out.returncode == 2
     assert f"MLflow tracking server at http://127.0.0.1:{port} is not reachable" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_version_and_module_entry(tmp_path):
+    out = _run("--version", cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.startswith("distillery ")
+    module = subprocess.run([sys.executable, "-m", "distillery", "--help"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert module.returncode == 0 and "lineage" in module.stdout and "gc" in module.stdout
+
+
+def test_status_json_is_json_only(tmp_path):
+    import json
+
+    write_config(tmp_path)
+    out = _run("status", "--json", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    state = json.loads(out.stdout)
+    assert state["teacher"] is None and state["champion"] is None and state["leftovers"] == []

@@ -274,6 +274,16 @@ def test_ingest_started_during_a_distillation(proj: Project):
     proj.dvc_text = new_text
 
 
+def test_lineage_of_the_survivor_verifies_as_json(proj: Project):
+    """After all of the above, the champion's lineage still verifies; `--json --verify` prints JSON only."""
+    import json
+
+    out = proj.cli("lineage", "student@champion", "--json", "--verify")
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    info = json.loads(out.stdout)
+    assert info["verification"]["passed"] and "champion" in info["aliases"]
+
+
 def test_tracking_server_stopped_mid_run(tmp_path: Path, tiny_teacher_dir: Path, server_env: dict):
     """With MLflow behind a real server: the server dies before the gate reads the champion; the run stops with
     a clear error instead of deciding without it, and a re-run after the restart promotes once."""

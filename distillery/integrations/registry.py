@@ -314,15 +314,22 @@ def finish_run(run_id: str, status: str = "FINISHED") -> None:
     MlflowClient().set_terminated(run_id, status=status)
 
 
-def logged_candidate_metrics(eval_run_id: str) -> dict[str, dict]:
+def logged_candidate_metrics(reg: Registry, eval_run_id: str) -> dict[str, dict]:
     """Read the candidates' metrics (and per-class F1) back from MLflow: what the gate decides on."""
-    client = MlflowClient()
-    parent = client.get_run(eval_run_id)
-    runs = client.search_runs([parent.info.experiment_id],
-                              filter_string=f"tags.mlflow.parentRunId = '{eval_run_id}'", max_results=50)
-    out = {}
-    for run in runs:
-        name = run.data.tags.get("candidate")
-        per_class = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{PER_CLASS_FILE}")
-        out[name] = {**run.data.metrics, "per_class_f1": list(per_class.values()), "labels": list(per_class)}
-    return out
+
+    def read() -> dict[str, dict]:
+        parent = reg.client.get_run(eval_run_id)
+        runs = reg.client.search_runs([parent.info.experiment_id],
+                                      filter_string=f"tags.mlflow.parentRunId = '{eval_run_id}'", max_results=50)
+        out = {}
+        for run in runs:
+            name = run.data.tags.get("candidate")
+            per_class = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{PER_CLASS_FILE}")
+            out[name] = {**run.data.metrics, "per_class_f1": list(per_class.values()), "labels": list(per_class)}
+        return out
+
+    return reg._call(f"reading the metrics of evaluation run {eval_run_id}", read)
+
+
+# What the CLI reports as one clear line: our own errors, and MLflow's for a call outside the adapter (a run's logging)
+KNOWN_ERRORS: tuple[type[BaseException], ...] = (TrackingError, MlflowException)

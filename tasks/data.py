@@ -36,12 +36,13 @@ def ingest_snapshot(cfg: Config) -> tuple[SnapshotRef, dict]:
         staged = Path(tmp) / "snapshot"
         write_snapshot(splits, raw.labels, report, staged)
         dvc_file = store.dvc_file_for(root, folder)
-        changed = not (folder.is_dir() and dvc_file.is_file()
-                       and store.dir_md5(staged) == store.snapshot_md5(dvc_file) == store.dir_md5(folder))
-        if changed:
-            md5 = store.publish_snapshot(root, staged, folder, cfg.dvc.remote_name)
-        else:
+        staged_md5 = store.dir_md5(staged)
+        recorded = store.snapshot_md5(dvc_file) if dvc_file.is_file() else None
+        changed = recorded != staged_md5  # a new snapshot, not merely a missing data/ (a fresh clone) put back
+        if not changed and folder.is_dir() and store.dir_md5(folder) == staged_md5:
             md5 = store.push_snapshot(root, folder, cfg.dvc.remote_name)  # make sure the remote holds it
+        else:
+            md5 = store.publish_snapshot(root, staged, folder, cfg.dvc.remote_name)
     snapshot = freeze(cfg)
     rows = {name: len(df) for name, df in splits.items()}
     logger.info("data snapshot %s (%s): %s rows, %d labels, pushed to DVC remote %r", md5,

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from typing import Any, Callable
 
 from distillery.config import ConfigError, load_config, parse_override_args
@@ -220,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="FILE", help="configuration YAML (default: ./distillery.yaml)")
     common.add_argument("--set", metavar="KEY=VALUE", action="append", help="override a config key (repeatable)")
+    common.add_argument("--verbose", action="store_true", help="library logs at INFO, and tracebacks with errors")
     parser = argparse.ArgumentParser(
         prog="distillery", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Distil a registered teacher classifier into a small, fast student; promote it only when it "
@@ -283,15 +285,31 @@ EXTRA_ARGUMENTS: dict[str, list[Callable[[argparse.ArgumentParser], None]]] = {
 }
 
 
+# Libraries whose INFO (and some WARNING) lines say nothing a distillery user can act on; --verbose brings them back.
+QUIET_LOGGERS = {
+    "httpx": logging.WARNING, "httpcore": logging.WARNING, "alembic": logging.WARNING,
+    "mlflow.store.db.utils": logging.WARNING,
+    "great_expectations": logging.WARNING,  # e.g. one `_docs_decorators ... is a closure` line per decorated function
+    "transformers": logging.ERROR,          # the LOAD REPORT table of every model load (a new head is expected here)
+}
+
+
+def configure_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        for name, level in QUIET_LOGGERS.items():
+            logging.getLogger(name).setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
     environment_defaults()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "httpcore", "alembic", "mlflow.store.db.utils"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
     try:
         return args.func(args)
     except _known_errors() as exc:
+        if args.verbose:
+            traceback.print_exc()
         print(f"\ndistillery {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
 

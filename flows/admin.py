@@ -6,7 +6,6 @@ server, so they are plain functions over the integrations rather than Prefect fl
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import subprocess
@@ -84,7 +83,7 @@ def lineage_of(cfg: Config, ref: str) -> dict:
         "data": {"snapshot_md5": md5, "dvc_remote": cfg.dvc.remote_name,
                  "git_commit_with_data_dvc": dvc_commit_for(Path(cfg.root), md5) if md5 else None},
         "git_revision": lineage.git_revision, "config_hash": lineage.config_hash,
-        "config": _json_or_none(tags.get("config")), "candidate": dict(lineage.candidate),
+        "config": _run_config(lineage.distill_run_id), "candidate": dict(lineage.candidate),
         "validation": {"gx_success": lineage.validation.get("gx.success"),
                        "summary": lineage.validation.get("gx.summary")},
         "metrics": dict(lineage.metrics),
@@ -95,11 +94,9 @@ def lineage_of(cfg: Config, ref: str) -> dict:
     }
 
 
-def _json_or_none(value: str | None):  # noqa: ANN202 - JSON value or the string itself
-    try:
-        return json.loads(value) if value else None
-    except json.JSONDecodeError:
-        return value
+def _run_config(run_id: str) -> dict | None:
+    """The full configuration a distillation ran with (its run's config.json), or None when it is not there."""
+    return registry.load_run_json(run_id, "config.json") if run_id else None
 
 
 def verify_lineage(cfg: Config, info: dict) -> list[tuple[str, bool, str]]:

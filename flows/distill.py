@@ -11,12 +11,13 @@ from flows.runners import task_runner_for
 from models.selection import pick_best, sweep_grid
 from tasks.distill import train_student
 from tasks.evaluate import evaluate_candidates
-from tasks.events import champion_up_to_date
+from tasks.events import champion_up_to_date, report_decision
 from tasks.gate import judge, promote, reconcile_registry
 from tasks.teacher import start_run
 
 
-@flow(name="distill", log_prints=True, validate_parameters=False)
+@flow(name="distill", flow_run_name="distill-teacher-v{teacher.version}-data-{snapshot.md5:.8}", log_prints=True,
+      validate_parameters=False)
 def distill_flow(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef, force: bool = False) -> RunResult:
     """Everything after the teacher: a failed GX suite stops it before any training, a rejection before any alias.
 
@@ -31,7 +32,7 @@ def distill_flow(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef, force:
             return RunResult(command="distill", snapshot=snapshot, teacher=teacher, up_to_date=champion)
     outputs = label_flow.with_options(task_runner=task_runner_for(cfg))(cfg, snapshot, teacher)
     run_id = start_run(cfg, "distill", {"stage": "distill", **teacher.to_tags(), **snapshot.to_tags(),
-                                        "teacher_outputs.run_id": outputs.run_id})
+                                        "teacher_outputs.run_id": outputs.run_id}, snapshot=snapshot)
     # the sweep and the baseline are independent: mapped over the task runner (threads or Dask workers)
     futures = [train_student.submit(cfg, teacher, snapshot, outputs, c, run_id) for c in sweep_grid(cfg.distill)]
     baseline_future = train_student.submit(cfg, teacher, snapshot, outputs, BASELINE, run_id)
@@ -45,6 +46,7 @@ def distill_flow(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef, force:
     decision, logged = judge(cfg, run_id, evaluation)
     if decision.passed:
         decision = promote(cfg, run_id, snapshot, teacher, best, outputs.validation, evaluation, decision, logged)
+    report_decision(cfg, snapshot, teacher, evaluation, decision, run_id)
     name, alias = cfg.tracking.student_name, cfg.tracking.champion_alias
     verdict = (f"PROMOTED as {name} v{decision.version} (@{alias})" if decision.passed
                else f"REJECTED ({name}@{alias} unchanged)")

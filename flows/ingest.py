@@ -9,7 +9,7 @@ from distillery.records import SnapshotRef
 from tasks.data import ingest_snapshot
 
 
-@flow(name="ingest", log_prints=True, validate_parameters=False)
+@flow(name="ingest", flow_run_name="ingest", log_prints=True, validate_parameters=False)
 def ingest_flow(cfg: Config) -> tuple[SnapshotRef, dict]:
     """Build the data snapshot and version it, all or nothing; re-ingesting unchanged input changes nothing."""
     snapshot, report = ingest_snapshot(cfg)

@@ -22,14 +22,15 @@ from tasks.labelling import (
 from tasks.teacher import start_run
 
 
-@flow(name="teacher-outputs", log_prints=True, validate_parameters=False)
+@flow(name="teacher-outputs", flow_run_name="label-teacher-v{teacher.version}-data-{snapshot.md5:.8}", log_prints=True,
+      validate_parameters=False)
 def label_flow(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef,
                parent_run_id: str | None = None) -> TeacherOutputs:
     """Label train/validation (+ transfer set) with the teacher, reuse the cache when the key matches, validate."""
     inputs, labels = labelling_inputs(snapshot, transfer_path(cfg))
     key = cache_key(teacher, snapshot, inputs, cfg.teacher.max_length)
     run_id = start_run(cfg, "teacher-outputs", {"stage": "label", **teacher.to_tags(), **snapshot.to_tags()},
-                       parent_run_id)
+                       parent_run_id, snapshot=snapshot)
     start = time.perf_counter()
     path = lookup_cache(cfg.path(cfg.labelling.cache_dir), key)
     cache_hit = path is not None

@@ -79,7 +79,7 @@ def baseline_source(cfg: Config, teacher_model: PreTrainedModel, teacher: Teache
     return model, f"base model {base} (layers {list(cfg.student.layers)}, before fine-tuning)"
 
 
-@task(name="train-student", cache_policy=NO_CACHE)
+@task(name="train-student", task_run_name="train-{candidate.name}", cache_policy=NO_CACHE)
 def train_student(cfg: Config, teacher: TeacherRef, snapshot: SnapshotRef, outputs: TeacherOutputs,
                   candidate: Candidate, parent_run_id: str) -> TrainedStudent:
     """Train one student candidate in its own nested MLflow run; checkpointed by its inputs, so a run killed
@@ -114,7 +114,8 @@ def train_student(cfg: Config, teacher: TeacherRef, snapshot: SnapshotRef, outpu
             layer_map={int(k): int(v) for k, v in (cfg.distill.layer_map or {}).items()} or None)
     key = checkpoint_key(outputs.key, candidate.to_dict(), cfg.student.model_dump(), vars(settings), init_note)
     name = candidate.name
-    run_id = registry.create_run(cfg, name, {"stage": "train-student", "candidate": candidate.kind}, parent_run_id)
+    run_id = registry.create_run(cfg, name, {"stage": "train-student", "candidate": candidate.kind}, parent_run_id,
+                                 snapshot=snapshot)
     with registry.open_run(cfg, run_id):
         registry.log_params({**{f"candidate.{k}": v for k, v in candidate.to_dict().items()},
                              **{f"student.{k}": v for k, v in cfg.student.model_dump().items()},

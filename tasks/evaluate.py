@@ -39,7 +39,8 @@ def evaluate_candidates(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef,
     encoded = encode_per_folder({c[2] for c in candidates.values()}, texts, gold, cfg.distill.max_length)
     eval_run = registry.create_run(cfg, "evaluation", {"stage": "evaluate", **teacher.to_tags(),
                                                         "student.run_id": student.run_id,
-                                                        "baseline.run_id": baseline.run_id}, parent_run_id)
+                                                        "baseline.run_id": baseline.run_id}, parent_run_id,
+                                   snapshot=snapshot, split="test")
     metrics: dict[str, dict] = {}
     logits: dict[str, np.ndarray] = {}
     reference = None

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from distillery.config import Config
 from distillery.integrations import registry
-from distillery.integrations.events import REDISTILL_EVENT, emit_redistill
-from distillery.records import Lineage, SnapshotRef
+from distillery.integrations.events import REDISTILL_EVENT, emit_gate_decision, emit_redistill
+from distillery.records import Decision, Evaluation, Lineage, SnapshotRef, TeacherRef
 
 
 @task(name="check-for-changes", cache_policy=NO_CACHE)
@@ -55,3 +56,21 @@ def champion_up_to_date(cfg: Config, teacher_version: str, snapshot: SnapshotRef
     except KeyError:
         return None
     return str(champion.version) if made.made_from(teacher_version, snapshot.md5, cfg.digest()) else None
+
+
+@task(name="report-decision", cache_policy=NO_CACHE)
+def report_decision(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef, evaluation: Evaluation,
+                    decision: Decision, run_id: str) -> str | None:
+    """The results table and the gate's reasons as a Prefect artifact on the flow run, and the gate event."""
+    name = cfg.tracking.student_name
+    verdict = f"PROMOTED as {name} v{decision.version}" if decision.passed else f"REJECTED ({name} unchanged)"
+    create_markdown_artifact(
+        key=f"distillery-{name}-gate".lower().replace("_", "-"),
+        description=f"{verdict}: teacher v{teacher.version}, data {snapshot.md5}",
+        markdown="\n".join([f"# {verdict}", "", f"teacher {teacher.name} v{teacher.version}, data snapshot "
+                            f"`{snapshot.md5}`, MLflow run `{run_id}`", "", "```", evaluation.table, "```", "",
+                            "## Gate", "", *[f"- {line}" for line in decision.reasons]]),
+    )
+    return emit_gate_decision(name, decision.passed, {
+        "version": decision.version, "champion_version": decision.champion_version, "run_id": run_id,
+        "teacher_version": teacher.version, "snapshot_md5": snapshot.md5, "failed": decision.failed_names()})

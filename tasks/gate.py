@@ -108,8 +108,8 @@ def promote(cfg: Config, run_id: str, snapshot: SnapshotRef, teacher: TeacherRef
     with registry.open_run(cfg, run_id):
         info = registry.log_classifier(Path(student.folder), quantize=cfg.student.deploy)
         registry.log_json(cfg.to_dict(), "config.json")
-    tags = {**lineage.to_tags(), "config": cfg.to_dict(), "model_card": f"runs:/{run_id}/model_card.md",
-            DECISION_TAG: PENDING}
+    # lean version tags: the lineage keys; the full config is the run's config.json, the card the description
+    tags = {**lineage.to_tags(), "model_card": f"runs:/{run_id}/model_card.md", DECISION_TAG: PENDING}
     version = str(reg.register(info.model_uri, name, tags).version)
     fault_point("promote.registered")
     try:
@@ -120,6 +120,7 @@ def promote(cfg: Config, run_id: str, snapshot: SnapshotRef, teacher: TeacherRef
                           {**student.candidate.to_dict(), "student": cfg.student.model_dump_json()})
         with registry.open_run(cfg, run_id):
             mlflow.log_text(card, "model_card.md")
+        reg.describe(name, version, card)
         reg.set_alias(name, alias, version)
     except Exception as exc:
         try:

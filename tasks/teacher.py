@@ -138,5 +138,7 @@ def current_teacher_version(cfg: Config) -> str | None:
 
 
 @task(name="start-run", cache_policy=NO_CACHE)
-def start_run(cfg: Config, run_name: str, tags: dict | None = None, parent_run_id: str | None = None) -> str:
-    return registry.create_run(cfg, run_name, tags, parent_run_id)
+def start_run(cfg: Config, run_name: str, tags: dict | None = None, parent_run_id: str | None = None,
+              snapshot: SnapshotRef | None = None) -> str:
+    """An MLflow run for a flow; with ``snapshot`` it records the data snapshot as its dataset input."""
+    return registry.create_run(cfg, run_name, tags, parent_run_id, snapshot=snapshot)

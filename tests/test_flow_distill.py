@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import mlflow
@@ -70,6 +71,34 @@ def test_good_student_is_promoted_then_a_crippled_one_is_refused(teacher_project
     assert [str(v.version) for v in client.search_model_versions("name='student'")] == ["1"]
     run = client.get_run(bad.run_id)
     assert run.data.tags["gate.decision"] == "rejected" and "accuracy_vs_int8_teacher" in run.data.tags["gate.failed"]
+
+    # what users see in MLflow: the snapshot as a dataset input, source tags, the card as the version's description,
+    # lean version tags (the full config is the run's config.json)
+    made = client.get_run(good.run_id)
+    inputs = made.inputs.dataset_inputs
+    assert inputs and inputs[0].dataset.digest == good.snapshot.md5[:10]
+    assert good.snapshot.md5.removesuffix(".dir")[2:] in inputs[0].dataset.source
+    assert made.data.tags["mlflow.source.name"] == "distillery" and made.data.tags["prefect.flow_run_id"]
+    assert client.get_run(good.evaluation.run_id).inputs.dataset_inputs[0].dataset.name.endswith("-test")
+    assert "config" not in tags and "# student v1" in version.description
+    assert mlflow.artifacts.load_dict(f"runs:/{good.run_id}/config.json")["distill"]["temperature"] == 2.0
+
+    # what users see in Prefect: named runs, the gate's artifact, and a rejection event an automation can act on
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter
+
+    with get_client(sync_client=True) as prefect:
+        names = {r.name for r in prefect.read_flow_runs(limit=200)}
+        assert f"distill-teacher-v1-data-{good.snapshot.md5[:8]}" in names
+        assert any(a.key == "distillery-student-gate" for a in prefect.read_artifacts(limit=50))
+        deadline = time.monotonic() + 30
+        while True:
+            page = prefect.read_events(EventFilter(event=EventNameFilter(name=["distillery.gate.rejected"])), limit=50)
+            rejected = [e for e in page.events if e.payload.get("run_id") == bad.run_id]
+            if rejected or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+    assert rejected and "accuracy_vs_int8_teacher" in rejected[0].payload["failed"]
 
 
 def test_sweep_runs_on_dask_and_picks_the_best(teacher_project: Path):

@@ -30,6 +30,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel
 
 from distillery.config import Config
+from distillery.records import SnapshotRef
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +151,11 @@ class Registry:
         for key, value in tags.items():
             self._call(f"tagging {name} v{version}",
                        lambda k=key, v=value: self.client.set_model_version_tag(name, str(version), k, _tag(v)))
+
+    def describe(self, name: str, version: str, text: str) -> None:
+        """The version's description (markdown in the MLflow UI): distillery writes the model card there."""
+        self._call(f"describing {name} v{version}",
+                   lambda: self.client.update_model_version(name, str(version), description=text))
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
         self._call(f"moving {name}@{alias} to v{version}",
@@ -287,18 +293,70 @@ def log_json(data: Any, artifact_file: str) -> None:
     mlflow.log_dict(data, artifact_file)
 
 
+def load_run_json(run_id: str, artifact_file: str) -> Any:
+    """A JSON artifact of a run, or None when the run has no such file."""
+    try:
+        return mlflow.artifacts.load_dict(f"runs:/{run_id}/{artifact_file}")
+    except (MlflowException, OSError):
+        return None
+
+
 def log_folder(path: Path, artifact_path: str | None = None) -> None:
     mlflow.log_artifacts(str(path), artifact_path)
 
 
-def create_run(cfg: Config, run_name: str, tags: dict[str, Any] | None = None, parent_run_id: str | None = None) -> str:
-    """Create a run (nested under ``parent_run_id`` when given) and return its id; tasks reopen it by id."""
+def source_tags(cfg: Config) -> dict[str, str]:
+    """MLflow's standard source tags (the UI's Source column: the code revision) and the Prefect flow run behind it."""
+    from distillery.integrations.store import git_revision
+
+    revision = git_revision(Path(cfg.root))
+    tags = {"mlflow.source.type": "JOB", "mlflow.source.name": "distillery"}
+    if revision != "unknown":
+        tags["mlflow.source.git.commit"] = revision.removesuffix("-dirty")
+    try:
+        from prefect.runtime import flow_run
+
+        if flow_run.id:
+            tags |= {"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name)}
+            if flow_run.ui_url:
+                tags["prefect.flow_run_url"] = str(flow_run.ui_url)
+    except Exception:  # noqa: BLE001 - outside a flow run there is nothing to link
+        pass
+    return tags
+
+
+def snapshot_dataset(cfg: Config, snapshot: SnapshotRef, split: str):  # noqa: ANN201 - an MLflow PandasDataset
+    """The DVC snapshot as an MLflow dataset: digest = the snapshot md5, source = where the DVC remote keeps it."""
+    import pandas as pd
+
+    remote = cfg.dvc.remote_url if "://" in cfg.dvc.remote_url else str(cfg.path(cfg.dvc.remote_url))
+    md5 = snapshot.md5.removesuffix(".dir")
+    frame = pd.read_parquet(Path(snapshot.path) / f"{split}.parquet", columns=["text", "label"])
+    return mlflow.data.from_pandas(frame, source=f"{remote.rstrip('/')}/files/md5/{md5[:2]}/{md5[2:]}.dir",
+                                   targets="label", name=f"{Path(cfg.data.snapshot_dir).name}-{split}",
+                                   digest=snapshot.md5[:10])
+
+
+def create_run(cfg: Config, run_name: str, tags: dict[str, Any] | None = None, parent_run_id: str | None = None,
+               snapshot: SnapshotRef | None = None, split: str = "train") -> str:
+    """Create a run (nested under ``parent_run_id`` when given) and return its id; tasks reopen it by id.
+
+    Every run carries the standard source tags and its Prefect flow run; a run that reads the data snapshot logs it
+    as an MLflow dataset input (``split``: which part it reads; the context says training or evaluation).
+    """
     configure_tracking(cfg)
     experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
-    all_tags = {k: _tag(v) for k, v in (tags or {}).items()}
+    all_tags = {**source_tags(cfg), **{k: _tag(v) for k, v in (tags or {}).items()}}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run = MlflowClient().create_run(experiment.experiment_id, run_name=run_name, tags=all_tags)
+    client = MlflowClient()
+    run = client.create_run(experiment.experiment_id, run_name=run_name, tags=all_tags)
+    if snapshot is not None:
+        from mlflow.entities import DatasetInput, InputTag
+
+        dataset = snapshot_dataset(cfg, snapshot, split)
+        context = InputTag(key="mlflow.data.context", value="evaluation" if split == "test" else "training")
+        client.log_inputs(run.info.run_id, [DatasetInput(dataset._to_mlflow_entity(), tags=[context])])
     return run.info.run_id
 
 

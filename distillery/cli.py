@@ -159,14 +159,24 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from flows.admin import rollback_champion
+    from flows.admin import promote_version, rollback_champion
+    from models.gate import GateError
 
-    if not args.rollback:
-        print("only `distillery promote --rollback --reason TEXT` is supported: promotion itself is the gate's job")
+    if args.rollback == bool(args.version):
+        print("say either --rollback or --version N (with --reason TEXT)", file=sys.stderr)
         return 2
     cfg = _config(args)
-    retired, restored = rollback_champion(cfg, args.reason)
-    print(f"{cfg.tracking.student_name}@{cfg.tracking.champion_alias}: v{retired} -> v{restored} ({args.reason})")
+    ref = f"{cfg.tracking.student_name}@{cfg.tracking.champion_alias}"
+    if args.rollback:
+        retired, restored = rollback_champion(cfg, args.reason)
+        print(f"{ref}: v{retired} -> v{restored} ({args.reason})")
+        return 0
+    try:
+        previous, decision = promote_version(cfg, args.version, args.reason)
+    except GateError as exc:
+        print(f"\ndistillery promote: {exc}", file=sys.stderr)
+        return 3
+    print("\n".join(decision.reasons) + f"\n{ref}: v{previous or '-'} -> v{args.version} ({args.reason})")
     return 0
 
 
@@ -210,7 +220,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "watch": (cmd_watch, "compare teacher@alias and the data snapshot with the champion; emit a re-distill event"),
     "lineage": (cmd_lineage, "show (and --verify) the lineage of a registered student, e.g. student@champion"),
     "status": (cmd_status, "current teacher, champion and the last runs"),
-    "promote": (cmd_promote, "--rollback: move the champion alias back to the previous promoted version"),
+    "promote": (cmd_promote, "--rollback, or --version N: move the champion alias by hand (N after the gate's checks)"),
     "webhook": (cmd_webhook, "serve: MLflow registry webhook receiver; register: point an MLflow webhook at it"),
     "label": (cmd_label, "teacher soft labels on the snapshot (cached), checked by the Great Expectations suites"),
     "gc": (cmd_gc, "delete work files no run needs (keeps the champion's and the latest runs'); clean the registry"),
@@ -253,7 +263,8 @@ def _lineage_args(parser: argparse.ArgumentParser) -> None:
 
 def _promote_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rollback", action="store_true", help="move the champion back to the previous promoted version")
-    parser.add_argument("--reason", default="manual rollback", help="why (recorded on both versions)")
+    parser.add_argument("--version", metavar="N", help="make version N the champion, after the gate's checks")
+    parser.add_argument("--reason", default="manual change", help="why (recorded on the versions)")
 
 
 def _webhook_args(parser: argparse.ArgumentParser) -> None:

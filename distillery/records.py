@@ -245,6 +245,10 @@ def restored_tags(reason: str, restored_from: str) -> dict[str, str]:
     return {f"{ROLLBACK_PREFIX}restored_from": restored_from, f"{ROLLBACK_PREFIX}reason": reason}
 
 
+def manual_promotion_tags(reason: str, replaced: str | None) -> dict[str, str]:
+    return {"promotion.manual_reason": reason, "promotion.replaced": replaced or "none"}
+
+
 def is_retired(tags: Mapping[str, str]) -> bool:
     return f"{ROLLBACK_PREFIX}retired" in tags
 

@@ -16,17 +16,20 @@ from distillery.config import Config, ConfigError
 from distillery.integrations import registry, store
 from distillery.records import (
     METRIC_PREFIX,
+    Decision,
     PENDING,
     PROMOTED,
     Lineage,
     TeacherRef,
     decision_of,
     is_retired,
+    manual_promotion_tags,
     restored_tags,
     retired_tags,
     rollback_tags,
 )
 from flows.runners import run_lock
+from models.gate import GateError, decide
 from models.retention import Entry, plan_retention
 from tasks.gate import reconcile
 
@@ -169,6 +172,45 @@ def rollback_champion(cfg: Config, reason: str) -> tuple[str, str]:
     reg.set_tags(name, str(previous.version), restored_tags(reason, str(current.version)))
     reg.set_alias(name, alias, str(previous.version))  # last
     return str(current.version), str(previous.version)
+
+
+def promote_version(cfg: Config, version: str, reason: str) -> tuple[str | None, Decision]:
+    """Move the champion alias to a registered version by hand, after the checks a promotion makes.
+
+    The version's served form is judged again, from the evaluation that registered it, against that evaluation's
+    INT8 teacher and the current champion, under today's gate settings. Raises GateError (nothing moved) when a
+    criterion fails. Returns (the version that was champion, the decision).
+    """
+    reg = _registry(cfg)
+    name, alias = cfg.tracking.student_name, cfg.tracking.champion_alias
+    target = reg.version(name, version)
+    if decision_of(target.tags) != PROMOTED:
+        raise GateError(f"{name} v{version} is {decision_of(target.tags) or 'not a distillery student'}: only versions "
+                        f"that passed the gate (state {PROMOTED}) can be promoted by hand")
+    lineage = Lineage.from_tags(target.tags)
+    with run_lock(cfg):
+        current = reg.alias_version(name, alias)
+        champion = None
+        if current is not None and str(current.version) != str(version):
+            champion = registry.logged_candidate_metrics(reg, Lineage.from_tags(current.tags).evaluation_run_id)[
+                f"student_{Lineage.from_tags(current.tags).deploy_form}"]
+        logged = registry.logged_candidate_metrics(reg, lineage.evaluation_run_id)
+        g = cfg.gate
+        served = logged[f"student_{lineage.deploy_form}"]
+        verdict = decide(served, logged["teacher_int8"], logged["teacher_fp32"], champion,
+                         accuracy_tolerance=g.accuracy_tolerance, macro_f1_tolerance=g.macro_f1_tolerance,
+                         max_latency_ratio=g.max_latency_ratio, max_class_f1_drop=g.max_class_f1_drop,
+                         champion_tolerance=g.champion_tolerance, labels=served["labels"])
+        decision = Decision(passed=verdict.passed, reasons=tuple(verdict.reasons()),
+                            criteria=tuple(verdict.to_dict()["criteria"]), version=str(version),
+                            champion_version=str(current.version) if current else None)
+        if not decision.passed:
+            raise GateError(f"{name} v{version} fails the gate, {name}@{alias} unchanged:\n  "
+                            + "\n  ".join(decision.reasons))
+        previous = str(current.version) if current else None
+        reg.set_tags(name, str(version), manual_promotion_tags(reason, previous))
+        reg.set_alias(name, alias, str(version))  # last
+    return previous, decision
 
 
 # Work-folder kinds that `gc` manages, and how an entry there is named after what uses it.

@@ -174,6 +174,19 @@ def test_lineage_skip_watch_and_rollback(teacher_project: Path):
     assert str(client.get_model_version_by_alias("student", "champion").version) == restored
     assert client.get_model_version("student", retired).tags["rollback.reason"] == "bad canary"
 
+    # promoting a version by hand makes the gate's checks again: a failing criterion moves nothing
+    from flows.admin import promote_version
+    from models.gate import GateError
+
+    strict = load_config(cfg_path, {"gate.max_latency_ratio": 1e-6})
+    with pytest.raises(GateError, match="FAIL latency_vs_int8_teacher"):
+        promote_version(strict, retired, "canary fixed")
+    assert str(client.get_model_version_by_alias("student", "champion").version) == restored
+    previous, decision = promote_version(cfg_tol, retired, "canary fixed")
+    assert previous == restored and decision.passed
+    assert str(client.get_model_version_by_alias("student", "champion").version) == retired
+    assert client.get_model_version("student", retired).tags["promotion.manual_reason"] == "canary fixed"
+
 
 def test_pretrained_student_reads_with_its_own_tokenizer(teacher_project: Path, tmp_path: Path):
     from models.modeling import build_tiny_model, load_tokenizer

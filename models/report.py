@@ -56,58 +56,77 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
-def plot_confusion(logits: np.ndarray, labels_true: np.ndarray, names: list[str], path: Path, title: str) -> Path:
+def plot_confusion(logits: np.ndarray, labels_true: np.ndarray, names: list[str], path: Path, title: str,
+                   max_classes: int = 25) -> Path:
+    """Row-normalised confusion matrix with class names; with many classes, the ``max_classes`` most confused ones
+    (lowest recall), so the names stay readable."""
     k = len(names)
     matrix = np.zeros((k, k))
     np.add.at(matrix, (labels_true, logits.argmax(1)), 1)
     matrix = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(max(6, k * 0.15), max(5, k * 0.15)))
-    ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1)
-    ax.set_title(title)
+    shown = np.arange(k)
+    if k > max_classes:
+        shown = np.sort(np.argsort(np.diag(matrix), kind="stable")[:max_classes])
+        title = f"{title}: the {max_classes} classes with the lowest recall (of {k})"
+    sub = matrix[np.ix_(shown, shown)]
+    size = max(6.0, len(shown) * 0.32)
+    fig, ax = plt.subplots(figsize=(size + 2.5, size + 1.5))
+    image = ax.imshow(sub, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.04, label="share of the true class")
+    ax.set_title(title, fontsize=10)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    if k <= 30:
-        ax.set_xticks(range(k), names, rotation=90, fontsize=6)
-        ax.set_yticks(range(k), names, fontsize=6)
+    ax.set_xticks(range(len(shown)), [names[i] for i in shown], rotation=90, fontsize=7)
+    ax.set_yticks(range(len(shown)), [names[i] for i in shown], fontsize=7)
     return _save(fig, path)
 
 
 def plot_reliability(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, bins: int = 15) -> Path:
     """Reliability diagram: accuracy against confidence per bin, one line per candidate."""
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig, ax = plt.subplots(figsize=(5.5, 5))
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
     for name, (logits, labels) in curves.items():
         conf, acc, _ = reliability_curve(softmax(logits), labels, bins)
         ok = ~np.isnan(conf)
         ax.plot(conf[ok], acc[ok], marker="o", label=name)
+    ax.set_title("Reliability on the test split (closer to the diagonal is better calibrated)", fontsize=9)
     ax.set_xlabel("confidence")
     ax.set_ylabel("accuracy")
     ax.legend(fontsize=8)
     return _save(fig, path)
 
 
-def plot_accuracy_latency(metrics: dict[str, dict], path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(6, 4))
+def plot_accuracy_latency(metrics: dict[str, dict], path: Path, served: str | None = None) -> Path:
+    """Every candidate form; the served student form is marked."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, m in metrics.items():
-        ax.scatter(m["latency_p50_ms"], m["accuracy"], s=40)
-        ax.annotate(name, (m["latency_p50_ms"], m["accuracy"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+        mark = name == served
+        ax.scatter(m["latency_p50_ms"], m["accuracy"], s=90 if mark else 40, marker="*" if mark else "o",
+                   color="tab:red" if mark else "tab:blue", zorder=3)
+        ax.annotate(name + (" (served)" if mark else ""), (m["latency_p50_ms"], m["accuracy"]), fontsize=8,
+                    xytext=(5, 4), textcoords="offset points")
     ax.set_xscale("log")
+    ax.margins(x=0.35, y=0.15)  # room for the labels: none is clipped at the edge
+    ax.set_title("Accuracy against batch-1 latency, every form of teacher and students", fontsize=10)
     ax.set_xlabel("p50 latency at batch 1 (ms, log scale)")
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
 
-def plot_f1_difference(teacher_f1: list[float], student_f1: list[float], names: list[str], path: Path) -> Path:
+def plot_f1_difference(teacher_f1: list[float], student_f1: list[float], names: list[str], path: Path,
+                       student: str = "student") -> Path:
+    """Per-class F1 of the student minus the teacher's, every class named (horizontal bars, worst at the top)."""
     diff = np.asarray(student_f1) - np.asarray(teacher_f1)
-    order = np.argsort(diff)
-    fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.12), 4))
-    ax.bar(range(len(diff)), diff[order], color=np.where(diff[order] < 0, "tab:red", "tab:green"))
-    ax.axhline(0, color="k", lw=0.8)
-    ax.set_ylabel("student F1 - teacher F1")
-    ax.set_xlabel("class (sorted)")
-    if len(names) <= 30:
-        ax.set_xticks(range(len(diff)), [names[i] for i in order], rotation=90, fontsize=6)
+    order = np.argsort(diff, kind="stable")[::-1]
+    fig, ax = plt.subplots(figsize=(8, max(4.0, 0.2 * len(names) + 1.2)))
+    ax.barh(range(len(diff)), diff[order], color=np.where(diff[order] < 0, "tab:red", "tab:green"))
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(range(len(diff)), [names[i] for i in order], fontsize=7)
+    ax.set_ylim(-0.6, len(diff) - 0.4)
+    ax.set_xlabel(f"{student} F1 - teacher F1")
+    ax.set_title(f"Per-class F1: {student} minus teacher (FP32), classes sorted", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
     return _save(fig, path)
 
 

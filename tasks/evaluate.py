@@ -60,12 +60,14 @@ def evaluate_candidates(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef,
     y = np.asarray(gold)
     with registry.open_run(cfg, eval_run), tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        plot_confusion(logits["student_fp32"], y, labels, folder / "confusion_student.png", "distilled student")
-        plot_reliability({k: (logits[k], y) for k in ("teacher_fp32", "student_fp32", "baseline_fp32")},
+        served = f"student_{cfg.student.deploy}"  # the plots show the form the gate judges and that is served
+        plot_confusion(logits[served], y, labels, folder / "confusion_student.png",
+                       f"Confusion of the served student ({served})")
+        plot_reliability({k: (logits[k], y) for k in ("teacher_fp32", "teacher_int8", served, "baseline_fp32")},
                          folder / "reliability.png", e.ece_bins)
-        plot_accuracy_latency(metrics, folder / "accuracy_vs_latency.png")
-        plot_f1_difference(metrics["teacher_fp32"]["per_class_f1"], metrics["student_fp32"]["per_class_f1"], labels,
-                           folder / "per_class_f1_student_minus_teacher.png")
+        plot_accuracy_latency(metrics, folder / "accuracy_vs_latency.png", served=served)
+        plot_f1_difference(metrics["teacher_fp32"]["per_class_f1"], metrics[served]["per_class_f1"], labels,
+                           folder / "per_class_f1_student_minus_teacher.png", student=served)
         (folder / "results.txt").write_text(table + "\n")
         registry.log_folder(folder, "evaluation")
         mlflow.log_metrics(headline_ratios(metrics))

@@ -40,6 +40,7 @@ def environment_defaults() -> None:
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
+    from distillery.integrations.events import PrefectUnavailable
     from distillery.integrations.expectations import ValidationFailed
     from distillery.integrations.registry import KNOWN_ERRORS
     from distillery.integrations.store import VersioningError
@@ -49,7 +50,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from models.modeling import ModelError
 
     return (ConfigError, DataError, ModelError, VersioningError, ValidationFailed, GateError, LineageError,
-            *KNOWN_ERRORS)
+            PrefectUnavailable, *KNOWN_ERRORS)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, str] | None:
@@ -62,11 +63,15 @@ def _config(args: argparse.Namespace):  # noqa: ANN202 - Config
 
 def _pipeline(args: argparse.Namespace, command: str) -> int:
     """Run one pipeline command; exit 3 when the gate rejected the student (a scheduler can tell it from a crash)."""
+    from distillery.integrations.events import check_prefect_server, prefect_errors
     from flows.pipeline import pipeline_flow
 
     _config(args)  # validate before any flow (and its server) starts: a bad key fails in a second
-    result = pipeline_flow(args.config, _overrides(args), command=command,
-                           teacher_version=getattr(args, "teacher_version", None), force=getattr(args, "force", False))
+    check_prefect_server()
+    with prefect_errors():
+        result = pipeline_flow(args.config, _overrides(args), command=command,
+                               teacher_version=getattr(args, "teacher_version", None),
+                               force=getattr(args, "force", False))
     return 0 if result.decision is None or result.decision.passed else 3
 
 
@@ -91,10 +96,13 @@ def cmd_label(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
+    from distillery.integrations.events import check_prefect_server, prefect_errors
     from flows.pipeline import watch_flow
 
     _config(args)
-    watch_flow(args.config, _overrides(args))
+    check_prefect_server()
+    with prefect_errors():
+        watch_flow(args.config, _overrides(args))
     return 0
 
 
@@ -154,7 +162,8 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"the next run or `distillery gc` will {left['next_run_will']} it")
     print("last runs")
     for r in state["runs"]:
-        print(f"  {r['run_id'][:12]}  {r['status']:<9} {r['name']:<28} {r['gate'] or ''}")
+        took = f"{r['seconds']:.0f} s" if r["seconds"] is not None else "running"
+        print(f"  {r['started']}  {r['run_id'][:12]}  {r['status']:<9} {r['name']:<18} {took:>8}  {r['gate'] or ''}")
     return 0
 
 

@@ -137,7 +137,9 @@ def status_of(cfg: Config, last_runs: int = 8) -> dict:
     champion = reg.alias_version(cfg.tracking.student_name, cfg.tracking.champion_alias)
     leftovers = reconcile(cfg, reg, logger, apply=False)
     experiment = reg.client.get_experiment_by_name(cfg.tracking.experiment)
-    runs = reg.client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"],
+    # the pipeline's own runs (not their nested candidate and evaluation runs), newest first
+    runs = reg.client.search_runs([experiment.experiment_id], "tags.stage != 'train-student' and "
+                                  "tags.stage != 'evaluate'", order_by=["attributes.start_time DESC"],
                                   max_results=last_runs) if experiment else []
     made = Lineage.from_tags(champion.tags) if champion is not None else None
     teacher_ref = TeacherRef.from_version(teacher.name, teacher.version, teacher.run_id, teacher.tags) if teacher else None
@@ -152,8 +154,15 @@ def status_of(cfg: Config, last_runs: int = 8) -> dict:
             "accuracy": made.metrics.get("accuracy"), "latency_p50_ms": made.metrics.get("latency_p50_ms")},
         "leftovers": [{"version": v, "state": PENDING, "next_run_will": action} for v, action in leftovers],
         "runs": [{"name": r.info.run_name, "status": r.info.status, "run_id": r.info.run_id,
-                  "stage": r.data.tags.get("stage"), "gate": decision_of(r.data.tags)} for r in runs],
+                  "stage": r.data.tags.get("stage"), "gate": decision_of(r.data.tags),
+                  "started": _when(r.info.start_time),
+                  "seconds": round((r.info.end_time - r.info.start_time) / 1000, 1) if r.info.end_time else None}
+                 for r in runs],
     }
+
+
+def _when(ms: int | None) -> str | None:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else None
 
 
 def rollback_champion(cfg: Config, reason: str) -> tuple[str, str]:

@@ -236,7 +236,9 @@ def _train(model: PreTrainedModel, objective: nn.Module, train: Encoded, validat
         generator = torch.Generator().manual_seed(settings.seed * 1000 + epoch)
         batches = epoch_batches(train, settings.batch_size, generator, settings.group_by_length)
         losses = []
-        bar = tqdm(batches, desc=f"{desc} epoch {epoch}/{settings.epochs}", disable=not progress, leave=False)
+        left = settings.max_steps - result.steps if settings.max_steps is not None else len(batches)
+        bar = tqdm(batches, desc=f"{desc} epoch {epoch}/{settings.epochs}", disable=not progress, leave=False,
+                   total=min(len(batches), left))  # its real length when max_steps stops the epoch early
         for index in bar:
             batch = collate(train, index, pad_id)
             loss = objective(model, batch)

@@ -62,3 +62,17 @@ def test_status_json_is_json_only(tmp_path):
     assert out.returncode == 0, out.stderr
     state = json.loads(out.stdout)
     assert state["teacher"] is None and state["champion"] is None and state["leftovers"] == []
+
+
+def test_prefect_server_down_is_a_clear_error(tmp_path):
+    import os
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    write_config(tmp_path)
+    env = {**os.environ, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+    out = subprocess.run([*CLI, "ingest"], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 2
+    assert f"Prefect server at http://127.0.0.1:{port}/api is not reachable" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "data.dvc").exists()

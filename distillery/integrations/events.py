@@ -2,11 +2,53 @@
 
 from __future__ import annotations
 
+import os
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from typing import Iterator
+
 from prefect.events import emit_event
 
 REDISTILL_EVENT = "distillery.redistill.requested"
 GATE_PASSED_EVENT = "distillery.gate.passed"
 GATE_REJECTED_EVENT = "distillery.gate.rejected"
+
+
+class PrefectUnavailable(RuntimeError):
+    """The Prefect API (a configured server, or the temporary one) cannot be reached; the message says what to do."""
+
+
+def check_prefect_server(timeout: float = 5.0) -> None:
+    """With PREFECT_API_URL set, fail fast and clearly when that server does not answer."""
+    url = os.environ.get("PREFECT_API_URL")
+    if not url:
+        return
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout) as resp:
+            if resp.status == 200:
+                return
+    except (urllib.error.URLError, OSError) as exc:
+        reason = exc
+    else:
+        reason = f"HTTP {resp.status}"
+    raise PrefectUnavailable(f"Prefect server at {url} is not reachable ({reason}). Start it (`scripts/stack.sh up` "
+                             f"starts one), fix PREFECT_API_URL, or unset it to use a temporary local server.")
+
+
+@contextmanager
+def prefect_errors() -> Iterator[None]:
+    """Turn Prefect's failure to start or reach its temporary server into one actionable message."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "ephemeral Prefect API server" not in str(exc):
+            raise
+        raise PrefectUnavailable(
+            f"the temporary Prefect server did not start in time ({exc}). On a loaded machine give it longer "
+            f"(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120), or run one (`prefect server start`) and set "
+            f"PREFECT_API_URL."
+        ) from None
 
 
 def emit_redistill(teacher_name: str, teacher_version: str, reason: str, snapshot_md5: str = "") -> str | None:

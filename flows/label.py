@@ -46,6 +46,6 @@ def label_flow(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef,
     log_labelling(cfg, run_id, teacher, snapshot, key, cache_hit, seconds, path)
     print(f"teacher {teacher.name} v{teacher.version} outputs for {len(inputs)} rows: "
           f"{'cache hit' if cache_hit else 'labelled'} in {seconds:.1f} s")
-    validation = validate_outputs(cfg, path, len(inputs), run_id)
+    validation = validate_outputs(cfg, path, len(inputs), run_id, teacher, snapshot)
     return TeacherOutputs(path=path, key=key, cache_hit=cache_hit, seconds=seconds, run_id=run_id,
                           validation=validation)

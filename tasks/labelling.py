@@ -96,14 +96,16 @@ def store_outputs(cfg: Config, key: str, inputs: pd.DataFrame, shard_logits: lis
 
 
 @task(name="validate-teacher-outputs", cache_policy=NO_CACHE)
-def validate_outputs(cfg: Config, outputs_path: str, expected_rows: int, run_id: str) -> ValidationSummary:
+def validate_outputs(cfg: Config, outputs_path: str, expected_rows: int, run_id: str, teacher: TeacherRef,
+                     snapshot: SnapshotRef) -> ValidationSummary:
     """Run the GX suites; log Data Docs and the summary to MLflow either way; raise ValidationFailed on failure."""
     logger = get_run_logger()
     df = read_outputs(outputs_path)
     labels = json.loads((Path(outputs_path).parent / META_FILE).read_text())["labels"]
     rows, classes = validation_tables(df, labels)
     docs = cfg.workdir / "data-docs" / run_id
-    report = validate_teacher_outputs(rows, classes, labels, expected_rows, cfg.validation, docs)
+    report = validate_teacher_outputs(rows, classes, labels, expected_rows, cfg.validation, docs,
+                                      run_name=f"{teacher.name} v{teacher.version} on data snapshot {snapshot.md5}")
     with registry.open_run(cfg, run_id):
         registry.log_folder(docs, "data_docs")
         registry.log_json(report.summary(), "validation/teacher_outputs.json")

@@ -32,7 +32,8 @@ def _good_outputs(rows: int = 80, seed: int = 0):
 def _validate(df, tmp_path, expected_rows=80, **thresholds):
     rows, classes = validation_tables(df, LABELS)
     cfg = ValidationConfig(**{"min_teacher_accuracy": 0.6, "min_teacher_macro_f1": 0.5, **thresholds})
-    return validate_teacher_outputs(rows, classes, LABELS, expected_rows, cfg, tmp_path / "docs")
+    return validate_teacher_outputs(rows, classes, LABELS, expected_rows, cfg, tmp_path / "docs",
+                                    run_name="teacher v7 on data snapshot abc123.dir")
 
 
 def _failed(report) -> set[tuple[str, str]]:
@@ -51,6 +52,13 @@ def test_nan_row_fails_finiteness(tmp_path):
     df = _good_outputs()
     df.at[5, "logits"] = np.array([np.nan, 0, 0, 0], dtype=np.float32)
     assert _failed(_validate(df, tmp_path)) == {("expect_column_values_to_be_in_set", "all_finite")}
+    # the self-contained summary names the run and the failure, and loads nothing from the network
+    page = (tmp_path / "docs" / "summary.html").read_text()
+    assert "FAILED: 1 of 15" in page and "teacher v7 on data snapshot abc123.dir" in page and "all_finite" in page
+    assert "http://" not in page and "https://" not in page and "<script" not in page
+    assert "**FAIL**" in (tmp_path / "docs" / "summary.md").read_text()
+    docs = "".join(p.read_text() for p in (tmp_path / "docs").rglob("*.html") if p.name != "summary.html")
+    assert "teacher v7 on data snapshot abc123.dir" in docs and "__none__" not in docs
 
 
 def test_unnormalised_probabilities_fail_the_sum(tmp_path):

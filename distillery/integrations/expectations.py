@@ -8,6 +8,7 @@ its observed value.
 
 from __future__ import annotations
 
+import html
 import logging
 import math
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ class ValidationReport:
     success: bool
     evaluated: int
     failed: list[dict] = field(default_factory=list)
+    results: list[dict] = field(default_factory=list)  # every expectation: suite, expectation, target, ok, observed
     statistics: dict[str, float] = field(default_factory=dict)
     docs_dir: str = ""
     docs_index: str = ""
@@ -90,9 +92,15 @@ def _observed(result) -> str:  # noqa: ANN001 - a GX ExpectationValidationResult
 
 
 def validate_teacher_outputs(rows: pd.DataFrame, classes: pd.DataFrame, labels: list[str], expected_rows: int,
-                             cfg: ValidationConfig, docs_dir: Path) -> ValidationReport:
-    """Run both suites through GX checkpoints with a Data Docs action; never raises for failed expectations."""
+                             cfg: ValidationConfig, docs_dir: Path, run_name: str = "teacher outputs") -> ValidationReport:
+    """Run both suites through GX checkpoints with a Data Docs action; never raises for failed expectations.
+
+    ``run_name`` (teacher version and snapshot) names the validation run in the Data Docs. Beside GX's own docs
+    (which load their styles from a CDN) ``summary.html`` is written: one self-contained page that renders offline
+    and in the MLflow artifact viewer.
+    """
     import great_expectations as gx
+    from great_expectations.core.run_identifier import RunIdentifier
 
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
     context = gx.get_context(mode="ephemeral")
@@ -118,15 +126,18 @@ def validate_teacher_outputs(rows: pd.DataFrame, classes: pd.DataFrame, labels: 
             name=suite_name, validation_definitions=[definition], result_format="SUMMARY",
             actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=[DOCS_SITE])],
         ))
-        outcome = checkpoint.run(batch_parameters={"dataframe": frames[suite_name]})
+        outcome = checkpoint.run(batch_parameters={"dataframe": frames[suite_name]},
+                                 run_id=RunIdentifier(run_name=f"{run_name}: {suite_name}"))
         for run_result in outcome.run_results.values():
             for result in run_result.results:
                 report.evaluated += 1
                 config = result.expectation_config
+                entry = {"suite": suite_name, "expectation": config.type,
+                         "target": config.kwargs.get("column", "table"), "observed": _observed(result)}
+                report.results.append({**entry, "ok": bool(result.success)})
                 if not result.success:
                     report.success = False
-                    report.failed.append({"suite": suite_name, "expectation": config.type,
-                                          "target": config.kwargs.get("column", "table"), "observed": _observed(result)})
+                    report.failed.append(entry)
     for failure in report.failed:  # name the classes behind a class-level failure, not just their values
         if failure["target"] == "predicted_count":
             low = classes.loc[classes["predicted_count"] < cfg.min_predictions_per_class, "label"].tolist()
@@ -144,4 +155,38 @@ def validate_teacher_outputs(rows: pd.DataFrame, classes: pd.DataFrame, labels: 
     }
     report.docs_dir = str(docs_dir)
     report.docs_index = str(docs_dir / "index.html")
+    docs_dir.mkdir(parents=True, exist_ok=True)
+    (docs_dir / "summary.html").write_text(summary_html(report, run_name))
+    (docs_dir / "summary.md").write_text(summary_markdown(report, run_name))
     return report
+
+
+def summary_markdown(report: ValidationReport, run_name: str) -> str:
+    verdict = "PASSED" if report.success else f"FAILED ({len(report.failed)} of {report.evaluated})"
+    lines = [f"# Teacher outputs: {verdict}", "", run_name, "", "| suite | expectation | on | result | observed |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['suite']} | {r['expectation']} | {r['target']} | {'pass' if r['ok'] else '**FAIL**'} | "
+              f"{r['observed']} |" for r in report.results]
+    lines += ["", "| statistic | value |", "|---|---|"] + [f"| {k} | {v:.4g} |" for k, v in report.statistics.items()]
+    return "\n".join(lines) + "\n"
+
+
+def summary_html(report: ValidationReport, run_name: str) -> str:
+    """One page, inline styles only: renders offline and inside MLflow's artifact viewer."""
+    esc = html.escape
+    verdict = "passed" if report.success else f"FAILED: {len(report.failed)} of {report.evaluated}"
+    rows = "".join(
+        f"<tr class={'ok' if r['ok'] else 'bad'}><td>{esc(r['suite'])}</td><td>{esc(r['expectation'])}</td>"
+        f"<td>{esc(str(r['target']))}</td><td>{'pass' if r['ok'] else 'FAIL'}</td><td>{esc(str(r['observed']))}</td></tr>"
+        for r in report.results)
+    stats = "".join(f"<tr><td>{esc(k)}</td><td>{v:.4g}</td></tr>" for k, v in report.statistics.items())
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>Teacher outputs: {esc(verdict)}</title>
+<style>body{{font-family:sans-serif;margin:1.5em;color:#222}}table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px;text-align:left}}th{{background:#f0f0f0}}
+tr.ok td:nth-child(4){{color:#1a7f37;font-weight:bold}}tr.bad td{{background:#fde8e8}}
+tr.bad td:nth-child(4){{color:#b42318;font-weight:bold}}</style></head><body>
+<h1>Teacher outputs: {esc(verdict)}</h1><p>{esc(run_name)}</p>
+<table><tr><th>suite</th><th>expectation</th><th>on</th><th>result</th><th>observed</th></tr>{rows}</table>
+<h2>Statistics</h2><table><tr><th>statistic</th><th>value</th></tr>{stats}</table>
+<p>Full Great Expectations Data Docs: index.html in this folder.</p></body></html>
+"""

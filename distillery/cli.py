@@ -68,6 +68,8 @@ def _pipeline(args: argparse.Namespace, command: str) -> int:
 
     _config(args)  # validate before any flow (and its server) starts: a bad key fails in a second
     check_prefect_server()
+    if not args.verbose:
+        hide_console_tracebacks()
     with prefect_errors():
         result = pipeline_flow(args.config, _overrides(args), command=command,
                                teacher_version=getattr(args, "teacher_version", None),
@@ -101,6 +103,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
     _config(args)
     check_prefect_server()
+    if not args.verbose:
+        hide_console_tracebacks()
     with prefect_errors():
         watch_flow(args.config, _overrides(args))
     return 0
@@ -314,8 +318,54 @@ QUIET_LOGGERS = {
 }
 
 
+class _NoTraceback(logging.Formatter):
+    """Wraps a console formatter: the message without the traceback (the CLI prints the error once, at the end)."""
+
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
+class _RunFormatter(logging.Formatter):
+    """Our console format, with the Prefect run a line comes from: ``[task or flow run name]``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        run = getattr(record, "task_run_name", None) or getattr(record, "flow_run_name", None)
+        record.run = f" [{run}]" if run else ""
+        return super().format(record)
+
+
+def _not_a_repeated_failure(record: logging.LogRecord) -> bool:
+    """Prefect reports one failure on the task, then on each flow around it; the CLI tells it once, at the end."""
+    if record.name not in ("prefect.task_runs", "prefect.flow_runs"):
+        return True
+    return record.levelno < logging.ERROR and not record.getMessage().startswith("Finished in state Failed")
+
+
+def hide_console_tracebacks() -> None:
+    """Console handlers (Prefect's included) print no tracebacks and no repeats of a failure; the API handler (the
+    Prefect UI) keeps everything."""
+    loggers = [logging.getLogger()] + [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            if type(handler).__name__ in ("StreamHandler", "PrefectConsoleHandler", "RichHandler") \
+                    and not isinstance(handler.formatter, _NoTraceback):
+                handler.setFormatter(_NoTraceback(handler.formatter))
+                handler.addFilter(_not_a_repeated_failure)
+
+
 def configure_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO)
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(_RunFormatter("%(asctime)s %(levelname)s %(name)s%(run)s: %(message)s", "%H:%M:%S"))
     if not verbose:
         for name, level in QUIET_LOGGERS.items():
             logging.getLogger(name).setLevel(level)

@@ -31,6 +31,7 @@ def environment_defaults() -> None:
         "PREFECT_LOGGING_EXTRA_LOGGERS": "models,distillery",
         "GIT_PYTHON_REFRESH": "quiet",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' "Writing model shards" bars; training bars stay
         # a down tracking server answers within seconds; the registry adapter then retries with its own backoff
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
         "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -315,6 +316,8 @@ QUIET_LOGGERS = {
     "mlflow.store.db.utils": logging.WARNING,
     "great_expectations": logging.WARNING,  # e.g. one `_docs_decorators ... is a closure` line per decorated function
     "transformers": logging.ERROR,          # the LOAD REPORT table of every model load (a new head is expected here)
+    "mlflow.pyfunc": logging.ERROR,         # the cloudpickle notice on every logged model
+    "mlflow.models.signature": logging.WARNING,
 }
 
 

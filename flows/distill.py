@@ -32,7 +32,7 @@ def distill_flow(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef, force:
             return RunResult(command="distill", snapshot=snapshot, teacher=teacher, up_to_date=champion)
     outputs = label_flow.with_options(task_runner=task_runner_for(cfg))(cfg, snapshot, teacher)
     run_id = start_run(cfg, "distill", {"stage": "distill", **teacher.to_tags(), **snapshot.to_tags(),
-                                        "teacher_outputs.run_id": outputs.run_id}, snapshot=snapshot)
+                                        "teacher_outputs.run_id": outputs.run_id}, snapshot=snapshot, with_config=True)
     # the sweep and the baseline are independent: mapped over the task runner (threads or Dask workers)
     futures = [train_student.submit(cfg, teacher, snapshot, outputs, c, run_id) for c in sweep_grid(cfg.distill)]
     baseline_future = train_student.submit(cfg, teacher, snapshot, outputs, BASELINE, run_id)

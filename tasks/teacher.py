@@ -139,6 +139,8 @@ def current_teacher_version(cfg: Config) -> str | None:
 
 @task(name="start-run", cache_policy=NO_CACHE)
 def start_run(cfg: Config, run_name: str, tags: dict | None = None, parent_run_id: str | None = None,
-              snapshot: SnapshotRef | None = None) -> str:
-    """An MLflow run for a flow; with ``snapshot`` it records the data snapshot as its dataset input."""
-    return registry.create_run(cfg, run_name, tags, parent_run_id, snapshot=snapshot)
+              snapshot: SnapshotRef | None = None, with_config: bool = False) -> str:
+    """An MLflow run for a flow; with ``snapshot`` it records the data snapshot as its dataset input, with
+    ``with_config`` the whole configuration as its params (dotted keys)."""
+    return registry.create_run(cfg, run_name, tags, parent_run_id, snapshot=snapshot,
+                               params=cfg.flat() if with_config else None)

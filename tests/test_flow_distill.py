@@ -79,6 +79,7 @@ def test_good_student_is_promoted_then_a_crippled_one_is_refused(teacher_project
     assert inputs and inputs[0].dataset.digest == good.snapshot.md5[:10]
     assert good.snapshot.md5.removesuffix(".dir")[2:] in inputs[0].dataset.source
     assert made.data.tags["mlflow.source.name"] == "distillery" and made.data.tags["prefect.flow_run_id"]
+    assert made.data.params["distill.temperature"] == "2.0" and made.data.params["student.layers"] == "[0]"
     assert client.get_run(good.evaluation.run_id).inputs.dataset_inputs[0].dataset.name.endswith("-test")
     assert "config" not in tags and "# student v1" in version.description
     assert mlflow.artifacts.load_dict(f"runs:/{good.run_id}/config.json")["distill"]["temperature"] == 2.0

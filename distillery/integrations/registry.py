@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
@@ -318,7 +319,7 @@ def source_tags(cfg: Config) -> dict[str, str]:
 
         if flow_run.id:
             tags |= {"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name)}
-            if flow_run.ui_url:
+            if str(flow_run.ui_url or "").startswith("http"):  # a temporary server has no UI address to link
                 tags["prefect.flow_run_url"] = str(flow_run.ui_url)
     except Exception:  # noqa: BLE001 - outside a flow run there is nothing to link
         pass
@@ -332,13 +333,15 @@ def snapshot_dataset(cfg: Config, snapshot: SnapshotRef, split: str):  # noqa: A
     remote = cfg.dvc.remote_url if "://" in cfg.dvc.remote_url else str(cfg.path(cfg.dvc.remote_url))
     md5 = snapshot.md5.removesuffix(".dir")
     frame = pd.read_parquet(Path(snapshot.path) / f"{split}.parquet", columns=["text", "label"])
-    return mlflow.data.from_pandas(frame, source=f"{remote.rstrip('/')}/files/md5/{md5[:2]}/{md5[2:]}.dir",
-                                   targets="label", name=f"{Path(cfg.data.snapshot_dir).name}-{split}",
-                                   digest=snapshot.md5[:10])
+    with warnings.catch_warnings():  # MLflow registers its local-file source twice and warns that it is ambiguous
+        warnings.simplefilter("ignore", UserWarning)
+        return mlflow.data.from_pandas(frame, source=f"{remote.rstrip('/')}/files/md5/{md5[:2]}/{md5[2:]}.dir",
+                                       targets="label", name=f"{Path(cfg.data.snapshot_dir).name}-{split}",
+                                       digest=snapshot.md5[:10])
 
 
 def create_run(cfg: Config, run_name: str, tags: dict[str, Any] | None = None, parent_run_id: str | None = None,
-               snapshot: SnapshotRef | None = None, split: str = "train") -> str:
+               snapshot: SnapshotRef | None = None, split: str = "train", params: dict[str, Any] | None = None) -> str:
     """Create a run (nested under ``parent_run_id`` when given) and return its id; tasks reopen it by id.
 
     Every run carries the standard source tags and its Prefect flow run; a run that reads the data snapshot logs it
@@ -357,6 +360,12 @@ def create_run(cfg: Config, run_name: str, tags: dict[str, Any] | None = None, p
         dataset = snapshot_dataset(cfg, snapshot, split)
         context = InputTag(key="mlflow.data.context", value="evaluation" if split == "test" else "training")
         client.log_inputs(run.info.run_id, [DatasetInput(dataset._to_mlflow_entity(), tags=[context])])
+    if params:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for start in range(0, len(items), 100):  # MLflow takes at most 100 params a batch
+            client.log_batch(run.info.run_id, params=items[start:start + 100])
     return run.info.run_id
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -75,6 +76,8 @@ def _pipeline(args: argparse.Namespace, command: str) -> int:
         result = pipeline_flow(args.config, _overrides(args), command=command,
                                teacher_version=getattr(args, "teacher_version", None),
                                force=getattr(args, "force", False))
+    if args.json:  # logs go to stderr: stdout holds the result alone
+        print(json.dumps(dataclasses.asdict(result), indent=1, default=str))
     return 0 if result.decision is None or result.decision.passed else 3
 
 
@@ -299,9 +302,11 @@ def _gc_args(parser: argparse.ArgumentParser) -> None:
 
 
 EXTRA_ARGUMENTS: dict[str, list[Callable[[argparse.ArgumentParser], None]]] = {
-    "label": [_teacher_version_arg],
-    "distill": [_teacher_version_arg, _force_arg],
-    "run": [_teacher_version_arg, _force_arg],
+    "label": [_teacher_version_arg, _json_arg],
+    "distill": [_teacher_version_arg, _force_arg, _json_arg],
+    "run": [_teacher_version_arg, _force_arg, _json_arg],
+    "ingest": [_json_arg],
+    "teacher": [_json_arg],
     "lineage": [_lineage_args],
     "promote": [_promote_args],
     "webhook": [_webhook_args],

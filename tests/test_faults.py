@@ -181,8 +181,12 @@ def test_kill_during_labelling_then_rerun(proj: Project):
     cache = proj.root / ".distillery" / "teacher-outputs"
     complete = [p for p in cache.glob("*") if (p / "meta.json").is_file()] if cache.is_dir() else []
     after_kill_ok = proj.consistent(before, moved=0) and complete == []
-    rerun = proj.cli("distill")
+    rerun = proj.cli("distill", "--json")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    import json
+
+    result = json.loads(rerun.stdout)  # --json: stdout holds the result alone, the log goes to stderr
+    assert result["decision"]["passed"] and result["decision"]["version"] == proj.registry()["alias"]
     log = rerun.stdout + rerun.stderr  # a default run's log carries no library noise
     assert "_docs_decorators" not in log and "LOAD REPORT" not in log
     _row("kill -9 during labelling, re-run", f"nothing registered or cached by the killed run; re-run promoted "

@@ -375,6 +375,8 @@ def configure_logging(verbose: bool) -> None:
     for handler in logging.getLogger().handlers:
         handler.setFormatter(_RunFormatter("%(asctime)s %(levelname)s %(name)s%(run)s: %(message)s", "%H:%M:%S"))
     if not verbose:
+        # transformers sets its own level when it first logs, from TRANSFORMERS_VERBOSITY (it is imported later)
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         for name, level in QUIET_LOGGERS.items():
             logging.getLogger(name).setLevel(level)
 

@@ -29,9 +29,9 @@ from distillery.records import (
     rollback_tags,
 )
 from flows.runners import run_lock
-from models.gate import GateError, decide
+from models.gate import GateError, judge_logged
 from models.retention import Entry, plan_retention
-from tasks.gate import reconcile
+from tasks.gate import champion_metrics, reconcile
 
 logger = logging.getLogger(__name__)
 
@@ -198,25 +198,14 @@ def promote_version(cfg: Config, version: str, reason: str) -> tuple[str | None,
                         f"that passed the gate (state {PROMOTED}) can be promoted by hand")
     lineage = Lineage.from_tags(target.tags)
     with run_lock(cfg):
-        current = reg.alias_version(name, alias)
-        champion = None
-        if current is not None and str(current.version) != str(version):
-            champion = registry.logged_candidate_metrics(reg, Lineage.from_tags(current.tags).evaluation_run_id)[
-                f"student_{Lineage.from_tags(current.tags).deploy_form}"]
+        previous, champion = champion_metrics(cfg, reg)
+        if previous == str(version):
+            champion = None  # it is the champion already: nothing to be no worse than
         logged = registry.logged_candidate_metrics(reg, lineage.evaluation_run_id)
-        g = cfg.gate
-        served = logged[f"student_{lineage.deploy_form}"]
-        verdict = decide(served, logged["teacher_int8"], logged["teacher_fp32"], champion,
-                         accuracy_tolerance=g.accuracy_tolerance, macro_f1_tolerance=g.macro_f1_tolerance,
-                         max_latency_ratio=g.max_latency_ratio, max_class_f1_drop=g.max_class_f1_drop,
-                         champion_tolerance=g.champion_tolerance, labels=served["labels"])
-        decision = Decision(passed=verdict.passed, reasons=tuple(verdict.reasons()),
-                            criteria=tuple(verdict.to_dict()["criteria"]), version=str(version),
-                            champion_version=str(current.version) if current else None)
+        decision = judge_logged(cfg.gate, logged, f"student_{lineage.deploy_form}", champion, previous, str(version))
         if not decision.passed:
             raise GateError(f"{name} v{version} fails the gate, {name}@{alias} unchanged:\n  "
                             + "\n  ".join(decision.reasons))
-        previous = str(current.version) if current else None
         reg.set_tags(name, str(version), manual_promotion_tags(reason, previous))
         reg.set_alias(name, alias, str(version))  # last
     return previous, decision

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from distillery.config import GateConfig
+from distillery.records import Decision
+
 
 class GateError(RuntimeError):
     """The gate cannot decide (metrics missing) or promotion failed; the message says what was left where."""
@@ -67,6 +70,18 @@ def decide(student: dict, int8_teacher: dict, teacher: dict, champion: dict | No
             student["accuracy"], champion["accuracy"] - champion_tolerance,
             f"student accuracy >= champion accuracy - {champion_tolerance}"))
     return GateDecision(passed=all(c.passed for c in criteria), criteria=criteria)
+
+
+def judge_logged(gate: GateConfig, logged: dict[str, dict], served: str, champion: dict | None,
+                 champion_version: str | None, version: str | None = None) -> Decision:
+    """The gate's decision for the ``served`` form of an evaluation's logged metrics, under ``gate``'s settings."""
+    student = logged[served]
+    verdict = decide(student, logged["teacher_int8"], logged["teacher_fp32"], champion,
+                     accuracy_tolerance=gate.accuracy_tolerance, macro_f1_tolerance=gate.macro_f1_tolerance,
+                     max_latency_ratio=gate.max_latency_ratio, max_class_f1_drop=gate.max_class_f1_drop,
+                     champion_tolerance=gate.champion_tolerance, labels=student["labels"])
+    return Decision(passed=verdict.passed, reasons=tuple(verdict.reasons()),
+                    criteria=tuple(verdict.to_dict()["criteria"]), version=version, champion_version=champion_version)
 
 
 def plan_reconcile(versions: list[tuple[str, str | None, bool]], pending: str, promoted: str) -> list[tuple[str, str]]:

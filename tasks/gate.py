@@ -28,7 +28,7 @@ from distillery.records import (
     ValidationSummary,
     decision_of,
 )
-from models.gate import GateError, decide, plan_reconcile
+from models.gate import GateError, judge_logged, plan_reconcile
 from models.report import model_card
 
 HARNESS = {"teacher_fp32", "teacher_int8", "student_fp32", "baseline_fp32"}
@@ -65,13 +65,7 @@ def judge(cfg: Config, run_id: str, evaluation: Evaluation) -> tuple[Decision, d
         raise GateError(f"evaluation run {evaluation.run_id} lacks metrics for {sorted(missing)}")
     fault_point("gate.before")
     champion_version, champion = champion_metrics(cfg, reg)
-    g = cfg.gate
-    verdict = decide(logged[deployed], logged["teacher_int8"], logged["teacher_fp32"], champion,
-                     accuracy_tolerance=g.accuracy_tolerance, macro_f1_tolerance=g.macro_f1_tolerance,
-                     max_latency_ratio=g.max_latency_ratio, max_class_f1_drop=g.max_class_f1_drop,
-                     champion_tolerance=g.champion_tolerance, labels=logged[deployed]["labels"])
-    decision = Decision(passed=verdict.passed, reasons=tuple(verdict.reasons()),
-                        criteria=tuple(verdict.to_dict()["criteria"]), champion_version=champion_version)
+    decision = judge_logged(cfg.gate, logged, deployed, champion, champion_version)
     with registry.open_run(cfg, run_id):
         registry.log_json(decision.to_dict(), "gate/decision.json")
         mlflow.log_metric("gate.passed", float(decision.passed))

@@ -65,17 +65,17 @@ def main() -> int:
     from mlflow import MlflowClient
 
     from distillery.config import load_config
-    from models.data import read_snapshot
-    from models.evaluation import TimingSettings, encode_per_folder, evaluate_model, harness_candidates
-    from models.labelling import teacher_logits
-    from models.modeling import count_parameters, load_classifier, load_tokenizer
-    from models.report import headline_ratios, results_table
-    from models.training import DistillationObjective, encode, train_model
+    from distillery.models.data import read_snapshot
+    from distillery.models.evaluation import TimingSettings, encode_per_folder, evaluate_model, harness_candidates
+    from distillery.models.labelling import teacher_logits
+    from distillery.models.modeling import count_parameters, load_classifier, load_tokenizer
+    from distillery.models.report import headline_ratios, results_table
+    from distillery.models.training import DistillationObjective, encode, train_model
     from distillery.integrations import registry
     from distillery.records import Candidate, Lineage, TeacherRef
-    from tasks.data import freeze
-    from tasks.labelling import labelling_inputs, transfer_path
-    from tasks.teacher import settings_from
+    from distillery.tasks.data import freeze
+    from distillery.tasks.labelling import labelling_inputs, transfer_path
+    from distillery.tasks.teacher import settings_from
 
     from distillery.config import parse_override_args
 
@@ -113,7 +113,7 @@ def main() -> int:
     encoded = encode_per_folder({c[2] for c in candidates.values()}, texts_test, gold, cfg.distill.max_length)
     onnx_dir = tempfile.TemporaryDirectory()  # ONNX Runtime INT8: an extra deployment target for both
     if not args.no_onnx:
-        from models.onnx_runtime import onnx_int8
+        from distillery.models.onnx_runtime import onnx_int8
 
         for name, source in (("teacher_int8_onnx", "teacher_fp32"), ("student_int8_onnx", "student_fp32")):
             model, _, folder = candidates[source]
@@ -147,7 +147,7 @@ def main() -> int:
     }
     stages["full_run_s"] = stages["teacher_fine_tune_s"] + stages["labelling_and_validation_s"] + \
         stages["distill_run_total_s"]
-    from flows.pipeline import pipeline_flow
+    from distillery.flows.pipeline import pipeline_flow
 
     start = time.perf_counter()
     rerun = pipeline_flow(args.config, base or None)
@@ -157,7 +157,7 @@ def main() -> int:
     results["pipeline"] = stages
 
     # 3. labelling: pipeline (forced cache miss) vs a bare batched loop over the same rows
-    from flows.label import label_flow
+    from distillery.flows.label import label_flow
 
     inputs, _ = labelling_inputs(snapshot, transfer_path(cfg))
     texts = inputs["text"].tolist()
@@ -181,7 +181,7 @@ def main() -> int:
     # 4. orchestration + tracking overhead on the same short distillation
     from prefect import flow
 
-    from tasks.distill import make_student, train_student
+    from distillery.tasks.distill import make_student, train_student
 
     overrides = {**probe, "distill.epochs": 1, "distill.max_steps": args.overhead_steps}
     probe_cfg = load_config(args.config, {**overrides, "runtime.workdir": f"{scratch.name}/work"})
@@ -198,7 +198,7 @@ def main() -> int:
     with_orchestration = time.perf_counter() - start
 
     # the same work without Prefect or MLflow: read, build, encode, train
-    from models.labelling import read_outputs
+    from distillery.models.labelling import read_outputs
 
     start = time.perf_counter()
     outputs = read_outputs(out.path).merge(inputs[["id", "text"]], on="id")

@@ -29,7 +29,7 @@ def environment_defaults() -> None:
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
-        "PREFECT_LOGGING_EXTRA_LOGGERS": "models,distillery",
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "distillery",
         "GIT_PYTHON_REFRESH": "quiet",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' "Writing model shards" bars; training bars stay
@@ -46,10 +46,10 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from distillery.integrations.expectations import ValidationFailed
     from distillery.integrations.registry import KNOWN_ERRORS
     from distillery.integrations.store import VersioningError
-    from flows.admin import LineageError
-    from models.data import DataError
-    from models.gate import GateError
-    from models.modeling import ModelError
+    from distillery.flows.admin import LineageError
+    from distillery.models.data import DataError
+    from distillery.models.gate import GateError
+    from distillery.models.modeling import ModelError
 
     return (ConfigError, DataError, ModelError, VersioningError, ValidationFailed, GateError, LineageError,
             PrefectUnavailable, *KNOWN_ERRORS)
@@ -63,19 +63,24 @@ def _config(args: argparse.Namespace):  # noqa: ANN202 - Config
     return load_config(args.config, _overrides(args))
 
 
-def _pipeline(args: argparse.Namespace, command: str) -> int:
+def _pipeline(args: argparse.Namespace, command: str, **params: Any) -> int:
     """Run one pipeline command; exit 3 when the gate rejected the student (a scheduler can tell it from a crash)."""
     from distillery.integrations.events import check_prefect_server, prefect_errors
-    from flows.pipeline import pipeline_flow
+    from distillery.flows.pipeline import pipeline_flow
 
-    _config(args)  # validate before any flow (and its server) starts: a bad key fails in a second
+    cfg = _config(args)  # validate before any flow (and its server) starts: a bad key fails in a second
+    if command in ("run", "ingest"):
+        from distillery.models.data import locate_source
+
+        d = cfg.data  # a missing file, an unknown format or a wrong column fails here, in one line
+        locate_source(cfg.path(d.source), d.text_column, d.label_column, d.split_column)
     check_prefect_server()
     if not args.verbose:
         hide_console_tracebacks()
     with prefect_errors():
         result = pipeline_flow(args.config, _overrides(args), command=command,
                                teacher_version=getattr(args, "teacher_version", None),
-                               force=getattr(args, "force", False))
+                               force=getattr(args, "force", False), **params)
     if args.json:  # logs go to stderr: stdout holds the result alone
         print(json.dumps(dataclasses.asdict(result), indent=1, default=str))
     return 0 if result.decision is None or result.decision.passed else 3
@@ -94,7 +99,16 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_teacher(args: argparse.Namespace) -> int:
-    return _pipeline(args, "teacher")
+    if args.action != "import":
+        if args.source:
+            print(f"distillery teacher: unexpected {args.action!r}; did you mean `distillery teacher import SOURCE`?",
+                  file=sys.stderr)
+            return 2
+        return _pipeline(args, "teacher")
+    source = args.source
+    if source and os.path.exists(source):
+        source = os.path.abspath(source)  # a path on the command line is relative to where it was typed
+    return _pipeline(args, "import-teacher", teacher_source=source)
 
 
 def cmd_label(args: argparse.Namespace) -> int:
@@ -103,7 +117,7 @@ def cmd_label(args: argparse.Namespace) -> int:
 
 def cmd_watch(args: argparse.Namespace) -> int:
     from distillery.integrations.events import check_prefect_server, prefect_errors
-    from flows.pipeline import watch_flow
+    from distillery.flows.pipeline import watch_flow
 
     _config(args)
     check_prefect_server()
@@ -115,7 +129,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
-    from flows.admin import lineage_of, verify_lineage
+    from distillery.flows.admin import lineage_of, verify_lineage
 
     cfg = _config(args)
     info = lineage_of(cfg, args.ref)
@@ -153,7 +167,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from flows.admin import status_of
+    from distillery.flows.admin import status_of
 
     cfg = _config(args)
     state = status_of(cfg)
@@ -176,8 +190,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from flows.admin import promote_version, rollback_champion
-    from models.gate import GateError
+    from distillery.flows.admin import promote_version, rollback_champion
+    from distillery.models.gate import GateError
 
     if args.rollback == bool(args.version):
         print("say either --rollback or --version N (with --reason TEXT)", file=sys.stderr)
@@ -198,7 +212,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from flows.admin import collect_garbage
+    from distillery.flows.admin import collect_garbage
 
     report = collect_garbage(_config(args), keep_runs=args.keep, dry_run=args.dry_run)
     if args.json:
@@ -214,7 +228,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_webhook(args: argparse.Namespace) -> int:
-    from flows.admin import register_webhook, serve_webhook
+    from distillery.flows.admin import register_webhook, serve_webhook
 
     cfg = _config(args)
     if args.action == "register":
@@ -225,6 +239,34 @@ def cmd_webhook(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from distillery.flows.serving import predict
+    from distillery.models.data import read_texts
+
+    cfg = _config(args)
+    texts: list[str] = []
+    for source in args.inputs or ["-"]:
+        texts += read_texts(None if source == "-" else source, args.column,
+                            sys.stdin.read() if source == "-" else None)
+    out = predict(cfg, texts, args.model, args.top_k)
+    if args.format == "csv":
+        out.assign(top_k=out["top_k"].map(json.dumps)).to_csv(sys.stdout, index=False)
+    else:
+        for row in out.to_dict("records"):
+            print(json.dumps(row, ensure_ascii=False))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from distillery.flows.serving import serve
+
+    cfg = _config(args)
+    print(f"serving {args.model or 'the champion'} on http://{args.host}:{args.port}/invocations "
+          f"(mlflow models serve; GET /ping)", flush=True)
+    serve(cfg, args.model, args.host, args.port, args.workers)
+    return 0  # not reached: serve replaces this process
+
+
 def _teacher_version_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher-version", metavar="N", help="a registered teacher version (default: the alias)")
 
@@ -232,7 +274,8 @@ def _teacher_version_arg(parser: argparse.ArgumentParser) -> None:
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "run": (cmd_run, "run the whole pipeline on the configured data and teacher (the main job)"),
     "ingest": (cmd_ingest, "check the source data, write the train/validation/test snapshot, version it with DVC"),
-    "teacher": (cmd_teacher, "fine-tune the base model and register it as teacher@production (bootstrap)"),
+    "teacher": (cmd_teacher, "fine-tune the base model and register it as teacher@production (bootstrap); "
+                             "`teacher import SOURCE`: register an existing classifier instead, without training"),
     "distill": (cmd_distill, "label (cached) -> distil + baseline -> evaluate -> gate, with the registered teacher"),
     "watch": (cmd_watch, "compare teacher@alias and the data snapshot with the champion; emit a re-distill event"),
     "lineage": (cmd_lineage, "show (and --verify) the lineage of a registered student, e.g. student@champion"),
@@ -241,6 +284,9 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "webhook": (cmd_webhook, "serve: MLflow registry webhook receiver; register: point an MLflow webhook at it"),
     "label": (cmd_label, "teacher soft labels on the snapshot (cached), checked by the Great Expectations suites"),
     "gc": (cmd_gc, "delete work files no run needs (keeps the champion's and the latest runs'); clean the registry"),
+    "predict": (cmd_predict, "the champion's answers for texts from files (txt: one per line; csv/parquet/jsonl: "
+                             "--column) or stdin, as JSON lines or CSV"),
+    "serve": (cmd_serve, "serve the champion over HTTP (mlflow models serve: POST /invocations)"),
 }
 
 
@@ -291,6 +337,12 @@ def _webhook_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default="http://127.0.0.1:8765/", help="receiver URL (register)")
 
 
+def _teacher_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", nargs="?", choices=["import"], help="import: register an existing classifier")
+    parser.add_argument("source", nargs="?", help="a transformers folder (safetensors) or an MLflow model URI "
+                                                  "(models:/NAME@ALIAS, runs:/RUN_ID/PATH); default teacher.source")
+
+
 def _json_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON only")
 
@@ -301,17 +353,38 @@ def _gc_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
+def _model_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", metavar="REF", help="student@champion (default), student/3, 3 or an MLflow model URI")
+
+
+def _predict_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="*", metavar="FILE", help="files with texts ('-' or none: stdin)")
+    _model_arg(parser)
+    parser.add_argument("--column", default="text", help="the text column of a csv/parquet/jsonl file (default text)")
+    parser.add_argument("--top-k", type=int, default=1, help="also list the k most probable labels (default 1)")
+    parser.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+
+
+def _serve_args(parser: argparse.ArgumentParser) -> None:
+    _model_arg(parser)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=5001)
+    parser.add_argument("--workers", type=int, default=1)
+
+
 EXTRA_ARGUMENTS: dict[str, list[Callable[[argparse.ArgumentParser], None]]] = {
     "label": [_teacher_version_arg, _json_arg],
     "distill": [_teacher_version_arg, _force_arg, _json_arg],
     "run": [_teacher_version_arg, _force_arg, _json_arg],
     "ingest": [_json_arg],
-    "teacher": [_json_arg],
+    "teacher": [_teacher_args, _json_arg],
     "lineage": [_lineage_args],
     "promote": [_promote_args],
     "webhook": [_webhook_args],
     "gc": [_gc_args],
     "status": [_json_arg],
+    "predict": [_predict_args],
+    "serve": [_serve_args],
 }
 
 

@@ -35,8 +35,10 @@ class DataConfig(Section):
     source: str = "../shared/data/banking77"
     text_column: str = "text"
     label_column: str = "category"
+    split_column: str = "split"  # in a single-table source: train/test/validation per row (else test is carved)
     snapshot_dir: str = "data"
     validation_fraction: float = 0.1
+    test_fraction: float = 0.1  # the test split carved from a source that has none
     seed: int = 13
     max_drop_fraction: float = 0.02
     transfer_set: str | None = None
@@ -49,6 +51,9 @@ class DvcConfig(Section):
 
 class TeacherConfig(Section):
     base_model: str = "minilm"
+    # an existing fine-tuned classifier to import instead of fine-tuning base_model (a transformers folder or an
+    # MLflow model URI); `distillery run` imports it when no teacher is registered yet
+    source: str | None = None
     registered_name: str = "teacher"
     alias: str = "production"
     epochs: int = 8
@@ -261,6 +266,7 @@ def validate_config(cfg: Config) -> Config:
     need(snapshot != Path(cfg.root) and Path(cfg.root) in snapshot.parents,
          f"data.snapshot_dir must be a folder inside the project ({cfg.root}): DVC versions it there, got {snapshot}")
     need(0.0 < d.validation_fraction < 0.5, "data.validation_fraction must be in (0, 0.5)")
+    need(0.0 < d.test_fraction < 0.5, "data.test_fraction must be in (0, 0.5)")
     need(0.0 <= d.max_drop_fraction < 1.0, "data.max_drop_fraction must be in [0, 1)")
     need(bool(d.text_column) and bool(d.label_column), "data.text_column and data.label_column must be set")
     for name, section in (("teacher", cfg.teacher), ("distill", cfg.distill)):

@@ -28,10 +28,10 @@ from distillery.records import (
     retired_tags,
     rollback_tags,
 )
-from flows.runners import run_lock
-from models.gate import GateError, judge_logged
-from models.retention import Entry, plan_retention
-from tasks.gate import champion_metrics, reconcile
+from distillery.flows.runners import run_lock
+from distillery.models.gate import GateError, judge_logged
+from distillery.models.retention import Entry, plan_retention
+from distillery.tasks.gate import champion_metrics, reconcile
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ def promote_version(cfg: Config, version: str, reason: str) -> tuple[str | None,
 
 
 # Work-folder kinds that `gc` manages, and how an entry there is named after what uses it.
-GC_KINDS = ("checkpoints", "students", "teachers", "registry", "teacher-outputs", "data-docs", "snapshots")
+GC_KINDS = ("checkpoints", "students", "teachers", "registry", "teacher-outputs", "data-docs", "snapshots", "imports")
 
 
 def _size(path: Path) -> int:

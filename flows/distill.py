@@ -6,14 +6,14 @@ from prefect import flow
 
 from distillery.config import Config
 from distillery.records import BASELINE, RunResult, SnapshotRef, TeacherRef
-from flows.label import label_flow
-from flows.runners import task_runner_for
-from models.selection import pick_best, sweep_grid
-from tasks.distill import train_student
-from tasks.evaluate import evaluate_candidates
-from tasks.events import champion_up_to_date, report_decision
-from tasks.gate import judge, promote, reconcile_registry
-from tasks.teacher import start_run
+from distillery.flows.label import label_flow
+from distillery.flows.runners import task_runner_for
+from distillery.models.selection import pick_best, sweep_grid
+from distillery.tasks.distill import train_student
+from distillery.tasks.evaluate import evaluate_candidates
+from distillery.tasks.events import champion_up_to_date, report_decision
+from distillery.tasks.gate import judge, promote, reconcile_registry
+from distillery.tasks.teacher import start_run
 
 
 @flow(name="distill", flow_run_name="distill-teacher-v{teacher.version}-data-{snapshot.md5:.8}", log_prints=True,

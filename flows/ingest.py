@@ -6,7 +6,7 @@ from prefect import flow
 
 from distillery.config import Config
 from distillery.records import SnapshotRef
-from tasks.data import ingest_snapshot
+from distillery.tasks.data import ingest_snapshot
 
 
 @flow(name="ingest", flow_run_name="ingest", log_prints=True, validate_parameters=False)

@@ -8,8 +8,8 @@ from prefect import flow
 
 from distillery.config import Config
 from distillery.records import SnapshotRef, TeacherOutputs, TeacherRef
-from models.labelling import shard_bounds
-from tasks.labelling import (
+from distillery.models.labelling import shard_bounds
+from distillery.tasks.labelling import (
     cache_key,
     label_shard,
     labelling_inputs,
@@ -19,7 +19,7 @@ from tasks.labelling import (
     transfer_path,
     validate_outputs,
 )
-from tasks.teacher import start_run
+from distillery.tasks.teacher import start_run
 
 
 @flow(name="teacher-outputs", flow_run_name="label-teacher-v{teacher.version}-data-{snapshot.md5:.8}", log_prints=True,

@@ -4,8 +4,8 @@ It loads the configuration once and hands it down, picks the task runner for the
 shards, sweep candidates), and holds the run lock around everything that writes the data snapshot or the student
 registry, so a scheduled ingest can never rewrite ``data/`` under a running distillation.
 
-Commands: ``run`` (ingest -> teacher when none is registered -> distil), ``ingest``, ``teacher``, ``label``,
-``distill``; ``watch`` compares the registry with the champion and emits the re-distill event.
+Commands: ``run`` (ingest -> teacher when none is registered -> distil), ``ingest``, ``teacher`` (fine-tune),
+``import-teacher`` (register an existing classifier), ``label``, ``distill``; ``watch`` compares the registry with the champion and emits the re-distill event.
 """
 
 from __future__ import annotations
@@ -17,16 +17,16 @@ from prefect import flow
 
 from distillery.config import Config, ConfigError, load_config
 from distillery.records import RunResult
-from flows.distill import distill_flow
-from flows.ingest import ingest_flow
-from flows.label import label_flow
-from flows.runners import run_lock, task_runner_for
-from flows.teacher import teacher_flow
-from tasks.data import verify_snapshot
-from tasks.events import check_for_changes, emit_redistill_task
-from tasks.teacher import current_teacher_version, resolve_teacher
+from distillery.flows.distill import distill_flow
+from distillery.flows.ingest import ingest_flow
+from distillery.flows.label import label_flow
+from distillery.flows.runners import run_lock, task_runner_for
+from distillery.flows.teacher import teacher_flow, teacher_import_flow
+from distillery.tasks.data import verify_snapshot
+from distillery.tasks.events import check_for_changes, emit_redistill_task
+from distillery.tasks.teacher import current_teacher_version, resolve_teacher
 
-COMMANDS = ("run", "ingest", "teacher", "label", "distill")
+COMMANDS = ("run", "ingest", "teacher", "import-teacher", "label", "distill")
 
 
 def _run_name() -> str:
@@ -39,19 +39,32 @@ def _run_name() -> str:
 
 @flow(name="distillery", log_prints=True, flow_run_name=_run_name)
 def pipeline_flow(config_path: str | None = None, overrides: dict[str, Any] | None = None, command: str = "run",
-                  teacher_version: str | None = None, force: bool = False) -> RunResult:
+                  teacher_version: str | None = None, force: bool = False,
+                  teacher_source: str | None = None) -> RunResult:
     """Run one pipeline command on one configuration (``config_path`` + dotted ``overrides``)."""
     if command not in COMMANDS:
         raise ConfigError(f"unknown pipeline command {command!r}: one of {', '.join(COMMANDS)}")
     cfg = load_config(config_path, overrides)
-    return run_command(cfg, command, teacher_version, force)
+    return run_command(cfg, command, teacher_version, force, teacher_source)
 
 
-def run_command(cfg: Config, command: str, teacher_version: str | None = None, force: bool = False) -> RunResult:
+def _bootstrap_teacher(cfg: Config, snapshot, source: str | None):  # noqa: ANN001, ANN202 - SnapshotRef -> TeacherRef
+    """A first teacher: imported from ``source`` (or teacher.source) when given, else fine-tuned."""
+    source = source or cfg.teacher.source
+    return teacher_import_flow(cfg, snapshot, source) if source else teacher_flow(cfg, snapshot)
+
+
+def run_command(cfg: Config, command: str, teacher_version: str | None = None, force: bool = False,
+                teacher_source: str | None = None) -> RunResult:
     """The pipeline's wiring for one command, on a configuration loaded once."""
     if command == "teacher":
         snapshot = verify_snapshot(cfg)
         return RunResult(command=command, snapshot=snapshot, teacher=teacher_flow(cfg, snapshot))
+    if command == "import-teacher":
+        if not (teacher_source or cfg.teacher.source):
+            raise ConfigError("import-teacher needs a SOURCE (a model folder or MLflow model URI) or teacher.source")
+        snapshot = verify_snapshot(cfg)
+        return RunResult(command=command, snapshot=snapshot, teacher=_bootstrap_teacher(cfg, snapshot, teacher_source))
     if command == "label":
         snapshot = verify_snapshot(cfg)
         teacher = resolve_teacher(cfg, teacher_version)
@@ -66,7 +79,7 @@ def run_command(cfg: Config, command: str, teacher_version: str | None = None, f
         else:
             snapshot = verify_snapshot(cfg)
         if command == "run" and teacher_version is None and current_teacher_version(cfg) is None:
-            teacher_version = teacher_flow(cfg, snapshot).version
+            teacher_version = _bootstrap_teacher(cfg, snapshot, teacher_source).version
         teacher = resolve_teacher(cfg, teacher_version)
         result = distill_flow.with_options(task_runner=task_runner_for(cfg))(cfg, snapshot, teacher, force)
     return dataclasses.replace(result, command=command, ingest=report)

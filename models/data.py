@@ -23,11 +23,13 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class RawData:
-    """Source data as read: train and test frames with `text`/`label` columns and the ordered label set."""
+    """Source data as read: train and test (and, when the source has one, validation) frames with `text`/`label`
+    columns, and the ordered label set."""
 
     train: pd.DataFrame
     test: pd.DataFrame
     labels: list[str]
+    validation: pd.DataFrame | None = None
 
 
 @dataclass
@@ -65,53 +67,247 @@ def row_id(text: str) -> str:
     return hashlib.sha1(normalise_text(text).encode()).hexdigest()[:16]
 
 
-def read_source(source: Path, text_column: str = "text", label_column: str = "category") -> RawData:
-    """Read ``train.csv`` and ``test.csv`` (and ``categories.json`` when present) from a source folder."""
+SPLIT_ALIASES = {"train": "train", "training": "train", "test": "test", "testing": "test",
+                 "validation": "validation", "valid": "validation", "val": "validation", "dev": "validation"}
+TABLE_FORMATS = {".csv": "CSV", ".tsv": "TSV", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "JSON lines",
+                 ".ndjson": "JSON lines", ".json": "JSON"}
+HF_MARKERS = ("dataset_dict.json", "state.json")
+
+
+@dataclass(frozen=True)
+class SourceLayout:
+    """Where the rows of a data source are: one table per split, one table with (or without) a split column, or a
+    Hugging Face ``datasets`` folder. Found from names and headers alone, so path and format errors come first."""
+
+    kind: str  # "split-files" | "single-table" | "hf-datasets"
+    files: dict[str, Path]  # split -> file (split-files); {"all": file} (single-table); split -> folder (hf-datasets)
+    columns: list[str]
+    categories: Path | None = None
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{k}={v.name}" for k, v in self.files.items())
+        return f"{self.kind} ({parts})"
+
+
+def _table_format(path: Path) -> str:
+    fmt = TABLE_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise DataError(f"{path}: unknown data format {path.suffix!r}; use one of {sorted(TABLE_FORMATS)} files, a "
+                        f"folder of them, or a Hugging Face datasets folder (save_to_disk)")
+    return fmt
+
+
+def read_table(path: Path, nrows: int | None = None) -> pd.DataFrame:
+    """A CSV/TSV, parquet or JSON (lines or records) file as a frame; ``nrows`` reads only the head."""
+    path = Path(path)
+    fmt = _table_format(path)
+    if not path.is_file():
+        raise DataError(f"{path} not found")
+    try:
+        if fmt in ("CSV", "TSV"):
+            return pd.read_csv(path, dtype=str, keep_default_na=False, nrows=nrows, sep="\t" if fmt == "TSV" else ",")
+        if fmt == "parquet":
+            if nrows == 0:
+                import pyarrow.parquet as pq
+
+                return pd.DataFrame(columns=pq.read_schema(path).names)
+            return pd.read_parquet(path)
+        lines = fmt == "JSON lines" or path.read_bytes()[:1].strip() != b"["
+        if not lines:
+            return pd.read_json(path, dtype=False)
+        head = None if nrows is None else max(nrows, 1)  # the columns of JSON lines come from a first row
+        df = pd.read_json(path, lines=True, dtype=False, nrows=head)
+        return df if nrows is None else df.head(nrows)
+    except (ValueError, UnicodeDecodeError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{path} is not a readable {fmt} file: {first}") from None
+
+
+def _hf_split_folders(folder: Path) -> dict[str, Path]:
+    if (folder / "dataset_dict.json").is_file():
+        splits = json.loads((folder / "dataset_dict.json").read_text()).get("splits", [])
+        return {s: folder / s for s in splits}
+    return {"all": folder}
+
+
+def _hf_features(split_folder: Path) -> dict:
+    info = split_folder / "dataset_info.json"
+    return json.loads(info.read_text()).get("features", {}) if info.is_file() else {}
+
+
+def read_hf_split(split_folder: Path) -> pd.DataFrame:
+    """One split of a ``datasets`` ``save_to_disk`` folder (Arrow stream files), with ClassLabel ids as names."""
+    import pyarrow as pa
+
+    state = json.loads((split_folder / "state.json").read_text())
+    tables = []
+    for entry in state.get("_data_files", []):
+        with pa.memory_map(str(split_folder / entry["filename"])) as source:
+            tables.append(pa.ipc.open_stream(source).read_all())
+    if not tables:
+        raise DataError(f"{split_folder} holds no data files (state.json lists none)")
+    df = pa.concat_tables(tables).to_pandas()
+    for name, feature in _hf_features(split_folder).items():
+        if isinstance(feature, dict) and feature.get("_type") == "ClassLabel" and name in df.columns:
+            names = feature.get("names") or []
+            df[name] = [names[i] if isinstance(i, (int, np.integer)) and 0 <= i < len(names) else "" for i in df[name]]
+    return df
+
+
+def locate_source(source: Path, text_column: str = "text", label_column: str = "category",
+                  split_column: str = "split") -> SourceLayout:
+    """Find the data's layout and check its columns from headers only (no full read): fails in one line."""
     source = Path(source)
-    if not source.is_dir():
-        raise DataError(f"data source {source} is not a folder: set data.source to a folder with train.csv and test.csv")
-    frames = {}
-    for split in ("train", "test"):
-        file = source / f"{split}.csv"
-        if not file.is_file():
-            raise DataError(f"data source {source} has no {split}.csv")
-        try:
-            df = pd.read_csv(file, dtype=str, keep_default_na=False)
-        except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-            raise DataError(f"{file} is not a readable CSV file: {exc}") from None
-        missing = [c for c in (text_column, label_column) if c not in df.columns]
-        if missing:
-            raise DataError(
-                f"{file} is missing column(s) {missing}; found {list(df.columns)}. "
-                f"Set data.text_column / data.label_column to the right names."
-            )
-        frames[split] = df[[text_column, label_column]].rename(columns={text_column: "text", label_column: "label"})
-    categories = source / "categories.json"
-    if categories.is_file():
-        try:
-            labels = json.loads(categories.read_text())
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{categories} is not valid JSON: {exc}") from None
-        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels) or len(set(labels)) != len(labels):
-            raise DataError(f"{categories} must be a JSON list of distinct label names")
+    if not source.exists():
+        raise DataError(f"data source {source} not found (data.source)")
+    categories = None
+    if source.is_dir():
+        categories = source / "categories.json" if (source / "categories.json").is_file() else None
+        if any((source / m).is_file() for m in HF_MARKERS):
+            splits = _hf_split_folders(source)
+            features = _hf_features(next(iter(splits.values())))
+            if not features:
+                raise DataError(f"{source}: Hugging Face datasets folder without dataset_info.json features")
+            layout = SourceLayout("hf-datasets", splits, list(features), categories)
+        else:
+            tables = sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() in TABLE_FORMATS
+                            and p.name != "categories.json")
+            per_split: dict[str, Path] = {}
+            for p in tables:
+                split = SPLIT_ALIASES.get(p.stem.lower())
+                if split:
+                    if split in per_split:
+                        raise DataError(f"{source} has two {split} files: {per_split[split].name} and {p.name}")
+                    per_split[split] = p
+            if per_split:
+                if "train" not in per_split:
+                    raise DataError(f"{source} has {sorted(per_split)} files but no train file (train.csv, "
+                                    f"train.parquet, train.jsonl, ...)")
+                layout = SourceLayout("split-files", per_split, list(read_table(per_split["train"], 0).columns),
+                                      categories)
+            elif len(tables) == 1:
+                layout = SourceLayout("single-table", {"all": tables[0]}, list(read_table(tables[0], 0).columns),
+                                      categories)
+            else:
+                raise DataError(f"data source {source} holds {len(tables) or 'no'} data files "
+                                f"{[p.name for p in tables][:6]}: give train/test files (any of "
+                                f"{sorted(TABLE_FORMATS)}), one file with a `{split_column}` column, or a Hugging "
+                                f"Face datasets folder")
     else:
-        labels = sorted(set(frames["train"]["label"]) - {""})
-        logger.info("no categories.json in %s: using the %d labels seen in train.csv", source, len(labels))
-    return RawData(train=frames["train"], test=frames["test"], labels=list(labels))
+        layout = SourceLayout("single-table", {"all": source}, list(read_table(source, 0).columns))
+    missing = [c for c in (text_column, label_column) if c not in layout.columns]
+    if missing:
+        raise DataError(f"{source}: missing column(s) {missing}; found {layout.columns}. Set data.text_column / "
+                        f"data.label_column to the right names.")
+    return layout
 
 
-def check_data(raw: RawData, max_drop_fraction: float) -> tuple[pd.DataFrame, pd.DataFrame, CheckReport]:
+def _carve(df: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split ``df`` into (rest, carved): a seeded, per-label stratified ``fraction`` (>= 1 row per label with >= 2)."""
+    rng = np.random.default_rng(seed)
+    df = df.assign(_key=df["text"].map(row_id)).sort_values("_key", kind="stable").drop(columns="_key")
+    carved = []
+    for label in sorted(df["label"].unique(), key=str):
+        idx = df.index[df["label"] == label].to_numpy()
+        n = int(round(len(idx) * fraction))
+        n = min(max(n, 1), len(idx) - 1) if len(idx) >= 2 else 0
+        carved.append(rng.permutation(idx)[:n])
+    picked = np.sort(np.concatenate(carved)) if carved else np.array([], dtype=int)
+    is_carved = df.index.isin(picked)
+    return df[~is_carved], df[is_carved]
+
+
+def read_source(source: Path, text_column: str = "text", label_column: str = "category", split_column: str = "split",
+                test_fraction: float = 0.1, seed: int = 13) -> RawData:
+    """Read a data source in any supported layout into train/test (and validation when the source has one).
+
+    A single table with a ``split_column`` is split by its values (train/test/validation and common aliases); one
+    without it has its test split carved like validation (stratified, seeded, ``test_fraction``). The label list is
+    ``categories.json`` when present, else the names of a ClassLabel feature, else the sorted labels of train.
+    """
+    layout = locate_source(source, text_column, label_column, split_column)
+    if layout.kind == "hf-datasets":
+        frames = {k: read_hf_split(v) for k, v in layout.files.items()}
+    else:
+        frames = {k: read_table(v) for k, v in layout.files.items()}
+    if "all" in frames:
+        whole = frames.pop("all")
+        if split_column in whole.columns:
+            split = whole[split_column].astype(str).str.strip().str.lower().map(SPLIT_ALIASES)
+            unknown = sorted(set(whole.loc[split.isna(), split_column].astype(str)))
+            if unknown:
+                raise DataError(f"{source}: column {split_column!r} has value(s) {unknown[:5]}; expected train, test "
+                                f"or validation")
+            frames = {s: whole[split == s] for s in ("train", "test", "validation") if (split == s).any()}
+        else:
+            frames = {"train": whole}
+    else:
+        frames = {SPLIT_ALIASES.get(k.lower(), k): v for k, v in frames.items()}
+    if "train" not in frames:
+        raise DataError(f"{source} has no train split (found {sorted(frames)})")
+    frames = {k: v[[text_column, label_column]].rename(columns={text_column: "text", label_column: "label"})
+              .astype(str).reset_index(drop=True) for k, v in frames.items() if k in ("train", "test", "validation")}
+    labels = _label_list(layout, frames["train"], source)
+    if "test" not in frames:
+        rest, carved = _carve(frames["train"][frames["train"]["label"].isin(labels)], test_fraction, seed + 1)
+        unknown = frames["train"][~frames["train"]["label"].isin(labels)]  # kept so the checks report them
+        frames["train"], frames["test"] = pd.concat([rest, unknown]), carved
+        logger.info("%s has no test split: carved %d rows (data.test_fraction=%s)", source, len(carved), test_fraction)
+    return RawData(train=frames["train"].reset_index(drop=True), test=frames["test"].reset_index(drop=True),
+                   labels=labels, validation=frames["validation"].reset_index(drop=True)
+                   if "validation" in frames else None)
+
+
+def _label_list(layout: SourceLayout, train: pd.DataFrame, source: Path) -> list[str]:
+    if layout.categories is not None:
+        try:
+            labels = json.loads(layout.categories.read_text())
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{layout.categories} is not valid JSON: {exc}") from None
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels) or len(set(labels)) != len(labels):
+            raise DataError(f"{layout.categories} must be a JSON list of distinct label names")
+        return labels
+    if layout.kind == "hf-datasets":
+        for name, feature in _hf_features(next(iter(layout.files.values()))).items():
+            if isinstance(feature, dict) and feature.get("_type") == "ClassLabel" and feature.get("names"):
+                return list(feature["names"])
+    labels = sorted(set(train["label"]) - {""})
+    logger.info("no categories.json for %s: using the %d labels seen in train", source, len(labels))
+    return labels
+
+
+def read_texts(path: Path | None, column: str = "text", stdin_text: str | None = None) -> list[str]:
+    """Texts to predict: a table file's ``column``, or one text per line of a plain file (or of ``stdin_text``)."""
+    if path is None or str(path) == "-":
+        raw = stdin_text or ""
+        return [line.strip() for line in raw.splitlines() if line.strip()]
+    path = Path(path)
+    if path.suffix.lower() in TABLE_FORMATS:
+        df = read_table(path)
+        if column not in df.columns:
+            raise DataError(f"{path} has no {column!r} column (found {list(df.columns)}): pass --column NAME")
+        return df[column].astype(str).tolist()
+    if not path.is_file():
+        raise DataError(f"{path} not found")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def check_data(raw: RawData, max_drop_fraction: float) -> tuple[dict[str, pd.DataFrame], CheckReport]:
     """Drop and report bad rows; fail with a DataError when the damage is larger than ``max_drop_fraction``.
 
     Checks: empty texts, labels outside the known set, duplicate texts within a split (conflicting labels
-    included), and train texts that also occur in test (leakage; the train copy is dropped).
+    included), and texts that occur in a later split (leakage: a train text also in validation or test loses its
+    train copy; a validation text also in test loses its validation copy). Returns the cleaned splits by name.
     """
     if len(raw.labels) < 2:
         raise DataError(f"need at least 2 labels, found {len(raw.labels)}")
     report = CheckReport()
     known = set(raw.labels)
     cleaned = {}
-    for split, df in (("train", raw.train), ("test", raw.test)):
+    given = [("train", raw.train), ("test", raw.test)]
+    if raw.validation is not None:
+        given.append(("validation", raw.validation))
+    for split, df in given:
         report.input_rows[split] = len(df)
         if df.empty:
             raise DataError(f"the {split} split is empty")
@@ -128,12 +324,15 @@ def check_data(raw: RawData, max_drop_fraction: float) -> tuple[pd.DataFrame, pd
         report.drop(split, "duplicate_text", df.loc[dup, "text"].tolist())
         df = df[~dup]
         cleaned[split] = df
-    test_keys = set(cleaned["test"]["text"].map(normalise_text))
-    leak = cleaned["train"]["text"].map(normalise_text).isin(test_keys)
-    report.drop("train", "leaks_into_test", cleaned["train"].loc[leak, "text"].tolist())
-    cleaned["train"] = cleaned["train"][~leak]
+    for split, later in (("train", "test"), ("train", "validation"), ("validation", "test")):
+        if split not in cleaned or later not in cleaned:
+            continue
+        later_keys = set(cleaned[later]["text"].map(normalise_text))
+        leak = cleaned[split]["text"].map(normalise_text).isin(later_keys)
+        report.drop(split, f"leaks_into_{later}", cleaned[split].loc[leak, "text"].tolist())
+        cleaned[split] = cleaned[split][~leak]
 
-    for split in ("train", "test"):
+    for split in cleaned:
         n_in = report.input_rows[split]
         n_drop = sum(report.dropped.get(split, {}).values())
         if n_in and n_drop / n_in > max_drop_fraction:
@@ -148,7 +347,7 @@ def check_data(raw: RawData, max_drop_fraction: float) -> tuple[pd.DataFrame, pd
         raise DataError(f"train has no rows for label(s) {missing[:10]}: every label needs training examples")
     if report.total_dropped:
         logger.warning("data checks dropped %d rows: %s", report.total_dropped, report.dropped)
-    return cleaned["train"], cleaned["test"], report
+    return cleaned, report
 
 
 def _finish(df: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
@@ -165,17 +364,20 @@ def _finish(df: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
 
 
 def split_snapshot(
-    train: pd.DataFrame,
-    test: pd.DataFrame,
+    cleaned: dict[str, pd.DataFrame],
     labels: list[str],
     validation_fraction: float,
     seed: int,
 ) -> dict[str, pd.DataFrame]:
-    """Carve a stratified, seeded validation split from train; the source test split stays the test split.
+    """Carve a stratified, seeded validation split from train (unless the source has one); the source test split
+    stays the test split.
 
     Deterministic: the same input rows (in any order) give the same three frames.
     """
-    train = _finish(train, labels)
+    train = _finish(cleaned["train"], labels)
+    test = cleaned["test"]
+    if cleaned.get("validation") is not None:
+        return {"train": train, "validation": _finish(cleaned["validation"], labels), "test": _finish(test, labels)}
     rng = np.random.default_rng(seed)
     val_parts = []
     for label_id in sorted(train["label_id"].unique()):

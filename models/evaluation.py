@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from models.metrics import classification_metrics
-from models.modeling import count_parameters, load_classifier, load_tokenizer, quantize_int8, size_on_disk
-from models.training import Encoded, collate, encode, predict_logits
+from distillery.models.metrics import classification_metrics
+from distillery.models.modeling import count_parameters, load_classifier, load_tokenizer, quantize_int8, size_on_disk
+from distillery.models.training import Encoded, collate, encode, predict_logits
 
 logger = logging.getLogger(__name__)
 

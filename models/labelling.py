@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from models.metrics import entropy, per_class_f1, softmax
-from models.training import encode, predict_logits
+from distillery.models.metrics import entropy, per_class_f1, softmax
+from distillery.models.training import encode, predict_logits
 
 OUTPUT_COLUMNS = ["id", "split", "label_id", "logits", "probs", "predicted_label", "max_prob", "entropy"]
 

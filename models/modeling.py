@@ -29,7 +29,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from models.randomness import seeded
+from distillery.models.randomness import seeded
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +120,47 @@ def save_classifier(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     model.save_pretrained(str(folder), safe_serialization=True)
     tokenizer.save_pretrained(str(folder))
     return folder
+
+
+def model_labels(model: PreTrainedModel) -> list[str]:
+    """The label names of a classifier's outputs, in output order (from its config's ``id2label``)."""
+    return [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
+
+
+def classifier_head(model: PreTrainedModel) -> nn.Linear:
+    """The layer that produces the logits: the last Linear with one output per label (BERT, RoBERTa, MPNet...)."""
+    heads = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == model.config.num_labels]
+    if not heads:
+        raise ModelError(f"cannot find the classification layer of {type(model).__name__}")
+    return heads[-1]
+
+
+def align_labels(model: PreTrainedModel, labels: list[str], what: str = "the teacher") -> list[int]:
+    """Reorder a classifier's outputs to ``labels`` by name, in place; returns the source index of each label.
+
+    Only names count: a model saved with its labels in another order predicts exactly as before, now in the data's
+    order. Generic names (``LABEL_0``...), missing or extra labels are a ModelError naming them.
+    """
+    names = model_labels(model)
+    if all(n.startswith("LABEL_") and n[6:].isdigit() for n in names):
+        raise ModelError(f"{what} has no label names (id2label is {names[:3]}...): save it with id2label naming the "
+                         f"data's labels, e.g. {labels[:3]}")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    missing, extra = sorted(set(labels) - set(names)), sorted(set(names) - set(labels))
+    if dupes or missing or extra:
+        parts = [f"{len(missing)} data label(s) it lacks: {missing[:8]}" if missing else "",
+                 f"{len(extra)} label(s) the data lacks: {extra[:8]}" if extra else "",
+                 f"duplicate label names {dupes[:8]}" if dupes else ""]
+        raise ModelError(f"{what}'s labels do not match the data's by name: " + "; ".join(p for p in parts if p))
+    order = [names.index(name) for name in labels]
+    head = classifier_head(model)
+    with torch.no_grad():
+        head.weight.copy_(head.weight[order].clone())
+        if head.bias is not None:
+            head.bias.copy_(head.bias[order].clone())
+    model.config.id2label = dict(enumerate(labels))
+    model.config.label2id = {name: i for i, name in enumerate(labels)}
+    return order
 
 
 def build_tiny_model(folder: Path, texts: Iterable[str], labels: list[str], vocab_words: int = 100,

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from models.modeling import ModelError
+from distillery.models.modeling import ModelError
 
 INPUTS = ("input_ids", "attention_mask")
 OPSET = 17

@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # headless: never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from models.metrics import reliability_curve, softmax  # noqa: E402
+from distillery.models.metrics import reliability_curve, softmax  # noqa: E402
 
 CANDIDATES = ("teacher_fp32", "teacher_int8", "student_fp32", "student_int8", "baseline_fp32")
 

@@ -23,9 +23,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
-from models.losses import IGNORE_INDEX, FeatureAligner, even_layer_map, hard_label_ce, response_kd_loss
-from models.metrics import classification_metrics
-from models.randomness import seeded
+from distillery.models.losses import IGNORE_INDEX, FeatureAligner, even_layer_map, hard_label_ce, response_kd_loss
+from distillery.models.metrics import classification_metrics
+from distillery.models.randomness import seeded
 
 logger = logging.getLogger(__name__)
 

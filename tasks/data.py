@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from distillery.config import Config
 from distillery.integrations import store
 from distillery.records import SnapshotRef
-from models.data import check_data, read_source, split_snapshot, write_snapshot
+from distillery.models.data import check_data, read_source, split_snapshot, write_snapshot
 
 FROZEN_DIR = "snapshots"
 
@@ -24,9 +24,10 @@ def ingest_snapshot(cfg: Config) -> tuple[SnapshotRef, dict]:
     """
     logger = get_run_logger()
     root, folder = Path(cfg.root), cfg.path(cfg.data.snapshot_dir)
-    raw = read_source(cfg.path(cfg.data.source), cfg.data.text_column, cfg.data.label_column)
-    train, test, report = check_data(raw, cfg.data.max_drop_fraction)
-    splits = split_snapshot(train, test, raw.labels, cfg.data.validation_fraction, cfg.data.seed)
+    d = cfg.data
+    raw = read_source(cfg.path(d.source), d.text_column, d.label_column, d.split_column, d.test_fraction, d.seed)
+    cleaned, report = check_data(raw, d.max_drop_fraction)
+    splits = split_snapshot(cleaned, raw.labels, d.validation_fraction, d.seed)
     for split, reasons in report.dropped.items():
         examples = {k: v for k, v in report.examples.items() if k.startswith(f"{split}:")}
         logger.warning("dropped from %s: %s (examples: %s)", split, reasons, examples)

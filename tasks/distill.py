@@ -15,10 +15,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from distillery.config import Config
 from distillery.integrations import registry
 from distillery.records import Candidate, SnapshotRef, TeacherOutputs, TeacherRef, TrainedStudent
-from models.data import read_snapshot
-from models.labelling import read_outputs
-from models.losses import IGNORE_INDEX
-from models.modeling import (
+from distillery.models.data import read_snapshot
+from distillery.models.labelling import read_outputs
+from distillery.models.losses import IGNORE_INDEX
+from distillery.models.modeling import (
     ModelError,
     build_student,
     count_parameters,
@@ -27,10 +27,10 @@ from models.modeling import (
     resolve_base_model,
     save_classifier,
 )
-from models.randomness import seeded
-from models.training import CrossEntropyObjective, DistillationObjective, encode, train_model
-from tasks.labelling import labelling_inputs, transfer_path
-from tasks.teacher import checkpoint_key, epoch_callback, model_name, settings_from
+from distillery.models.randomness import seeded
+from distillery.models.training import CrossEntropyObjective, DistillationObjective, encode, train_model
+from distillery.tasks.labelling import labelling_inputs, transfer_path
+from distillery.tasks.teacher import checkpoint_key, epoch_callback, model_name, settings_from
 
 
 def make_student(cfg: Config, teacher_model: PreTrainedModel, teacher_folder: Path,

@@ -14,9 +14,9 @@ from distillery.config import Config
 from distillery.integrations import registry
 from distillery.integrations.registry import PER_CLASS_FILE
 from distillery.records import Evaluation, SnapshotRef, TeacherRef, TrainedStudent
-from models.data import read_snapshot
-from models.evaluation import TimingSettings, encode_per_folder, evaluate_model, harness_candidates
-from models.report import (
+from distillery.models.data import read_snapshot
+from distillery.models.evaluation import TimingSettings, encode_per_folder, evaluate_model, harness_candidates
+from distillery.models.report import (
     headline_ratios,
     plot_accuracy_latency,
     plot_confusion,

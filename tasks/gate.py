@@ -28,8 +28,8 @@ from distillery.records import (
     ValidationSummary,
     decision_of,
 )
-from models.gate import GateError, judge_logged, plan_reconcile
-from models.report import model_card
+from distillery.models.gate import GateError, judge_logged, plan_reconcile
+from distillery.models.report import model_card
 
 HARNESS = {"teacher_fp32", "teacher_int8", "student_fp32", "baseline_fp32"}
 
@@ -100,7 +100,8 @@ def promote(cfg: Config, run_id: str, snapshot: SnapshotRef, teacher: TeacherRef
         validation=validation.to_tags(), criteria=decision.criteria,
         metrics={k: v for k, v in logged[deployed].items() if k not in ("per_class_f1", "labels")})
     with registry.open_run(cfg, run_id):
-        info = registry.log_classifier(Path(student.folder), quantize=cfg.student.deploy)
+        info = registry.log_classifier(Path(student.folder), quantize=cfg.student.deploy,
+                                       max_length=cfg.distill.max_length)
         registry.log_json(cfg.to_dict(), "config.json")
     # lean version tags: the lineage keys; the full config is the run's config.json, the card the description
     tags = {**lineage.to_tags(), "model_card": f"runs:/{run_id}/model_card.md", DECISION_TAG: PENDING}

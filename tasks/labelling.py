@@ -18,9 +18,9 @@ from distillery.faults import fault_point
 from distillery.integrations import registry
 from distillery.integrations.expectations import ValidationFailed, validate_teacher_outputs
 from distillery.records import SnapshotRef, TeacherRef, ValidationSummary
-from models.data import read_snapshot, read_transfer_set
-from models.labelling import build_outputs, read_outputs, teacher_logits, validation_tables, write_outputs
-from models.modeling import load_classifier, load_tokenizer
+from distillery.models.data import read_snapshot, read_transfer_set
+from distillery.models.labelling import build_outputs, read_outputs, teacher_logits, validation_tables, write_outputs
+from distillery.models.modeling import load_classifier, load_tokenizer
 
 OUTPUTS_FILE = "outputs.parquet"
 META_FILE = "meta.json"

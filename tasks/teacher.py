@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
 import mlflow
+import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -17,18 +19,20 @@ from distillery.config import Config, DistillConfig, TeacherConfig
 from distillery.faults import fault_point
 from distillery.integrations import registry, store
 from distillery.records import SnapshotRef, TeacherRef
-from models.data import read_snapshot
-from models.metrics import classification_metrics
-from models.modeling import (
+from distillery.models.data import read_snapshot
+from distillery.models.metrics import classification_metrics
+from distillery.models.modeling import (
     PACKAGED_BASE_MODELS,
+    ModelError,
+    align_labels,
     count_parameters,
     load_classifier,
     load_tokenizer,
     resolve_base_model,
     save_classifier,
 )
-from models.randomness import seeded
-from models.training import CrossEntropyObjective, TrainSettings, encode, predict_logits, train_model
+from distillery.models.randomness import seeded
+from distillery.models.training import CrossEntropyObjective, TrainSettings, encode, predict_logits, train_model
 
 
 def model_name(cfg: Config, name: str) -> str:
@@ -100,19 +104,80 @@ def fine_tune_teacher(cfg: Config, snapshot: SnapshotRef, run_id: str) -> tuple[
     return str(folder), summary
 
 
+def content_sha256(folder: Path) -> str:
+    """A hash of every file of a model folder (names and bytes): the provenance of an imported teacher."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0")
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+@task(name="check-imported-teacher", cache_policy=NO_CACHE)
+def check_imported_teacher(cfg: Config, snapshot: SnapshotRef, source: str) -> tuple[str, dict, dict]:
+    """Fetch an existing classifier, map its labels to the data's by name, and measure it on validation and test.
+
+    Nothing is registered here: a teacher whose labels do not match, or that scores below the validation floors
+    (the same ``validation.min_teacher_accuracy`` / ``min_teacher_macro_f1`` the Great Expectations suite holds
+    teacher outputs to), is refused with a ModelError. Returns (aligned folder, metrics, provenance tags).
+    """
+    logger = get_run_logger()
+    splits, labels = read_snapshot(Path(snapshot.path))
+    if not source.startswith(registry.MODEL_URI_SCHEMES):
+        source = str(cfg.path(source))  # a folder in the config is relative to the config's folder
+    (cfg.workdir / "imports").mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cfg.workdir / "imports", prefix=".fetch-") as tmp:
+        fetched = registry.fetch_classifier(source, Path(tmp) / "model")
+        source_hash = content_sha256(fetched)
+        model, tokenizer = load_classifier(fetched).eval(), load_tokenizer(fetched)
+    order = align_labels(model, labels, what=f"teacher {source}")
+    reordered = order != list(range(len(labels)))
+    metrics: dict[str, float] = {}
+    for split in ("validation", "test"):
+        data = encode(tokenizer, splits[split]["text"], cfg.teacher.max_length, splits[split]["label_id"])
+        logits = predict_logits(model, data, tokenizer.pad_token_id, batch_size=128)
+        if not np.isfinite(logits).all():
+            raise ModelError(f"teacher {source} gives non-finite logits on the {split} split: refused")
+        m = classification_metrics(logits, data.labels.numpy(), len(labels))
+        prefix = "val" if split == "validation" else "test"
+        metrics.update({f"{prefix}_accuracy": m["accuracy"], f"{prefix}_macro_f1": m["macro_f1"],
+                        f"{prefix}_ece": m["ece"]})
+    logger.info("imported teacher %s: validation accuracy %.4f, macro-F1 %.4f; test accuracy %.4f, macro-F1 %.4f%s",
+                source, metrics["val_accuracy"], metrics["val_macro_f1"], metrics["test_accuracy"],
+                metrics["test_macro_f1"], " (labels reordered by name to the data's order)" if reordered else "")
+    v = cfg.validation
+    low = [f"validation {name} {metrics[key]:.4f} < {floor} (validation.{setting})"
+           for name, key, floor, setting in (("accuracy", "val_accuracy", v.min_teacher_accuracy, "min_teacher_accuracy"),
+                                             ("macro-F1", "val_macro_f1", v.min_teacher_macro_f1, "min_teacher_macro_f1"))
+           if metrics[key] < floor]
+    if low:
+        raise ModelError(f"teacher {source} refused, nothing registered: {'; '.join(low)}")
+    folder = save_classifier(model, tokenizer, cfg.workdir / "imports" / source_hash[:16])
+    provenance = {"teacher.source": source, "teacher.source_sha256": source_hash, "teacher.imported": "true",
+                  "teacher.labels_reordered": str(reordered).lower()}
+    return str(folder), metrics, provenance
+
+
 @task(name="register-teacher", cache_policy=NO_CACHE)
-def register_teacher(cfg: Config, snapshot: SnapshotRef, run_id: str, folder: str, metrics: dict) -> TeacherRef:
+def register_teacher(cfg: Config, snapshot: SnapshotRef, run_id: str, folder: str, metrics: dict,
+                     provenance: dict | None = None) -> TeacherRef:
     """Log the teacher as a model, register a version with lineage tags, and move the alias to it last."""
     logger = get_run_logger()
     revision = store.git_revision(Path(cfg.root))
     with registry.open_run(cfg, run_id):
-        info = registry.log_classifier(Path(folder))
-        mlflow.set_tags({**snapshot.to_tags(), "git.revision": revision})
+        info = registry.log_classifier(Path(folder), max_length=cfg.teacher.max_length)
+        mlflow.set_tags({**snapshot.to_tags(), "git.revision": revision, **(provenance or {})})
+        if provenance:  # an imported teacher's measurements (a fine-tuned one logged them while training)
+            mlflow.log_metrics(metrics)
     name = cfg.teacher.registered_name
-    draft = TeacherRef(name=name, version="", run_id=run_id, folder=folder, base_model=cfg.teacher.base_model,
+    base = (provenance or {}).get("teacher.source", cfg.teacher.base_model)
+    draft = TeacherRef(name=name, version="", run_id=run_id, folder=folder, base_model=base,
                        snapshot_md5=snapshot.md5)
     reg = registry.Registry.from_config(cfg)
-    version = reg.register(info.model_uri, name, draft.version_tags(revision, cfg.digest(), metrics))
+    version = reg.register(info.model_uri, name, {**draft.version_tags(revision, cfg.digest(), metrics),
+                                                  **(provenance or {})})
     reg.set_alias(name, cfg.teacher.alias, str(version.version))  # last: a failure above leaves the alias alone
     logger.info("registered %s version %s and moved @%s to it", name, version.version, cfg.teacher.alias)
     return dataclasses.replace(draft, version=str(version.version))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import socket
 from pathlib import Path
 
 import pandas as pd
@@ -79,8 +80,17 @@ def write_config(root: Path, **sections: dict) -> Path:
 
 
 def run_command(config_path: Path | str, command: str = "distill", overrides: dict | None = None,
-                teacher_version: str | None = None, force: bool = False):  # noqa: ANN201 - distillery.records.RunResult
+                teacher_version: str | None = None, force: bool = False,
+                teacher_source: str | None = None):  # noqa: ANN201 - distillery.records.RunResult
     """One pipeline command through the one entry the CLI and the deployments use."""
-    from flows.pipeline import pipeline_flow
+    from distillery.flows.pipeline import pipeline_flow
 
-    return pipeline_flow(str(config_path), overrides, command=command, teacher_version=teacher_version, force=force)
+    return pipeline_flow(str(config_path), overrides, command=command, teacher_version=teacher_version, force=force,
+                         teacher_source=teacher_source)
+
+
+def free_port() -> int:
+    """A localhost TCP port nothing listens on (closed again when returned)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-from tests.helpers import write_config
+from tests.helpers import free_port, write_config, write_source
 
 CLI = [str(Path(sys.executable).parent / "distillery")]
 
@@ -36,9 +35,7 @@ def test_missing_config_is_a_clear_error(tmp_path):
 
 
 def test_mlflow_server_down_is_a_clear_error(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again when the block ends: nothing listens there
+    port = free_port()  # nothing listens there
     write_config(tmp_path, tracking={"uri": f"http://127.0.0.1:{port}"})
     out = _run("status", cwd=tmp_path)
     assert out.returncode == 2
@@ -67,9 +64,8 @@ def test_status_json_is_json_only(tmp_path):
 def test_prefect_server_down_is_a_clear_error(tmp_path):
     import os
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens there
+    write_source(tmp_path / "source")
     write_config(tmp_path)
     env = {**os.environ, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
     out = subprocess.run([*CLI, "ingest"], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)

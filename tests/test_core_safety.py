@@ -4,7 +4,6 @@ keeps what the champion and the latest runs need."""
 
 from __future__ import annotations
 
-import socket
 import threading
 from pathlib import Path
 
@@ -17,16 +16,11 @@ from distillery.config import load_config
 from distillery.faults import InjectedFault
 from distillery.integrations import registry, store
 from distillery.records import DECISION_TAG, PENDING, PROMOTED
-from models.gate import plan_reconcile
-from tests.helpers import run_command
+from distillery.models.gate import plan_reconcile
+from tests.helpers import free_port, run_command
 
 ROOT = Path(__file__).resolve().parent.parent
 
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # closed again when the block ends: nothing listens there
 
 
 # ------------------------------------------------------------------ 1. registry faults are not "absent"
@@ -34,7 +28,7 @@ def _closed_port() -> int:
 
 def test_unreachable_registry_is_an_error_never_an_empty_registry(monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    reg = registry.Registry(f"http://127.0.0.1:{_closed_port()}", retries=2, backoff_s=0.01)
+    reg = registry.Registry(f"http://127.0.0.1:{free_port()}", retries=2, backoff_s=0.01)
     with pytest.raises(registry.RegistryUnavailable, match="did not answer .* after 2 attempt"):
         reg.alias_version("student", "champion")
     with pytest.raises(registry.RegistryUnavailable):
@@ -45,11 +39,11 @@ def test_unreachable_registry_is_an_error_never_an_empty_registry(monkeypatch):
 
 def test_the_gate_never_drops_the_champion_criterion_on_a_fault(monkeypatch, tmp_path):
     """champion_metrics answers "no champion" only when the registry says so; a dead store raises."""
-    from tasks.gate import champion_metrics
+    from distillery.tasks.gate import champion_metrics
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     cfg = load_config(ROOT / "distillery.yaml", {"tracking.retries": 1})
-    dead = registry.Registry(f"http://127.0.0.1:{_closed_port()}", retries=1)
+    dead = registry.Registry(f"http://127.0.0.1:{free_port()}", retries=1)
     with pytest.raises(registry.RegistryUnavailable):
         champion_metrics(cfg, dead)
     empty = registry.Registry(f"sqlite:///{tmp_path / 'm.db'}")
@@ -95,7 +89,7 @@ def test_reconcile_plan_finishes_what_served_and_deletes_what_never_did():
 
 @pytest.mark.usefixtures("prefect_harness")
 def test_a_crash_inside_promotion_leaves_the_alias_and_is_reconciled(teacher_project: Path, monkeypatch):
-    from flows.admin import collect_garbage, status_of
+    from distillery.flows.admin import collect_garbage, status_of
 
     cfg_path = teacher_project / "distillery.yaml"
     overrides = {"gate.champion_tolerance": 1.0, "distill.epochs": 2}
@@ -138,8 +132,8 @@ def test_concurrent_trainings_match_sequential_ones(tiny_teacher_dir: Path):
     """Two candidates trained side by side in threads get exactly the weights each gets alone (dropout included)."""
     import torch
 
-    from models.modeling import build_student, load_classifier, load_tokenizer
-    from models.training import DistillationObjective, TrainSettings, encode, train_model
+    from distillery.models.modeling import build_student, load_classifier, load_tokenizer
+    from distillery.models.training import DistillationObjective, TrainSettings, encode, train_model
     from tests.helpers import make_frames
 
     train_df, test_df = make_frames()
@@ -208,7 +202,7 @@ def test_ingest_with_an_unreachable_remote_changes_nothing(project: Path):
     data_before = store.dir_md5(project / "data")
     with open(project / "source" / "train.csv", "a") as f:
         f.write("is there a fee to top up with a card,top_up\n")  # a real change: a new snapshot would be made
-    dead = f"http://127.0.0.1:{_closed_port()}/remote"
+    dead = f"http://127.0.0.1:{free_port()}/remote"
     with pytest.raises(store.VersioningError) as caught:
         run_command(cfg_path, "ingest", {"dvc.remote_url": dead})
     message = str(caught.value)
@@ -228,7 +222,7 @@ def test_gc_keeps_what_the_champion_and_latest_runs_need(teacher_project: Path):
     import os
     import time
 
-    from flows.admin import collect_garbage, lineage_of, verify_lineage
+    from distillery.flows.admin import collect_garbage, lineage_of, verify_lineage
 
     cfg_path = teacher_project / "distillery.yaml"
     overrides = {"gate.champion_tolerance": 1.0}
@@ -266,7 +260,7 @@ def test_every_deployment_enters_through_the_pipeline():
     """Deployments run what the CLI runs: one config load, the configured task runner, the run lock."""
     import inspect
 
-    from flows import pipeline
+    from distillery.flows import pipeline
 
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     entries = {d["name"]: d["entrypoint"] for d in spec["deployments"]}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from models.data import DataError, check_data, read_source, row_id, split_snapshot, write_snapshot, read_snapshot
+from distillery.models.data import DataError, check_data, read_source, row_id, split_snapshot, write_snapshot, read_snapshot
 from tests.helpers import LABELS, make_frames, write_source
 
 
@@ -13,9 +13,14 @@ def _raw(tmp_path, train=None, test=None, labels=None):
     return read_source(write_source(tmp_path / "src", train, test, labels))
 
 
+def _pair(checked):
+    cleaned, report = checked
+    return (cleaned["train"], cleaned["test"]), report
+
+
 def test_clean_data_passes_untouched(tmp_path):
     raw = _raw(tmp_path)
-    train, test, report = check_data(raw, max_drop_fraction=0.0)
+    (train, test), report = _pair(check_data(raw, max_drop_fraction=0.0))
     assert len(train) == len(raw.train) and len(test) == len(raw.test)
     assert report.total_dropped == 0
 
@@ -26,10 +31,10 @@ def test_missing_column_is_a_clear_error(tmp_path):
         _raw(tmp_path, train.rename(columns={"category": "intent"}), test)
 
 
-def test_missing_file_is_a_clear_error(tmp_path):
+def test_missing_train_file_is_a_clear_error(tmp_path):
     folder = write_source(tmp_path / "src")
-    (folder / "test.csv").unlink()
-    with pytest.raises(DataError, match="no test.csv"):
+    (folder / "train.csv").unlink()
+    with pytest.raises(DataError, match=r"\['test'\] files but no train file"):
         read_source(folder)
 
 
@@ -44,7 +49,7 @@ def test_missing_file_is_a_clear_error(tmp_path):
 def test_a_little_damage_is_dropped_and_reported(tmp_path, damage, reason):
     train, test = make_frames()
     raw = _raw(tmp_path, damage(train.copy()), test)
-    cleaned, _, report = check_data(raw, max_drop_fraction=0.05)
+    (cleaned, _), report = _pair(check_data(raw, max_drop_fraction=0.05))
     assert report.dropped["train"] == {reason: 1}
     assert len(cleaned) == len(make_frames()[0]) - (0 if reason == "duplicate_text" else 1)
 
@@ -52,7 +57,7 @@ def test_a_little_damage_is_dropped_and_reported(tmp_path, damage, reason):
 def test_leaked_test_texts_are_dropped_from_train(tmp_path):
     train, test = make_frames()
     leaky = pd.concat([train, test.iloc[:2]], ignore_index=True)
-    cleaned, kept_test, report = check_data(_raw(tmp_path, leaky, test), max_drop_fraction=0.05)
+    (cleaned, kept_test), report = _pair(check_data(_raw(tmp_path, leaky, test), max_drop_fraction=0.05))
     assert report.dropped["train"] == {"leaks_into_test": 2}
     assert not set(cleaned["text"]) & set(kept_test["text"])
 
@@ -86,9 +91,9 @@ def test_label_without_training_rows_fails(tmp_path):
 
 def test_split_is_stratified_deterministic_and_order_free(tmp_path):
     raw = _raw(tmp_path)
-    train, test, _ = check_data(raw, 0.0)
-    a = split_snapshot(train, test, LABELS, 0.25, seed=1)
-    b = split_snapshot(train.sample(frac=1.0, random_state=7), test, LABELS, 0.25, seed=1)
+    (train, test), _ = _pair(check_data(raw, 0.0))
+    a = split_snapshot({"train": train, "test": test}, LABELS, 0.25, seed=1)
+    b = split_snapshot({"train": train.sample(frac=1.0, random_state=7), "test": test}, LABELS, 0.25, seed=1)
     for split in a:
         pd.testing.assert_frame_equal(a[split], b[split])
     assert a["validation"]["label"].value_counts().to_dict() == {label: 10 for label in LABELS}
@@ -98,14 +103,14 @@ def test_split_is_stratified_deterministic_and_order_free(tmp_path):
 
 def test_snapshot_files_are_byte_identical_on_rewrite(tmp_path):
     raw = _raw(tmp_path)
-    train, test, report = check_data(raw, 0.0)
-    splits = split_snapshot(train, test, LABELS, 0.2, seed=3)
+    cleaned, report = check_data(raw, 0.0)
+    splits = split_snapshot(cleaned, LABELS, 0.2, seed=3)
     write_snapshot(splits, LABELS, report, tmp_path / "a")
     write_snapshot(splits, LABELS, report, tmp_path / "b")
     for f in sorted((tmp_path / "a").iterdir()):
         assert f.read_bytes() == (tmp_path / "b" / f.name).read_bytes(), f.name
     frames, labels = read_snapshot(tmp_path / "a")
-    assert labels == LABELS and len(frames["test"]) == len(test)
+    assert labels == LABELS and len(frames["test"]) == len(cleaned["test"])
 
 
 def test_missing_snapshot_tells_to_ingest(tmp_path):

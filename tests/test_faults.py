@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,18 +19,13 @@ from mlflow import MlflowClient
 from distillery.integrations import store
 from distillery.records import DECISION_TAG, PENDING, PROMOTED
 from tests.conftest import make_project
-from tests.helpers import FAULT_ROWS, write_config
+from tests.helpers import FAULT_ROWS, free_port, write_config
 
 pytestmark = pytest.mark.faults
 
 BIN = Path(sys.executable).parent
 KILLED = -signal.SIGKILL
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_http(url: str, seconds: float) -> None:
@@ -133,7 +127,7 @@ def _row(case: str, outcome: str, nothing_lost: bool) -> None:
 def server_env(tmp_path_factory: pytest.TempPathFactory):
     """One real `prefect server` on loopback for the module's CLI processes (each would start its own otherwise)."""
     home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
+    port = free_port()
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING", "DISTILLERY_"))}
     env = {**clean, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
@@ -292,7 +286,7 @@ def test_lineage_of_the_survivor_verifies_as_json(proj: Project):
 def test_tracking_server_stopped_mid_run(tmp_path: Path, tiny_teacher_dir: Path, server_env: dict):
     """With MLflow behind a real server: the server dies before the gate reads the champion; the run stops with
     a clear error instead of deciding without it, and a re-run after the restart promotes once."""
-    port = _free_port()
+    port = free_port()
     store_dir = tmp_path / "mlflow"
     store_dir.mkdir()
     cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",

@@ -10,7 +10,7 @@ import yaml
 from mlflow import MlflowClient
 
 from distillery.config import load_config
-from models.data import DataError
+from distillery.models.data import DataError
 from tests.helpers import run_command
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -69,7 +69,7 @@ def test_teacher_bootstrap_registers_an_aliased_version_with_lineage(project: Pa
     assert [m.step for m in client.get_metric_history(run.info.run_id, "curve.val_accuracy")] == [1, 2, 3, 4, 5, 6, 7, 8]
     # the registered model serves predictions through MLflow's generic interface
     predictions = mlflow.pyfunc.load_model("models:/teacher@production").predict(["hello pin blocked now"])
-    assert predictions[0]["label"] in {"card_arrival", "exchange_rate", "pin_blocked", "top_up"}
+    assert predictions["label"][0] in {"card_arrival", "exchange_rate", "pin_blocked", "top_up"}
 
     again = run_command(cfg_path, "teacher", {"teacher.epochs": 1}).teacher
     assert again.version == "2"

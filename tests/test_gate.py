@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from models.gate import decide
+from distillery.models.gate import decide
 
 RULES = dict(accuracy_tolerance=0.02, macro_f1_tolerance=0.02, max_latency_ratio=0.5, max_class_f1_drop=0.2,
              champion_tolerance=0.005)

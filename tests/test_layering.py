@@ -23,12 +23,13 @@ def _imports(path: Path) -> set[str]:
 
 def test_models_is_pure_code():
     for path in sorted((ROOT / "models").glob("*.py")):
-        bad = _imports(path) & {"prefect", "mlflow", "great_expectations", "dvc", "tasks", "flows"}
+        bad = _imports(path) & {"prefect", "mlflow", "great_expectations", "dvc"}
+        bad |= {m for m in _project_imports(path) if m.startswith(("distillery.tasks", "distillery.flows"))}
         assert not bad, f"{path.name} imports {bad}: models/ must stay pure torch/transformers/pandas code"
 
 
 def _project_imports(path: Path) -> set[str]:
-    """Dotted project modules a file imports (``distillery.config``, ``tasks.gate``, ...)."""
+    """Dotted project modules a file imports (``distillery.config``, ``distillery.tasks.gate``, ...)."""
     tree = ast.parse(path.read_text())
     out: set[str] = set()
     for node in ast.walk(tree):
@@ -38,17 +39,19 @@ def _project_imports(path: Path) -> set[str]:
             names = [a.name for a in node.names]
         else:
             continue
-        out |= {n for n in names if n.split(".")[0] in {"distillery", "models", "tasks", "flows"}}
+        top = {n.split(".")[0] for n in names}
+        assert not top & {"models", "tasks", "flows"}, f"{path}: import the installed names, distillery.{top}"
+        out |= {n for n in names if n.split(".")[0] == "distillery"}
     return out
 
 
 # The layers, bottom to top: each may import only from layers below it (and from its own).
 LAYERS = [
     {"distillery.config", "distillery.records", "distillery.faults"},
-    {"models"},
+    {"distillery.models"},
     {"distillery.integrations"},
-    {"tasks"},
-    {"flows"},
+    {"distillery.tasks"},
+    {"distillery.flows"},
     {"distillery.cli", "distillery.__main__"},
 ]
 
@@ -60,12 +63,20 @@ def _layer_of(module: str) -> int:
     return -1  # the package markers themselves (``distillery``, ``distillery.integrations`` as a package)
 
 
+def _module_name(path: Path) -> str:
+    """The installed name of a source file: models/gate.py is distillery.models.gate (see pyproject.toml)."""
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    if parts[0] in ("models", "tasks", "flows"):
+        parts = ("distillery",) + parts
+    return ".".join(parts).removesuffix(".__init__")
+
+
 def test_imports_go_one_way():
     """config/records at the bottom, then models, integrations, tasks, flows, and the CLI at the top."""
     problems = []
     for folder in ("distillery", "distillery/integrations", "models", "tasks", "flows"):
         for path in sorted((ROOT / folder).glob("*.py")):
-            module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+            module = _module_name(path)
             own = _layer_of(module)
             for imported in _project_imports(path):
                 theirs = _layer_of(imported)
@@ -76,25 +87,28 @@ def test_imports_go_one_way():
 
 def test_cli_calls_flows_only():
     """The CLI runs flows (and the admin functions beside them); it wires no task itself."""
-    imported = {m.split(".")[0] for m in _project_imports(ROOT / "distillery" / "cli.py")}
-    assert "tasks" not in imported, imported
+    imported = _project_imports(ROOT / "distillery" / "cli.py")
+    assert not any(m.startswith("distillery.tasks") for m in imported), imported
 
 
 def test_tasks_define_tasks_and_integrations_live_in_one_home():
     for path in sorted((ROOT / "tasks").glob("*.py")):
         if path.stem != "__init__":
             assert "@task(" in path.read_text(), f"tasks/{path.name} defines no Prefect task"
-    homes = {"mlflow": "registry.py", "great_expectations": "expectations.py"}
+    # served_model.py is the loader that travels inside every logged model (MLflow models-from-code): it must import
+    # mlflow itself and nothing of distillery
+    homes = {"mlflow": ("registry.py", "served_model.py"), "great_expectations": ("expectations.py",)}
     for path in sorted(ROOT.glob("*/*.py")) + sorted(ROOT.glob("distillery/integrations/*.py")):
         if path.parts[-2] in ("tests", "benchmarks", ".venv"):
             continue
         for library, home in homes.items():
-            if library in _imports(path) and path.name != home and path.parent.name != "tasks":
+            if library in _imports(path) and path.name not in home and path.parent.name != "tasks":
                 raise AssertionError(f"{path.relative_to(ROOT)} imports {library}: its home is {home}")
 
 
 def test_importing_models_loads_no_orchestration_or_tracking():
-    code = ("import sys, models.data, models.modeling, models.losses, models.training, models.metrics; "
+    code = ("import sys, distillery.models.data, distillery.models.modeling, distillery.models.losses, "
+            "distillery.models.training, distillery.models.metrics; "
             "print(sorted(m for m in ('prefect', 'mlflow', 'great_expectations', 'dvc') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -106,12 +120,12 @@ def test_no_side_effects_at_import(tmp_path):
     work = tmp_path / "work"
     home.mkdir()
     work.mkdir()
-    modules = [".".join(p.relative_to(ROOT).with_suffix("").parts)
+    modules = [_module_name(p)
                for d in ("models", "tasks", "flows", "distillery", "distillery/integrations")
                for p in sorted((ROOT / d).glob("*.py")) if p.stem not in ("__init__", "__main__")]
     code = "import importlib, sys; [importlib.import_module(m) for m in sys.argv[1:]]"
     subprocess.run([sys.executable, "-c", code, *modules], cwd=work, check=True,
-                   env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": str(home)})
+                   env={"PATH": "/usr/bin:/bin", "HOME": str(home)})
     assert sorted(p.name for p in work.iterdir()) == []
 
 
@@ -122,3 +136,20 @@ def test_no_remote_code_or_pickle_weights():
         assert "trust_remote_code=True" not in text, path
         assert "from_pretrained(" not in text or "local_files_only=True" in text, path
         assert "weights_only=False" not in text, path
+
+
+def test_installs_no_top_level_models_tasks_or_flows(tmp_path):
+    """The folders stay at the top of the repository; installed, they are distillery.models/.tasks/.flows only."""
+    code = ("import importlib.util as u; "
+            "print([n for n in ('models', 'tasks', 'flows') if u.find_spec(n)], u.find_spec('distillery.models').origin)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("[] "), out.stdout
+    assert out.stdout.split()[-1] == str(ROOT / "models" / "__init__.py")
+
+
+def test_served_model_loader_imports_nothing_of_distillery():
+    """The file copied into every registered model needs only the model's own requirements."""
+    path = ROOT / "distillery" / "integrations" / "served_model.py"
+    allowed = {"__future__", "json", "pathlib", "typing", "mlflow", "numpy", "pandas", "torch",
+               "transformers"}
+    assert _imports(path) <= allowed, _imports(path) - allowed

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.losses import (
+from distillery.models.losses import (
     IGNORE_INDEX,
     FeatureAligner,
     even_layer_map,

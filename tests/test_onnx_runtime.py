@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from models.evaluation import TimingSettings, evaluate_model
-from models.modeling import ModelError, count_parameters, load_classifier, load_tokenizer
-from models.onnx_runtime import OnnxClassifier, export_onnx, onnx_int8
-from models.training import collate, encode, predict_logits
+from distillery.models.evaluation import TimingSettings, evaluate_model
+from distillery.models.modeling import ModelError, count_parameters, load_classifier, load_tokenizer
+from distillery.models.onnx_runtime import OnnxClassifier, export_onnx, onnx_int8
+from distillery.models.training import collate, encode, predict_logits
 from tests.helpers import LABELS, make_frames
 
 pytest.importorskip("onnxruntime")

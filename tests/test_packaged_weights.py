@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.modeling import build_student, count_parameters, load_classifier, load_tokenizer, resolve_base_model
+from distillery.models.modeling import build_student, count_parameters, load_classifier, load_tokenizer, resolve_base_model
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,7 @@ def test_mpnet_without_its_packages_says_how_to_install(tmp_path, monkeypatch):
     import sys
 
     monkeypatch.setattr(sys, "path", [str(tmp_path)])
-    from models.modeling import ModelError
+    from distillery.models.modeling import ModelError
 
     with pytest.raises(ModelError, match="make large-model"):
         resolve_base_model("mpnet", tmp_path)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.evaluation import TimingSettings, evaluate_model
-from models.modeling import ModelError, build_student, count_parameters, load_classifier, load_tokenizer, quantize_int8
-from models.training import CrossEntropyObjective, DistillationObjective, TrainSettings, encode, train_model
+from distillery.models.evaluation import TimingSettings, evaluate_model
+from distillery.models.modeling import ModelError, build_student, count_parameters, load_classifier, load_tokenizer, quantize_int8
+from distillery.models.training import CrossEntropyObjective, DistillationObjective, TrainSettings, encode, train_model
 from tests.helpers import LABELS, make_frames
 
 
@@ -104,7 +104,7 @@ def test_int8_and_harness_report_every_metric(tiny_teacher_dir):
 
 
 def test_length_grouped_batches_cover_every_row_once_and_pad_less(tiny_teacher_dir):
-    from models.training import Encoded, epoch_batches
+    from distillery.models.training import Encoded, epoch_batches
 
     rng = torch.Generator().manual_seed(0)
     lengths = torch.randint(2, 60, (1000,), generator=rng).tolist()

@@ -12,8 +12,8 @@ import torch
 from mlflow import MlflowClient
 
 from distillery.config import ValidationConfig, load_config
-from models.labelling import build_outputs, read_outputs, shard_bounds, teacher_logits, validation_tables, write_outputs
-from models.modeling import load_classifier, load_tokenizer
+from distillery.models.labelling import build_outputs, read_outputs, shard_bounds, teacher_logits, validation_tables, write_outputs
+from distillery.models.modeling import load_classifier, load_tokenizer
 from distillery.integrations.expectations import ValidationFailed, validate_teacher_outputs
 from tests.helpers import run_command, LABELS, make_frames
 

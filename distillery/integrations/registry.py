@@ -25,20 +25,18 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import mlflow
+import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
-from mlflow.pyfunc import PythonModel
 
 from distillery.config import Config
+from distillery.integrations.served_model import CLASSIFIER_ARTIFACT, SERVING_FILE
 from distillery.records import SnapshotRef
 
 logger = logging.getLogger(__name__)
 
-CLASSIFIER_ARTIFACT = "classifier"
 PER_CLASS_FILE = "per_class_f1.json"
-SERVING_FILE = "distillery-serving.json"
-PIP_REQUIREMENTS = ["torch==2.13.0", "transformers==5.23.0", "pandas"]
 
 
 class TrackingError(RuntimeError):
@@ -213,45 +211,116 @@ def configure_tracking(cfg: Config) -> str:
     return uri
 
 
-class TextClassifierModel(PythonModel):
-    """Pyfunc wrapper: texts in, predicted label and confidence out."""
-
-    def load_context(self, context) -> None:  # noqa: ANN001 - MLflow's context type
-        from models.modeling import load_classifier, load_tokenizer, quantize_int8
-
-        folder = Path(context.artifacts[CLASSIFIER_ARTIFACT])
-        self.tokenizer = load_tokenizer(folder)
-        self.model = load_classifier(folder).eval()
-        serving = folder / SERVING_FILE
-        if serving.is_file() and json.loads(serving.read_text()).get("quantize") == "int8":
-            self.model = quantize_int8(self.model)  # served as gated: dynamic INT8
-
-    def predict(self, context, model_input: list[str], params: dict[str, Any] | None = None) -> list[dict]:  # noqa: ANN001
-        import torch
-
-        from models.metrics import softmax
-
-        texts = list(model_input)
-        with torch.inference_mode():
-            enc = self.tokenizer(texts, truncation=True, max_length=128, padding=True, return_tensors="pt")
-            logits = self.model(**enc).logits.numpy()
-        probs = softmax(logits)
-        names = self.model.config.id2label
-        return [{"label": names[int(p.argmax())], "confidence": float(p.max())} for p in probs]
+SERVED_MODEL_CODE = Path(__file__).with_name("served_model.py")
 
 
-def log_classifier(folder: Path, name: str = "model", quantize: str = "fp32") -> mlflow.models.model.ModelInfo:
-    """Log a classifier folder as a pyfunc model of the active run (FP32 weights; ``quantize`` says how to serve)."""
+def _requirements() -> list[str]:
+    """What loading the model needs, pinned to this environment: never the project itself."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in ("mlflow", "torch", "transformers", "pandas", "numpy")]
+
+
+def model_signature(labels: list[str]):  # noqa: ANN201 - an mlflow ModelSignature
+    """Outputs and the ``top_k`` parameter; the input schema is left open so an empty batch gives an empty result
+    (MLflow's own check refuses an empty list) and the loader validates the input itself."""
+    from mlflow.models import ModelSignature, infer_signature
+
+    example = pd.DataFrame({"label": [labels[0]], "confidence": [1.0],
+                            "top_k": [[{"label": labels[0], "probability": 1.0}]]})
+    inferred = infer_signature(["a text"], example, params={"top_k": 1})
+    return ModelSignature(inputs=None, outputs=inferred.outputs, params=inferred.params)
+
+
+def log_classifier(folder: Path, name: str = "model", quantize: str = "fp32", max_length: int = 128,
+                   input_example: list[str] | None = None) -> mlflow.models.model.ModelInfo:
+    """Log a classifier folder as a self-contained pyfunc model of the active run.
+
+    The loader is ``served_model.py`` (models-from-code), so the model loads wherever its requirements are installed;
+    ``quantize`` and ``max_length`` are the served form and tokenizer settings the harness measured.
+    """
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    labels = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / CLASSIFIER_ARTIFACT
         shutil.copytree(folder, staged)
-        (staged / SERVING_FILE).write_text(json.dumps({"quantize": quantize}))
-        return mlflow.pyfunc.log_model(
-            name=name,
-            python_model=TextClassifierModel(),
-            artifacts={CLASSIFIER_ARTIFACT: str(staged)},
-            pip_requirements=PIP_REQUIREMENTS,
-        )
+        (staged / SERVING_FILE).write_text(json.dumps({"quantize": quantize, "max_length": max_length,
+                                                       "truncation": True}))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return mlflow.pyfunc.log_model(
+                name=name,
+                python_model=str(SERVED_MODEL_CODE),
+                artifacts={CLASSIFIER_ARTIFACT: str(staged)},
+                signature=model_signature(labels),
+                input_example=input_example or ["I lost my card", "how do I top up?"],
+                pip_requirements=_requirements(),
+            )
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "sentencepiece.bpe.model", "spiece.model")
+MODEL_URI_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/", "s3://", "gs://", "wasbs://", "file:")
+
+
+def _classifier_folders(root: Path) -> list[Path]:
+    return sorted({p.parent for p in root.rglob("config.json") if any(p.parent.glob("*.safetensors"))})
+
+
+def fetch_classifier(source: str, target: Path) -> Path:
+    """Copy an existing classifier into ``target`` as one transformers folder (config, safetensors, tokenizer).
+
+    ``source`` is a transformers folder, an MLflow model folder, or an MLflow model URI (``models:/name@alias``,
+    ``runs:/id/path``...) of a distillery pyfunc or of the MLflow transformers flavour (weights in ``model/``,
+    tokenizer in ``components/tokenizer/``). Only safetensors weights are accepted and remote code never is.
+    """
+    target = Path(target)
+    shutil.rmtree(target, ignore_errors=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        if str(source).startswith(MODEL_URI_SCHEMES):
+            try:
+                root = Path(mlflow.artifacts.download_artifacts(artifact_uri=str(source), dst_path=tmp))
+            except MlflowException as exc:
+                raise TrackingError(f"teacher source {source}: {str(exc).splitlines()[0]}") from None
+        else:
+            root = Path(source).expanduser()
+            if not root.is_dir():
+                raise TrackingError(f"teacher source {source} is neither a folder nor an MLflow model URI "
+                                    f"(models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/PATH)")
+        folders = _classifier_folders(root)
+        if not folders:
+            weights = sorted(p.name for p in root.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+            hint = f" (found {weights[:3]}: re-save it with save_pretrained(safe_serialization=True))" if weights else ""
+            raise TrackingError(f"teacher source {source} holds no transformers classifier with safetensors "
+                                f"weights (config.json + *.safetensors){hint}")
+        if len(folders) > 1:
+            raise TrackingError(f"teacher source {source} holds {len(folders)} models ({[str(f) for f in folders]}): "
+                                f"point at one")
+        model_dir = folders[0]
+        if "auto_map" in json.loads((model_dir / "config.json").read_text()):
+            raise TrackingError(f"teacher source {source} needs custom (remote) code: distillery never runs it")
+        shutil.copytree(model_dir, target, ignore=shutil.ignore_patterns("*.bin", "*.pt", "*.pth", "*.ckpt",
+                                                                         SERVING_FILE))
+        if not any((target / f).is_file() for f in TOKENIZER_FILES):
+            tokenizers = sorted({p.parent for name in TOKENIZER_FILES for p in root.rglob(name)})
+            if len(tokenizers) != 1:
+                raise TrackingError(f"teacher source {source}: found {len(tokenizers)} tokenizer folders beside the "
+                                    f"weights; expected one (save the tokenizer with the model)")
+            for f in tokenizers[0].iterdir():
+                if f.is_file():
+                    shutil.copy2(f, target / f.name)
+    return target
+
+
+def load_served_model(model_uri: str):  # noqa: ANN201 - mlflow.pyfunc.PyFuncModel
+    """Load a registered model as any user would (its own loader, its served form)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return mlflow.pyfunc.load_model(model_uri)
+        except MlflowException as exc:
+            raise TrackingError(f"cannot load {model_uri}: {str(exc).splitlines()[0]}") from None
 
 
 def _tag(value: Any) -> str:

@@ -1,0 +1,131 @@
+"""The loader that travels with every registered distillery model (MLflow models-from-code).
+
+This file is copied into the logged model, so ``mlflow.pyfunc.load_model("models:/student@champion")`` needs only the
+model's own requirements (torch, transformers, pandas, mlflow): it imports nothing from distillery, and
+``tests/test_served_model.py`` checks that in a fresh virtual environment without the project.
+
+Served as gated: the classifier folder's ``distillery-serving.json`` says which form (``fp32`` or dynamic ``int8``) and
+which tokenizer settings (max length, truncation) the evaluation harness measured, and the loader applies the same.
+
+Input: a list of texts, a ``pandas.Series``, a one-column ``DataFrame`` (or one with a ``text`` column), or a 1-D
+array. Output: one row per text with ``label``, ``confidence`` and ``top_k`` (the ``top_k`` most probable labels
+with their probabilities; ``params={"top_k": 3}``). An empty input gives an empty result.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.pyfunc import PythonModel
+
+CLASSIFIER_ARTIFACT = "classifier"
+SERVING_FILE = "distillery-serving.json"
+OUTPUT_COLUMNS = ["label", "confidence", "top_k"]
+BATCH_SIZE = 64
+
+
+class InputError(MlflowException):
+    """The model input is not a batch of texts (HTTP 400 when served); the message says what is expected."""
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def as_texts(model_input: Any) -> list[str]:
+    """The texts of any accepted input shape, in order."""
+    if isinstance(model_input, pd.DataFrame):
+        if model_input.shape[1] == 1:
+            column = model_input.columns[0]
+        elif "text" in model_input.columns:
+            column = "text"
+        else:
+            raise InputError(f"a DataFrame input needs one column or a `text` column; got {list(model_input.columns)}")
+        values = model_input[column].tolist()
+    elif isinstance(model_input, (pd.Series, np.ndarray, list, tuple)):
+        values = list(np.asarray(model_input, dtype=object).ravel()) if isinstance(model_input, np.ndarray) else list(model_input)
+    elif isinstance(model_input, str):
+        values = [model_input]
+    else:
+        raise InputError(f"expected texts (a list, Series or one-column DataFrame); got {type(model_input).__name__}")
+    bad = [i for i, v in enumerate(values) if not isinstance(v, str)]
+    if bad:
+        raise InputError(f"every input must be a string; item {bad[0]} is {type(values[bad[0]]).__name__}")
+    return values
+
+
+def read_serving(folder: Path) -> dict:
+    """The serving settings written beside the weights (form and tokenizer settings)."""
+    path = Path(folder) / SERVING_FILE
+    settings = json.loads(path.read_text()) if path.is_file() else {}
+    return {"quantize": settings.get("quantize", "fp32"), "max_length": int(settings.get("max_length", 128)),
+            **{k: v for k, v in settings.items() if k not in ("quantize", "max_length")}}
+
+
+class ServedClassifier:
+    """A classifier folder in its served form: tokenise (as measured), forward, softmax, top-k."""
+
+    def __init__(self, folder: Path):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        folder = Path(folder)
+        self.settings = read_serving(folder)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(folder), local_files_only=True, use_safetensors=True).eval()
+        if self.settings["quantize"] == "int8":
+            from torch.ao.quantization import quantize_dynamic
+
+            model = quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        self.model = model
+        self.labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+
+    def probabilities(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(texts), BATCH_SIZE):
+                enc = self.tokenizer(texts[start:start + BATCH_SIZE], truncation=True, padding=True,
+                                     max_length=self.settings["max_length"], return_tensors="pt")
+                out.append(torch.softmax(self.model(**enc).logits.float(), dim=-1).numpy())
+        return np.concatenate(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)
+
+    def predict(self, texts: list[str], top_k: int = 1) -> pd.DataFrame:
+        if not texts:
+            return pd.DataFrame({c: pd.Series([], dtype=object) for c in OUTPUT_COLUMNS})
+        k = max(1, min(int(top_k), len(self.labels)))
+        probs = self.probabilities(texts)
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        rows = []
+        for p, top in zip(probs, order):
+            rows.append({"label": self.labels[int(top[0])], "confidence": float(p[top[0]]),
+                         "top_k": [{"label": self.labels[int(i)], "probability": float(p[i])} for i in top]})
+        return pd.DataFrame(rows, columns=OUTPUT_COLUMNS)
+
+
+class DistilledClassifierModel(PythonModel):
+    """The pyfunc face of ``ServedClassifier``."""
+
+    # predict() takes several input shapes on purpose and validates them itself (``as_texts``): MLflow's type-hint
+    # based input validation (and its warning that predict has no type hints) does not apply
+    _skip_type_hint_validation = True
+
+    def load_context(self, context) -> None:  # noqa: ANN001 - MLflow's context type
+        self.classifier = ServedClassifier(Path(context.artifacts[CLASSIFIER_ARTIFACT]))
+
+    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:  # noqa: ANN001
+        top_k = (params or {}).get("top_k", 1)
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+            raise InputError(f"top_k must be a positive integer; got {top_k!r}")
+        return self.classifier.predict(as_texts(model_input), int(top_k))
+
+
+mlflow.models.set_model(DistilledClassifierModel())

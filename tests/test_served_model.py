@@ -1,0 +1,204 @@
+"""The registered model in its served form: self-contained, the harness's predictions, any input shape, top-k."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.helpers import LABELS, free_port, make_frames
+
+ROOT = Path(__file__).resolve().parent.parent
+TEXTS = ["please help card delivery today", "hello pin locked now", "quick question euro rate asap",
+         "i need to know balance money again", "something else entirely"]
+
+
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory, tiny_teacher_dir):
+    """The tiny classifier logged and registered as distillery logs a student (INT8 served form, max length 16)."""
+    import mlflow
+
+    from distillery.integrations import registry
+
+    store = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    exp = mlflow.create_experiment("served", artifact_location=(store / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=exp):
+        info = registry.log_classifier(tiny_teacher_dir, quantize="int8", max_length=16)
+    version = mlflow.register_model(info.model_uri, "student")
+    mlflow.MlflowClient().set_registered_model_alias("student", "champion", version.version)
+    return {"uri": uri, "model_uri": info.model_uri, "store": store}
+
+
+def test_model_travels_with_its_loader_and_declares_what_it_needs(logged):
+    import mlflow
+
+    local = Path(mlflow.artifacts.download_artifacts(logged["model_uri"]))
+    mlmodel = (local / "MLmodel").read_text()
+    assert "model_code_path" in mlmodel  # models-from-code: the loader file is inside the model
+    code = next(local.rglob("served_model.py")).read_text()
+    imported = {n.split(".")[0] for node in ast.walk(ast.parse(code))
+                for n in ([a.name for a in node.names] if isinstance(node, ast.Import)
+                          else [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])}
+    assert imported <= {"__future__", "json", "pathlib", "typing", "mlflow", "numpy", "pandas", "torch",
+                        "transformers"}, imported
+    requirements = (local / "requirements.txt").read_text().split()
+    assert {r.split("==")[0] for r in requirements} >= {"mlflow", "torch", "transformers", "pandas"}
+    assert not any("distillery" in r for r in requirements)
+    info = mlflow.models.get_model_info(logged["model_uri"])
+    assert [p.name for p in info.signature.params] == ["top_k"]
+    assert {c.name for c in info.signature.outputs.inputs} == {"label", "confidence", "top_k"}
+    assert info.saved_input_example_info is not None
+    serving = json.loads(next(local.rglob("distillery-serving.json")).read_text())
+    assert serving == {"quantize": "int8", "max_length": 16, "truncation": True}
+
+
+def test_served_predictions_equal_the_harness(logged, tiny_teacher_dir):
+    """What is served is what the harness measured: same INT8 form, same tokenizer settings, same answers."""
+    import mlflow
+    import torch
+
+    from distillery.models.modeling import load_classifier, load_tokenizer, quantize_int8
+
+    model = mlflow.pyfunc.load_model("models:/student@champion")
+    texts = list(make_frames()[1]["text"]) + TEXTS + ["word " * 40]  # one text longer than max_length
+    served = model.predict(texts, params={"top_k": len(LABELS)})
+
+    harness = quantize_int8(load_classifier(tiny_teacher_dir).eval())
+    tokenizer = load_tokenizer(tiny_teacher_dir)
+    with torch.inference_mode():
+        enc = tokenizer(texts, truncation=True, max_length=16, padding=True, return_tensors="pt")
+        probs = torch.softmax(harness(**enc).logits, -1).numpy()
+    names = [harness.config.id2label[i] for i in range(len(LABELS))]
+    assert list(served["label"]) == [names[i] for i in probs.argmax(1)]
+    np.testing.assert_allclose(served["confidence"].to_numpy(), probs.max(1), atol=1e-5)
+    for row, p in zip(served["top_k"], probs):
+        assert [x["label"] for x in row] == [names[i] for i in np.argsort(-p, kind="stable")]
+        assert sum(x["probability"] for x in row) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_any_input_shape_top_k_and_empty(logged):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    model = mlflow.pyfunc.load_model("models:/student@champion")
+    as_list = model.predict(TEXTS)
+    assert list(as_list.columns) == ["label", "confidence", "top_k"] and len(as_list) == len(TEXTS)
+    assert set(as_list["label"]) <= set(LABELS)
+    assert all(len(k) == 1 and k[0]["label"] == label for k, label in zip(as_list["top_k"], as_list["label"]))
+    for other in (pd.Series(TEXTS), pd.DataFrame({"utterance": TEXTS}), pd.DataFrame({"text": TEXTS, "id": range(5)}),
+                  np.array(TEXTS)):
+        pd.testing.assert_frame_equal(model.predict(other), as_list)
+    top3 = model.predict(TEXTS, params={"top_k": 3})
+    assert [len(k) for k in top3["top_k"]] == [3] * len(TEXTS)
+    assert all(k[0]["probability"] >= k[1]["probability"] >= k[2]["probability"] for k in top3["top_k"])
+    assert len(model.predict([])) == 0 and list(model.predict([]).columns) == ["label", "confidence", "top_k"]
+    with pytest.raises(MlflowException, match="every input must be a string"):
+        model.predict([1, 2])
+    with pytest.raises(MlflowException, match="top_k"):
+        model.predict(TEXTS, params={"top_k": 0})
+
+
+@pytest.mark.integration
+def test_mlflow_models_serve_answers_over_http(logged, tmp_path):
+    """`distillery serve` runs `mlflow models serve` on the champion: /invocations answers, 400 on bad input."""
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": logged["uri"], "MLFLOW_REGISTRY_URI": logged["uri"]}
+    env["PATH"] = "/usr/bin:/bin"  # the command must not rely on the virtual environment being on PATH
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "distillery", "serve", "--model", "models:/student@champion",
+                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+    def post(body: dict) -> tuple[int, dict]:
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()
+                time.sleep(1)
+        status, body = post({"inputs": TEXTS, "params": {"top_k": 2}})
+        assert status == 200, body
+        assert [p["label"] for p in body["predictions"]] == [p["label"] for p in
+                                                             _local_predictions(logged["uri"], TEXTS)]
+        assert all(len(p["top_k"]) == 2 for p in body["predictions"])
+        assert post({"inputs": []}) == (200, {"predictions": []})
+        status, body = post({"dataframe_split": {"columns": ["text"], "data": [[t] for t in TEXTS]}})
+        assert status == 200 and len(body["predictions"]) == len(TEXTS)
+        status, body = post({"inputs": [1, 2]})
+        assert status == 400 and "every input must be a string" in body["message"]
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(30)
+
+
+def _local_predictions(uri: str, texts: list[str]) -> list[dict]:
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return mlflow.pyfunc.load_model("models:/student@champion").predict(texts).to_dict("records")
+
+
+@pytest.mark.slow
+def test_loads_in_a_fresh_environment_without_the_project(logged, tmp_path):
+    """A virtual environment built from the model's own requirements.txt loads models:/student@champion and predicts."""
+    import mlflow
+
+    local = Path(mlflow.artifacts.download_artifacts(logged["model_uri"]))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "-r", str(local / "requirements.txt"),
+                    "-c", str(ROOT / "requirements-lock.txt")], check=True, timeout=1200)
+    code = ("import importlib.util as u, sys, mlflow; "
+            "assert u.find_spec('distillery') is None, 'the project is installed here'; "
+            "m = mlflow.pyfunc.load_model('models:/student@champion'); "
+            "print(m.predict(sys.argv[1:], params={'top_k': 2}).to_json(orient='records'))")
+    out = subprocess.run([str(py), "-c", code, *TEXTS], cwd=tmp_path, capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "MLFLOW_TRACKING_URI": logged["uri"]})
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    assert [r["label"] for r in rows] == [p["label"] for p in _local_predictions(logged["uri"], TEXTS)]
+
+
+def test_distillery_predict_reads_stdin_and_files(logged, tmp_path):
+    """`distillery predict` answers with the champion (JSON lines or CSV); no champion is a clear error."""
+    from tests.helpers import write_config
+
+    write_config(tmp_path, tracking={"uri": logged["uri"]})
+    run = lambda *args, stdin="": subprocess.run([sys.executable, "-m", "distillery", "predict", *args],  # noqa: E731
+                                                 cwd=tmp_path, input=stdin, capture_output=True, text=True)
+    out = run("--top-k", "2", stdin="\n".join(TEXTS) + "\n")
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["text"] for r in rows] == TEXTS
+    assert [r["label"] for r in rows] == [p["label"] for p in _local_predictions(logged["uri"], TEXTS)]
+    assert all(len(r["top_k"]) == 2 for r in rows)
+    pd.DataFrame({"utterance": TEXTS}).to_parquet(tmp_path / "in.parquet")
+    out = run("in.parquet", "--column", "utterance", "--format", "csv")
+    assert out.returncode == 0, out.stderr
+    assert list(pd.read_csv(__import__("io").StringIO(out.stdout))["label"]) == [r["label"] for r in rows]
+    out = run("--model", "student@nosuchalias", stdin="hello\n")
+    assert out.returncode == 2 and "no model student@nosuchalias" in out.stderr

@@ -58,10 +58,37 @@ def test_model_travels_with_its_loader_and_declares_what_it_needs(logged):
     assert not any("distillery" in r for r in requirements)
     info = mlflow.models.get_model_info(logged["model_uri"])
     assert [p.name for p in info.signature.params] == ["top_k"]
-    assert {c.name for c in info.signature.outputs.inputs} == {"label", "confidence", "top_k"}
+    assert {c.name for c in info.signature.outputs.inputs} == {"label", "confidence", "top_k", "abstained"}
     assert info.saved_input_example_info is not None
     serving = json.loads(next(local.rglob("distillery-serving.json")).read_text())
     assert serving == {"quantize": "int8", "max_length": 16, "truncation": True}
+
+
+def test_calibration_travels_with_the_model_and_low_confidence_abstains(logged, tiny_teacher_dir):
+    """Temperature and abstention threshold logged with the model: calibrated confidences, out-of-scope below it."""
+    import mlflow
+    import torch
+
+    from distillery.integrations import registry
+    from distillery.models.modeling import load_classifier, load_tokenizer
+
+    model, tokenizer = load_classifier(tiny_teacher_dir).eval(), load_tokenizer(tiny_teacher_dir)
+    with torch.inference_mode():
+        enc = tokenizer(TEXTS, truncation=True, max_length=16, padding=True, return_tensors="pt")
+        probs = torch.softmax(model(**enc).logits / 2.0, -1).numpy()
+    ranked = np.sort(probs.max(1))
+    threshold = float((ranked[1] + ranked[2]) / 2)  # two texts below it, three above
+    with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("served").experiment_id):
+        info = registry.log_classifier(tiny_teacher_dir, max_length=16, calibration={
+            "temperature": 2.0, "abstain_below": threshold, "oos_label": "oos"})
+    out = mlflow.pyfunc.load_model(info.model_uri).predict(TEXTS, params={"top_k": 2})
+    np.testing.assert_allclose(out["confidence"].to_numpy(), probs.max(1), atol=1e-6)
+    below = probs.max(1) < threshold
+    assert below.sum() == 2
+    assert list(out["abstained"]) == list(below)
+    assert all(label == "oos" for label in out.loc[below, "label"])
+    assert all(label in LABELS for label in out.loc[~below, "label"])
+    assert all(k[0]["label"] in LABELS for k in out["top_k"])  # top_k still lists the known labels
 
 
 def test_served_predictions_equal_the_harness(logged, tiny_teacher_dir):
@@ -94,7 +121,8 @@ def test_any_input_shape_top_k_and_empty(logged):
 
     model = mlflow.pyfunc.load_model("models:/student@champion")
     as_list = model.predict(TEXTS)
-    assert list(as_list.columns) == ["label", "confidence", "top_k"] and len(as_list) == len(TEXTS)
+    assert list(as_list.columns) == ["label", "confidence", "top_k", "abstained"] and len(as_list) == len(TEXTS)
+    assert not as_list["abstained"].any()  # no abstention threshold was logged
     assert set(as_list["label"]) <= set(LABELS)
     assert all(len(k) == 1 and k[0]["label"] == label for k, label in zip(as_list["top_k"], as_list["label"]))
     for other in (pd.Series(TEXTS), pd.DataFrame({"utterance": TEXTS}), pd.DataFrame({"text": TEXTS, "id": range(5)}),
@@ -103,7 +131,8 @@ def test_any_input_shape_top_k_and_empty(logged):
     top3 = model.predict(TEXTS, params={"top_k": 3})
     assert [len(k) for k in top3["top_k"]] == [3] * len(TEXTS)
     assert all(k[0]["probability"] >= k[1]["probability"] >= k[2]["probability"] for k in top3["top_k"])
-    assert len(model.predict([])) == 0 and list(model.predict([]).columns) == ["label", "confidence", "top_k"]
+    assert len(model.predict([])) == 0 and list(model.predict([]).columns) == ["label", "confidence", "top_k",
+                                                                                 "abstained"]
     with pytest.raises(MlflowException, match="every input must be a string"):
         model.predict([1, 2])
     with pytest.raises(MlflowException, match="top_k"):

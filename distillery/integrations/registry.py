@@ -227,17 +227,19 @@ def model_signature(labels: list[str]):  # noqa: ANN201 - an mlflow ModelSignatu
     from mlflow.models import ModelSignature, infer_signature
 
     example = pd.DataFrame({"label": [labels[0]], "confidence": [1.0],
-                            "top_k": [[{"label": labels[0], "probability": 1.0}]]})
+                            "top_k": [[{"label": labels[0], "probability": 1.0}]], "abstained": [False]})
     inferred = infer_signature(["a text"], example, params={"top_k": 1})
     return ModelSignature(inputs=None, outputs=inferred.outputs, params=inferred.params)
 
 
 def log_classifier(folder: Path, name: str = "model", quantize: str = "fp32", max_length: int = 128,
-                   input_example: list[str] | None = None) -> mlflow.models.model.ModelInfo:
+                   input_example: list[str] | None = None,
+                   calibration: dict[str, Any] | None = None) -> mlflow.models.model.ModelInfo:
     """Log a classifier folder as a self-contained pyfunc model of the active run.
 
     The loader is ``served_model.py`` (models-from-code), so the model loads wherever its requirements are installed;
-    ``quantize`` and ``max_length`` are the served form and tokenizer settings the harness measured.
+    ``quantize`` and ``max_length`` are the served form and tokenizer settings the harness measured;
+    ``calibration`` (``temperature``, ``abstain_below``, ``oos_label``) how confidences are scaled and when to abstain.
     """
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
@@ -246,7 +248,7 @@ def log_classifier(folder: Path, name: str = "model", quantize: str = "fp32", ma
         staged = Path(tmp) / CLASSIFIER_ARTIFACT
         shutil.copytree(folder, staged)
         (staged / SERVING_FILE).write_text(json.dumps({"quantize": quantize, "max_length": max_length,
-                                                       "truncation": True}))
+                                                       "truncation": True, **(calibration or {})}))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return mlflow.pyfunc.log_model(

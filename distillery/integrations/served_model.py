@@ -8,8 +8,12 @@ Served as gated: the classifier folder's ``distillery-serving.json`` says which 
 which tokenizer settings (max length, truncation) the evaluation harness measured, and the loader applies the same.
 
 Input: a list of texts, a ``pandas.Series``, a one-column ``DataFrame`` (or one with a ``text`` column), or a 1-D
-array. Output: one row per text with ``label``, ``confidence`` and ``top_k`` (the ``top_k`` most probable labels
-with their probabilities; ``params={"top_k": 3}``). An empty input gives an empty result.
+array. Output: one row per text with ``label``, ``confidence``, ``top_k`` (the ``top_k`` most probable labels with
+their probabilities; ``params={"top_k": 3}``) and ``abstained``. An empty input gives an empty result.
+
+Calibration travels in the same file: probabilities are ``softmax(logits / temperature)``, and with ``abstain_below``
+set, a text whose top-1 probability is below it gets the out-of-scope label (``oos_label``) and ``abstained: true``
+(its ``top_k`` still lists the known labels).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from mlflow.pyfunc import PythonModel
 
 CLASSIFIER_ARTIFACT = "classifier"
 SERVING_FILE = "distillery-serving.json"
-OUTPUT_COLUMNS = ["label", "confidence", "top_k"]
+OUTPUT_COLUMNS = ["label", "confidence", "top_k", "abstained"]
+DEFAULT_OOS_LABEL = "out_of_scope"
 BATCH_SIZE = 64
 
 
@@ -64,8 +69,9 @@ def read_serving(folder: Path) -> dict:
     """The serving settings written beside the weights (form and tokenizer settings)."""
     path = Path(folder) / SERVING_FILE
     settings = json.loads(path.read_text()) if path.is_file() else {}
-    return {"quantize": settings.get("quantize", "fp32"), "max_length": int(settings.get("max_length", 128)),
-            **{k: v for k, v in settings.items() if k not in ("quantize", "max_length")}}
+    defaults = {"quantize": "fp32", "max_length": 128, "truncation": True, "temperature": 1.0, "abstain_below": None,
+                "oos_label": DEFAULT_OOS_LABEL}
+    return {**defaults, **settings}
 
 
 class ServedClassifier:
@@ -93,9 +99,10 @@ class ServedClassifier:
         out = []
         with torch.inference_mode():
             for start in range(0, len(texts), BATCH_SIZE):
-                enc = self.tokenizer(texts[start:start + BATCH_SIZE], truncation=True, padding=True,
-                                     max_length=self.settings["max_length"], return_tensors="pt")
-                out.append(torch.softmax(self.model(**enc).logits.float(), dim=-1).numpy())
+                enc = self.tokenizer(texts[start:start + BATCH_SIZE], truncation=self.settings["truncation"],
+                                     padding=True, max_length=self.settings["max_length"], return_tensors="pt")
+                logits = self.model(**enc).logits.float() / float(self.settings["temperature"])
+                out.append(torch.softmax(logits, dim=-1).numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)
 
     def predict(self, texts: list[str], top_k: int = 1) -> pd.DataFrame:
@@ -104,10 +111,14 @@ class ServedClassifier:
         k = max(1, min(int(top_k), len(self.labels)))
         probs = self.probabilities(texts)
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        threshold = self.settings["abstain_below"]
         rows = []
         for p, top in zip(probs, order):
-            rows.append({"label": self.labels[int(top[0])], "confidence": float(p[top[0]]),
-                         "top_k": [{"label": self.labels[int(i)], "probability": float(p[i])} for i in top]})
+            abstain = threshold is not None and float(p[top[0]]) < float(threshold)
+            rows.append({"label": self.settings["oos_label"] if abstain else self.labels[int(top[0])],
+                         "confidence": float(p[top[0]]),
+                         "top_k": [{"label": self.labels[int(i)], "probability": float(p[i])} for i in top],
+                         "abstained": abstain})
         return pd.DataFrame(rows, columns=OUTPUT_COLUMNS)
 
 

@@ -1,0 +1,110 @@
+"""Calibration and abstention (pure numpy/scipy): temperature scaling, a confidence threshold chosen on validation
+for a target, out-of-scope metrics, and held-out intents for data that has no out-of-scope class.
+
+An input is *out of scope* when it belongs to none of the known intents. The detector is the calibrated top-1
+probability: below the threshold the model abstains (answers the out-of-scope label).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from sklearn.metrics import roc_auc_score
+
+from distillery.models.metrics import expected_calibration_error, softmax
+
+TARGETS = ("oos_recall", "max_inscope_rejection")
+
+
+def _nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+    z = logits / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    log_norm = np.log(np.exp(z).sum(axis=1))
+    return float(np.mean(log_norm - z[np.arange(len(labels)), labels]))
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+    """The temperature T minimising the negative log-likelihood of softmax(logits / T) on in-scope rows."""
+    logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels, dtype=np.int64)
+    if len(labels) == 0:
+        raise ValueError("temperature scaling needs at least one labelled row")
+    result = minimize_scalar(lambda log_t: _nll(logits, labels, float(np.exp(log_t))),
+                             bounds=(np.log(bounds[0]), np.log(bounds[1])), method="bounded",
+                             options={"xatol": 1e-4})
+    return float(np.exp(result.x))
+
+
+def calibrated(logits: np.ndarray, temperature: float) -> np.ndarray:
+    return softmax(np.asarray(logits, dtype=np.float64) / temperature)
+
+
+def choose_threshold(confidence: np.ndarray, is_oos: np.ndarray | None, target: str, value: float) -> float:
+    """The abstention threshold (abstain when confidence < threshold) chosen on validation.
+
+    ``oos_recall``: the smallest threshold that rejects at least ``value`` of the out-of-scope rows (so it costs the
+    least in-scope coverage); ``max_inscope_rejection``: the largest threshold that rejects at most ``value`` of the
+    in-scope rows (needs no out-of-scope rows).
+    """
+    if target not in TARGETS:
+        raise ValueError(f"unknown threshold target {target!r}: one of {TARGETS}")
+    confidence = np.asarray(confidence, dtype=np.float64)
+    is_oos = np.zeros(len(confidence), bool) if is_oos is None else np.asarray(is_oos, bool)
+    if target == "oos_recall":
+        oos = np.sort(confidence[is_oos])
+        if len(oos) == 0:
+            raise ValueError("target oos_recall needs out-of-scope rows in the validation split")
+        k = int(np.ceil(value * len(oos)))  # reject the k least confident out-of-scope rows
+        return float(np.nextafter(oos[k - 1], np.inf)) if k > 0 else 0.0
+    inscope = np.sort(confidence[~is_oos])
+    k = int(np.floor(value * len(inscope)))  # at most k in-scope rows fall below the threshold
+    return float(inscope[k]) if k < len(inscope) else float(np.nextafter(inscope[-1], np.inf))
+
+
+@dataclass(frozen=True)
+class OosMetrics:
+    """In-scope accuracy counts an abstention as an error; recall/precision are of the abstentions as out-of-scope."""
+
+    inscope_accuracy: float
+    inscope_accuracy_no_abstention: float
+    oos_recall: float
+    oos_precision: float
+    auroc: float
+    abstention_rate: float
+
+    def to_dict(self, prefix: str = "oos.") -> dict[str, float]:
+        return {f"{prefix}{k}": v for k, v in self.__dict__.items()}
+
+
+def oos_metrics(probs: np.ndarray, labels: np.ndarray, is_oos: np.ndarray, threshold: float) -> OosMetrics:
+    """Out-of-scope behaviour of calibrated probabilities at ``threshold`` (labels of OOS rows are ignored)."""
+    probs, is_oos = np.asarray(probs), np.asarray(is_oos, bool)
+    confidence, predicted = probs.max(axis=1), probs.argmax(axis=1)
+    abstain = confidence < threshold
+    inscope = ~is_oos
+    correct = (predicted == np.asarray(labels)) & inscope
+    n_in, n_oos, n_abstain = int(inscope.sum()), int(is_oos.sum()), int(abstain.sum())
+    both = n_in > 0 and n_oos > 0
+    return OosMetrics(
+        inscope_accuracy=float((correct & ~abstain).sum() / n_in) if n_in else float("nan"),
+        inscope_accuracy_no_abstention=float(correct.sum() / n_in) if n_in else float("nan"),
+        oos_recall=float((abstain & is_oos).sum() / n_oos) if n_oos else float("nan"),
+        oos_precision=float((abstain & is_oos).sum() / n_abstain) if n_abstain else float("nan"),
+        auroc=float(roc_auc_score(is_oos, -confidence)) if both else float("nan"),
+        abstention_rate=float(abstain.mean()) if len(abstain) else float("nan"),
+    )
+
+
+def ece_before_after(logits: np.ndarray, labels: np.ndarray, temperature: float) -> tuple[float, float]:
+    """ECE of the raw and of the temperature-scaled probabilities (in-scope rows)."""
+    return (expected_calibration_error(softmax(np.asarray(logits, dtype=np.float64)), labels),
+            expected_calibration_error(calibrated(logits, temperature), labels))
+
+
+def held_out_intents(labels: list[str], count: int, seed: int) -> list[str]:
+    """A seeded choice of ``count`` intents to hold out as unseen (out-of-scope at test time), in label order."""
+    if not 0 < count < len(labels) - 1:
+        raise ValueError(f"can hold out 1..{len(labels) - 2} of {len(labels)} intents, not {count}")
+    picked = set(np.random.default_rng(seed).choice(len(labels), size=count, replace=False).tolist())
+    return [name for i, name in enumerate(labels) if i in picked]

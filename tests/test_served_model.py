@@ -231,3 +231,24 @@ def test_distillery_predict_reads_stdin_and_files(logged, tmp_path):
     assert list(pd.read_csv(__import__("io").StringIO(out.stdout))["label"]) == [r["label"] for r in rows]
     out = run("--model", "student@nosuchalias", stdin="hello\n")
     assert out.returncode == 2 and "no model student@nosuchalias" in out.stderr
+
+
+def test_a_pickled_wrapper_whose_code_moved_is_a_clear_error(logged, tmp_path, monkeypatch):
+    """What models registered before the self-contained loader look like now: one line saying what to do."""
+    import importlib
+
+    import mlflow
+
+    from distillery.integrations import registry
+
+    (tmp_path / "old_wrapper.py").write_text(
+        "import mlflow.pyfunc\nclass Old(mlflow.pyfunc.PythonModel):\n"
+        "    def predict(self, context, model_input, params=None):\n        return model_input\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    old = importlib.import_module("old_wrapper")
+    with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("served").experiment_id):
+        info = mlflow.pyfunc.log_model(name="old", python_model=old.Old(), pip_requirements=["mlflow"])
+    monkeypatch.delitem(sys.modules, "old_wrapper")
+    (tmp_path / "old_wrapper.py").unlink()  # the code the pickle names is gone
+    with pytest.raises(registry.TrackingError, match=r"registered by an older distillery.*distill --force"):
+        registry.load_served_model(info.model_uri)

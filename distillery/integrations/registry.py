@@ -323,6 +323,11 @@ def load_served_model(model_uri: str):  # noqa: ANN201 - mlflow.pyfunc.PyFuncMod
             return mlflow.pyfunc.load_model(model_uri)
         except MlflowException as exc:
             raise TrackingError(f"cannot load {model_uri}: {str(exc).splitlines()[0]}") from None
+        except (ImportError, AttributeError) as exc:  # a cloudpickled wrapper from before the self-contained loader
+            raise TrackingError(
+                f"cannot load {model_uri} ({type(exc).__name__}: {exc}): it was registered by an older distillery as a "
+                f"pickled wrapper of code that has moved; `distillery distill --force` registers the current student "
+                f"in the self-contained form") from None
 
 
 def _tag(value: Any) -> str:

@@ -126,6 +126,9 @@ class EvaluationConfig(Section):
     repeats: int = 50
     throughput_batches: int = 5
     ece_bins: int = 15
+    # fit a temperature per candidate on the validation split (temperature scaling); the registered student applies
+    # its served form's, so its confidences are calibrated
+    calibrate: StrictBool = True
 
 
 class GateConfig(Section):

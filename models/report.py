@@ -17,13 +17,15 @@ CANDIDATES = ("teacher_fp32", "teacher_int8", "student_fp32", "student_int8", "b
 
 def results_table(metrics: dict[str, dict]) -> str:
     """A fixed-width table of the candidates' headline metrics."""
+    calibrated = all("ece_calibrated" in m for m in metrics.values())  # temperature scaling ran (on validation)
     head = f"{'candidate':<19}{'accuracy':>9}{'macro-F1':>9}{'ECE':>7}{'agree':>7}{'p50 ms':>8}{'p95 ms':>8}" \
-           f"{'rows/s':>8}{'params M':>9}{'MB':>7}"
+           f"{'rows/s':>8}{'params M':>9}{'MB':>7}" + (f"{'T':>6}{'ECE@T':>7}" if calibrated else "")
     lines = [head, "-" * len(head)]
     for name, m in metrics.items():
         lines.append(f"{name:<19}{m['accuracy']:>9.4f}{m['macro_f1']:>9.4f}{m['ece']:>7.3f}{m['agreement']:>7.3f}"
                      f"{m['latency_p50_ms']:>8.2f}{m['latency_p95_ms']:>8.2f}{m['throughput_rps']:>8.0f}"
-                     f"{m['parameters'] / 1e6:>9.1f}{m['size_mb']:>7.1f}")
+                     f"{m['parameters'] / 1e6:>9.1f}{m['size_mb']:>7.1f}"
+                     + (f"{m['temperature']:>6.2f}{m['ece_calibrated']:>7.3f}" if calibrated else ""))
     return "\n".join(lines)
 
 

@@ -14,7 +14,10 @@ from distillery.config import Config
 from distillery.integrations import registry
 from distillery.integrations.registry import PER_CLASS_FILE
 from distillery.records import Evaluation, SnapshotRef, TeacherRef, TrainedStudent
+from distillery.models.calibration import calibrated, fit_temperature
 from distillery.models.data import read_snapshot
+from distillery.models.metrics import expected_calibration_error
+from distillery.models.training import predict_logits
 from distillery.models.evaluation import TimingSettings, encode_per_folder, evaluate_model, harness_candidates
 from distillery.models.report import (
     headline_ratios,
@@ -41,14 +44,24 @@ def evaluate_candidates(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef,
                                                         "student.run_id": student.run_id,
                                                         "baseline.run_id": baseline.run_id}, parent_run_id,
                                    snapshot=snapshot, split="test")
+    validation = splits["validation"]
+    encoded_val = encode_per_folder({c[2] for c in candidates.values()}, validation["text"].tolist(),
+                                    validation["label_id"].tolist(), cfg.distill.max_length) if e.calibrate else {}
     metrics: dict[str, dict] = {}
     logits: dict[str, np.ndarray] = {}
+    temperatures: dict[str, float] = {}
     reference = None
     for name, (model, params, folder) in candidates.items():
         data, pad = encoded[folder]
         m, out = evaluate_model(model, data, pad, len(labels), reference, timing, params, e.ece_bins)
         if name == "teacher_fp32":
             reference = out.argmax(1)
+        if e.calibrate:  # temperature scaling fitted on validation, measured on test
+            val_data, val_pad = encoded_val[folder]
+            temperatures[name] = fit_temperature(predict_logits(model, val_data, val_pad), val_data.labels.numpy())
+            m["temperature"] = temperatures[name]
+            m["ece_calibrated"] = expected_calibration_error(calibrated(out, temperatures[name]), np.asarray(gold),
+                                                             e.ece_bins)
         metrics[name], logits[name] = m, out
         run_id = registry.create_run(cfg, name, {"stage": "evaluate", "candidate": name}, eval_run)
         with registry.open_run(cfg, run_id):
@@ -71,5 +84,10 @@ def evaluate_candidates(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef,
         (folder / "results.txt").write_text(table + "\n")
         registry.log_folder(folder, "evaluation")
         mlflow.log_metrics(headline_ratios(metrics))
+    if temperatures:
+        logger.info("temperature scaling (fitted on validation): %s", ", ".join(
+            f"{k} T={temperatures[k]:.2f} ECE {metrics[k]['ece']:.3f} -> {metrics[k]['ece_calibrated']:.3f}"
+            for k in temperatures))
     return Evaluation(run_id=eval_run, table=table, ratios=headline_ratios(metrics),
-                      metrics={k: {kk: vv for kk, vv in v.items() if kk != "per_class_f1"} for k, v in metrics.items()})
+                      metrics={k: {kk: vv for kk, vv in v.items() if kk != "per_class_f1"} for k, v in metrics.items()},
+                      temperatures=temperatures)

@@ -56,6 +56,11 @@ def test_good_student_is_promoted_then_a_crippled_one_is_refused(teacher_project
     served = mlflow.pyfunc.load_model("models:/student@champion")
     assert served.predict(["my pin is blocked"])["label"][0] in {"card_arrival", "exchange_rate", "pin_blocked", "top_up"}
     assert "DynamicQuantizedLinear" in repr(served.unwrap_python_model().classifier.model)  # served as gated: INT8
+    # calibrated as measured: the served form's temperature, fitted on validation, travels with the model
+    int8_run = next(r for r in nested if r.data.tags["candidate"] == "student_int8")
+    assert served.unwrap_python_model().classifier.settings["temperature"] == pytest.approx(
+        int8_run.data.metrics["temperature"], rel=1e-6)
+    assert "ece_calibrated" in int8_run.data.metrics
 
     # the baseline holds no teacher knowledge: its layers came from the teacher's base model before fine-tuning
     weights = {r.data.tags["candidate"]: r.data.params["student.weights_from"] for r in client.search_runs(

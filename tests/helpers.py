@@ -5,6 +5,9 @@ from __future__ import annotations
 import itertools
 import json
 import socket
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -87,6 +90,21 @@ def run_command(config_path: Path | str, command: str = "distill", overrides: di
 
     return pipeline_flow(str(config_path), overrides, command=command, teacher_version=teacher_version, force=force,
                          teacher_source=teacher_source)
+
+
+def wait_http(url: str, seconds: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    """Until ``url`` answers; fails after ``seconds``, or at once when ``proc`` (the server) has exited."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            if proc is not None and proc.poll() is not None:
+                break
+            time.sleep(0.5)
+    detail = Path(log).read_text()[-3000:] if log is not None and Path(log).is_file() else ""
+    raise AssertionError(f"{url} did not come up in {seconds} s\n{detail}")
 
 
 def free_port() -> int:

@@ -19,26 +19,13 @@ from mlflow import MlflowClient
 from distillery.integrations import store
 from distillery.records import DECISION_TAG, PENDING, PROMOTED
 from tests.conftest import make_project
-from tests.helpers import FAULT_ROWS, free_port, write_config
+from tests.helpers import FAULT_ROWS, free_port, wait_http, write_config
 
 pytestmark = pytest.mark.faults
 
 BIN = Path(sys.executable).parent
 KILLED = -signal.SIGKILL
 
-
-
-def _wait_http(url: str, seconds: float) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"{url} did not come up in {seconds} s")
 
 
 def _start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
@@ -134,7 +121,7 @@ def server_env(tmp_path_factory: pytest.TempPathFactory):
     server = _start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env,
                     home / "server.log")
     try:
-        _wait_http(f"http://127.0.0.1:{port}/api/health", 120)
+        wait_http(f"http://127.0.0.1:{port}/api/health", 120)
         yield env
     finally:
         _stop(server)
@@ -295,7 +282,7 @@ def test_tracking_server_stopped_mid_run(tmp_path: Path, tiny_teacher_dir: Path,
 
     def mlflow_up() -> subprocess.Popen:
         proc = _start(cmd, server_env, store_dir / "server.log")
-        _wait_http(f"http://127.0.0.1:{port}/health", 120)
+        wait_http(f"http://127.0.0.1:{port}/health", 120)
         return proc
 
     server = mlflow_up()

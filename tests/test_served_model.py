@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.helpers import LABELS, free_port, make_frames
+from tests.helpers import LABELS, free_port, make_frames, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXTS = ["please help card delivery today", "hello pin locked now", "quick question euro rate asap",
@@ -160,14 +159,7 @@ def test_mlflow_models_serve_answers_over_http(logged, tmp_path):
             return err.code, json.loads(err.read())
 
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                assert proc.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()
-                time.sleep(1)
+        wait_http(f"http://127.0.0.1:{port}/ping", 120, proc, tmp_path / "serve.log")
         status, body = post({"inputs": TEXTS, "params": {"top_k": 2}})
         assert status == 200, body
         assert [p["label"] for p in body["predictions"]] == [p["label"] for p in

@@ -100,10 +100,6 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 def cmd_teacher(args: argparse.Namespace) -> int:
     if args.action != "import":
-        if args.source:
-            print(f"distillery teacher: unexpected {args.action!r}; did you mean `distillery teacher import SOURCE`?",
-                  file=sys.stderr)
-            return 2
         return _pipeline(args, "teacher")
     source = args.source
     if source and os.path.exists(source):

@@ -158,7 +158,6 @@ class Evaluation:
     table: str
     ratios: Mapping[str, float]
     metrics: Mapping[str, Mapping[str, float]]
-    temperatures: Mapping[str, float] = field(default_factory=dict)  # per candidate, fitted on validation
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ shards, sweep candidates), and holds the run lock around everything that writes 
 registry, so a scheduled ingest can never rewrite ``data/`` under a running distillation.
 
 Commands: ``run`` (ingest -> teacher when none is registered -> distil), ``ingest``, ``teacher`` (fine-tune),
-``import-teacher`` (register an existing classifier), ``label``, ``distill``; ``watch`` compares the registry with the champion and emits the re-distill event.
+``import-teacher`` (register an existing classifier), ``label``, ``distill``; ``watch`` compares the registry with
+the champion and emits the re-distill event.
 """
 
 from __future__ import annotations

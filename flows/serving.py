@@ -16,7 +16,7 @@ from distillery.config import Config
 from distillery.integrations import registry
 from distillery.flows.admin import parse_ref
 
-URI_SCHEMES = ("models:/", "runs:/", "file:", "s3://", "gs://", "/", "./", "../")
+LOCAL_MODEL_PREFIXES = ("/", "./", "../")  # an MLflow model folder on disk
 
 
 def model_uri(cfg: Config, ref: str | None = None) -> str:
@@ -25,8 +25,8 @@ def model_uri(cfg: Config, ref: str | None = None) -> str:
     A registry reference is resolved first, so a missing champion is a clear error (not a loader stack trace) and
     an unreachable registry is never read as "no champion".
     """
-    if ref and ref.startswith(URI_SCHEMES):
-        if ref.startswith(("/", "./", "../")) and not (Path(ref) / "MLmodel").is_file():
+    if ref and ref.startswith(registry.MODEL_URI_SCHEMES + LOCAL_MODEL_PREFIXES):
+        if ref.startswith(LOCAL_MODEL_PREFIXES) and not (Path(ref) / "MLmodel").is_file():
             raise registry.TrackingError(f"{ref} is not an MLflow model folder (no MLmodel file)")
         if ref.startswith(("models:/", "runs:/")):
             registry.configure_tracking(cfg)

@@ -202,13 +202,16 @@ def locate_source(source: Path, text_column: str = "text", label_column: str = "
     return layout
 
 
-def _carve(df: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Split ``df`` into (rest, carved): a seeded, per-label stratified ``fraction`` (>= 1 row per label with >= 2)."""
+def _carve(df: pd.DataFrame, fraction: float, seed: int, by: str = "label") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split ``df`` into (rest, carved): a seeded ``fraction`` of each ``by`` class (>= 1 row of a class with >= 2).
+
+    Rows are taken in text-id order first, so the same rows in any order give the same split.
+    """
     rng = np.random.default_rng(seed)
     df = df.assign(_key=df["text"].map(row_id)).sort_values("_key", kind="stable").drop(columns="_key")
     carved = []
-    for label in sorted(df["label"].unique(), key=str):
-        idx = df.index[df["label"] == label].to_numpy()
+    for label in sorted(df[by].unique()):
+        idx = df.index[df[by] == label].to_numpy()
         n = int(round(len(idx) * fraction))
         n = min(max(n, 1), len(idx) - 1) if len(idx) >= 2 else 0
         carved.append(rng.permutation(idx)[:n])
@@ -378,21 +381,10 @@ def split_snapshot(
     test = cleaned["test"]
     if cleaned.get("validation") is not None:
         return {"train": train, "validation": _finish(cleaned["validation"], labels), "test": _finish(test, labels)}
-    rng = np.random.default_rng(seed)
-    val_parts = []
-    for label_id in sorted(train["label_id"].unique()):
-        idx = train.index[train["label_id"] == label_id].to_numpy()
-        n_val = int(round(len(idx) * validation_fraction))
-        if len(idx) >= 2:
-            n_val = min(max(n_val, 1), len(idx) - 1)
-        else:
-            n_val = 0
-        val_parts.append(rng.permutation(idx)[:n_val])
-    val_idx = np.sort(np.concatenate(val_parts)) if val_parts else np.array([], dtype=int)
-    is_val = train.index.isin(val_idx)
+    rest, validation = _carve(train, validation_fraction, seed, by="label_id")
     return {
-        "train": train[~is_val].reset_index(drop=True),
-        "validation": train[is_val].reset_index(drop=True),
+        "train": rest.reset_index(drop=True),
+        "validation": validation.reset_index(drop=True),
         "test": _finish(test, labels),
     }
 

@@ -49,7 +49,6 @@ def evaluate_candidates(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef,
                                     validation["label_id"].tolist(), cfg.distill.max_length) if e.calibrate else {}
     metrics: dict[str, dict] = {}
     logits: dict[str, np.ndarray] = {}
-    temperatures: dict[str, float] = {}
     reference = None
     for name, (model, params, folder) in candidates.items():
         data, pad = encoded[folder]
@@ -58,9 +57,8 @@ def evaluate_candidates(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef,
             reference = out.argmax(1)
         if e.calibrate:  # temperature scaling fitted on validation, measured on test
             val_data, val_pad = encoded_val[folder]
-            temperatures[name] = fit_temperature(predict_logits(model, val_data, val_pad), val_data.labels.numpy())
-            m["temperature"] = temperatures[name]
-            m["ece_calibrated"] = expected_calibration_error(calibrated(out, temperatures[name]), np.asarray(gold),
+            m["temperature"] = fit_temperature(predict_logits(model, val_data, val_pad), val_data.labels.numpy())
+            m["ece_calibrated"] = expected_calibration_error(calibrated(out, m["temperature"]), np.asarray(gold),
                                                              e.ece_bins)
         metrics[name], logits[name] = m, out
         run_id = registry.create_run(cfg, name, {"stage": "evaluate", "candidate": name}, eval_run)
@@ -84,10 +82,8 @@ def evaluate_candidates(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef,
         (folder / "results.txt").write_text(table + "\n")
         registry.log_folder(folder, "evaluation")
         mlflow.log_metrics(headline_ratios(metrics))
-    if temperatures:
+    if e.calibrate:
         logger.info("temperature scaling (fitted on validation): %s", ", ".join(
-            f"{k} T={temperatures[k]:.2f} ECE {metrics[k]['ece']:.3f} -> {metrics[k]['ece_calibrated']:.3f}"
-            for k in temperatures))
+            f"{k} T={m['temperature']:.2f} ECE {m['ece']:.3f} -> {m['ece_calibrated']:.3f}" for k, m in metrics.items()))
     return Evaluation(run_id=eval_run, table=table, ratios=headline_ratios(metrics),
-                      metrics={k: {kk: vv for kk, vv in v.items() if kk != "per_class_f1"} for k, v in metrics.items()},
-                      temperatures=temperatures)
+                      metrics={k: {kk: vv for kk, vv in v.items() if kk != "per_class_f1"} for k, v in metrics.items()})

@@ -100,8 +100,8 @@ def promote(cfg: Config, run_id: str, snapshot: SnapshotRef, teacher: TeacherRef
         validation=validation.to_tags(), criteria=decision.criteria,
         metrics={k: v for k, v in logged[deployed].items() if k not in ("per_class_f1", "labels")})
     with registry.open_run(cfg, run_id):
-        calibration = ({"temperature": evaluation.temperatures[deployed]}
-                       if deployed in evaluation.temperatures else None)
+        temperature = evaluation.metrics[deployed].get("temperature")  # fitted on validation by the harness
+        calibration = {"temperature": temperature} if temperature is not None else None
         info = registry.log_classifier(Path(student.folder), quantize=cfg.student.deploy,
                                        max_length=cfg.distill.max_length, calibration=calibration)
         registry.log_json(cfg.to_dict(), "config.json")

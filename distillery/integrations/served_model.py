@@ -53,8 +53,10 @@ def as_texts(model_input: Any) -> list[str]:
         else:
             raise InputError(f"a DataFrame input needs one column or a `text` column; got {list(model_input.columns)}")
         values = model_input[column].tolist()
-    elif isinstance(model_input, (pd.Series, np.ndarray, list, tuple)):
-        values = list(np.asarray(model_input, dtype=object).ravel()) if isinstance(model_input, np.ndarray) else list(model_input)
+    elif isinstance(model_input, np.ndarray):
+        values = list(model_input.astype(object).ravel())
+    elif isinstance(model_input, (pd.Series, list, tuple)):
+        values = list(model_input)
     elif isinstance(model_input, str):
         values = [model_input]
     else:

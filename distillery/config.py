@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
@@ -42,6 +42,11 @@ class DataConfig(Section):
     seed: int = 13
     max_drop_fraction: float = 0.02
     transfer_set: str | None = None
+    # out-of-scope inputs: rows labelled `oos_label` belong to no intent (not a class: the models learn to abstain);
+    # for data without such rows, `holdout_intents` intents (a seeded choice, recorded in the snapshot) are held out
+    # of training and count as out of scope at evaluation
+    oos_label: str | None = None
+    holdout_intents: int = 0
 
 
 class DvcConfig(Section):
@@ -129,6 +134,12 @@ class EvaluationConfig(Section):
     # fit a temperature per candidate on the validation split (temperature scaling); the registered student applies
     # its served form's, so its confidences are calibrated
     calibrate: StrictBool = True
+    # abstention threshold on the calibrated confidence, chosen per candidate on validation: auto = when the data has
+    # out-of-scope rows (data.oos_label / data.holdout_intents); the served model answers the out-of-scope label below it
+    abstain: Literal["auto", "on", "off"] = "auto"
+    abstain_target: Literal["max_accuracy_cost", "oos_recall", "max_inscope_rejection"] = "max_accuracy_cost"
+    abstain_value: float = 0.01  # in-scope accuracy given up / out-of-scope recall reached / in-scope share rejected
+    oos_label: str = "out_of_scope"  # what the served model answers when it abstains (data.oos_label when set)
 
 
 class GateConfig(Section):
@@ -137,6 +148,9 @@ class GateConfig(Section):
     max_latency_ratio: float = 0.5
     max_class_f1_drop: float = 0.25
     champion_tolerance: float = 0.005
+    # with out-of-scope data: the student's OOS recall and AUROC may fall at most this far below the FP32 teacher's
+    oos_recall_tolerance: float = 0.05
+    oos_auroc_tolerance: float = 0.02
 
 
 class TrackingConfig(Section):

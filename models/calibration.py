@@ -15,7 +15,7 @@ from sklearn.metrics import roc_auc_score
 
 from distillery.models.metrics import expected_calibration_error, softmax
 
-TARGETS = ("oos_recall", "max_inscope_rejection")
+TARGETS = ("max_accuracy_cost", "oos_recall", "max_inscope_rejection")
 
 
 def _nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
@@ -40,17 +40,26 @@ def calibrated(logits: np.ndarray, temperature: float) -> np.ndarray:
     return softmax(np.asarray(logits, dtype=np.float64) / temperature)
 
 
-def choose_threshold(confidence: np.ndarray, is_oos: np.ndarray | None, target: str, value: float) -> float:
+def choose_threshold(confidence: np.ndarray, is_oos: np.ndarray | None, target: str, value: float,
+                     correct: np.ndarray | None = None) -> float:
     """The abstention threshold (abstain when confidence < threshold) chosen on validation.
 
-    ``oos_recall``: the smallest threshold that rejects at least ``value`` of the out-of-scope rows (so it costs the
-    least in-scope coverage); ``max_inscope_rejection``: the largest threshold that rejects at most ``value`` of the
-    in-scope rows (needs no out-of-scope rows).
+    ``max_accuracy_cost``: the largest threshold at which abstaining costs at most ``value`` of in-scope accuracy
+    (correct in-scope answers turned into abstentions, as a share of in-scope rows; needs ``correct``, no
+    out-of-scope rows); ``oos_recall``: the smallest threshold that rejects at least ``value`` of the out-of-scope
+    rows (so it costs the least in-scope coverage); ``max_inscope_rejection``: the largest threshold that rejects at
+    most ``value`` of the in-scope rows (needs no out-of-scope rows).
     """
     if target not in TARGETS:
         raise ValueError(f"unknown threshold target {target!r}: one of {TARGETS}")
     confidence = np.asarray(confidence, dtype=np.float64)
     is_oos = np.zeros(len(confidence), bool) if is_oos is None else np.asarray(is_oos, bool)
+    if target == "max_accuracy_cost":
+        if correct is None:
+            raise ValueError("target max_accuracy_cost needs which in-scope answers are correct")
+        right = np.sort(confidence[~is_oos & np.asarray(correct, bool)])
+        k = int(np.floor(value * int((~is_oos).sum()) + 1e-9))  # at most k correct answers fall below the threshold
+        return float(right[k]) if k < len(right) else 1.0
     if target == "oos_recall":
         oos = np.sort(confidence[is_oos])
         if len(oos) == 0:
@@ -68,13 +77,23 @@ class OosMetrics:
 
     inscope_accuracy: float
     inscope_accuracy_no_abstention: float
-    oos_recall: float
-    oos_precision: float
+    recall: float
+    precision: float
     auroc: float
     abstention_rate: float
 
     def to_dict(self, prefix: str = "oos.") -> dict[str, float]:
-        return {f"{prefix}{k}": v for k, v in self.__dict__.items()}
+        """The finite values, keyed ``oos.recall``, ``oos.auroc``, ... (NaN: not measurable without OOS rows)."""
+        return {f"{prefix}{k}": v for k, v in self.__dict__.items() if np.isfinite(v)}
+
+
+def tradeoff_curve(probs: np.ndarray, labels: np.ndarray, is_oos: np.ndarray,
+                   points: int = 101) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(thresholds, in-scope accuracy, OOS recall) as the abstention threshold moves over the confidence range."""
+    confidence = np.asarray(probs).max(axis=1)
+    thresholds = np.unique(np.quantile(confidence, np.linspace(0, 1, points)))
+    rows = [oos_metrics(probs, labels, is_oos, t) for t in thresholds]
+    return thresholds, np.array([r.inscope_accuracy for r in rows]), np.array([r.recall for r in rows])
 
 
 def oos_metrics(probs: np.ndarray, labels: np.ndarray, is_oos: np.ndarray, threshold: float) -> OosMetrics:
@@ -89,8 +108,8 @@ def oos_metrics(probs: np.ndarray, labels: np.ndarray, is_oos: np.ndarray, thres
     return OosMetrics(
         inscope_accuracy=float((correct & ~abstain).sum() / n_in) if n_in else float("nan"),
         inscope_accuracy_no_abstention=float(correct.sum() / n_in) if n_in else float("nan"),
-        oos_recall=float((abstain & is_oos).sum() / n_oos) if n_oos else float("nan"),
-        oos_precision=float((abstain & is_oos).sum() / n_abstain) if n_abstain else float("nan"),
+        recall=float((abstain & is_oos).sum() / n_oos) if n_oos else float("nan"),
+        precision=float((abstain & is_oos).sum() / n_abstain) if n_abstain else float("nan"),
         auroc=float(roc_auc_score(is_oos, -confidence)) if both else float("nan"),
         abstention_rate=float(abstain.mean()) if len(abstain) else float("nan"),
     )
@@ -108,3 +127,20 @@ def held_out_intents(labels: list[str], count: int, seed: int) -> list[str]:
         raise ValueError(f"can hold out 1..{len(labels) - 2} of {len(labels)} intents, not {count}")
     picked = set(np.random.default_rng(seed).choice(len(labels), size=count, replace=False).tolist())
     return [name for i, name in enumerate(labels) if i in picked]
+
+
+def abstention(val_logits: np.ndarray, val_labels: np.ndarray, val_oos_logits: np.ndarray, test_logits: np.ndarray,
+               test_labels: np.ndarray, test_oos_logits: np.ndarray, temperature: float, target: str,
+               value: float) -> tuple[float, OosMetrics, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Choose the abstention threshold on validation (in-scope + out-of-scope rows, calibrated confidences) and
+    measure it on test: (threshold, test metrics, (test probabilities, labels, is-OOS) for the trade-off curve)."""
+
+    def stack(inscope: np.ndarray, labels: np.ndarray, oos: np.ndarray):
+        probs = calibrated(np.concatenate([inscope, oos.reshape(-1, inscope.shape[1])]), temperature)
+        gold = np.concatenate([np.asarray(labels, dtype=np.int64), np.full(len(oos), -1)])
+        return probs, gold, gold < 0
+
+    probs, gold, is_oos = stack(val_logits, val_labels, val_oos_logits)
+    threshold = choose_threshold(probs.max(1), is_oos, target, value, probs.argmax(1) == gold)
+    test = stack(test_logits, test_labels, test_oos_logits)
+    return threshold, oos_metrics(*test, threshold), test

@@ -11,9 +11,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from distillery.models.calibration import held_out_intents
+
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
+OOS_SPLITS = {"train": "oos_train", "validation": "oos_validation", "test": "oos_test"}
+SCOPE_FILE = "scope.json"
 SNAPSHOT_COLUMNS = ["id", "text", "label", "label_id"]
 
 
@@ -295,7 +299,8 @@ def read_texts(path: Path | None, column: str = "text", stdin_text: str | None =
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
-def check_data(raw: RawData, max_drop_fraction: float) -> tuple[dict[str, pd.DataFrame], CheckReport]:
+def check_data(raw: RawData, max_drop_fraction: float,
+               out_of_scope: frozenset[str] = frozenset()) -> tuple[dict[str, pd.DataFrame], CheckReport]:
     """Drop and report bad rows; fail with a DataError when the damage is larger than ``max_drop_fraction``.
 
     Checks: empty texts, labels outside the known set, duplicate texts within a split (conflicting labels
@@ -345,7 +350,7 @@ def check_data(raw: RawData, max_drop_fraction: float) -> tuple[dict[str, pd.Dat
                 f"{split}: {n_drop} of {n_in} rows ({n_drop / n_in:.1%}) fail the data checks ({reasons}), more than "
                 f"data.max_drop_fraction={max_drop_fraction:.1%}. Fix the source data (e.g. {examples}) or raise the limit."
             )
-    missing = sorted(known - set(cleaned["train"]["label"]))
+    missing = sorted(known - set(out_of_scope) - set(cleaned["train"]["label"]))
     if missing:
         raise DataError(f"train has no rows for label(s) {missing[:10]}: every label needs training examples")
     if report.total_dropped:
@@ -389,14 +394,101 @@ def split_snapshot(
     }
 
 
-def write_snapshot(splits: dict[str, pd.DataFrame], labels: list[str], report: CheckReport, folder: Path) -> None:
-    """Write the snapshot files (parquet per split, labels.json, checks.json) byte-for-byte deterministically."""
+@dataclass(frozen=True)
+class Scope:
+    """Which rows are out of scope: those labelled ``oos_label`` in the source, and those of ``held_out`` intents
+    (chosen with ``seed``) that the models never train on and that count as out of scope at evaluation."""
+
+    oos_label: str | None = None
+    held_out: tuple[str, ...] = ()
+    seed: int | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.oos_label is not None or bool(self.held_out)
+
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset(self.held_out) | ({self.oos_label} if self.oos_label is not None else set())
+
+    def to_dict(self) -> dict:
+        return {"oos_label": self.oos_label, "held_out_intents": list(self.held_out), "seed": self.seed}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Scope":
+        return cls(d.get("oos_label"), tuple(d.get("held_out_intents") or ()), d.get("seed"))
+
+
+def choose_scope(labels: list[str], oos_label: str | None, holdout_intents: int, seed: int) -> Scope:
+    """The out-of-scope setting of a source whose label list is ``labels`` (``oos_label`` may be one of them)."""
+    intents = [name for name in labels if name != oos_label]
+    held = tuple(held_out_intents(intents, holdout_intents, seed)) if holdout_intents else ()
+    return Scope(oos_label, held, seed if held else None)
+
+
+def scoped(raw: RawData, scope: Scope) -> RawData:
+    """``raw`` with the out-of-scope label added to its label set (so the checks keep those rows) and checked."""
+    if scope.oos_label is None or scope.oos_label in raw.labels:
+        labels = raw.labels
+    else:
+        labels = [*raw.labels, scope.oos_label]
+    if scope.oos_label is not None:
+        frames = [raw.train, raw.test] + ([raw.validation] if raw.validation is not None else [])
+        if not any((df["label"] == scope.oos_label).any() for df in frames):
+            raise DataError(f"data.oos_label={scope.oos_label!r} occurs in no split; labels seen: {labels[:8]}...")
+    if len([name for name in labels if name not in scope.names]) < 2:
+        raise DataError(f"out-of-scope settings leave fewer than 2 in-scope labels of {len(labels)}")
+    return RawData(train=raw.train, test=raw.test, labels=labels, validation=raw.validation)
+
+
+def split_out_of_scope(cleaned: dict[str, pd.DataFrame], scope: Scope, validation_fraction: float,
+                       seed: int) -> tuple[dict[str, pd.DataFrame], dict[str, pd.DataFrame]]:
+    """Separate the out-of-scope rows of checked splits: (in-scope splits, out-of-scope frames by OOS split name).
+
+    Out-of-scope train rows give ``oos_validation`` the share validation gets (when the source has no validation
+    split); the rest stay as ``oos_train`` only for rows labelled ``oos_label`` (the teacher's soft labels on them
+    teach the student what "no intent" looks like). Held-out intents' train rows are dropped: the models never see
+    them, which is the point of holding them out.
+    """
+    names = scope.names
+    inscope = {k: df[~df["label"].isin(names)] for k, df in cleaned.items()}
+    oos = {k: df[df["label"].isin(names)] for k, df in cleaned.items()}
+    train = oos["train"]
+    if cleaned.get("validation") is None:
+        train, carved = _carve(train, validation_fraction, seed, by="label") if len(train) else (train, train)
+        oos["validation"] = carved
+    oos["train"] = train[train["label"] == scope.oos_label] if scope.oos_label is not None else train.iloc[:0]
+    frames = {}
+    for split, df in oos.items():
+        frames[OOS_SPLITS[split]] = pd.DataFrame({"id": df["text"].map(row_id).astype(str), "text": df["text"],
+                                                  "label": df["label"], "label_id": -1}
+                                                 ).sort_values("id", kind="stable").reset_index(drop=True)
+    return inscope, frames
+
+
+def write_snapshot(splits: dict[str, pd.DataFrame], labels: list[str], report: CheckReport, folder: Path,
+                   scope: Scope | None = None) -> None:
+    """Write the snapshot files (parquet per split, labels.json, checks.json; with an out-of-scope setting also the
+    ``oos_*`` splits and scope.json) byte-for-byte deterministically."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for split, df in splits.items():
         df[SNAPSHOT_COLUMNS].to_parquet(folder / f"{split}.parquet", index=False, engine="pyarrow", compression="zstd")
     (folder / "labels.json").write_text(json.dumps(labels, indent=1) + "\n")
     (folder / "checks.json").write_text(json.dumps(report.to_dict(), indent=1, sort_keys=True) + "\n")
+    if scope is not None and scope.active:
+        (folder / SCOPE_FILE).write_text(json.dumps(scope.to_dict(), indent=1) + "\n")
+
+
+def read_out_of_scope(folder: Path) -> tuple[Scope, dict[str, pd.DataFrame]]:
+    """The snapshot's out-of-scope setting and rows (``oos_train``/``oos_validation``/``oos_test``); an inactive
+    setting and no frames for a snapshot without them."""
+    folder = Path(folder)
+    if not (folder / SCOPE_FILE).is_file():
+        return Scope(), {}
+    scope = Scope.from_dict(json.loads((folder / SCOPE_FILE).read_text()))
+    return scope, {name: pd.read_parquet(folder / f"{name}.parquet") for name in OOS_SPLITS.values()
+                   if (folder / f"{name}.parquet").is_file()}
 
 
 def read_snapshot(folder: Path) -> tuple[dict[str, pd.DataFrame], list[str]]:

@@ -40,11 +40,13 @@ class GateDecision:
 
 def decide(student: dict, int8_teacher: dict, teacher: dict, champion: dict | None, *, accuracy_tolerance: float,
            macro_f1_tolerance: float, max_latency_ratio: float, max_class_f1_drop: float,
-           champion_tolerance: float, labels: list[str] | None = None) -> GateDecision:
+           champion_tolerance: float, labels: list[str] | None = None, oos_recall_tolerance: float = 0.05,
+           oos_auroc_tolerance: float = 0.02) -> GateDecision:
     """Every criterion is evaluated (no short-circuit) so a rejection lists all its reasons.
 
     ``student``/``int8_teacher``/``teacher``/``champion`` hold metrics as logged: accuracy, macro_f1,
-    latency_p50_ms and per_class_f1 (a list per label).
+    latency_p50_ms and per_class_f1 (a list per label); with out-of-scope test data also ``oos.recall`` and
+    ``oos.auroc``, which must not fall more than their tolerances below the (FP32) teacher's.
     """
     criteria = [
         Criterion("accuracy_vs_int8_teacher", student["accuracy"] >= int8_teacher["accuracy"] - accuracy_tolerance,
@@ -64,6 +66,12 @@ def decide(student: dict, int8_teacher: dict, teacher: dict, champion: dict | No
     criteria.append(Criterion(
         "per_class_f1_drop", (max(drops) if drops else 0.0) <= max_class_f1_drop, max(drops) if drops else 0.0,
         max_class_f1_drop, f"no class F1 more than {max_class_f1_drop} below the teacher's (worst: {worst_name})"))
+    for key, name, tolerance in (("oos.recall", "oos_recall_vs_teacher", oos_recall_tolerance),
+                                 ("oos.auroc", "oos_auroc_vs_teacher", oos_auroc_tolerance)):
+        if key in teacher or key in student:  # measured: the data has out-of-scope test rows
+            observed, bound = student.get(key, float("nan")), teacher.get(key, float("nan")) - tolerance
+            criteria.append(Criterion(name, bool(observed >= bound), observed, bound,
+                                      f"student {key} >= teacher {key} - {tolerance}"))
     if champion is not None:
         criteria.append(Criterion(
             "accuracy_vs_champion", student["accuracy"] >= champion["accuracy"] - champion_tolerance,
@@ -79,7 +87,8 @@ def judge_logged(gate: GateConfig, logged: dict[str, dict], served: str, champio
     verdict = decide(student, logged["teacher_int8"], logged["teacher_fp32"], champion,
                      accuracy_tolerance=gate.accuracy_tolerance, macro_f1_tolerance=gate.macro_f1_tolerance,
                      max_latency_ratio=gate.max_latency_ratio, max_class_f1_drop=gate.max_class_f1_drop,
-                     champion_tolerance=gate.champion_tolerance, labels=student["labels"])
+                     champion_tolerance=gate.champion_tolerance, labels=student["labels"],
+                     oos_recall_tolerance=gate.oos_recall_tolerance, oos_auroc_tolerance=gate.oos_auroc_tolerance)
     return Decision(passed=verdict.passed, reasons=tuple(verdict.reasons()),
                     criteria=tuple(verdict.to_dict()["criteria"]), version=version, champion_version=champion_version)
 

@@ -29,6 +29,45 @@ def results_table(metrics: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+OOS_COLUMNS = (("abstain_threshold", "threshold"), ("oos.inscope_accuracy", "in-scope acc"),
+               ("oos.recall", "OOS recall"), ("oos.precision", "OOS prec"), ("oos.auroc", "AUROC"),
+               ("oos.abstention_rate", "abstains"))
+
+
+def oos_table(metrics: dict[str, dict]) -> str:
+    """Out-of-scope behaviour per candidate at its threshold (abstentions count as in-scope errors); '' when no
+    candidate abstains."""
+    if not any("abstain_threshold" in m for m in metrics.values()):
+        return ""
+    head = f"{'candidate':<19}" + "".join(f"{title:>13}" for _, title in OOS_COLUMNS)
+    lines = [head, "-" * len(head)]
+    for name, m in metrics.items():
+        lines.append(f"{name:<19}" + "".join(f"{m[key]:>13.4f}" if key in m else f"{'-':>13}"
+                                             for key, _ in OOS_COLUMNS))
+    return "\n".join(lines)
+
+
+def plot_oos_tradeoff(curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], chosen: dict[str, dict],
+                      path: Path) -> Path:
+    """In-scope accuracy against out-of-scope recall as the abstention threshold moves; the chosen threshold of each
+    candidate is marked."""
+    from distillery.models.calibration import tradeoff_curve
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.8))
+    for name, (probs, labels, is_oos) in curves.items():
+        _, accuracy, recall = tradeoff_curve(probs, labels, is_oos)
+        line, = ax.plot(recall, accuracy, label=name, lw=1.5)
+        m = chosen[name]
+        ax.scatter([m["oos.recall"]], [m["oos.inscope_accuracy"]], color=line.get_color(), s=45, zorder=3)
+    ax.set_title("In-scope accuracy vs out-of-scope recall as the threshold moves\n"
+                 "(test split; dots: thresholds chosen on validation)", fontsize=9)
+    ax.set_xlabel("out-of-scope recall (abstentions on out-of-scope texts)")
+    ax.set_ylabel("in-scope accuracy (abstaining counts as wrong)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    return _save(fig, path)
+
+
 def headline_ratios(metrics: dict[str, dict]) -> dict[str, float]:
     t, q, s, b = (metrics[k] for k in ("teacher_fp32", "teacher_int8", "student_fp32", "baseline_fp32"))
     s8 = metrics.get("student_int8", s)
@@ -132,8 +171,32 @@ def plot_f1_difference(teacher_f1: list[float], student_f1: list[float], names: 
     return _save(fig, path)
 
 
+def _precision(m: dict) -> str:
+    return f"precision {m['oos.precision']:.1%}, " if "oos.precision" in m else "no abstentions, "
+
+
+def _oos_section(metrics: dict[str, dict], served: str | None) -> list[str]:
+    m = metrics.get(served or "", {})
+    if "abstain_threshold" not in m:
+        return []
+    lines = ["## Out-of-scope inputs", "",
+             f"The served model answers the out-of-scope label when its calibrated confidence (temperature "
+             f"{m.get('temperature', 1.0):.3f}) is below **{m['abstain_threshold']:.4f}** (chosen on the validation "
+             f"split)."]
+    if "oos.recall" in m:
+        cost = m["oos.inscope_accuracy_no_abstention"] - m["oos.inscope_accuracy"]
+        lines.append(f"Measured on the test split: it catches {m['oos.recall']:.1%} of out-of-scope texts "
+                     f"({_precision(m)}AUROC {m.get('oos.auroc', float('nan')):.3f}) at a cost of {cost:.2%} "
+                     f"in-scope accuracy ({m['oos.inscope_accuracy_no_abstention']:.4f} -> "
+                     f"{m['oos.inscope_accuracy']:.4f}).")
+    else:
+        lines.append(f"The data has no out-of-scope texts: at this threshold it abstains on "
+                     f"{m['oos.abstention_rate']:.1%} of in-scope test texts.")
+    return [*lines, "", "```", oos_table(metrics), "```", ""]
+
+
 def model_card(name: str, version: str, lineage: dict, metrics: dict[str, dict], decision: dict,
-               params: dict) -> str:
+               params: dict, served: str | None = None) -> str:
     """Markdown model card: what the model is, where it came from, how it scored, why it was promoted."""
     ratios = headline_ratios(metrics)
     lines = [
@@ -145,6 +208,7 @@ def model_card(name: str, version: str, lineage: dict, metrics: dict[str, dict],
         *[f"- {k}: `{v}`" for k, v in params.items()], "",
         "## Test-split results", "", "```", results_table(metrics), "```", "",
         *[f"- {k.replace('_', ' ')}: {v:.4f}" for k, v in ratios.items()], "",
+        *_oos_section(metrics, served),
         f"## Gate decision: {'PROMOTED' if decision['passed'] else 'REJECTED'}", "",
         *[f"- {'PASS' if c['passed'] else 'FAIL'} `{c['name']}`: {c['observed']:.4g} vs {c['threshold']:.4g} ({c['rule']})"
           for c in decision["criteria"]], "",

@@ -11,7 +11,15 @@ from prefect.cache_policies import NO_CACHE
 from distillery.config import Config
 from distillery.integrations import store
 from distillery.records import SnapshotRef
-from distillery.models.data import check_data, read_source, split_snapshot, write_snapshot
+from distillery.models.data import (
+    check_data,
+    choose_scope,
+    read_source,
+    scoped,
+    split_out_of_scope,
+    split_snapshot,
+    write_snapshot,
+)
 
 FROZEN_DIR = "snapshots"
 
@@ -26,8 +34,15 @@ def ingest_snapshot(cfg: Config) -> tuple[SnapshotRef, dict]:
     root, folder = Path(cfg.root), cfg.path(cfg.data.snapshot_dir)
     d = cfg.data
     raw = read_source(cfg.path(d.source), d.text_column, d.label_column, d.split_column, d.test_fraction, d.seed)
-    cleaned, report = check_data(raw, d.max_drop_fraction)
-    splits = split_snapshot(cleaned, raw.labels, d.validation_fraction, d.seed)
+    scope = choose_scope(raw.labels, d.oos_label, d.holdout_intents, d.seed)
+    raw = scoped(raw, scope)
+    cleaned, report = check_data(raw, d.max_drop_fraction, scope.names)
+    labels = [name for name in raw.labels if name not in scope.names]
+    oos: dict = {}
+    if scope.active:
+        cleaned, oos = split_out_of_scope(cleaned, scope, d.validation_fraction, d.seed)
+        logger.info("out of scope: %s; rows %s", scope.to_dict(), {k: len(v) for k, v in oos.items()})
+    splits = split_snapshot(cleaned, labels, d.validation_fraction, d.seed)
     for split, reasons in report.dropped.items():
         examples = {k: v for k, v in report.examples.items() if k.startswith(f"{split}:")}
         logger.warning("dropped from %s: %s (examples: %s)", split, reasons, examples)
@@ -35,7 +50,7 @@ def ingest_snapshot(cfg: Config) -> tuple[SnapshotRef, dict]:
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".staging-") as tmp:
         staged = Path(tmp) / "snapshot"
-        write_snapshot(splits, raw.labels, report, staged)
+        write_snapshot({**splits, **oos}, labels, report, staged, scope)
         dvc_file = store.dvc_file_for(root, folder)
         staged_md5 = store.dir_md5(staged)
         recorded = store.snapshot_md5(dvc_file) if dvc_file.is_file() else None
@@ -45,10 +60,11 @@ def ingest_snapshot(cfg: Config) -> tuple[SnapshotRef, dict]:
         else:
             md5 = store.publish_snapshot(root, staged, folder, cfg.dvc.remote_name)
     snapshot = freeze(cfg)
-    rows = {name: len(df) for name, df in splits.items()}
+    rows = {name: len(df) for name, df in {**splits, **oos}.items()}
     logger.info("data snapshot %s (%s): %s rows, %d labels, pushed to DVC remote %r", md5,
-                "new" if changed else "unchanged", rows, len(raw.labels), cfg.dvc.remote_name)
-    return snapshot, {"rows": rows, "labels": len(raw.labels), "dropped": report.dropped, "changed": changed}
+                "new" if changed else "unchanged", rows, len(labels), cfg.dvc.remote_name)
+    return snapshot, {"rows": rows, "labels": len(labels), "dropped": report.dropped, "changed": changed,
+                      "scope": scope.to_dict() if scope.active else None}
 
 
 def freeze(cfg: Config) -> SnapshotRef:

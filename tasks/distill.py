@@ -89,7 +89,7 @@ def train_student(cfg: Config, teacher: TeacherRef, snapshot: SnapshotRef, outpu
     inputs, _ = labelling_inputs(snapshot, transfer_path(cfg))
     table = read_outputs(outputs.path).merge(inputs[["id", "text"]], on="id", how="inner", validate="one_to_one")
     baseline = candidate.kind == "baseline"
-    train_rows = table[table["split"] == "train"] if baseline else table[table["split"].isin(["train", "transfer"])]
+    train_rows = table[table["split"] == "train"] if baseline else table[table["split"].isin(["train", "transfer", "oos"])]
     teacher_folder = Path(teacher.folder)
     teacher_model = load_classifier(teacher_folder).eval()
     source, init_note = teacher_model, weights_from(cfg)

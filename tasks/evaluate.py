@@ -14,8 +14,8 @@ from distillery.config import Config
 from distillery.integrations import registry
 from distillery.integrations.registry import PER_CLASS_FILE
 from distillery.records import Evaluation, SnapshotRef, TeacherRef, TrainedStudent
-from distillery.models.calibration import calibrated, fit_temperature
-from distillery.models.data import read_snapshot
+from distillery.models.calibration import abstention, calibrated, fit_temperature
+from distillery.models.data import read_out_of_scope, read_snapshot
 from distillery.models.metrics import expected_calibration_error
 from distillery.models.training import predict_logits
 from distillery.models.evaluation import TimingSettings, encode_per_folder, evaluate_model, harness_candidates
@@ -24,9 +24,12 @@ from distillery.models.report import (
     plot_accuracy_latency,
     plot_confusion,
     plot_f1_difference,
+    plot_oos_tradeoff,
     plot_reliability,
+    oos_table,
     results_table,
 )
+
 
 @task(name="evaluate-candidates", cache_policy=NO_CACHE)
 def evaluate_candidates(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef, student: TrainedStudent,
@@ -44,22 +47,45 @@ def evaluate_candidates(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef,
                                                         "student.run_id": student.run_id,
                                                         "baseline.run_id": baseline.run_id}, parent_run_id,
                                    snapshot=snapshot, split="test")
+    scope, oos = read_out_of_scope(Path(snapshot.path))
+    abstain = e.abstain == "on" or (e.abstain == "auto" and scope.active)
+    folders = {c[2] for c in candidates.values()}
+
+    def encoded_rows(df) -> dict:  # noqa: ANN001
+        rows = df if df is not None else splits["test"].iloc[:0]
+        return encode_per_folder(folders, rows["text"].tolist(), [max(i, 0) for i in rows["label_id"]],
+                                 cfg.distill.max_length)
+
     validation = splits["validation"]
-    encoded_val = encode_per_folder({c[2] for c in candidates.values()}, validation["text"].tolist(),
-                                    validation["label_id"].tolist(), cfg.distill.max_length) if e.calibrate else {}
+    encoded_val = encoded_rows(validation) if e.calibrate or abstain else {}
+    encoded_oos = {k: encoded_rows(oos.get(k)) for k in ("oos_validation", "oos_test")} if abstain else {}
+    if abstain:
+        with registry.open_run(cfg, eval_run):
+            registry.log_params({"oos.label": scope.oos_label, "oos.held_out_intents": ",".join(scope.held_out),
+                                 "oos.target": e.abstain_target, "oos.target_value": e.abstain_value,
+                                 **{f"oos.{k}_rows": len(v) for k, v in oos.items()}})
     metrics: dict[str, dict] = {}
     logits: dict[str, np.ndarray] = {}
+    curves: dict[str, tuple] = {}
     reference = None
     for name, (model, params, folder) in candidates.items():
         data, pad = encoded[folder]
         m, out = evaluate_model(model, data, pad, len(labels), reference, timing, params, e.ece_bins)
         if name == "teacher_fp32":
             reference = out.argmax(1)
-        if e.calibrate:  # temperature scaling fitted on validation, measured on test
+        if e.calibrate or abstain:
             val_data, val_pad = encoded_val[folder]
-            m["temperature"] = fit_temperature(predict_logits(model, val_data, val_pad), val_data.labels.numpy())
+            val_logits = predict_logits(model, val_data, val_pad)
+        if e.calibrate:  # temperature scaling fitted on validation, measured on test
+            m["temperature"] = fit_temperature(val_logits, val_data.labels.numpy())
             m["ece_calibrated"] = expected_calibration_error(calibrated(out, m["temperature"]), np.asarray(gold),
                                                              e.ece_bins)
+        if abstain:  # threshold chosen on validation (in- and out-of-scope rows), measured on test
+            oos_logits = {k: predict_logits(model, *encoded_oos[k][folder]) for k in encoded_oos}
+            threshold, om, curves[name] = abstention(
+                val_logits, val_data.labels.numpy(), oos_logits["oos_validation"], out, np.asarray(gold),
+                oos_logits["oos_test"], m.get("temperature", 1.0), e.abstain_target, e.abstain_value)
+            m.update({"abstain_threshold": threshold, **om.to_dict()})
         metrics[name], logits[name] = m, out
         run_id = registry.create_run(cfg, name, {"stage": "evaluate", "candidate": name}, eval_run)
         with registry.open_run(cfg, run_id):
@@ -68,6 +94,8 @@ def evaluate_candidates(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef,
         logger.info("%s: accuracy %.4f, macro-F1 %.4f, p50 %.2f ms", name, m["accuracy"], m["macro_f1"],
                     m["latency_p50_ms"])
     table = results_table(metrics)
+    if abstain:
+        table += "\n\nOut of scope (each candidate at its own threshold):\n" + oos_table(metrics)
     y = np.asarray(gold)
     with registry.open_run(cfg, eval_run), tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -79,9 +107,15 @@ def evaluate_candidates(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef,
         plot_accuracy_latency(metrics, folder / "accuracy_vs_latency.png", served=served)
         plot_f1_difference(metrics["teacher_fp32"]["per_class_f1"], metrics[served]["per_class_f1"], labels,
                            folder / "per_class_f1_student_minus_teacher.png", student=served)
+        if abstain and len(oos.get("oos_test", ())):
+            plot_oos_tradeoff({k: curves[k] for k in ("teacher_fp32", "teacher_int8", served, "baseline_fp32")},
+                              metrics, folder / "oos_tradeoff.png")
         (folder / "results.txt").write_text(table + "\n")
         registry.log_folder(folder, "evaluation")
         mlflow.log_metrics(headline_ratios(metrics))
+    if abstain:
+        logger.info("out of scope (threshold chosen on validation for %s=%s):\n%s", e.abstain_target,
+                    e.abstain_value, oos_table(metrics))
     if e.calibrate:
         logger.info("temperature scaling (fitted on validation): %s", ", ".join(
             f"{k} T={m['temperature']:.2f} ECE {m['ece']:.3f} -> {m['ece_calibrated']:.3f}" for k, m in metrics.items()))

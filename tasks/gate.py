@@ -80,6 +80,16 @@ def judge(cfg: Config, run_id: str, evaluation: Evaluation) -> tuple[Decision, d
     return decision, logged
 
 
+def served_calibration(cfg: Config, metrics: dict) -> dict | None:
+    """What the registered model applies to its confidences, from what the harness fitted on validation: the
+    temperature, and the abstention threshold with the label it answers below it."""
+    calibration = {k: metrics[k] for k in ("temperature",) if k in metrics}
+    if "abstain_threshold" in metrics:
+        calibration.update(abstain_below=metrics["abstain_threshold"],
+                           oos_label=cfg.data.oos_label or cfg.evaluation.oos_label)
+    return calibration or None
+
+
 @task(name="promote", cache_policy=NO_CACHE)
 def promote(cfg: Config, run_id: str, snapshot: SnapshotRef, teacher: TeacherRef, student: TrainedStudent,
             validation: ValidationSummary, evaluation: Evaluation, decision: Decision, logged: dict) -> Decision:
@@ -100,8 +110,7 @@ def promote(cfg: Config, run_id: str, snapshot: SnapshotRef, teacher: TeacherRef
         validation=validation.to_tags(), criteria=decision.criteria,
         metrics={k: v for k, v in logged[deployed].items() if k not in ("per_class_f1", "labels")})
     with registry.open_run(cfg, run_id):
-        temperature = evaluation.metrics[deployed].get("temperature")  # fitted on validation by the harness
-        calibration = {"temperature": temperature} if temperature is not None else None
+        calibration = served_calibration(cfg, evaluation.metrics[deployed])
         info = registry.log_classifier(Path(student.folder), quantize=cfg.student.deploy,
                                        max_length=cfg.distill.max_length, calibration=calibration)
         registry.log_json(cfg.to_dict(), "config.json")
@@ -114,7 +123,7 @@ def promote(cfg: Config, run_id: str, snapshot: SnapshotRef, teacher: TeacherRef
                         if not k.startswith((METRIC_PREFIX, "gate.", "gx.", "candidate"))}
         card = model_card(name, version, card_lineage, logged,
                           {"passed": decision.passed, "criteria": list(decision.criteria)},
-                          {**student.candidate.to_dict(), "student": cfg.student.model_dump_json()})
+                          {**student.candidate.to_dict(), "student": cfg.student.model_dump_json()}, served=deployed)
         with registry.open_run(cfg, run_id):
             mlflow.log_text(card, "model_card.md")
         reg.describe(name, version, card)

@@ -18,7 +18,7 @@ from distillery.faults import fault_point
 from distillery.integrations import registry
 from distillery.integrations.expectations import ValidationFailed, validate_teacher_outputs
 from distillery.records import SnapshotRef, TeacherRef, ValidationSummary
-from distillery.models.data import read_snapshot, read_transfer_set
+from distillery.models.data import read_out_of_scope, read_snapshot, read_transfer_set
 from distillery.models.labelling import build_outputs, read_outputs, teacher_logits, validation_tables, write_outputs
 from distillery.models.modeling import load_classifier, load_tokenizer
 
@@ -27,12 +27,18 @@ META_FILE = "meta.json"
 
 
 def labelling_inputs(snapshot: SnapshotRef, transfer_set: Path | None) -> tuple[pd.DataFrame, list[str]]:
-    """Rows to label: the snapshot's train and validation splits, then the optional transfer set (label -1)."""
+    """Rows to label: the snapshot's train and validation splits, its out-of-scope train rows (split ``oos``,
+    label -1: the teacher's soft labels on them carry the "no intent" signal), then the optional transfer set
+    (label -1)."""
     splits, labels = read_snapshot(Path(snapshot.path))
     parts = [splits[s].assign(split=s)[["id", "text", "split", "label_id"]] for s in ("train", "validation")]
+    _, oos = read_out_of_scope(Path(snapshot.path))
+    if len(oos.get("oos_train", ())):
+        parts.append(oos["oos_train"].assign(split="oos", label_id=-1)[["id", "text", "split", "label_id"]])
     if transfer_set is not None:
         extra = read_transfer_set(transfer_set)
-        known = set(pd.concat(parts)["id"]) | set(splits["test"]["id"])
+        known = set(pd.concat(parts)["id"]) | set(splits["test"]["id"]) | {
+            i for name in ("oos_validation", "oos_test") for i in oos.get(name, {"id": []})["id"]}
         extra = extra[~extra["id"].isin(known)]  # never label test texts as transfer data
         parts.append(extra.assign(split="transfer", label_id=-1)[["id", "text", "split", "label_id"]])
     return pd.concat(parts, ignore_index=True), labels

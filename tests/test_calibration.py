@@ -53,10 +53,10 @@ def test_oos_metrics_count_abstentions():
     labels = np.array([0, 1, 0, 0])
     is_oos = np.array([False, False, True, False])
     m = oos_metrics(probs, labels, is_oos, threshold=0.58)
-    assert m.oos_recall == 1.0 and m.oos_precision == 1.0
+    assert m.recall == 1.0 and m.precision == 1.0
     assert m.inscope_accuracy == pytest.approx(1.0) and m.abstention_rate == 0.25
     m = oos_metrics(probs, labels, is_oos, threshold=0.7)  # now the in-scope 0.6 row is rejected too
-    assert m.inscope_accuracy == pytest.approx(2 / 3) and m.oos_precision == 0.5
+    assert m.inscope_accuracy == pytest.approx(2 / 3) and m.precision == 0.5
     assert m.auroc == pytest.approx(1.0)
 
 

@@ -9,12 +9,9 @@ export HF_HUB_OFFLINE ?= 1
 
 .PHONY: setup run test test-fast large-model run-large benchmark benchmark-large clean-state
 
-# The large profile: all-mpnet-base-v2 (109M) teacher distilled into a pretrained all-MiniLM-L6-v2 (22.7M) student,
-# registered under its own names so it never competes with the default profile's champion.
-LARGE := --set teacher.base_model=mpnet --set teacher.registered_name=teacher-large --set teacher.epochs=4 \
-  --set teacher.learning_rate=1e-4 \
-  --set teacher.batch_size=32 --set tracking.student_name=student-large --set student.init=pretrained \
-  --set student.base_model=minilm --set distill.epochs=4 --set 'distill.sweep.temperature=[]'
+# The large profile (configs/large.yaml, layered over distillery.yaml): all-mpnet-base-v2 teacher, pretrained
+# all-MiniLM-L6-v2 student, registered under its own names.
+LARGE := --config configs/large.yaml
 
 setup: $(VENV)/.installed
 

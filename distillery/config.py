@@ -135,7 +135,8 @@ class EvaluationConfig(Section):
     # its served form's, so its confidences are calibrated
     calibrate: StrictBool = True
     # abstention threshold on the calibrated confidence, chosen per candidate on validation: auto = when the data has
-    # out-of-scope rows (data.oos_label / data.holdout_intents); the served model answers the out-of-scope label below it
+    # out-of-scope rows (data.oos_label / data.holdout_intents); the served model answers the out-of-scope label
+    # below it
     abstain: Literal["auto", "on", "off"] = "auto"
     abstain_target: Literal["max_accuracy_cost", "oos_recall", "max_inscope_rejection"] = "max_accuracy_cost"
     abstain_value: float = 0.01  # in-scope accuracy given up / out-of-scope recall reached / in-scope share rejected
@@ -363,15 +364,44 @@ def load_config(
     path: str | os.PathLike[str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> Config:
-    """Load, override and validate the configuration. Relative paths resolve against the file's folder."""
+    """Load, override and validate the configuration. Relative paths resolve against the file's folder; for a
+    profile (a file with ``extends: <base file>``), against the folder of the base at the root of the chain."""
     file = find_config_file(path)
+    raw, root = _read_layered(file, [])
+    return config_from_dict(raw, overrides, root=str(root))
+
+
+def _read_layered(file: Path, seen: list[Path]) -> tuple[dict[str, Any], Path]:
+    """A config file merged over the file it ``extends`` (section by section, key by key): (merged, root folder)."""
+    if file in seen:
+        raise ConfigError(f"config files extend each other in a loop: {' -> '.join(map(str, [*seen, file]))}")
     try:
         raw = yaml.safe_load(file.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{file} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{file} must hold a mapping of sections")
-    return config_from_dict(raw, overrides, root=str(file.parent))
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw, file.parent
+    base_file = (file.parent / str(base)).resolve()
+    if not base_file.is_file():
+        raise ConfigError(f"{file}: extends {base!r}, but {base_file} is not a file")
+    merged, root = _read_layered(base_file, [*seen, file])
+    for section, values in raw.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section] = _deep_merge(merged[section], values)
+        else:
+            merged[section] = values
+    return merged, root
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
 
 
 def config_from_dict(

@@ -73,3 +73,28 @@ def test_config_is_frozen_and_typed():
     assert cfg.student.layers == (0, 3)
     with pytest.raises(pydantic.ValidationError):
         cfg.student.init = "config"  # one load per run: nobody downstream can change what was loaded
+
+
+def test_profiles_extend_the_project_config(tmp_path):
+    """A profile file holds only what differs; it equals the same keys given as overrides, and paths resolve
+    against the base file's folder."""
+    root = ROOT
+    large = load_config(root / "configs" / "large.yaml")
+    assert large == load_config(root / "distillery.yaml", {
+        "teacher.base_model": "mpnet", "teacher.registered_name": "teacher-large", "teacher.epochs": 4,
+        "teacher.learning_rate": 1e-4, "teacher.batch_size": 32, "tracking.student_name": "student-large",
+        "student.init": "pretrained", "student.base_model": "minilm", "distill.epochs": 4,
+        "distill.sweep.temperature": []})
+    assert large.root == str(root) and not large.distill.sweep.kd_weight  # untouched keys come from the base
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "base.yaml").write_text("data:\n  source: src\n")
+    (tmp_path / "profiles" / "p.yaml").write_text("extends: ../base.yaml\ndata:\n  seed: 7\n")
+    cfg = load_config(tmp_path / "profiles" / "p.yaml")
+    assert cfg.data.seed == 7 and cfg.path(cfg.data.source) == tmp_path / "src"
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="in a loop"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("extends: missing.yaml\n")
+    with pytest.raises(ConfigError, match="is not a file"):
+        load_config(tmp_path / "c.yaml")

@@ -11,11 +11,13 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import minimize_scalar
+from scipy.special import logsumexp
 from sklearn.metrics import roc_auc_score
 
 from distillery.models.metrics import expected_calibration_error, softmax
 
 TARGETS = ("max_accuracy_cost", "oos_recall", "max_inscope_rejection")
+SCORES = ("confidence", "energy")
 
 
 def _nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
@@ -40,6 +42,20 @@ def calibrated(logits: np.ndarray, temperature: float) -> np.ndarray:
     return softmax(np.asarray(logits, dtype=np.float64) / temperature)
 
 
+def in_scope_score(logits: np.ndarray, temperature: float, score: str = "confidence") -> np.ndarray:
+    """How in-scope each row looks (higher: more); the model abstains below a threshold on it.
+
+    ``confidence``: the calibrated top-1 probability. ``energy``: the negative free energy
+    ``T * logsumexp(logits / T)`` (Liu et al. 2020), which keeps the logits' scale that softmax throws away.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    if score == "confidence":
+        return calibrated(logits, temperature).max(axis=1)
+    if score == "energy":
+        return temperature * logsumexp(logits / temperature, axis=1) if len(logits) else np.zeros(0)
+    raise ValueError(f"unknown abstention score {score!r}: one of {SCORES}")
+
+
 def choose_threshold(confidence: np.ndarray, is_oos: np.ndarray | None, target: str, value: float,
                      correct: np.ndarray | None = None) -> float:
     """The abstention threshold (abstain when confidence < threshold) chosen on validation.
@@ -59,7 +75,7 @@ def choose_threshold(confidence: np.ndarray, is_oos: np.ndarray | None, target: 
             raise ValueError("target max_accuracy_cost needs which in-scope answers are correct")
         right = np.sort(confidence[~is_oos & np.asarray(correct, bool)])
         k = int(np.floor(value * int((~is_oos).sum()) + 1e-9))  # at most k correct answers fall below the threshold
-        return float(right[k]) if k < len(right) else 1.0
+        return float(right[k]) if k < len(right) else float(np.nextafter(right[-1], np.inf)) if len(right) else 0.0
     if target == "oos_recall":
         oos = np.sort(confidence[is_oos])
         if len(oos) == 0:
@@ -87,19 +103,22 @@ class OosMetrics:
         return {f"{prefix}{k}": v for k, v in self.__dict__.items() if np.isfinite(v)}
 
 
-def tradeoff_curve(probs: np.ndarray, labels: np.ndarray, is_oos: np.ndarray,
+def tradeoff_curve(probs: np.ndarray, labels: np.ndarray, is_oos: np.ndarray, score: np.ndarray | None = None,
                    points: int = 101) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(thresholds, in-scope accuracy, OOS recall) as the abstention threshold moves over the confidence range."""
-    confidence = np.asarray(probs).max(axis=1)
-    thresholds = np.unique(np.quantile(confidence, np.linspace(0, 1, points)))
-    rows = [oos_metrics(probs, labels, is_oos, t) for t in thresholds]
+    """(thresholds, in-scope accuracy, OOS recall) as the abstention threshold moves over the score's range."""
+    score = np.asarray(probs).max(axis=1) if score is None else np.asarray(score, dtype=np.float64)
+    thresholds = np.unique(np.quantile(score, np.linspace(0, 1, points)))
+    rows = [oos_metrics(probs, labels, is_oos, t, score) for t in thresholds]
     return thresholds, np.array([r.inscope_accuracy for r in rows]), np.array([r.recall for r in rows])
 
 
-def oos_metrics(probs: np.ndarray, labels: np.ndarray, is_oos: np.ndarray, threshold: float) -> OosMetrics:
-    """Out-of-scope behaviour of calibrated probabilities at ``threshold`` (labels of OOS rows are ignored)."""
+def oos_metrics(probs: np.ndarray, labels: np.ndarray, is_oos: np.ndarray, threshold: float,
+                score: np.ndarray | None = None) -> OosMetrics:
+    """Out-of-scope behaviour at ``threshold`` on ``score`` (default: the top-1 of the calibrated ``probs``); labels
+    of OOS rows are ignored."""
     probs, is_oos = np.asarray(probs), np.asarray(is_oos, bool)
-    confidence, predicted = probs.max(axis=1), probs.argmax(axis=1)
+    confidence = probs.max(axis=1) if score is None else np.asarray(score, dtype=np.float64)
+    predicted = probs.argmax(axis=1)
     abstain = confidence < threshold
     inscope = ~is_oos
     correct = (predicted == np.asarray(labels)) & inscope
@@ -131,16 +150,16 @@ def held_out_intents(labels: list[str], count: int, seed: int) -> list[str]:
 
 def abstention(val_logits: np.ndarray, val_labels: np.ndarray, val_oos_logits: np.ndarray, test_logits: np.ndarray,
                test_labels: np.ndarray, test_oos_logits: np.ndarray, temperature: float, target: str,
-               value: float) -> tuple[float, OosMetrics, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Choose the abstention threshold on validation (in-scope + out-of-scope rows, calibrated confidences) and
-    measure it on test: (threshold, test metrics, (test probabilities, labels, is-OOS) for the trade-off curve)."""
+               value: float, score: str = "confidence") -> tuple[float, OosMetrics, tuple]:
+    """Choose the abstention threshold on ``score`` on validation (in-scope + out-of-scope rows) and measure it on
+    test: (threshold, test metrics, (test probabilities, labels, is-OOS, scores) for the trade-off curve)."""
 
     def stack(inscope: np.ndarray, labels: np.ndarray, oos: np.ndarray):
-        probs = calibrated(np.concatenate([inscope, oos.reshape(-1, inscope.shape[1])]), temperature)
+        logits = np.concatenate([inscope, oos.reshape(-1, inscope.shape[1])])
         gold = np.concatenate([np.asarray(labels, dtype=np.int64), np.full(len(oos), -1)])
-        return probs, gold, gold < 0
+        return calibrated(logits, temperature), gold, gold < 0, in_scope_score(logits, temperature, score)
 
-    probs, gold, is_oos = stack(val_logits, val_labels, val_oos_logits)
-    threshold = choose_threshold(probs.max(1), is_oos, target, value, probs.argmax(1) == gold)
+    probs, gold, is_oos, scores = stack(val_logits, val_labels, val_oos_logits)
+    threshold = choose_threshold(scores, is_oos, target, value, probs.argmax(1) == gold)
     test = stack(test_logits, test_labels, test_oos_logits)
-    return threshold, oos_metrics(*test, threshold), test
+    return threshold, oos_metrics(*test[:3], threshold, test[3]), test

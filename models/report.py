@@ -47,20 +47,22 @@ def oos_table(metrics: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_oos_tradeoff(curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], chosen: dict[str, dict],
+def plot_oos_tradeoff(curves: dict[str, tuple[np.ndarray, ...]], chosen: dict[str, dict],
                       path: Path) -> Path:
     """In-scope accuracy against out-of-scope recall as the abstention threshold moves; the chosen threshold of each
     candidate is marked."""
     from distillery.models.calibration import tradeoff_curve
 
     fig, ax = plt.subplots(figsize=(6.5, 4.8))
-    for name, (probs, labels, is_oos) in curves.items():
-        _, accuracy, recall = tradeoff_curve(probs, labels, is_oos)
+    for name, (probs, labels, is_oos, score) in curves.items():
+        _, accuracy, recall = tradeoff_curve(probs, labels, is_oos, score)
         line, = ax.plot(recall, accuracy, label=name, lw=1.5)
         m = chosen[name]
         ax.scatter([m["oos.recall"]], [m["oos.inscope_accuracy"]], color=line.get_color(), s=45, zorder=3)
     ax.set_title("In-scope accuracy vs out-of-scope recall as the threshold moves\n"
                  "(test split; dots: thresholds chosen on validation)", fontsize=9)
+    low = min(m["oos.inscope_accuracy"] for m in chosen.values() if "oos.inscope_accuracy" in m)
+    ax.set_ylim(max(0.0, low - 0.25), 1.0)  # the region around the chosen points, not the collapse at recall 1
     ax.set_xlabel("out-of-scope recall (abstentions on out-of-scope texts)")
     ax.set_ylabel("in-scope accuracy (abstaining counts as wrong)")
     ax.grid(alpha=0.3)
@@ -175,12 +177,13 @@ def _precision(m: dict) -> str:
     return f"precision {m['oos.precision']:.1%}, " if "oos.precision" in m else "no abstentions, "
 
 
-def _oos_section(metrics: dict[str, dict], served: str | None) -> list[str]:
+def _oos_section(metrics: dict[str, dict], served: str | None, score: str = "confidence") -> list[str]:
     m = metrics.get(served or "", {})
     if "abstain_threshold" not in m:
         return []
+    what = ("its energy score T * logsumexp(logits / T)" if score == "energy" else "its calibrated confidence")
     lines = ["## Out-of-scope inputs", "",
-             f"The served model answers the out-of-scope label when its calibrated confidence (temperature "
+             f"The served model answers the out-of-scope label when {what} (temperature "
              f"{m.get('temperature', 1.0):.3f}) is below **{m['abstain_threshold']:.4f}** (chosen on the validation "
              f"split)."]
     if "oos.recall" in m:
@@ -196,7 +199,7 @@ def _oos_section(metrics: dict[str, dict], served: str | None) -> list[str]:
 
 
 def model_card(name: str, version: str, lineage: dict, metrics: dict[str, dict], decision: dict,
-               params: dict, served: str | None = None) -> str:
+               params: dict, served: str | None = None, abstain_score: str = "confidence") -> str:
     """Markdown model card: what the model is, where it came from, how it scored, why it was promoted."""
     ratios = headline_ratios(metrics)
     lines = [
@@ -208,7 +211,7 @@ def model_card(name: str, version: str, lineage: dict, metrics: dict[str, dict],
         *[f"- {k}: `{v}`" for k, v in params.items()], "",
         "## Test-split results", "", "```", results_table(metrics), "```", "",
         *[f"- {k.replace('_', ' ')}: {v:.4f}" for k, v in ratios.items()], "",
-        *_oos_section(metrics, served),
+        *_oos_section(metrics, served, abstain_score),
         f"## Gate decision: {'PROMOTED' if decision['passed'] else 'REJECTED'}", "",
         *[f"- {'PASS' if c['passed'] else 'FAIL'} `{c['name']}`: {c['observed']:.4g} vs {c['threshold']:.4g} ({c['rule']})"
           for c in decision["criteria"]], "",

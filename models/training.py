@@ -69,7 +69,8 @@ class TrainResult:
 def encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int,
            labels: Sequence[int] | None = None, teacher_logits: np.ndarray | None = None) -> Encoded:
     """Tokenise once (truncated, unpadded); batches are padded dynamically later."""
-    ids = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)["input_ids"]
+    texts = list(texts)
+    ids = tokenizer(texts, truncation=True, max_length=max_length, padding=False)["input_ids"] if texts else []
     y = torch.tensor(list(labels) if labels is not None else [IGNORE_INDEX] * len(ids), dtype=torch.long)
     t = torch.as_tensor(np.asarray(teacher_logits, dtype=np.float32)) if teacher_logits is not None else None
     return Encoded(input_ids=ids, labels=y, teacher_logits=t)

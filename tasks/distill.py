@@ -89,7 +89,8 @@ def train_student(cfg: Config, teacher: TeacherRef, snapshot: SnapshotRef, outpu
     inputs, _ = labelling_inputs(snapshot, transfer_path(cfg))
     table = read_outputs(outputs.path).merge(inputs[["id", "text"]], on="id", how="inner", validate="one_to_one")
     baseline = candidate.kind == "baseline"
-    train_rows = table[table["split"] == "train"] if baseline else table[table["split"].isin(["train", "transfer", "oos"])]
+    # the baseline learns from hard labels alone; KD also from the teacher's soft labels on transfer and oos rows
+    train_rows = table[table["split"].isin(["train"] if baseline else ["train", "transfer", "oos"])]
     teacher_folder = Path(teacher.folder)
     teacher_model = load_classifier(teacher_folder).eval()
     source, init_note = teacher_model, weights_from(cfg)

@@ -63,6 +63,7 @@ def evaluate_candidates(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef,
         with registry.open_run(cfg, eval_run):
             registry.log_params({"oos.label": scope.oos_label, "oos.held_out_intents": ",".join(scope.held_out),
                                  "oos.target": e.abstain_target, "oos.target_value": e.abstain_value,
+                                 "oos.score": e.abstain_score,
                                  **{f"oos.{k}_rows": len(v) for k, v in oos.items()}})
     metrics: dict[str, dict] = {}
     logits: dict[str, np.ndarray] = {}
@@ -84,7 +85,8 @@ def evaluate_candidates(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef,
             oos_logits = {k: predict_logits(model, *encoded_oos[k][folder]) for k in encoded_oos}
             threshold, om, curves[name] = abstention(
                 val_logits, val_data.labels.numpy(), oos_logits["oos_validation"], out, np.asarray(gold),
-                oos_logits["oos_test"], m.get("temperature", 1.0), e.abstain_target, e.abstain_value)
+                oos_logits["oos_test"], m.get("temperature", 1.0), e.abstain_target, e.abstain_value,
+                e.abstain_score)
             m.update({"abstain_threshold": threshold, **om.to_dict()})
         metrics[name], logits[name] = m, out
         run_id = registry.create_run(cfg, name, {"stage": "evaluate", "candidate": name}, eval_run)
@@ -114,8 +116,8 @@ def evaluate_candidates(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef,
         registry.log_folder(folder, "evaluation")
         mlflow.log_metrics(headline_ratios(metrics))
     if abstain:
-        logger.info("out of scope (threshold chosen on validation for %s=%s):\n%s", e.abstain_target,
-                    e.abstain_value, oos_table(metrics))
+        logger.info("out of scope (threshold on %s chosen on validation for %s=%s):\n%s", e.abstain_score,
+                    e.abstain_target, e.abstain_value, oos_table(metrics))
     if e.calibrate:
         logger.info("temperature scaling (fitted on validation): %s", ", ".join(
             f"{k} T={m['temperature']:.2f} ECE {m['ece']:.3f} -> {m['ece_calibrated']:.3f}" for k, m in metrics.items()))

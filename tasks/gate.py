@@ -85,7 +85,7 @@ def served_calibration(cfg: Config, metrics: dict) -> dict | None:
     temperature, and the abstention threshold with the label it answers below it."""
     calibration = {k: metrics[k] for k in ("temperature",) if k in metrics}
     if "abstain_threshold" in metrics:
-        calibration.update(abstain_below=metrics["abstain_threshold"],
+        calibration.update(abstain_below=metrics["abstain_threshold"], abstain_score=cfg.evaluation.abstain_score,
                            oos_label=cfg.data.oos_label or cfg.evaluation.oos_label)
     return calibration or None
 
@@ -123,7 +123,8 @@ def promote(cfg: Config, run_id: str, snapshot: SnapshotRef, teacher: TeacherRef
                         if not k.startswith((METRIC_PREFIX, "gate.", "gx.", "candidate"))}
         card = model_card(name, version, card_lineage, logged,
                           {"passed": decision.passed, "criteria": list(decision.criteria)},
-                          {**student.candidate.to_dict(), "student": cfg.student.model_dump_json()}, served=deployed)
+                          {**student.candidate.to_dict(), "student": cfg.student.model_dump_json()}, served=deployed,
+                          abstain_score=cfg.evaluation.abstain_score)
         with registry.open_run(cfg, run_id):
             mlflow.log_text(card, "model_card.md")
         reg.describe(name, version, card)

@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 
 from distillery.models.calibration import (
+    abstention,
     calibrated,
     choose_threshold,
     ece_before_after,
     fit_temperature,
     held_out_intents,
+    in_scope_score,
     oos_metrics,
 )
 
@@ -46,6 +48,15 @@ def test_threshold_meets_its_target_on_validation():
     assert (confidence[~is_oos] < thr).mean() <= 0.01
     with pytest.raises(ValueError, match="needs out-of-scope rows"):
         choose_threshold(confidence[~is_oos], None, "oos_recall", 0.6)
+    # max_accuracy_cost: the highest threshold that turns at most 1% of in-scope rows from right to abstained
+    correct = np.r_[rng.random(900) < 0.9, np.zeros(100, bool)]
+    thr = choose_threshold(confidence, is_oos, "max_accuracy_cost", 0.01, correct)
+    lost = (confidence < thr) & correct & ~is_oos
+    assert lost.sum() <= 9
+    assert ((confidence <= thr) & correct & ~is_oos).sum() > 9  # any higher threshold would lose one more
+    assert (confidence[is_oos] < thr).mean() > 0.5  # and on this separable set it still catches most OOS rows
+    with pytest.raises(ValueError, match="needs which in-scope answers"):
+        choose_threshold(confidence, is_oos, "max_accuracy_cost", 0.01)
 
 
 def test_oos_metrics_count_abstentions():
@@ -67,3 +78,32 @@ def test_held_out_intents_are_seeded_and_in_label_order():
     assert held_out_intents(labels, 10, seed=4) != a
     with pytest.raises(ValueError):
         held_out_intents(labels[:3], 2, seed=0)
+
+
+@pytest.mark.parametrize("score", ["confidence", "energy"])
+def test_abstention_without_out_of_scope_rows_costs_at_most_its_target(score):
+    """`evaluation.abstain: on` on data without out-of-scope rows: a threshold from in-scope validation alone, no
+    recall/AUROC (nothing to measure them on), an abstention rate on test; for either score."""
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 4, 600)
+    logits = rng.normal(0, 1, (600, 4))
+    logits[np.arange(600), labels] += 2.5
+    none = np.zeros((0, 4))
+    threshold, m, (probs, gold, is_oos, scores) = abstention(
+        logits[:300], labels[:300], none, logits[300:], labels[300:], none, 1.3, "max_accuracy_cost", 0.02, score)
+    assert not is_oos.any() and len(probs) == len(scores) == 300
+    np.testing.assert_allclose(scores, in_scope_score(logits[300:], 1.3, score))
+    val = in_scope_score(logits[:300], 1.3, score)
+    assert ((val < threshold) & (logits[:300].argmax(1) == labels[:300])).mean() <= 0.02
+    d = m.to_dict()
+    assert "oos.recall" not in d and "oos.auroc" not in d and 0 < d["oos.abstention_rate"] < 1
+    assert d["oos.inscope_accuracy"] < d["oos.inscope_accuracy_no_abstention"]
+
+
+def test_energy_score_sees_the_scale_softmax_drops():
+    """Two rows with the same softmax, one with every logit 10 higher: equal confidence, energy 10 higher."""
+    a, b = np.array([[1.0, 0.0, -1.0]]), np.array([[11.0, 10.0, 9.0]])  # same softmax, logits shifted by 10
+    assert in_scope_score(a, 1.0) == pytest.approx(in_scope_score(b, 1.0))
+    assert in_scope_score(b, 1.0, "energy")[0] == pytest.approx(in_scope_score(a, 1.0, "energy")[0] + 10)
+    with pytest.raises(ValueError, match="unknown abstention score"):
+        in_scope_score(a, 1.0, "margin")

@@ -147,6 +147,10 @@ def test_out_of_scope_through_the_pipeline(oos_project: Path):
     eval_run = client.get_run(result.evaluation.run_id)
     assert eval_run.data.params["oos.held_out_intents"] == scope.held_out[0]
     assert eval_run.data.params["oos.label"] == "oos"
+    artifacts = {Path(a.path).name for a in client.list_artifacts(eval_run.info.run_id, "evaluation")}
+    assert "oos_tradeoff.png" in artifacts
+    results = Path(client.download_artifacts(eval_run.info.run_id, "evaluation/results.txt")).read_text()
+    assert "OOS recall" in results and "AUROC" in results
     metrics = result.evaluation.metrics
     for name in ("teacher_fp32", "teacher_int8", "student_int8", "baseline_fp32"):
         m = metrics[name]

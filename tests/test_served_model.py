@@ -90,6 +90,30 @@ def test_calibration_travels_with_the_model_and_low_confidence_abstains(logged, 
     assert all(k[0]["label"] in LABELS for k in out["top_k"])  # top_k still lists the known labels
 
 
+def test_energy_score_abstention_matches_the_harness(logged, tiny_teacher_dir):
+    """``abstain_score: energy``: the served model abstains exactly where the harness's score is below threshold."""
+    import mlflow
+    import torch
+
+    from distillery.integrations import registry
+    from distillery.models.calibration import in_scope_score
+    from distillery.models.modeling import load_classifier, load_tokenizer
+
+    model, tokenizer = load_classifier(tiny_teacher_dir).eval(), load_tokenizer(tiny_teacher_dir)
+    with torch.inference_mode():
+        enc = tokenizer(TEXTS, truncation=True, max_length=16, padding=True, return_tensors="pt")
+        logits = model(**enc).logits.numpy()
+    energy = in_scope_score(logits, 1.5, "energy")
+    ranked = np.sort(energy)
+    threshold = float((ranked[2] + ranked[3]) / 2)  # three texts below it
+    with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("served").experiment_id):
+        info = registry.log_classifier(tiny_teacher_dir, max_length=16, calibration={
+            "temperature": 1.5, "abstain_below": threshold, "abstain_score": "energy", "oos_label": "none"})
+    out = mlflow.pyfunc.load_model(info.model_uri).predict(TEXTS)
+    assert list(out["abstained"]) == list(energy < threshold) and out["abstained"].sum() == 3
+    assert set(out.loc[out["abstained"], "label"]) == {"none"}
+
+
 def test_served_predictions_equal_the_harness(logged, tiny_teacher_dir):
     """What is served is what the harness measured: same INT8 form, same tokenizer settings, same answers."""
     import mlflow

@@ -12,8 +12,9 @@ array. Output: one row per text with ``label``, ``confidence``, ``top_k`` (the `
 their probabilities; ``params={"top_k": 3}``) and ``abstained``. An empty input gives an empty result.
 
 Calibration travels in the same file: probabilities are ``softmax(logits / temperature)``, and with ``abstain_below``
-set, a text whose top-1 probability is below it gets the out-of-scope label (``oos_label``) and ``abstained: true``
-(its ``top_k`` still lists the known labels).
+set, a text whose in-scope score is below it gets the out-of-scope label (``oos_label``) and ``abstained: true``
+(its ``top_k`` still lists the known labels). The score is the top-1 probability, or with ``abstain_score: energy``
+``temperature * logsumexp(logits / temperature)``.
 """
 
 from __future__ import annotations
@@ -72,8 +73,13 @@ def read_serving(folder: Path) -> dict:
     path = Path(folder) / SERVING_FILE
     settings = json.loads(path.read_text()) if path.is_file() else {}
     defaults = {"quantize": "fp32", "max_length": 128, "truncation": True, "temperature": 1.0, "abstain_below": None,
-                "oos_label": DEFAULT_OOS_LABEL}
+                "abstain_score": "confidence", "oos_label": DEFAULT_OOS_LABEL}
     return {**defaults, **settings}
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True)) if len(z) else z
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32) if len(z) else z
 
 
 class ServedClassifier:
@@ -95,7 +101,8 @@ class ServedClassifier:
         self.model = model
         self.labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
 
-    def probabilities(self, texts: list[str]) -> np.ndarray:
+    def scaled_logits(self, texts: list[str]) -> np.ndarray:
+        """``logits / temperature`` for every text, tokenised as the harness measured."""
         import torch
 
         out = []
@@ -103,20 +110,33 @@ class ServedClassifier:
             for start in range(0, len(texts), BATCH_SIZE):
                 enc = self.tokenizer(texts[start:start + BATCH_SIZE], truncation=self.settings["truncation"],
                                      padding=True, max_length=self.settings["max_length"], return_tensors="pt")
-                logits = self.model(**enc).logits.float() / float(self.settings["temperature"])
-                out.append(torch.softmax(logits, dim=-1).numpy())
+                out.append((self.model(**enc).logits.float() / float(self.settings["temperature"])).numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)
+
+    def probabilities(self, texts: list[str]) -> np.ndarray:
+        return _softmax(self.scaled_logits(texts))
+
+    def in_scope_scores(self, scaled: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        """What the abstention threshold applies to: the top-1 probability, or the energy score
+        ``T * logsumexp(logits / T)`` (``abstain_score: energy``)."""
+        if self.settings["abstain_score"] == "energy":
+            top = scaled.max(axis=1, keepdims=True)
+            lse = top[:, 0] + np.log(np.exp(scaled - top).sum(axis=1))
+            return float(self.settings["temperature"]) * lse
+        return probs.max(axis=1)
 
     def predict(self, texts: list[str], top_k: int = 1) -> pd.DataFrame:
         if not texts:
             return pd.DataFrame({c: pd.Series([], dtype=object) for c in OUTPUT_COLUMNS})
         k = max(1, min(int(top_k), len(self.labels)))
-        probs = self.probabilities(texts)
+        scaled = self.scaled_logits(texts)
+        probs = _softmax(scaled)
+        scores = self.in_scope_scores(scaled, probs)
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         threshold = self.settings["abstain_below"]
         rows = []
-        for p, top in zip(probs, order):
-            abstain = threshold is not None and float(p[top[0]]) < float(threshold)
+        for p, top, score in zip(probs, order, scores):
+            abstain = threshold is not None and float(score) < float(threshold)
             rows.append({"label": self.settings["oos_label"] if abstain else self.labels[int(top[0])],
                          "confidence": float(p[top[0]]),
                          "top_k": [{"label": self.labels[int(i)], "probability": float(p[i])} for i in top],

@@ -139,7 +139,7 @@ class EvaluationConfig(Section):
     # below it
     abstain: Literal["auto", "on", "off"] = "auto"
     abstain_target: Literal["max_accuracy_cost", "oos_recall", "max_inscope_rejection"] = "max_accuracy_cost"
-    abstain_score: Literal["confidence", "energy"] = "confidence"  # what the threshold is on
+    abstain_score: Literal["confidence", "energy"] = "energy"  # what the threshold is on (see README)
     abstain_value: float = 0.01  # in-scope accuracy given up / out-of-scope recall reached / in-scope share rejected
     oos_label: str = "out_of_scope"  # what the served model answers when it abstains (data.oos_label when set)
 

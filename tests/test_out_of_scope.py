@@ -24,6 +24,7 @@ from distillery.models.data import (
     split_snapshot,
     write_snapshot,
 )
+from distillery.models.calibration import in_scope_score
 from distillery.models.gate import decide
 from tests.helpers import LABELS, make_frames, run_command, write_config, write_source
 
@@ -154,7 +155,7 @@ def test_out_of_scope_through_the_pipeline(oos_project: Path):
     metrics = result.evaluation.metrics
     for name in ("teacher_fp32", "teacher_int8", "student_int8", "baseline_fp32"):
         m = metrics[name]
-        assert 0.0 < m["abstain_threshold"] <= 1.0
+        assert np.isfinite(m["abstain_threshold"])  # on the energy score (the default): not a probability
         assert {"oos.recall", "oos.auroc", "oos.inscope_accuracy", "oos.abstention_rate"} <= set(m)
         assert ("oos.precision" in m) == (m["oos.abstention_rate"] > 0)  # no abstentions: no precision
         assert m["oos.inscope_accuracy"] <= m["oos.inscope_accuracy_no_abstention"]
@@ -174,7 +175,11 @@ def test_out_of_scope_through_the_pipeline(oos_project: Path):
     model = load_served_model("models:/student@champion")
     texts = list(frames["oos_test"]["text"]) + list(pd.read_parquet(oos_project / "data" / "test.parquet")["text"])
     out = model.predict(texts)
-    below = out["confidence"] < threshold
+    served = model.unwrap_python_model().classifier
+    assert served.settings["abstain_score"] == "energy" and served.settings["abstain_below"] == threshold
+    scaled = served.scaled_logits(texts)
+    score = in_scope_score(scaled * served.settings["temperature"], served.settings["temperature"], "energy")
+    below = score < threshold
     assert list(out["abstained"]) == list(below)
     assert set(out.loc[below, "label"]) <= {"oos"} and "oos" not in set(out.loc[~below, "label"])
     assert np.isclose(out["abstained"].mean(), metrics["student_int8"]["oos.abstention_rate"], atol=0.05)

@@ -11,6 +11,7 @@ from distillery.records import SnapshotRef, TeacherOutputs, TeacherRef
 from distillery.models.labelling import shard_bounds
 from distillery.tasks.labelling import (
     cache_key,
+    check_teacher_labels,
     label_shard,
     labelling_inputs,
     log_labelling,
@@ -28,6 +29,7 @@ def label_flow(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef,
                parent_run_id: str | None = None) -> TeacherOutputs:
     """Label train/validation (+ transfer set) with the teacher, reuse the cache when the key matches, validate."""
     inputs, labels = labelling_inputs(snapshot, transfer_path(cfg))
+    check_teacher_labels(teacher, labels)
     key = cache_key(teacher, snapshot, inputs, cfg.teacher.max_length)
     run_id = start_run(cfg, "teacher-outputs", {"stage": "label", **teacher.to_tags(), **snapshot.to_tags()},
                        parent_run_id, snapshot=snapshot)

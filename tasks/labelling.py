@@ -20,7 +20,7 @@ from distillery.integrations.expectations import ValidationFailed, validate_teac
 from distillery.records import SnapshotRef, TeacherRef, ValidationSummary
 from distillery.models.data import read_out_of_scope, read_snapshot, read_transfer_set
 from distillery.models.labelling import build_outputs, read_outputs, teacher_logits, validation_tables, write_outputs
-from distillery.models.modeling import load_classifier, load_tokenizer
+from distillery.models.modeling import ModelError, load_classifier, load_tokenizer
 
 OUTPUTS_FILE = "outputs.parquet"
 META_FILE = "meta.json"
@@ -42,6 +42,22 @@ def labelling_inputs(snapshot: SnapshotRef, transfer_set: Path | None) -> tuple[
         extra = extra[~extra["id"].isin(known)]  # never label test texts as transfer data
         parts.append(extra.assign(split="transfer", label_id=-1)[["id", "text", "split", "label_id"]])
     return pd.concat(parts, ignore_index=True), labels
+
+
+def check_teacher_labels(teacher: TeacherRef, labels: list[str]) -> None:
+    """The teacher must answer exactly the snapshot's labels, in its order; a ModelError that says what differs."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(teacher.folder, local_files_only=True)
+    names = [str(config.id2label[i]) for i in range(config.num_labels)]
+    if names == list(labels):
+        return
+    missing, extra = sorted(set(labels) - set(names)), sorted(set(names) - set(labels))
+    detail = (f"missing {missing[:5]}, extra {extra[:5]}" if missing or extra else "the same labels in another order")
+    raise ModelError(f"teacher {teacher.name} v{teacher.version} answers {len(names)} labels, the data snapshot has "
+                     f"{len(labels)} ({detail}). The data's label set changed (a new source, data.oos_label or "
+                     f"data.holdout_intents): fine-tune or import a teacher for it (`distillery teacher`, `distillery "
+                     f"teacher import`), in a project folder of its own to keep this one's teacher")
 
 
 def transfer_path(cfg: Config) -> Path | None:

@@ -183,3 +183,15 @@ def test_out_of_scope_through_the_pipeline(oos_project: Path):
     assert list(out["abstained"]) == list(below)
     assert set(out.loc[below, "label"]) <= {"oos"} and "oos" not in set(out.loc[~below, "label"])
     assert np.isclose(out["abstained"].mean(), metrics["student_int8"]["oos.abstention_rate"], atol=0.05)
+
+
+def test_a_teacher_for_another_label_set_is_refused_before_labelling(oos_project: Path):
+    """Held-out intents change the label set: the teacher trained without one intent cannot label data that has it
+    again, and the run says so in one error instead of failing on array shapes; the champion stays."""
+    from distillery.models.modeling import ModelError
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{oos_project / 'mlflow.db'}")
+    before = client.get_model_version_by_alias("student", "champion").version
+    with pytest.raises(ModelError, match=r"answers 3 labels, the data snapshot has 4 .*missing \['\w+'\]"):
+        run_command(oos_project / "distillery.yaml", "run", overrides={"data.holdout_intents": 0})
+    assert client.get_model_version_by_alias("student", "champion").version == before

@@ -28,6 +28,7 @@ from distillery.records import (
     ValidationSummary,
     decision_of,
 )
+from distillery.models.data import read_out_of_scope
 from distillery.models.gate import GateError, judge_logged, plan_reconcile
 from distillery.models.report import model_card
 
@@ -80,6 +81,14 @@ def judge(cfg: Config, run_id: str, evaluation: Evaluation) -> tuple[Decision, d
     return decision, logged
 
 
+def scope_tags(snapshot: SnapshotRef) -> dict[str, str]:
+    """The out-of-scope setting the student was trained and measured under (also inside the snapshot's hash)."""
+    scope, _ = read_out_of_scope(Path(snapshot.path))
+    if not scope.active:
+        return {}
+    return {"data.oos_label": scope.oos_label or "", "data.held_out_intents": ",".join(scope.held_out)[:5000]}
+
+
 def served_calibration(cfg: Config, metrics: dict) -> dict | None:
     """What the registered model applies to its confidences, from what the harness fitted on validation: the
     temperature, and the abstention threshold with the label it answers below it."""
@@ -115,7 +124,8 @@ def promote(cfg: Config, run_id: str, snapshot: SnapshotRef, teacher: TeacherRef
                                        max_length=cfg.distill.max_length, calibration=calibration)
         registry.log_json(cfg.to_dict(), "config.json")
     # lean version tags: the lineage keys; the full config is the run's config.json, the card the description
-    tags = {**lineage.to_tags(), "model_card": f"runs:/{run_id}/model_card.md", DECISION_TAG: PENDING}
+    tags = {**lineage.to_tags(), **scope_tags(snapshot), "model_card": f"runs:/{run_id}/model_card.md",
+            DECISION_TAG: PENDING}
     version = str(reg.register(info.model_uri, name, tags).version)
     fault_point("promote.registered")
     try:

@@ -169,6 +169,7 @@ def test_out_of_scope_through_the_pipeline(oos_project: Path):
     assert {"oos_recall_vs_teacher", "oos_auroc_vs_teacher"} <= names
     version = client.get_model_version_by_alias("student", "champion")
     card = client.get_model_version("student", version.version).description
+    assert version.tags["data.held_out_intents"] == scope.held_out[0] and version.tags["data.oos_label"] == "oos"
     threshold = metrics["student_int8"]["abstain_threshold"]
     assert "Out-of-scope inputs" in card and f"{threshold:.4f}" in card
     # served: abstains exactly below the logged threshold, answering the data's oos label

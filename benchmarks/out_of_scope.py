@@ -21,7 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-ROWS = ("teacher_fp32", "teacher_int8", "student_fp32", "student_int8", "baseline_fp32")
+ROWS = ("teacher_fp32", "teacher_int8", "teacher_int8_onnx", "student_fp32", "student_int8", "student_int8_onnx",
+        "baseline_fp32")
 TARGETS = {  # the targets: (ratio, comparison, bound)
     "oos_auroc_student_minus_teacher": (">=", -0.02),
     "oos_recall_student": (">=", 0.60),
@@ -53,6 +54,7 @@ def main() -> int:
     from distillery.config import load_config, parse_override_args
     from distillery.integrations import registry
     from distillery.models.report import oos_table
+    from distillery.records import served_candidate
 
     cfg = load_config(args.config, parse_override_args(args.set))
     registry.configure_tracking(cfg)
@@ -65,7 +67,7 @@ def main() -> int:
         return 2
     params = client.get_run(run_id).data.params
     logged = registry.logged_candidate_metrics(registry.Registry.from_config(cfg), run_id)
-    served = f"student_{cfg.student.deploy}"
+    served = served_candidate(cfg.student.deploy)
     metrics = {k: {kk: v for kk, v in logged[k].items() if kk not in ("per_class_f1", "labels")}
                for k in ROWS if k in logged}
     t, s, b = metrics["teacher_fp32"], metrics[served], metrics["baseline_fp32"]

@@ -318,7 +318,7 @@ def validate_config(cfg: Config) -> Config:
         need(s.num_layers >= 1, "student.num_layers must be >= 1")
         need(s.hidden_size % max(s.num_attention_heads, 1) == 0,
              "student.hidden_size must be divisible by student.num_attention_heads")
-    need(s.deploy in ("fp32", "int8"), "student.deploy must be 'fp32' or 'int8'")
+    need(s.deploy in ("fp32", "int8", "onnx-int8"), "student.deploy must be 'fp32', 'int8' or 'onnx-int8'")
     k = cfg.distill
     need(k.temperature > 0, "distill.temperature must be > 0")
     need(k.kd_weight >= 0 and k.ce_weight >= 0 and k.feature_weight >= 0, "distill loss weights must be >= 0")

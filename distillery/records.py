@@ -33,6 +33,22 @@ def _loads(value: str | None) -> Any:
         return value
 
 
+# The forms a student can be served in (student.deploy) and the harness candidate that measures each: the gate judges
+# that candidate against the teacher's INT8 form in the same runtime, and the registry serves the same bytes.
+DEPLOY_CANDIDATES = {"fp32": "student_fp32", "int8": "student_int8", "onnx-int8": "student_int8_onnx"}
+REFERENCE_CANDIDATES = {"fp32": "teacher_int8", "int8": "teacher_int8", "onnx-int8": "teacher_int8_onnx"}
+
+
+def served_candidate(form: str) -> str:
+    """The harness candidate of a deployment form (``int8`` -> ``student_int8``)."""
+    return DEPLOY_CANDIDATES.get(form, f"student_{form}")
+
+
+def reference_candidate(form: str) -> str:
+    """The quantised teacher a form is compared with: the teacher's INT8 form in the same runtime."""
+    return REFERENCE_CANDIDATES.get(form, "teacher_int8")
+
+
 @dataclass(frozen=True)
 class SnapshotRef:
     """A verified data snapshot: ``md5`` is DVC's ``.dir`` hash and ``path`` a folder whose bytes hash to it."""

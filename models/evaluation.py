@@ -88,21 +88,34 @@ def evaluate_model(model: PreTrainedModel, data: Encoded, pad_id: int, num_class
     return metrics, logits
 
 
-def harness_candidates(teacher_dir: str, student_dir: str, baseline_dir: str) -> dict[str, tuple]:
-    """The five candidates every evaluation compares, as ``name: (model, parameters or None, model folder)``.
+def harness_candidates(teacher_dir: str, student_dir: str, baseline_dir: str,
+                       onnx_teacher_dir: Path | None = None) -> dict[str, tuple]:
+    """The candidates every evaluation compares, as ``name: (model, parameters or None, model folder)``: teacher and
+    student in FP32 and torch INT8, and the baseline; with ``onnx_teacher_dir`` also teacher and student as ONNX
+    Runtime INT8 (the student's file kept in its folder, so it is what gets registered; the teacher's in
+    ``onnx_teacher_dir``).
 
     INT8 forms carry their FP32 parameter count (quantised weights hide from ``parameters()``); the folder says
     which tokenizer reads the texts for that candidate.
     """
     teacher = load_classifier(Path(teacher_dir)).eval()
     student = load_classifier(Path(student_dir)).eval()
-    return {
+    candidates = {
         "teacher_fp32": (teacher, None, str(teacher_dir)),
         "teacher_int8": (quantize_int8(teacher), count_parameters(teacher), str(teacher_dir)),
         "student_fp32": (student, None, str(student_dir)),
         "student_int8": (quantize_int8(student), count_parameters(student), str(student_dir)),
         "baseline_fp32": (load_classifier(Path(baseline_dir)).eval(), None, str(baseline_dir)),
     }
+    if onnx_teacher_dir is not None:
+        from distillery.models.onnx_runtime import folder_onnx_int8
+
+        Path(onnx_teacher_dir).mkdir(parents=True, exist_ok=True)
+        candidates["teacher_int8_onnx"] = (folder_onnx_int8(teacher, Path(onnx_teacher_dir)),
+                                           count_parameters(teacher), str(teacher_dir))
+        candidates["student_int8_onnx"] = (folder_onnx_int8(student, Path(student_dir)), count_parameters(student),
+                                           str(student_dir))
+    return candidates
 
 
 def encode_per_folder(folders: set[str], texts: list[str], labels: list[int],

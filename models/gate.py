@@ -41,7 +41,7 @@ class GateDecision:
 def decide(student: dict, int8_teacher: dict, teacher: dict, champion: dict | None, *, accuracy_tolerance: float,
            macro_f1_tolerance: float, max_latency_ratio: float, max_class_f1_drop: float,
            champion_tolerance: float, labels: list[str] | None = None, oos_recall_tolerance: float = 0.05,
-           oos_auroc_tolerance: float = 0.02) -> GateDecision:
+           oos_auroc_tolerance: float = 0.02, reference_name: str = "INT8 teacher") -> GateDecision:
     """Every criterion is evaluated (no short-circuit) so a rejection lists all its reasons.
 
     ``student``/``int8_teacher``/``teacher``/``champion`` hold metrics as logged: accuracy, macro_f1,
@@ -51,14 +51,14 @@ def decide(student: dict, int8_teacher: dict, teacher: dict, champion: dict | No
     criteria = [
         Criterion("accuracy_vs_int8_teacher", student["accuracy"] >= int8_teacher["accuracy"] - accuracy_tolerance,
                   student["accuracy"], int8_teacher["accuracy"] - accuracy_tolerance,
-                  f"student accuracy >= INT8 teacher accuracy - {accuracy_tolerance}"),
+                  f"student accuracy >= {reference_name} accuracy - {accuracy_tolerance}"),
         Criterion("macro_f1_vs_int8_teacher", student["macro_f1"] >= int8_teacher["macro_f1"] - macro_f1_tolerance,
                   student["macro_f1"], int8_teacher["macro_f1"] - macro_f1_tolerance,
-                  f"student macro-F1 >= INT8 teacher macro-F1 - {macro_f1_tolerance}"),
+                  f"student macro-F1 >= {reference_name} macro-F1 - {macro_f1_tolerance}"),
         Criterion("latency_vs_int8_teacher",
                   student["latency_p50_ms"] <= max_latency_ratio * int8_teacher["latency_p50_ms"],
                   student["latency_p50_ms"], max_latency_ratio * int8_teacher["latency_p50_ms"],
-                  f"student p50 latency <= {max_latency_ratio} x INT8 teacher p50 latency (ms)"),
+                  f"student p50 latency <= {max_latency_ratio} x {reference_name} p50 latency (ms)"),
     ]
     drops = [t - s for t, s in zip(teacher["per_class_f1"], student["per_class_f1"])]
     worst = max(range(len(drops)), key=lambda i: drops[i]) if drops else 0
@@ -81,14 +81,17 @@ def decide(student: dict, int8_teacher: dict, teacher: dict, champion: dict | No
 
 
 def judge_logged(gate: GateConfig, logged: dict[str, dict], served: str, champion: dict | None,
-                 champion_version: str | None, version: str | None = None) -> Decision:
-    """The gate's decision for the ``served`` form of an evaluation's logged metrics, under ``gate``'s settings."""
+                 champion_version: str | None, version: str | None = None,
+                 reference: str = "teacher_int8") -> Decision:
+    """The gate's decision for the ``served`` form of an evaluation's logged metrics, under ``gate``'s settings,
+    against the ``reference`` form of the teacher (its INT8 form in the student's runtime)."""
     student = logged[served]
-    verdict = decide(student, logged["teacher_int8"], logged["teacher_fp32"], champion,
+    verdict = decide(student, logged[reference], logged["teacher_fp32"], champion,
                      accuracy_tolerance=gate.accuracy_tolerance, macro_f1_tolerance=gate.macro_f1_tolerance,
                      max_latency_ratio=gate.max_latency_ratio, max_class_f1_drop=gate.max_class_f1_drop,
                      champion_tolerance=gate.champion_tolerance, labels=student["labels"],
-                     oos_recall_tolerance=gate.oos_recall_tolerance, oos_auroc_tolerance=gate.oos_auroc_tolerance)
+                     oos_recall_tolerance=gate.oos_recall_tolerance, oos_auroc_tolerance=gate.oos_auroc_tolerance,
+                     reference_name="INT8 teacher" if reference == "teacher_int8" else f"INT8 teacher ({reference})")
     return Decision(passed=verdict.passed, reasons=tuple(verdict.reasons()),
                     criteria=tuple(verdict.to_dict()["criteria"]), version=version, champion_version=champion_version)
 

@@ -18,6 +18,7 @@ from distillery.models.modeling import ModelError
 
 INPUTS = ("input_ids", "attention_mask")
 OPSET = 17
+INT8_FILE = "model-int8.onnx"  # inside a classifier folder: the ONNX Runtime INT8 form that is measured and served
 
 
 def _onnxruntime():
@@ -107,3 +108,15 @@ def onnx_int8(model: PreTrainedModel, folder: Path, name: str, threads: int = 1)
     int8 = quantize_onnx_int8(fp32, folder / f"{name}-int8.onnx")
     fp32.unlink()
     return OnnxClassifier(int8, model.config.num_labels, threads)
+
+
+def folder_onnx_int8(model: PreTrainedModel, folder: Path, threads: int = 1) -> OnnxClassifier:
+    """The INT8 ONNX form kept in the classifier's own ``folder`` (``model-int8.onnx``), made once: the file the
+    harness measures is the file registered and served with the folder."""
+    path = Path(folder) / INT8_FILE
+    if not path.is_file():
+        fp32 = export_onnx(model, Path(folder) / "model-fp32.onnx.tmp")
+        partial = quantize_onnx_int8(fp32, path.with_suffix(".partial"))
+        fp32.unlink()
+        partial.replace(path)
+    return OnnxClassifier(path, model.config.num_labels, threads)

@@ -13,7 +13,14 @@ from prefect.cache_policies import NO_CACHE
 from distillery.config import Config
 from distillery.integrations import registry
 from distillery.integrations.registry import PER_CLASS_FILE
-from distillery.records import Evaluation, SnapshotRef, TeacherRef, TrainedStudent
+from distillery.records import (
+    Evaluation,
+    SnapshotRef,
+    TeacherRef,
+    TrainedStudent,
+    reference_candidate,
+    served_candidate,
+)
 from distillery.models.calibration import abstention, calibrated, fit_temperature
 from distillery.models.data import read_out_of_scope, read_snapshot
 from distillery.models.metrics import expected_calibration_error
@@ -41,7 +48,9 @@ def evaluate_candidates(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef,
     texts, gold = test["text"].tolist(), test["label_id"].tolist()
     e = cfg.evaluation
     timing = TimingSettings(threads=e.threads, warmup=e.warmup, repeats=e.repeats, throughput_batches=e.throughput_batches)
-    candidates = harness_candidates(teacher.folder, student.folder, baseline.folder)
+    onnx_teacher = (cfg.workdir / "onnx" / f"{teacher.name}-v{teacher.version}-{teacher.run_id[:12]}"
+                    if cfg.student.deploy == "onnx-int8" else None)
+    candidates = harness_candidates(teacher.folder, student.folder, baseline.folder, onnx_teacher)
     encoded = encode_per_folder({c[2] for c in candidates.values()}, texts, gold, cfg.distill.max_length)
     eval_run = registry.create_run(cfg, "evaluation", {"stage": "evaluate", **teacher.to_tags(),
                                                         "student.run_id": student.run_id,
@@ -71,7 +80,8 @@ def evaluate_candidates(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef,
     reference = None
     for name, (model, params, folder) in candidates.items():
         data, pad = encoded[folder]
-        m, out = evaluate_model(model, data, pad, len(labels), reference, timing, params, e.ece_bins)
+        size = model.size_bytes() if hasattr(model, "size_bytes") else None  # an ONNX file's bytes
+        m, out = evaluate_model(model, data, pad, len(labels), reference, timing, params, e.ece_bins, size_bytes=size)
         if name == "teacher_fp32":
             reference = out.argmax(1)
         if e.calibrate or abstain:
@@ -101,16 +111,18 @@ def evaluate_candidates(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef,
     y = np.asarray(gold)
     with registry.open_run(cfg, eval_run), tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        served = f"student_{cfg.student.deploy}"  # the plots show the form the gate judges and that is served
+        served = served_candidate(cfg.student.deploy)  # the plots show the form the gate judges and that is served
         plot_confusion(logits[served], y, labels, folder / "confusion_student.png",
                        f"Confusion of the served student ({served})")
-        plot_reliability({k: (logits[k], y) for k in ("teacher_fp32", "teacher_int8", served, "baseline_fp32")},
+        plot_reliability({k: (logits[k], y) for k in dict.fromkeys(("teacher_fp32", reference_candidate(
+            cfg.student.deploy), served, "baseline_fp32"))},
                          folder / "reliability.png", e.ece_bins)
         plot_accuracy_latency(metrics, folder / "accuracy_vs_latency.png", served=served)
         plot_f1_difference(metrics["teacher_fp32"]["per_class_f1"], metrics[served]["per_class_f1"], labels,
                            folder / "per_class_f1_student_minus_teacher.png", student=served)
         if abstain and len(oos.get("oos_test", ())):
-            plot_oos_tradeoff({k: curves[k] for k in ("teacher_fp32", "teacher_int8", served, "baseline_fp32")},
+            plot_oos_tradeoff({k: curves[k] for k in dict.fromkeys(("teacher_fp32", reference_candidate(
+                cfg.student.deploy), served, "baseline_fp32"))},
                               metrics, folder / "oos_tradeoff.png")
         (folder / "results.txt").write_text(table + "\n")
         registry.log_folder(folder, "evaluation")

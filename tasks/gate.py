@@ -27,6 +27,8 @@ from distillery.records import (
     TrainedStudent,
     ValidationSummary,
     decision_of,
+    reference_candidate,
+    served_candidate,
 )
 from distillery.models.data import read_out_of_scope
 from distillery.models.gate import GateError, judge_logged, plan_reconcile
@@ -50,7 +52,7 @@ def champion_metrics(cfg: Config, reg: registry.Registry) -> tuple[str | None, d
     if not lineage.evaluation_run_id:
         raise GateError(f"champion {cfg.tracking.student_name} v{version.version} has no evaluation.run_id tag")
     logged = registry.logged_candidate_metrics(reg, lineage.evaluation_run_id)
-    return str(version.version), logged[f"student_{lineage.deploy_form}"]
+    return str(version.version), logged[served_candidate(lineage.deploy_form)]
 
 
 @task(name="gate", cache_policy=NO_CACHE)
@@ -60,13 +62,14 @@ def judge(cfg: Config, run_id: str, evaluation: Evaluation) -> tuple[Decision, d
     registry.configure_tracking(cfg)
     reg = registry.Registry.from_config(cfg)
     logged = registry.logged_candidate_metrics(reg, evaluation.run_id)
-    deployed = f"student_{cfg.student.deploy}"  # the gate judges the form that will be served
-    missing = (HARNESS | {deployed}) - set(logged)
+    deployed = served_candidate(cfg.student.deploy)  # the gate judges the form that will be served
+    reference = reference_candidate(cfg.student.deploy)  # against the teacher's INT8 form in the same runtime
+    missing = (HARNESS | {deployed, reference}) - set(logged)
     if missing:
         raise GateError(f"evaluation run {evaluation.run_id} lacks metrics for {sorted(missing)}")
     fault_point("gate.before")
     champion_version, champion = champion_metrics(cfg, reg)
-    decision = judge_logged(cfg.gate, logged, deployed, champion, champion_version)
+    decision = judge_logged(cfg.gate, logged, deployed, champion, champion_version, reference=reference)
     with registry.open_run(cfg, run_id):
         registry.log_json(decision.to_dict(), "gate/decision.json")
         mlflow.log_metric("gate.passed", float(decision.passed))
@@ -111,7 +114,7 @@ def promote(cfg: Config, run_id: str, snapshot: SnapshotRef, teacher: TeacherRef
     logger = get_run_logger()
     name, alias = cfg.tracking.student_name, cfg.tracking.champion_alias
     reg = registry.Registry.from_config(cfg)
-    deployed = f"student_{cfg.student.deploy}"
+    deployed = served_candidate(cfg.student.deploy)
     lineage = Lineage(
         teacher=teacher, snapshot_md5=snapshot.md5, git_revision=store.git_revision(Path(cfg.root)),
         config_hash=cfg.digest(), distill_run_id=run_id, student_run_id=student.run_id,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -64,3 +66,86 @@ def test_missing_or_foreign_model_is_a_clear_error(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(foreign))
     with pytest.raises(ModelError, match=r"takes inputs \['x'\]"):
         OnnxClassifier(foreign, 3)
+
+
+def test_onnx_int8_form_is_served_as_measured(tiny_teacher_dir, tmp_path):
+    """student.deploy: onnx-int8: the INT8 file the harness measured is the file registered and served (same
+    sha256), with the same answers; INT8 agrees with FP32 within a stated tolerance on this tiny model."""
+    import hashlib
+    import json
+    import shutil
+
+    import mlflow
+
+    from distillery.integrations import registry
+    from distillery.integrations.served_model import ONNX_INT8_FILE, SERVING_FILE
+    from distillery.models.onnx_runtime import INT8_FILE, folder_onnx_int8
+
+    assert INT8_FILE == ONNX_INT8_FILE  # two names (the served loader imports nothing of distillery), one file
+    folder = tmp_path / "student"
+    shutil.copytree(tiny_teacher_dir, folder)
+    model, tokenizer = load_classifier(folder).eval(), load_tokenizer(folder)
+    session = folder_onnx_int8(model, folder)
+    digest = hashlib.sha256((folder / INT8_FILE).read_bytes()).hexdigest()
+    assert folder_onnx_int8(model, folder).path == session.path  # made once, then reused as it is
+    assert hashlib.sha256((folder / INT8_FILE).read_bytes()).hexdigest() == digest
+    _, test = make_frames()
+    texts = test["text"].tolist()
+    data = encode(tokenizer, texts, 16, test["category"].map(LABELS.index))
+    harness = predict_logits(session, data, tokenizer.pad_token_id)
+    fp32 = predict_logits(model, data, tokenizer.pad_token_id)
+    assert (harness.argmax(1) == fp32.argmax(1)).mean() >= 0.95  # INT8 vs FP32: >= 95% same answers
+    np.testing.assert_allclose(harness, fp32, atol=0.1)  # and logits within 0.1
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with mlflow.start_run():
+        info = registry.log_classifier(folder, quantize="onnx-int8", max_length=16)
+    served = mlflow.pyfunc.load_model(info.model_uri)
+    local = Path(mlflow.artifacts.download_artifacts(info.model_uri)) / "artifacts" / "classifier"
+    assert json.loads((local / SERVING_FILE).read_text())["onnx_sha256"] == digest
+    assert hashlib.sha256((local / INT8_FILE).read_bytes()).hexdigest() == digest
+    requirements = (Path(mlflow.artifacts.download_artifacts(info.model_uri)) / "requirements.txt").read_text()
+    assert "onnxruntime==" in requirements
+    out = served.predict(texts)
+    probs = torch.softmax(torch.from_numpy(harness), -1).numpy()
+    assert list(out["label"]) == [LABELS[i] for i in harness.argmax(1)]
+    np.testing.assert_allclose(out["confidence"].to_numpy(), probs.max(1), atol=2e-3)
+    with pytest.raises(Exception, match="has no model-int8.onnx"):
+        with mlflow.start_run():
+            registry.log_classifier(tiny_teacher_dir, quantize="onnx-int8", max_length=16)
+
+
+def test_onnx_int8_deploy_form_through_the_pipeline(teacher_project):
+    """The harness measures teacher and student as ONNX Runtime INT8, the gate compares the student with the
+    teacher's ONNX INT8 form (like for like), and the registered champion answers from that same file."""
+    import hashlib
+    import json
+
+    import mlflow
+
+    from distillery.integrations.registry import load_served_model
+    from distillery.integrations.served_model import SERVING_FILE
+    from tests.helpers import run_command
+
+    result = run_command(teacher_project / "distillery.yaml", "distill", {"student.deploy": "onnx-int8"})
+    assert result.decision.passed, result.decision.reasons
+    metrics = result.evaluation.metrics
+    assert {"teacher_int8_onnx", "student_int8_onnx"} <= set(metrics)
+    rules = {c["name"]: c["rule"] for c in result.decision.criteria}
+    assert "teacher_int8_onnx" in rules["latency_vs_int8_teacher"]
+    accuracy = next(c for c in result.decision.criteria if c["name"] == "accuracy_vs_int8_teacher")
+    assert accuracy["observed"] == pytest.approx(metrics["student_int8_onnx"]["accuracy"])
+    harness_file = Path(result.best.folder) / "model-int8.onnx"
+    assert metrics["student_int8_onnx"]["size_mb"] == pytest.approx(harness_file.stat().st_size / 1e6)
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{teacher_project / 'mlflow.db'}")
+    version = client.get_model_version_by_alias("student", "champion")
+    assert version.tags["deploy.form"] == "onnx-int8"
+    model = load_served_model("models:/student@champion")
+    served = model.unwrap_python_model().classifier
+    assert served.session is not None and served.model is None  # ONNX Runtime, no torch model behind it
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/student/{version.version}")) / "artifacts"
+    settings = json.loads((local / "classifier" / SERVING_FILE).read_text())
+    assert settings["onnx_sha256"] == hashlib.sha256(harness_file.read_bytes()).hexdigest()
+    _, test = make_frames()
+    out = model.predict(test["text"].tolist())
+    accuracy = (out["label"] == test["category"]).mean()
+    assert accuracy == pytest.approx(metrics["student_int8_onnx"]["accuracy"], abs=0.03)

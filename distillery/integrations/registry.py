@@ -11,6 +11,7 @@ them anywhere, and the pipeline itself downloads the same folder to run torch on
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from distillery.config import Config
-from distillery.integrations.served_model import CLASSIFIER_ARTIFACT, SERVING_FILE
+from distillery.integrations.served_model import CLASSIFIER_ARTIFACT, ONNX_INT8_FILE, SERVING_FILE
 from distillery.records import SnapshotRef
 
 logger = logging.getLogger(__name__)
@@ -214,11 +215,14 @@ def configure_tracking(cfg: Config) -> str:
 SERVED_MODEL_CODE = Path(__file__).with_name("served_model.py")
 
 
-def _requirements() -> list[str]:
+def _requirements(quantize: str = "fp32") -> list[str]:
     """What loading the model needs, pinned to this environment: never the project itself."""
     from importlib.metadata import version
 
-    return [f"{name}=={version(name)}" for name in ("mlflow", "torch", "transformers", "pandas", "numpy")]
+    names = ("mlflow", "torch", "transformers", "pandas", "numpy")
+    if quantize == "onnx-int8":
+        names += ("onnxruntime",)
+    return [f"{name}=={version(name)}" for name in names]
 
 
 def model_signature(labels: list[str]):  # noqa: ANN201 - an mlflow ModelSignature
@@ -247,8 +251,15 @@ def log_classifier(folder: Path, name: str = "model", quantize: str = "fp32", ma
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / CLASSIFIER_ARTIFACT
         shutil.copytree(folder, staged)
+        extra = {}
+        if quantize == "onnx-int8":  # the served bytes are the measured bytes: say which
+            onnx = staged / ONNX_INT8_FILE
+            if not onnx.is_file():
+                raise TrackingError(f"{folder} has no {ONNX_INT8_FILE}: the harness writes it when it measures the "
+                                    f"onnx-int8 form")
+            extra["onnx_sha256"] = hashlib.sha256(onnx.read_bytes()).hexdigest()
         (staged / SERVING_FILE).write_text(json.dumps({"quantize": quantize, "max_length": max_length,
-                                                       "truncation": True, **(calibration or {})}))
+                                                       "truncation": True, **extra, **(calibration or {})}))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return mlflow.pyfunc.log_model(
@@ -257,7 +268,7 @@ def log_classifier(folder: Path, name: str = "model", quantize: str = "fp32", ma
                 artifacts={CLASSIFIER_ARTIFACT: str(staged)},
                 signature=model_signature(labels),
                 input_example=input_example or ["I lost my card", "how do I top up?"],
-                pip_requirements=_requirements(),
+                pip_requirements=_requirements(quantize),
             )
 
 

@@ -35,6 +35,7 @@ SERVING_FILE = "distillery-serving.json"
 OUTPUT_COLUMNS = ["label", "confidence", "top_k", "abstained"]
 DEFAULT_OOS_LABEL = "out_of_scope"
 BATCH_SIZE = 64
+ONNX_INT8_FILE = "model-int8.onnx"  # the ONNX Runtime INT8 form (student.deploy: onnx-int8), beside the weights
 
 
 class InputError(MlflowException):
@@ -92,6 +93,17 @@ class ServedClassifier:
         folder = Path(folder)
         self.settings = read_serving(folder)
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        self.session = None
+        if self.settings["quantize"] == "onnx-int8":  # ONNX Runtime: the INT8 file the harness measured
+            import onnxruntime
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+            self.session = onnxruntime.InferenceSession(str(folder / ONNX_INT8_FILE),
+                                                        providers=["CPUExecutionProvider"])
+            self.model = None
+            self.labels = [config.id2label[i] for i in range(config.num_labels)]
+            return
         model = AutoModelForSequenceClassification.from_pretrained(
             str(folder), local_files_only=True, use_safetensors=True).eval()
         if self.settings["quantize"] == "int8":
@@ -106,6 +118,14 @@ class ServedClassifier:
         import torch
 
         out = []
+        if self.session is not None:
+            for start in range(0, len(texts), BATCH_SIZE):
+                enc = self.tokenizer(texts[start:start + BATCH_SIZE], truncation=self.settings["truncation"],
+                                     padding=True, max_length=self.settings["max_length"], return_tensors="np")
+                (logits,) = self.session.run(["logits"], {"input_ids": enc["input_ids"].astype(np.int64),
+                                                          "attention_mask": enc["attention_mask"].astype(np.int64)})
+                out.append(logits.astype(np.float32) / float(self.settings["temperature"]))
+            return np.concatenate(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)
         with torch.inference_mode():
             for start in range(0, len(texts), BATCH_SIZE):
                 enc = self.tokenizer(texts[start:start + BATCH_SIZE], truncation=self.settings["truncation"],

@@ -65,6 +65,38 @@ def measure_speed(model: PreTrainedModel, data: Encoded, pad_id: int, settings: 
     }
 
 
+def paired_latency_ratio(model, data: Encoded, pad_id: int, reference, reference_data: Encoded,  # noqa: ANN001
+                         reference_pad_id: int, settings: TimingSettings) -> dict[str, float]:
+    """Batch-1 latency of ``model`` relative to ``reference``, timed in alternation on the same rows.
+
+    Each round times both models on one row, back to back (the order flips every round), and keeps the ratio of the
+    two: a machine that slows down for a while slows both halves of a pair alike, so the median ratio holds where
+    two separate p50s measured minutes apart would not. The models may read the row through different tokenizers
+    (``data`` and ``reference_data`` hold the same rows).
+    """
+    rng = np.random.default_rng(settings.seed + 1)
+    rows = rng.choice(len(data), size=settings.warmup + settings.repeats, replace=True)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)
+    ratios = []
+    try:
+        with torch.inference_mode():
+            for k, i in enumerate(rows):
+                timed = {}
+                pair = [(model, data, pad_id, "m"), (reference, reference_data, reference_pad_id, "r")]
+                for m, d, pad, key in pair if k % 2 == 0 else pair[::-1]:
+                    batch = collate(d, [int(i)], pad)
+                    start = time.perf_counter()
+                    m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                    timed[key] = time.perf_counter() - start
+                if k >= settings.warmup:
+                    ratios.append(timed["m"] / timed["r"])
+    finally:
+        torch.set_num_threads(previous_threads)
+    return {"latency_ratio_paired": float(np.median(ratios)),
+            "latency_ratio_paired_p90": float(np.percentile(ratios, 90))}
+
+
 def evaluate_model(model: PreTrainedModel, data: Encoded, pad_id: int, num_classes: int,
                    reference_pred: np.ndarray | None, timing: TimingSettings, parameters: int | None = None,
                    ece_bins: int = 15, batch_size: int = 64, size_bytes: int | None = None) -> tuple[dict, np.ndarray]:

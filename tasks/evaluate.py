@@ -25,7 +25,13 @@ from distillery.models.calibration import abstention, calibrated, fit_temperatur
 from distillery.models.data import read_out_of_scope, read_snapshot
 from distillery.models.metrics import expected_calibration_error
 from distillery.models.training import predict_logits
-from distillery.models.evaluation import TimingSettings, encode_per_folder, evaluate_model, harness_candidates
+from distillery.models.evaluation import (
+    TimingSettings,
+    encode_per_folder,
+    evaluate_model,
+    harness_candidates,
+    paired_latency_ratio,
+)
 from distillery.models.report import (
     headline_ratios,
     plot_accuracy_latency,
@@ -77,6 +83,7 @@ def evaluate_candidates(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef,
     metrics: dict[str, dict] = {}
     logits: dict[str, np.ndarray] = {}
     curves: dict[str, tuple] = {}
+    candidate_runs: dict[str, str] = {}
     reference = None
     for name, (model, params, folder) in candidates.items():
         data, pad = encoded[folder]
@@ -100,18 +107,30 @@ def evaluate_candidates(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef,
             m.update({"abstain_threshold": threshold, **om.to_dict()})
         metrics[name], logits[name] = m, out
         run_id = registry.create_run(cfg, name, {"stage": "evaluate", "candidate": name}, eval_run)
+        candidate_runs[name] = run_id
         with registry.open_run(cfg, run_id):
             mlflow.log_metrics({k: v for k, v in m.items() if k != "per_class_f1"})
             registry.log_json(dict(zip(labels, m["per_class_f1"])), PER_CLASS_FILE)
         logger.info("%s: accuracy %.4f, macro-F1 %.4f, p50 %.2f ms", name, m["accuracy"], m["macro_f1"],
                     m["latency_p50_ms"])
+    # the gate's latency criterion: the served form against its reference, timed in alternation (see
+    # models.evaluation.paired_latency_ratio)
+    served, reference_form = served_candidate(cfg.student.deploy), reference_candidate(cfg.student.deploy)
+    (s_model, _, s_folder), (r_model, _, r_folder) = candidates[served], candidates[reference_form]
+    paired = paired_latency_ratio(s_model, encoded[s_folder][0], encoded[s_folder][1], r_model,
+                                  encoded[r_folder][0], encoded[r_folder][1], timing)
+    metrics[served].update(paired)
+    with registry.open_run(cfg, candidate_runs[served]):
+        mlflow.log_metrics(paired)
+    logger.info("%s / %s batch-1 latency, interleaved pairs: median %.3f, p90 %.3f", served, reference_form,
+                paired["latency_ratio_paired"], paired["latency_ratio_paired_p90"])
     table = results_table(metrics)
     if abstain:
         table += "\n\nOut of scope (each candidate at its own threshold):\n" + oos_table(metrics)
     y = np.asarray(gold)
     with registry.open_run(cfg, eval_run), tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        served = served_candidate(cfg.student.deploy)  # the plots show the form the gate judges and that is served
+        # the plots show the form the gate judges and that is served
         plot_confusion(logits[served], y, labels, folder / "confusion_student.png",
                        f"Confusion of the served student ({served})")
         plot_reliability({k: (logits[k], y) for k in dict.fromkeys(("teacher_fp32", reference_candidate(

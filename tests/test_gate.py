@@ -38,3 +38,41 @@ def test_champion_must_not_be_beaten():
     assert decide(student(), INT8, TEACHER, {"accuracy": 0.903}, **RULES).passed
     decision = decide(student(), INT8, TEACHER, {"accuracy": 0.95}, **RULES)
     assert not decision.passed and [c.name for c in decision.failed] == ["accuracy_vs_champion"]
+
+
+def test_latency_is_judged_on_interleaved_pairs_when_measured():
+    """A student whose p50 was taken while the machine was loaded (35 ms) but whose paired ratio says it is 3x faster
+    passes; a paired ratio above the limit fails even when the separate p50s look fine."""
+    loaded = student(latency_p50_ms=35.0, latency_ratio_paired=0.33)
+    decision = decide(loaded, INT8, TEACHER, None, **RULES)
+    latency = next(c for c in decision.criteria if c.name == "latency_vs_int8_teacher")
+    assert decision.passed and latency.observed == 0.33 and "interleaved" in latency.rule
+    slow = decide(student(latency_p50_ms=1.0, latency_ratio_paired=0.7), INT8, TEACHER, None, **RULES)
+    assert [c.name for c in slow.failed] == ["latency_vs_int8_teacher"]
+
+
+def test_paired_latency_ratio_holds_under_a_changing_load():
+    """Two fake models (1 ms and 3 ms of sleep); halfway through, every call gets 20 ms slower for a while (a busy
+    machine): separate medians would move, the median of paired ratios stays near 1/3."""
+    import time
+
+    import torch
+
+    from distillery.models.evaluation import TimingSettings, paired_latency_ratio
+    from distillery.models.training import Encoded
+
+    class Fake:
+        calls = 0
+
+        def __init__(self, seconds):
+            self.seconds = seconds
+
+        def __call__(self, input_ids, attention_mask):
+            Fake.calls += 1
+            busy = 40 <= Fake.calls < 80  # a load spike covering both models' calls alike
+            time.sleep(self.seconds + (0.02 if busy else 0.0))
+
+    data = Encoded(input_ids=[[1, 2, 3]] * 8, labels=torch.zeros(8, dtype=torch.long), teacher_logits=None)
+    result = paired_latency_ratio(Fake(0.001), data, 0, Fake(0.003), data, 0,
+                                  TimingSettings(warmup=2, repeats=60))
+    assert 0.2 < result["latency_ratio_paired"] < 0.5

@@ -82,6 +82,9 @@ def headline_ratios(metrics: dict[str, dict]) -> dict[str, float]:
         "teacher_over_student_latency": t["latency_p50_ms"] / s["latency_p50_ms"],
         "distilled_minus_baseline_accuracy": s["accuracy"] - b["accuracy"],
     }
+    for m in metrics.values():  # the served form: its code path end to end against its bare forward
+        if "served_latency_p50_ms" in m:
+            ratios["served_path_over_bare_forward_latency"] = m["served_latency_p50_ms"] / m["latency_p50_ms"]
     if "student_int8_onnx" in metrics:  # the ONNX Runtime deployment target, against both INT8 teachers
         so = metrics["student_int8_onnx"]
         ratios["student_int8_onnx_over_teacher_accuracy"] = so["accuracy"] / t["accuracy"]

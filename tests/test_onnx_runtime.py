@@ -130,8 +130,14 @@ def test_onnx_int8_deploy_form_through_the_pipeline(teacher_project):
     assert result.decision.passed, result.decision.reasons
     metrics = result.evaluation.metrics
     assert {"teacher_int8_onnx", "student_int8_onnx"} <= set(metrics)
+    served_form = metrics["student_int8_onnx"]  # timed end to end through the served loader, and paired
+    assert served_form["served_latency_p50_ms"] > 0 and served_form["latency_ratio_paired"] > 0
+    assert result.evaluation.ratios["served_path_over_bare_forward_latency"] == pytest.approx(
+        served_form["served_latency_p50_ms"] / served_form["latency_p50_ms"])
+    assert "interleaved" in {c["name"]: c["rule"] for c in result.decision.criteria}["latency_vs_int8_teacher"]
     rules = {c["name"]: c["rule"] for c in result.decision.criteria}
     assert "teacher_int8_onnx" in rules["latency_vs_int8_teacher"]
+    assert "teacher_int8_onnx" in rules["accuracy_vs_int8_teacher"]
     accuracy = next(c for c in result.decision.criteria if c["name"] == "accuracy_vs_int8_teacher")
     assert accuracy["observed"] == pytest.approx(metrics["student_int8_onnx"]["accuracy"])
     harness_file = Path(result.best.folder) / "model-int8.onnx"

@@ -86,12 +86,12 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 class ServedClassifier:
     """A classifier folder in its served form: tokenise (as measured), forward, softmax, top-k."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, settings: dict | None = None):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         folder = Path(folder)
-        self.settings = read_serving(folder)
+        self.settings = {**read_serving(folder), **(settings or {})}  # ``settings``: the harness timing a form
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         self.session = None
         if self.settings["quantize"] == "onnx-int8":  # ONNX Runtime: the INT8 file the harness measured
@@ -99,7 +99,10 @@ class ServedClassifier:
             from transformers import AutoConfig
 
             config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
-            self.session = onnxruntime.InferenceSession(str(folder / ONNX_INT8_FILE),
+            options = onnxruntime.SessionOptions()
+            if self.settings.get("threads"):  # default: the runtime's choice (all cores)
+                options.intra_op_num_threads = int(self.settings["threads"])
+            self.session = onnxruntime.InferenceSession(str(folder / ONNX_INT8_FILE), options,
                                                         providers=["CPUExecutionProvider"])
             self.model = None
             self.labels = [config.id2label[i] for i in range(config.num_labels)]

@@ -97,6 +97,10 @@ class StudentConfig(Section):
     num_attention_heads: int = 4
     intermediate_size: int = 1024
     deploy: str = "int8"
+    # keep only the word pieces the training texts (and transfer/oos rows) use, plus special tokens and the
+    # `vocab_reserve` shortest pieces; unseen pieces read as [UNK] (WordPiece tokenizers)
+    prune_vocab: StrictBool = False
+    vocab_reserve: int = 0
 
 
 class SweepConfig(Section):

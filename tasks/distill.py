@@ -29,22 +29,29 @@ from distillery.models.modeling import (
 )
 from distillery.models.randomness import seeded
 from distillery.models.training import CrossEntropyObjective, DistillationObjective, encode, train_model
+from distillery.models.vocabulary import prune_vocabulary
 from distillery.tasks.labelling import labelling_inputs, transfer_path
 from distillery.tasks.teacher import checkpoint_key, epoch_callback, model_name, settings_from
 
 
-def make_student(cfg: Config, teacher_model: PreTrainedModel, teacher_folder: Path,
-                 labels: list[str]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The configured student and the tokenizer it reads with (the teacher's, unless it is a pretrained model).
+def make_student(cfg: Config, teacher_model: PreTrainedModel, teacher_folder: Path, labels: list[str],
+                 vocab_texts: list[str] | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The configured student and the tokenizer it reads with (the teacher's, unless it is a pretrained model);
+    with ``student.prune_vocab`` both keep only the word pieces of ``vocab_texts``.
 
     ``teacher_model`` is what a cut student is cut from (the teacher, or its base model for a baseline)."""
     s = cfg.student
     if s.init == "pretrained":  # e.g. MiniLM under an MPNet teacher: the student keeps its own tokenizer
         folder = resolve_base_model(model_name(cfg, s.base_model), cfg.workdir / "pretrained")
-        return load_classifier(folder, labels), load_tokenizer(folder)
-    student = build_student(teacher_model, s.init, list(s.layers), s.num_layers, s.hidden_size,
-                            s.num_attention_heads, s.intermediate_size, cfg.distill.seed)
-    return student, load_tokenizer(teacher_folder)
+        student, tokenizer = load_classifier(folder, labels), load_tokenizer(folder)
+    else:
+        student = build_student(teacher_model, s.init, list(s.layers), s.num_layers, s.hidden_size,
+                                s.num_attention_heads, s.intermediate_size, cfg.distill.seed)
+        tokenizer = load_tokenizer(teacher_folder)
+    if s.prune_vocab:
+        student, tokenizer = prune_vocabulary(student, tokenizer, vocab_texts or [], s.vocab_reserve,
+                                              cfg.distill.max_length)
+    return student, tokenizer
 
 
 _SAME_SHAPE = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
@@ -100,7 +107,9 @@ def train_student(cfg: Config, teacher: TeacherRef, snapshot: SnapshotRef, outpu
             logger.warning("baseline cut from the teacher's weights: %s", init_note)
     settings = settings_from(cfg.distill)
     with seeded(settings.seed):  # a new head (pretrained students) is drawn from the seeded generator
-        student, tokenizer = make_student(cfg, source, teacher_folder, labels)
+        # both students prune to the pieces of every row KD may see, so they compare like for like
+        student, tokenizer = make_student(cfg, source, teacher_folder, labels,
+                                          table.loc[table["split"] != "validation", "text"].tolist())
     hard = np.where(train_rows["label_id"] >= 0, train_rows["label_id"], IGNORE_INDEX)
     train = encode(tokenizer, train_rows["text"].tolist(), settings.max_length, hard.tolist(),
                    np.stack(train_rows["logits"].to_list()))
@@ -113,7 +122,9 @@ def train_student(cfg: Config, teacher: TeacherRef, snapshot: SnapshotRef, outpu
             candidate.temperature, candidate.kd_weight, candidate.ce_weight, candidate.feature_weight,
             cfg.distill.feature_loss, teacher=teacher_model, student=student,
             layer_map={int(k): int(v) for k, v in (cfg.distill.layer_map or {}).items()} or None)
-    key = checkpoint_key(outputs.key, candidate.to_dict(), cfg.student.model_dump(), vars(settings), init_note)
+    # the served form (student.deploy) does not change training: another form reuses the same checkpoints
+    key = checkpoint_key(outputs.key, candidate.to_dict(), cfg.student.model_dump(exclude={"deploy"}), vars(settings),
+                         init_note)
     name = candidate.name
     run_id = registry.create_run(cfg, name, {"stage": "train-student", "candidate": candidate.kind}, parent_run_id,
                                  snapshot=snapshot)

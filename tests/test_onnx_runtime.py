@@ -116,7 +116,8 @@ def test_onnx_int8_form_is_served_as_measured(tiny_teacher_dir, tmp_path):
 
 def test_onnx_int8_deploy_form_through_the_pipeline(teacher_project):
     """The harness measures teacher and student as ONNX Runtime INT8, the gate compares the student with the
-    teacher's ONNX INT8 form (like for like), and the registered champion answers from that same file."""
+    teacher's ONNX INT8 form (like for like), and the registered champion answers from that same file; here with a
+    pruned vocabulary too (the two together: the export and the served loader read the pruned tokenizer)."""
     import hashlib
     import json
 
@@ -126,8 +127,14 @@ def test_onnx_int8_deploy_form_through_the_pipeline(teacher_project):
     from distillery.integrations.served_model import SERVING_FILE
     from tests.helpers import run_command
 
-    result = run_command(teacher_project / "distillery.yaml", "distill", {"student.deploy": "onnx-int8"})
+    result = run_command(teacher_project / "distillery.yaml", "distill",
+                         {"student.deploy": "onnx-int8", "student.prune_vocab": True})
     assert result.decision.passed, result.decision.reasons
+    # the student (and the baseline) read through a pruned vocabulary: smaller than the teacher's, exported as is
+    teacher_vocab = len(load_tokenizer(Path(result.teacher.folder)))
+    for trained in (result.best, result.baseline):
+        assert len(load_tokenizer(Path(trained.folder))) < teacher_vocab
+        assert load_classifier(Path(trained.folder)).config.vocab_size == len(load_tokenizer(Path(trained.folder)))
     metrics = result.evaluation.metrics
     assert {"teacher_int8_onnx", "student_int8_onnx"} <= set(metrics)
     served_form = metrics["student_int8_onnx"]  # timed end to end through the served loader, and paired

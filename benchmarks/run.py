@@ -74,7 +74,7 @@ def main() -> int:
     from distillery.integrations import registry
     from distillery.records import Candidate, Lineage, TeacherRef
     from distillery.tasks.data import freeze
-    from distillery.tasks.labelling import labelling_inputs, transfer_path
+    from distillery.tasks.labelling import rows_to_label
     from distillery.tasks.teacher import settings_from
 
     from distillery.config import parse_override_args
@@ -159,7 +159,7 @@ def main() -> int:
     # 3. labelling: pipeline (forced cache miss) vs a bare batched loop over the same rows
     from distillery.flows.label import label_flow
 
-    inputs, _ = labelling_inputs(snapshot, transfer_path(cfg))
+    inputs, _ = rows_to_label(cfg, snapshot)
     texts = inputs["text"].tolist()
     start = time.perf_counter()
     teacher_logits(teacher, tokenizer, texts, cfg.teacher.max_length, cfg.labelling.batch_size, progress=False)

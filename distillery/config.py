@@ -31,6 +31,18 @@ class Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", coerce_numbers_to_str=True)
 
 
+class AugmentConfig(Section):
+    """Augmented variants of the training texts, labelled by the teacher as a transfer set (models.augment)."""
+
+    multiple: float = 0.0  # variants per training text; 0 makes none
+    methods: tuple[str, ...] = ("mask", "drop", "swap", "ngram")  # of mask | drop | swap | ngram | vocab
+    p_mask: float = 0.1
+    p_drop: float = 0.1
+    p_swap: float = 0.1
+    p_vocab: float = 0.1
+    seed: int | None = None  # null: data.seed
+
+
 class DataConfig(Section):
     source: str = "../shared/data/banking77"
     text_column: str = "text"
@@ -47,6 +59,7 @@ class DataConfig(Section):
     # of training and count as out of scope at evaluation
     oos_label: str | None = None
     holdout_intents: int = 0
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
 
 class DvcConfig(Section):
@@ -292,6 +305,16 @@ def validate_config(cfg: Config) -> Config:
     need(0.0 < d.test_fraction < 0.5, "data.test_fraction must be in (0, 0.5)")
     need(0.0 <= d.max_drop_fraction < 1.0, "data.max_drop_fraction must be in [0, 1)")
     need(bool(d.text_column) and bool(d.label_column), "data.text_column and data.label_column must be set")
+    need(d.holdout_intents >= 0, "data.holdout_intents must be >= 0")
+    a = d.augment
+    need(a.multiple >= 0, "data.augment.multiple must be >= 0")
+    need(all(0.0 <= v <= 1.0 for v in (a.p_mask, a.p_drop, a.p_swap, a.p_vocab)),
+         "data.augment.p_mask/p_drop/p_swap/p_vocab must be in [0, 1]")
+    known = ("mask", "drop", "swap", "ngram", "vocab")
+    need(bool(a.methods) and set(a.methods) <= set(known),
+         f"data.augment.methods must be a non-empty list of {list(known)}")
+    e = cfg.evaluation
+    need(0.0 <= e.abstain_value <= 1.0, "evaluation.abstain_value must be in [0, 1]")
     for name, section in (("teacher", cfg.teacher), ("distill", cfg.distill)):
         need(section.epochs >= 1, f"{name}.epochs must be >= 1")
         need(section.batch_size >= 1, f"{name}.batch_size must be >= 1")

@@ -13,11 +13,10 @@ from distillery.tasks.labelling import (
     cache_key,
     check_teacher_labels,
     label_shard,
-    labelling_inputs,
     log_labelling,
     lookup_cache,
+    rows_to_label,
     store_outputs,
-    transfer_path,
     validate_outputs,
 )
 from distillery.tasks.teacher import start_run
@@ -28,7 +27,7 @@ from distillery.tasks.teacher import start_run
 def label_flow(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef,
                parent_run_id: str | None = None) -> TeacherOutputs:
     """Label train/validation (+ transfer set) with the teacher, reuse the cache when the key matches, validate."""
-    inputs, labels = labelling_inputs(snapshot, transfer_path(cfg))
+    inputs, labels = rows_to_label(cfg, snapshot)
     check_teacher_labels(teacher, labels)
     key = cache_key(teacher, snapshot, inputs, cfg.teacher.max_length)
     run_id = start_run(cfg, "teacher-outputs", {"stage": "label", **teacher.to_tags(), **snapshot.to_tags()},

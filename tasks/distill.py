@@ -30,7 +30,7 @@ from distillery.models.modeling import (
 from distillery.models.randomness import seeded
 from distillery.models.training import CrossEntropyObjective, DistillationObjective, encode, train_model
 from distillery.models.vocabulary import prune_vocabulary
-from distillery.tasks.labelling import labelling_inputs, transfer_path
+from distillery.tasks.labelling import rows_to_label
 from distillery.tasks.teacher import checkpoint_key, epoch_callback, model_name, settings_from
 
 
@@ -93,11 +93,12 @@ def train_student(cfg: Config, teacher: TeacherRef, snapshot: SnapshotRef, outpu
     mid-way resumes after its last finished epoch and an identical re-run reuses the result."""
     logger = get_run_logger()
     splits, labels = read_snapshot(Path(snapshot.path))
-    inputs, _ = labelling_inputs(snapshot, transfer_path(cfg))
+    inputs, _ = rows_to_label(cfg, snapshot)
     table = read_outputs(outputs.path).merge(inputs[["id", "text"]], on="id", how="inner", validate="one_to_one")
     baseline = candidate.kind == "baseline"
-    # the baseline learns from hard labels alone; KD also from the teacher's soft labels on transfer and oos rows
-    train_rows = table[table["split"].isin(["train"] if baseline else ["train", "transfer", "oos"])]
+    # the baseline learns from hard labels alone; KD also from the teacher's soft labels on transfer, augmented and
+    # out-of-scope rows
+    train_rows = table[table["split"].isin(["train"] if baseline else ["train", "transfer", "augmented", "oos"])]
     teacher_folder = Path(teacher.folder)
     teacher_model = load_classifier(teacher_folder).eval()
     source, init_note = teacher_model, weights_from(cfg)

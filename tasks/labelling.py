@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -18,6 +19,7 @@ from distillery.faults import fault_point
 from distillery.integrations import registry
 from distillery.integrations.expectations import ValidationFailed, validate_teacher_outputs
 from distillery.records import SnapshotRef, TeacherRef, ValidationSummary
+from distillery.models.augment import Recipe, content_hash, make_transfer_set
 from distillery.models.data import read_out_of_scope, read_snapshot, read_transfer_set
 from distillery.models.labelling import build_outputs, read_outputs, teacher_logits, validation_tables, write_outputs
 from distillery.models.modeling import ModelError, load_classifier, load_tokenizer
@@ -26,15 +28,22 @@ OUTPUTS_FILE = "outputs.parquet"
 META_FILE = "meta.json"
 
 
-def labelling_inputs(snapshot: SnapshotRef, transfer_set: Path | None) -> tuple[pd.DataFrame, list[str]]:
+def labelling_inputs(snapshot: SnapshotRef, transfer_set: Path | None,
+                     recipe: Recipe | None = None) -> tuple[pd.DataFrame, list[str]]:
     """Rows to label: the snapshot's train and validation splits, its out-of-scope train rows (split ``oos``,
-    label -1: the teacher's soft labels on them carry the "no intent" signal), then the optional transfer set
-    (label -1)."""
+    label -1: the teacher's soft labels on them carry the "no intent" signal), augmented variants of the train texts
+    (split ``augmented``, label -1, when ``recipe`` makes any), then the optional transfer set (label -1)."""
     splits, labels = read_snapshot(Path(snapshot.path))
     parts = [splits[s].assign(split=s)[["id", "text", "split", "label_id"]] for s in ("train", "validation")]
     _, oos = read_out_of_scope(Path(snapshot.path))
     if len(oos.get("oos_train", ())):
         parts.append(oos["oos_train"].assign(split="oos", label_id=-1)[["id", "text", "split", "label_id"]])
+    if recipe is not None and recipe.multiple > 0:
+        held_out = [t for name in ("validation", "test") for t in splits[name]["text"]] + [
+            t for name in ("oos_validation", "oos_test") for t in oos.get(name, {"text": []})["text"]]
+        made = make_transfer_set(splits["train"]["text"].tolist(), held_out, recipe)
+        made = made[~made["id"].isin(set(pd.concat(parts)["id"]))]
+        parts.append(made.assign(split="augmented", label_id=-1)[["id", "text", "split", "label_id"]])
     if transfer_set is not None:
         extra = read_transfer_set(transfer_set)
         known = set(pd.concat(parts)["id"]) | set(splits["test"]["id"]) | {
@@ -58,6 +67,20 @@ def check_teacher_labels(teacher: TeacherRef, labels: list[str]) -> None:
                      f"{len(labels)} ({detail}). The data's label set changed (a new source, data.oos_label or "
                      f"data.holdout_intents): fine-tune or import a teacher for it (`distillery teacher`, `distillery "
                      f"teacher import`), in a project folder of its own to keep this one's teacher")
+
+
+def augment_recipe(cfg: Config) -> Recipe | None:
+    """The augmentation recipe of ``data.augment`` (None when it makes nothing)."""
+    a = cfg.data.augment
+    if a.multiple <= 0:
+        return None
+    return Recipe(multiple=a.multiple, methods=tuple(a.methods), p_mask=a.p_mask, p_drop=a.p_drop, p_swap=a.p_swap,
+                  p_vocab=a.p_vocab, seed=cfg.data.seed if a.seed is None else a.seed)
+
+
+def rows_to_label(cfg: Config, snapshot: SnapshotRef) -> tuple[pd.DataFrame, list[str]]:
+    """What the teacher labels for this configuration (see ``labelling_inputs``)."""
+    return labelling_inputs(snapshot, transfer_path(cfg), augment_recipe(cfg))
 
 
 def transfer_path(cfg: Config) -> Path | None:
@@ -143,12 +166,24 @@ def validate_outputs(cfg: Config, outputs_path: str, expected_rows: int, run_id:
 
 
 @task(name="log-labelling", cache_policy=NO_CACHE)
+def augment_tags(cfg: Config, snapshot: SnapshotRef) -> dict[str, str]:
+    """The generated transfer set's recipe and content hash (empty when none is made), for the lineage."""
+    recipe = augment_recipe(cfg)
+    if recipe is None:
+        return {}
+    inputs, _ = rows_to_label(cfg, snapshot)
+    made = inputs[inputs["split"] == "augmented"]
+    return {"transfer.recipe": json.dumps(dataclasses.asdict(recipe), sort_keys=True),
+            "transfer.recipe_hash": recipe.digest(), "transfer.content_hash": content_hash(made),
+            "transfer.rows": str(len(made))}
+
+
 def log_labelling(cfg: Config, run_id: str, teacher: TeacherRef, snapshot: SnapshotRef, key: str, cache_hit: bool,
                   seconds: float, outputs_path: str) -> None:
     meta = json.loads((Path(outputs_path).parent / META_FILE).read_text())
     with registry.open_run(cfg, run_id):
         registry.log_params({**teacher.to_tags(), **snapshot.to_tags(), "labelling.cache_key": key,
-                             "labelling.shards": cfg.labelling.shards})
+                             "labelling.shards": cfg.labelling.shards, **augment_tags(cfg, snapshot)})
         mlflow.set_tags({"teacher_outputs.cache_hit": str(cache_hit).lower(),
                          "teacher_outputs.source_run": meta["run_id"], "teacher_outputs.path": outputs_path})
         mlflow.log_metric("labelling_seconds", seconds)

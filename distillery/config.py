@@ -121,6 +121,19 @@ class SweepConfig(Section):
     kd_weight: tuple[float, ...] = ()
 
 
+class SearchConfig(Section):
+    """An Optuna search over the distillation recipe on the validation split (instead of the grid when trials > 0)."""
+
+    trials: int = 0  # 0: no search (the sweep grid, or the configured recipe)
+    timeout_s: float | None = None  # stop starting new trials after this many seconds
+    parallel: int = 2  # trials trained at once, mapped over the task runner
+    seed: int | None = None  # null: distill.seed
+    temperature: tuple[float, float] = (1.0, 8.0)  # ranges searched (log scale for temperature and learning rate)
+    kd_weight: tuple[float, float] = (0.3, 1.0)  # ce_weight = 1 - kd_weight
+    learning_rate: tuple[float, float] = (5.0e-5, 5.0e-4)
+    epochs: tuple[int, int] = (3, 10)
+
+
 class DistillConfig(Section):
     temperature: float = 4.0
     kd_weight: float = 0.8
@@ -140,6 +153,7 @@ class DistillConfig(Section):
     group_by_length: StrictBool = True
     baseline_init: str = "base"
     sweep: SweepConfig = Field(default_factory=SweepConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
 
 
 class EvaluationConfig(Section):
@@ -315,6 +329,12 @@ def validate_config(cfg: Config) -> Config:
          f"data.augment.methods must be a non-empty list of {list(known)}")
     e = cfg.evaluation
     need(0.0 <= e.abstain_value <= 1.0, "evaluation.abstain_value must be in [0, 1]")
+    q = cfg.distill.search
+    need(q.trials >= 0 and q.parallel >= 1, "distill.search.trials must be >= 0 and distill.search.parallel >= 1")
+    need(all(lo <= hi for lo, hi in (q.temperature, q.kd_weight, q.learning_rate, q.epochs)),
+         "each distill.search range must be [low, high] with low <= high")
+    need(q.temperature[0] > 0 and q.learning_rate[0] > 0 and q.epochs[0] >= 1 and 0 <= q.kd_weight[0] <= q.kd_weight[1] <= 1,
+         "distill.search ranges: temperature and learning_rate > 0, epochs >= 1, kd_weight within [0, 1]")
     for name, section in (("teacher", cfg.teacher), ("distill", cfg.distill)):
         need(section.epochs >= 1, f"{name}.epochs must be >= 1")
         need(section.batch_size >= 1, f"{name}.batch_size must be >= 1")

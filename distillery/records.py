@@ -105,13 +105,21 @@ class Candidate:
     kd_weight: float
     ce_weight: float
     feature_weight: float = 0.0
+    learning_rate: float | None = None  # None: distill.learning_rate (a search trial sets its own)
+    epochs: int | None = None  # None: distill.epochs
+    trial: int | None = None  # the search trial that proposed it
 
     @property
     def name(self) -> str:
-        return "baseline" if self.kind == "baseline" else f"distill-T{self.temperature}-kd{self.kd_weight}"
+        if self.kind == "baseline":
+            return "baseline"
+        if self.trial is not None:
+            return f"trial-{self.trial}"
+        return f"distill-T{self.temperature}-kd{self.kd_weight}"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Set fields only: a grid candidate keeps the key (and the checkpoints) it had before search fields existed."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 BASELINE = Candidate(kind="baseline", temperature=1.0, kd_weight=0.0, ce_weight=1.0, feature_weight=0.0)

@@ -2,18 +2,48 @@
 
 from __future__ import annotations
 
+import time
+
 from prefect import flow
 
 from distillery.config import Config
 from distillery.records import BASELINE, RunResult, SnapshotRef, TeacherRef
 from distillery.flows.label import label_flow
 from distillery.flows.runners import task_runner_for
-from distillery.models.selection import pick_best, sweep_grid
-from distillery.tasks.distill import train_student
+from distillery.models.selection import pick_best, sweep_grid, trial_candidate
+from distillery.tasks.distill import log_search, train_student
 from distillery.tasks.evaluate import evaluate_candidates
 from distillery.tasks.events import champion_up_to_date, report_decision
 from distillery.tasks.gate import judge, promote, reconcile_registry
 from distillery.tasks.teacher import start_run
+
+
+def search(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef, outputs, run_id: str) -> list:  # noqa: ANN001
+    """Optuna (seeded TPE) over temperature, kd/ce weights, learning rate and epochs, maximising validation macro-F1.
+
+    Trials are asked in rounds of ``distill.search.parallel`` and trained as tasks on the task runner (each its own
+    nested MLflow run); the search stops at ``trials`` or, between rounds, after ``timeout_s``.
+    """
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    q = cfg.distill.search
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(
+        seed=cfg.distill.seed if q.seed is None else q.seed))
+    start, trained = time.monotonic(), []
+    while len(trained) < q.trials and (q.timeout_s is None or time.monotonic() - start < q.timeout_s):
+        trials = [study.ask() for _ in range(min(q.parallel, q.trials - len(trained)))]
+        futures = [train_student.submit(cfg, teacher, snapshot, outputs, trial_candidate(t, cfg.distill), run_id)
+                   for t in trials]
+        for trial, future in zip(trials, futures):
+            result = future.result()
+            study.tell(trial, result.val_macro_f1)
+            trained.append(result)
+    best = study.best_trial
+    log_search(cfg, run_id, len(trained), best.number, best.params, best.value)
+    print(f"search: {len(trained)} trials in {time.monotonic() - start:.0f} s; best trial {best.number} "
+          f"(validation macro-F1 {best.value:.4f}): {best.params}")
+    return trained
 
 
 @flow(name="distill", flow_run_name="distill-teacher-v{teacher.version}-data-{snapshot.md5:.8}", log_prints=True,
@@ -33,10 +63,13 @@ def distill_flow(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef, force:
     outputs = label_flow.with_options(task_runner=task_runner_for(cfg))(cfg, snapshot, teacher)
     run_id = start_run(cfg, "distill", {"stage": "distill", **teacher.to_tags(), **snapshot.to_tags(),
                                         "teacher_outputs.run_id": outputs.run_id}, snapshot=snapshot, with_config=True)
-    # the sweep and the baseline are independent: mapped over the task runner (threads or Dask workers)
-    futures = [train_student.submit(cfg, teacher, snapshot, outputs, c, run_id) for c in sweep_grid(cfg.distill)]
+    # the sweep (or search) and the baseline are independent: mapped over the task runner (threads or Dask workers)
     baseline_future = train_student.submit(cfg, teacher, snapshot, outputs, BASELINE, run_id)
-    candidates = [f.result() for f in futures]
+    if cfg.distill.search.trials > 0:
+        candidates = search(cfg, snapshot, teacher, outputs, run_id)
+    else:
+        futures = [train_student.submit(cfg, teacher, snapshot, outputs, c, run_id) for c in sweep_grid(cfg.distill)]
+        candidates = [f.result() for f in futures]
     baseline = baseline_future.result()
     best = pick_best(candidates)
     if len(candidates) > 1:

@@ -107,6 +107,9 @@ def train_student(cfg: Config, teacher: TeacherRef, snapshot: SnapshotRef, outpu
         if ": base model" in init_note:
             logger.warning("baseline cut from the teacher's weights: %s", init_note)
     settings = settings_from(cfg.distill)
+    if candidate.learning_rate is not None or candidate.epochs is not None:  # a search trial's own recipe
+        settings = dataclasses.replace(settings, learning_rate=candidate.learning_rate or settings.learning_rate,
+                                       epochs=candidate.epochs or settings.epochs)
     with seeded(settings.seed):  # a new head (pretrained students) is drawn from the seeded generator
         # both students prune to the pieces of every row KD may see, so they compare like for like
         student, tokenizer = make_student(cfg, source, teacher_folder, labels,
@@ -153,3 +156,11 @@ def train_student(cfg: Config, teacher: TeacherRef, snapshot: SnapshotRef, outpu
     folder = save_classifier(student, tokenizer, cfg.workdir / "students" / run_id)
     logger.info("%s: validation macro-F1 %.4f (best epoch %d)", name, trained.val_macro_f1, result.best_epoch)
     return dataclasses.replace(trained, folder=str(folder))
+
+
+def log_search(cfg: Config, run_id: str, trials: int, best_trial: int, best_params: dict, best_value: float) -> None:
+    """What the search found, on the distill run: how many trials, the best one and its recipe."""
+    with registry.open_run(cfg, run_id):
+        registry.log_params({"search.trials": trials, "search.best_trial": best_trial,
+                             **{f"search.best.{k}": v for k, v in best_params.items()}})
+        mlflow.log_metric("search.best_val_macro_f1", best_value)

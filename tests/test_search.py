@@ -1,0 +1,52 @@
+"""The Optuna search: seeded trials within the configured ranges, each its own nested MLflow run, the best on
+validation macro-F1 going on to evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from distillery.config import load_config
+from distillery.models.selection import trial_candidate
+from tests.helpers import run_command
+
+
+def test_trials_stay_in_their_ranges_and_are_seeded(tmp_path: Path):
+    import optuna
+
+    (tmp_path / "distillery.yaml").write_text(
+        "distill:\n  search:\n    trials: 4\n    temperature: [2.0, 3.0]\n    epochs: [2, 2]\n")
+    distill = load_config(tmp_path / "distillery.yaml").distill
+
+    def proposals(seed: int) -> list:
+        study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
+        return [trial_candidate(study.ask(), distill) for _ in range(4)]
+
+    first = proposals(1)
+    assert first == proposals(1) and first != proposals(2)
+    for c in first:
+        assert 2.0 <= c.temperature <= 3.0 and c.epochs == 2 and 0.3 <= c.kd_weight <= 1.0
+        assert c.ce_weight == pytest.approx(1 - c.kd_weight, abs=1e-4) and 5e-5 <= c.learning_rate <= 5e-4
+    assert [c.name for c in first] == ["trial-0", "trial-1", "trial-2", "trial-3"]
+
+
+def test_search_through_the_flow_picks_the_best_trial(teacher_project: Path):
+    result = run_command(teacher_project / "distillery.yaml", "distill", {
+        "distill.search.trials": 3, "distill.search.parallel": 2, "distill.search.epochs": [2, 4],
+        "distill.search.learning_rate": [1e-3, 5e-3]})
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{teacher_project / 'mlflow.db'}")
+    runs = client.search_runs([client.get_run(result.run_id).info.experiment_id],
+                              f"tags.mlflow.parentRunId = '{result.run_id}' and tags.candidate = 'distilled'")
+    assert len(runs) == 3  # one nested run per trial
+    scores = {r.data.params["candidate.trial"]: r.data.metrics["val_macro_f1"] for r in runs}
+    for r in runs:
+        assert 2 <= int(r.data.params["distill.epochs"]) <= 4 and r.data.metrics["best_epoch"] <= 4
+        assert 1e-3 <= float(r.data.params["distill.learning_rate"]) <= 5e-3
+    assert result.best.candidate.trial is not None
+    assert result.best.val_macro_f1 == max(scores.values())
+    params = client.get_run(result.run_id).data.params
+    assert params["search.trials"] == "3" and float(client.get_run(result.run_id).data.metrics[
+        "search.best_val_macro_f1"]) == pytest.approx(max(scores.values()))
+    assert result.evaluation is not None and result.decision is not None

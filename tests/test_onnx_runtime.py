@@ -96,8 +96,28 @@ def test_onnx_int8_form_is_served_as_measured(tiny_teacher_dir, tmp_path):
     fp32 = predict_logits(model, data, tokenizer.pad_token_id)
     assert (harness.argmax(1) == fp32.argmax(1)).mean() >= 0.95  # INT8 vs FP32: >= 95% same answers
     np.testing.assert_allclose(harness, fp32, atol=0.1)  # and logits within 0.1
+    previous_uri = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    with mlflow.start_run():
+    try:
+        _check_served_onnx(folder, texts, harness, digest, tiny_teacher_dir, tmp_path / "artifacts")
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
+
+
+def _check_served_onnx(folder, texts, harness, digest, tiny_teacher_dir, artifacts) -> None:  # noqa: ANN001
+    import hashlib
+    import json
+
+    import mlflow
+
+    from distillery.integrations import registry
+    from distillery.integrations.served_model import SERVING_FILE
+    from distillery.models.onnx_runtime import INT8_FILE
+
+    # an experiment of this store, artifacts in the test's folder: an earlier test may have left another store's
+    # experiment active, and a SQLite store's default artifact root is ./mlruns
+    experiment = mlflow.create_experiment("onnx-served", artifact_location=Path(artifacts).as_uri())
+    with mlflow.start_run(experiment_id=experiment):
         info = registry.log_classifier(folder, quantize="onnx-int8", max_length=16)
     served = mlflow.pyfunc.load_model(info.model_uri)
     local = Path(mlflow.artifacts.download_artifacts(info.model_uri)) / "artifacts" / "classifier"
@@ -110,7 +130,7 @@ def test_onnx_int8_form_is_served_as_measured(tiny_teacher_dir, tmp_path):
     assert list(out["label"]) == [LABELS[i] for i in harness.argmax(1)]
     np.testing.assert_allclose(out["confidence"].to_numpy(), probs.max(1), atol=2e-3)
     with pytest.raises(Exception, match="has no model-int8.onnx"):
-        with mlflow.start_run():
+        with mlflow.start_run(experiment_id=experiment):
             registry.log_classifier(tiny_teacher_dir, quantize="onnx-int8", max_length=16)
 
 

@@ -53,6 +53,7 @@ def main() -> int:
 
     from distillery.config import load_config, parse_override_args
     from distillery.integrations import registry
+    from distillery.models.calibration import accuracy_cost
     from distillery.models.report import oos_table
     from distillery.records import served_candidate
 
@@ -72,13 +73,10 @@ def main() -> int:
                for k in ROWS if k in logged}
     t, s, b = metrics["teacher_fp32"], metrics[served], metrics["baseline_fp32"]
 
-    def cost(m: dict) -> float:
-        return m["oos.inscope_accuracy_no_abstention"] - m["oos.inscope_accuracy"]
-
     ratios = {
         "oos_auroc_student_minus_teacher": s["oos.auroc"] - t["oos.auroc"],
         "oos_recall_student": s["oos.recall"],
-        "oos_inscope_accuracy_cost": cost(s),
+        "oos_inscope_accuracy_cost": accuracy_cost(s),
         "oos_recall_teacher": t["oos.recall"],
         "oos_recall_baseline": b["oos.recall"],
         "oos_auroc_student_minus_baseline": s["oos.auroc"] - b["oos.auroc"],

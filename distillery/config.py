@@ -333,7 +333,8 @@ def validate_config(cfg: Config) -> Config:
     need(q.trials >= 0 and q.parallel >= 1, "distill.search.trials must be >= 0 and distill.search.parallel >= 1")
     need(all(lo <= hi for lo, hi in (q.temperature, q.kd_weight, q.learning_rate, q.epochs)),
          "each distill.search range must be [low, high] with low <= high")
-    need(q.temperature[0] > 0 and q.learning_rate[0] > 0 and q.epochs[0] >= 1 and 0 <= q.kd_weight[0] <= q.kd_weight[1] <= 1,
+    need(q.temperature[0] > 0 and q.learning_rate[0] > 0 and q.epochs[0] >= 1
+         and 0 <= q.kd_weight[0] <= q.kd_weight[1] <= 1,
          "distill.search ranges: temperature and learning_rate > 0, epochs >= 1, kd_weight within [0, 1]")
     for name, section in (("teacher", cfg.teacher), ("distill", cfg.distill)):
         need(section.epochs >= 1, f"{name}.epochs must be >= 1")

@@ -44,7 +44,7 @@ def label_flow(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef,
         meta = {"teacher": teacher.__dict__, "snapshot_md5": snapshot.md5, "shards": len(bounds)}
         path = store_outputs(cfg, key, inputs, shard_logits, labels, meta, run_id)
     seconds = time.perf_counter() - start
-    log_labelling(cfg, run_id, teacher, snapshot, key, cache_hit, seconds, path)
+    log_labelling(cfg, run_id, teacher, snapshot, key, cache_hit, seconds, path, inputs)
     print(f"teacher {teacher.name} v{teacher.version} outputs for {len(inputs)} rows: "
           f"{'cache hit' if cache_hit else 'labelled'} in {seconds:.1f} s")
     validation = validate_outputs(cfg, path, len(inputs), run_id, teacher, snapshot)

@@ -103,6 +103,11 @@ class OosMetrics:
         return {f"{prefix}{k}": v for k, v in self.__dict__.items() if np.isfinite(v)}
 
 
+def accuracy_cost(metrics: dict) -> float:
+    """In-scope accuracy that abstaining gave up, from logged ``oos.*`` metrics (``OosMetrics.to_dict``)."""
+    return metrics["oos.inscope_accuracy_no_abstention"] - metrics["oos.inscope_accuracy"]
+
+
 def tradeoff_curve(probs: np.ndarray, labels: np.ndarray, is_oos: np.ndarray, score: np.ndarray | None = None,
                    points: int = 101) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(thresholds, in-scope accuracy, OOS recall) as the abstention threshold moves over the score's range."""

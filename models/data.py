@@ -358,14 +358,15 @@ def check_data(raw: RawData, max_drop_fraction: float,
     return cleaned, report
 
 
-def _finish(df: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
-    index = {name: i for i, name in enumerate(labels)}
+def _finish(df: pd.DataFrame, labels: list[str] | None) -> pd.DataFrame:
+    """Snapshot rows sorted by id; ``labels=None``: out-of-scope rows, whose label belongs to no class (id -1)."""
+    index = {name: i for i, name in enumerate(labels or [])}
     out = pd.DataFrame(
         {
             "id": df["text"].map(row_id).astype(str),
             "text": df["text"].astype(str),
             "label": df["label"].astype(str),
-            "label_id": df["label"].map(index).astype("int64"),
+            "label_id": df["label"].map(index).astype("int64") if labels is not None else -1,
         }
     )
     return out.sort_values("id", kind="stable").reset_index(drop=True)
@@ -458,12 +459,7 @@ def split_out_of_scope(cleaned: dict[str, pd.DataFrame], scope: Scope, validatio
         train, carved = _carve(train, validation_fraction, seed, by="label") if len(train) else (train, train)
         oos["validation"] = carved
     oos["train"] = train[train["label"] == scope.oos_label] if scope.oos_label is not None else train.iloc[:0]
-    frames = {}
-    for split, df in oos.items():
-        frames[OOS_SPLITS[split]] = pd.DataFrame({"id": df["text"].map(row_id).astype(str), "text": df["text"],
-                                                  "label": df["label"], "label_id": -1}
-                                                 ).sort_values("id", kind="stable").reset_index(drop=True)
-    return inscope, frames
+    return inscope, {OOS_SPLITS[split]: _finish(df, None) for split, df in oos.items()}
 
 
 def write_snapshot(splits: dict[str, pd.DataFrame], labels: list[str], report: CheckReport, folder: Path,

@@ -101,13 +101,19 @@ class OnnxClassifier:
         return self.path.stat().st_size
 
 
-def onnx_int8(model: PreTrainedModel, folder: Path, name: str, threads: int = 1) -> OnnxClassifier:
-    """Export ``model`` to ``folder/<name>.onnx``, quantise it to ``<name>-int8.onnx`` and open the INT8 session."""
-    folder = Path(folder)
-    fp32 = export_onnx(model, folder / f"{name}.onnx")
-    int8 = quantize_onnx_int8(fp32, folder / f"{name}-int8.onnx")
+def export_onnx_int8(model: PreTrainedModel, target: Path) -> Path:
+    """Export ``model`` and quantise it to INT8 at ``target`` (written whole or not at all); the FP32 export is
+    removed again."""
+    target = Path(target)
+    fp32 = export_onnx(model, target.with_name(f"{target.stem}-fp32.onnx"))
+    partial = quantize_onnx_int8(fp32, target.with_suffix(".partial"))
     fp32.unlink()
-    return OnnxClassifier(int8, model.config.num_labels, threads)
+    return partial.replace(target)
+
+
+def onnx_int8(model: PreTrainedModel, folder: Path, name: str, threads: int = 1) -> OnnxClassifier:
+    """Export ``model``, quantise it to ``folder/<name>-int8.onnx`` and open the INT8 session."""
+    return OnnxClassifier(export_onnx_int8(model, Path(folder) / f"{name}-int8.onnx"), model.config.num_labels, threads)
 
 
 def folder_onnx_int8(model: PreTrainedModel, folder: Path, threads: int = 1) -> OnnxClassifier:
@@ -115,8 +121,5 @@ def folder_onnx_int8(model: PreTrainedModel, folder: Path, threads: int = 1) -> 
     harness measures is the file registered and served with the folder."""
     path = Path(folder) / INT8_FILE
     if not path.is_file():
-        fp32 = export_onnx(model, Path(folder) / "model-fp32.onnx.tmp")
-        partial = quantize_onnx_int8(fp32, path.with_suffix(".partial"))
-        fp32.unlink()
-        partial.replace(path)
+        export_onnx_int8(model, path)
     return OnnxClassifier(path, model.config.num_labels, threads)

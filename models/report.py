@@ -10,6 +10,7 @@ matplotlib.use("Agg")  # headless: never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from distillery.models.calibration import accuracy_cost, tradeoff_curve  # noqa: E402
 from distillery.models.metrics import reliability_curve, softmax  # noqa: E402
 
 CANDIDATES = ("teacher_fp32", "teacher_int8", "student_fp32", "student_int8", "baseline_fp32")
@@ -51,8 +52,6 @@ def plot_oos_tradeoff(curves: dict[str, tuple[np.ndarray, ...]], chosen: dict[st
                       path: Path) -> Path:
     """In-scope accuracy against out-of-scope recall as the abstention threshold moves; the chosen threshold of each
     candidate is marked."""
-    from distillery.models.calibration import tradeoff_curve
-
     fig, ax = plt.subplots(figsize=(6.5, 4.8))
     for name, (probs, labels, is_oos, score) in curves.items():
         _, accuracy, recall = tradeoff_curve(probs, labels, is_oos, score)
@@ -190,7 +189,7 @@ def _oos_section(metrics: dict[str, dict], served: str | None, score: str = "con
              f"{m.get('temperature', 1.0):.3f}) is below **{m['abstain_threshold']:.4f}** (chosen on the validation "
              f"split)."]
     if "oos.recall" in m:
-        cost = m["oos.inscope_accuracy_no_abstention"] - m["oos.inscope_accuracy"]
+        cost = accuracy_cost(m)
         lines.append(f"Measured on the test split: it catches {m['oos.recall']:.1%} of out-of-scope texts "
                      f"({_precision(m)}AUROC {m.get('oos.auroc', float('nan')):.3f}) at a cost of {cost:.2%} "
                      f"in-scope accuracy ({m['oos.inscope_accuracy_no_abstention']:.4f} -> "

@@ -27,7 +27,8 @@ def trial_candidate(trial, distill: DistillConfig) -> Candidate:  # noqa: ANN001
     """The recipe an Optuna trial proposes within ``distill.search``'s ranges (ce_weight = 1 - kd_weight)."""
     q = distill.search
     kd = round(trial.suggest_float("kd_weight", *q.kd_weight), 4)
-    return Candidate(kind="distilled", temperature=round(trial.suggest_float("temperature", *q.temperature, log=True), 4),
+    temperature = round(trial.suggest_float("temperature", *q.temperature, log=True), 4)
+    return Candidate(kind="distilled", temperature=temperature,
                      kd_weight=kd, ce_weight=round(1.0 - kd, 4), feature_weight=distill.feature_weight,
                      learning_rate=float(f"{trial.suggest_float('learning_rate', *q.learning_rate, log=True):.3g}"),
                      epochs=trial.suggest_int("epochs", *q.epochs), trial=trial.number)

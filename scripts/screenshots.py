@@ -13,33 +13,23 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 BIN = Path(sys.executable).parent
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import free_port, wait_http  # noqa: E402 - after the project root is on the path
 
 
-def wait_for(url: str, seconds: float = 120) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise SystemExit(f"{url} did not answer within {seconds} s")
+def wait_for(url: str, proc: subprocess.Popen, log: Path, seconds: float = 120) -> None:
+    """Until the server answers (``tests.helpers.wait_http``); a clean exit with its log's tail when it does not."""
+    try:
+        wait_http(url, seconds, proc, log)
+    except AssertionError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def start(cmd: list[str], log: Path) -> subprocess.Popen:
@@ -96,8 +86,8 @@ def main() -> int:
                                      str(prefect_port)], env=env_prefect, stdout=open(out / "prefect-ui.log", "w"),
                                     stderr=subprocess.STDOUT, start_new_session=True))
     try:
-        wait_for(f"http://127.0.0.1:{mlflow_port}/health")
-        wait_for(f"http://127.0.0.1:{prefect_port}/api/health")
+        wait_for(f"http://127.0.0.1:{mlflow_port}/health", servers[0], out / "mlflow-ui.log")
+        wait_for(f"http://127.0.0.1:{prefect_port}/api/health", servers[1], out / "prefect-ui.log")
         ml = f"http://127.0.0.1:{mlflow_port}/#"
         shoot(browser, f"{ml}/experiments/{run.info.experiment_id}/runs/{run.info.run_id}", out / "mlflow-run.png")
         shoot(browser, f"{ml}/experiments/{run.info.experiment_id}", out / "mlflow-experiment.png")

@@ -38,16 +38,16 @@ def labelling_inputs(snapshot: SnapshotRef, transfer_set: Path | None,
     _, oos = read_out_of_scope(Path(snapshot.path))
     if len(oos.get("oos_train", ())):
         parts.append(oos["oos_train"].assign(split="oos", label_id=-1)[["id", "text", "split", "label_id"]])
+    # the rows no generated or transfer text may be: validation and test, in and out of scope
+    held_out = pd.concat([splits["validation"], splits["test"],
+                          *[oos[name] for name in ("oos_validation", "oos_test") if name in oos]])
     if recipe is not None and recipe.multiple > 0:
-        held_out = [t for name in ("validation", "test") for t in splits[name]["text"]] + [
-            t for name in ("oos_validation", "oos_test") for t in oos.get(name, {"text": []})["text"]]
-        made = make_transfer_set(splits["train"]["text"].tolist(), held_out, recipe)
+        made = make_transfer_set(splits["train"]["text"].tolist(), held_out["text"].tolist(), recipe)
         made = made[~made["id"].isin(set(pd.concat(parts)["id"]))]
         parts.append(made.assign(split="augmented", label_id=-1)[["id", "text", "split", "label_id"]])
     if transfer_set is not None:
         extra = read_transfer_set(transfer_set)
-        known = set(pd.concat(parts)["id"]) | set(splits["test"]["id"]) | {
-            i for name in ("oos_validation", "oos_test") for i in oos.get(name, {"id": []})["id"]}
+        known = set(pd.concat(parts)["id"]) | set(held_out["id"])
         extra = extra[~extra["id"].isin(known)]  # never label test texts as transfer data
         parts.append(extra.assign(split="transfer", label_id=-1)[["id", "text", "split", "label_id"]])
     return pd.concat(parts, ignore_index=True), labels
@@ -165,25 +165,25 @@ def validate_outputs(cfg: Config, outputs_path: str, expected_rows: int, run_id:
                              statistics=dict(report.statistics))
 
 
-@task(name="log-labelling", cache_policy=NO_CACHE)
-def augment_tags(cfg: Config, snapshot: SnapshotRef) -> dict[str, str]:
-    """The generated transfer set's recipe and content hash (empty when none is made), for the lineage."""
+def augment_tags(cfg: Config, inputs: pd.DataFrame) -> dict[str, str]:
+    """The generated transfer set's recipe and content hash (empty when none is made), for the lineage; ``inputs``
+    are the rows the teacher labelled (``rows_to_label``)."""
     recipe = augment_recipe(cfg)
     if recipe is None:
         return {}
-    inputs, _ = rows_to_label(cfg, snapshot)
     made = inputs[inputs["split"] == "augmented"]
     return {"transfer.recipe": json.dumps(dataclasses.asdict(recipe), sort_keys=True),
             "transfer.recipe_hash": recipe.digest(), "transfer.content_hash": content_hash(made),
             "transfer.rows": str(len(made))}
 
 
+@task(name="log-labelling", cache_policy=NO_CACHE)
 def log_labelling(cfg: Config, run_id: str, teacher: TeacherRef, snapshot: SnapshotRef, key: str, cache_hit: bool,
-                  seconds: float, outputs_path: str) -> None:
+                  seconds: float, outputs_path: str, inputs: pd.DataFrame) -> None:
     meta = json.loads((Path(outputs_path).parent / META_FILE).read_text())
     with registry.open_run(cfg, run_id):
         registry.log_params({**teacher.to_tags(), **snapshot.to_tags(), "labelling.cache_key": key,
-                             "labelling.shards": cfg.labelling.shards, **augment_tags(cfg, snapshot)})
+                             "labelling.shards": cfg.labelling.shards, **augment_tags(cfg, inputs)})
         mlflow.set_tags({"teacher_outputs.cache_hit": str(cache_hit).lower(),
                          "teacher_outputs.source_run": meta["run_id"], "teacher_outputs.path": outputs_path})
         mlflow.log_metric("labelling_seconds", seconds)

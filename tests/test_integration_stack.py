@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,16 +13,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_project
-from tests.helpers import write_config
+from tests.helpers import free_port, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.integration
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _processes_using(folder: Path) -> list[str]:
@@ -70,8 +63,8 @@ def test_new_teacher_version_is_distilled_and_promoted_with_no_other_action(tmp_
     (project / ".gitignore").write_text(".distillery/\nsource/\ntiny-teacher\nstack/\n")
     # a clean Prefect environment: the session's test harness must not leak its temporary API or database settings
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    env = {**clean, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "STACK_DIR": str(tmp_path / "stack"), "PREFECT_PORT": str(_free_port()),
-           "MLFLOW_PORT": str(_free_port()), "WEBHOOK_PORT": str(_free_port()),
+    env = {**clean, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "STACK_DIR": str(tmp_path / "stack"), "PREFECT_PORT": str(free_port()),
+           "MLFLOW_PORT": str(free_port()), "WEBHOOK_PORT": str(free_port()),
            "DISTILLERY_CONFIG": str(project / "distillery.yaml"), "DISTILLERY_WEBHOOK_SECRET": "integration-secret",
            "VENV_BIN": str(Path(sys.executable).parent)}
     stack = ROOT / "scripts" / "stack.sh"

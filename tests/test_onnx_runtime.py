@@ -43,6 +43,7 @@ def test_int8_session_runs_through_the_harness(tiny_teacher_dir, tmp_path):
     data = _test_split(tokenizer)
     int8 = onnx_int8(model, tmp_path, "student")
     assert not (tmp_path / "student.onnx").exists() and (tmp_path / "student-int8.onnx").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["student-int8.onnx"]  # no FP32 export or partial file left
     assert int8.size_bytes() < export_onnx(model, tmp_path / "fp32" / "student.onnx").stat().st_size
     timing = TimingSettings(repeats=3, warmup=1, throughput_batches=1)
     reference, logits = evaluate_model(model, data, tokenizer.pad_token_id, len(LABELS), None, timing)

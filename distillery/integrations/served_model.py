@@ -118,23 +118,23 @@ class ServedClassifier:
 
     def scaled_logits(self, texts: list[str]) -> np.ndarray:
         """``logits / temperature`` for every text, tokenised as the harness measured."""
+        out = []
+        for start in range(0, len(texts), BATCH_SIZE):
+            enc = self.tokenizer(texts[start:start + BATCH_SIZE], truncation=self.settings["truncation"],
+                                 padding=True, max_length=self.settings["max_length"], return_tensors="np")
+            out.append(self._forward(enc) / float(self.settings["temperature"]))
+        return np.concatenate(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)
+
+    def _forward(self, enc) -> np.ndarray:  # noqa: ANN001 - the tokenizer's numpy batch
+        """Logits (float32) of one tokenised batch, from the ONNX Runtime session or the torch model."""
+        if self.session is not None:
+            (logits,) = self.session.run(["logits"], {k: enc[k].astype(np.int64) for k in ("input_ids",
+                                                                                          "attention_mask")})
+            return logits.astype(np.float32)
         import torch
 
-        out = []
-        if self.session is not None:
-            for start in range(0, len(texts), BATCH_SIZE):
-                enc = self.tokenizer(texts[start:start + BATCH_SIZE], truncation=self.settings["truncation"],
-                                     padding=True, max_length=self.settings["max_length"], return_tensors="np")
-                (logits,) = self.session.run(["logits"], {"input_ids": enc["input_ids"].astype(np.int64),
-                                                          "attention_mask": enc["attention_mask"].astype(np.int64)})
-                out.append(logits.astype(np.float32) / float(self.settings["temperature"]))
-            return np.concatenate(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)
         with torch.inference_mode():
-            for start in range(0, len(texts), BATCH_SIZE):
-                enc = self.tokenizer(texts[start:start + BATCH_SIZE], truncation=self.settings["truncation"],
-                                     padding=True, max_length=self.settings["max_length"], return_tensors="pt")
-                out.append((self.model(**enc).logits.float() / float(self.settings["temperature"])).numpy())
-        return np.concatenate(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)
+            return self.model(**{k: torch.from_numpy(v) for k, v in enc.items()}).logits.float().numpy()
 
     def probabilities(self, texts: list[str]) -> np.ndarray:
         return _softmax(self.scaled_logits(texts))

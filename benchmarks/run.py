@@ -4,9 +4,11 @@
 
 Needs a promoted ``student@champion`` (run ``make run`` first). Prints tables and writes
 ``benchmarks/results/<name>.json``. It measures:
-  1. teacher FP32/INT8, distilled student FP32/INT8 and the baseline student on the test split (one harness:
-     quality, batch-1 latency p50/p95 and batch-32 throughput with fixed threads, warm-up and repeats, size), and
-     teacher and student as ONNX Runtime INT8 models (an extra deployment target; --no-onnx skips them);
+  1. teacher and champion in every form (FP32, torch INT8, ONNX Runtime INT8), the baseline student and the run's
+     other (frontier) students in the served form, on the test split (one harness: quality, batch-1 latency p50/p95
+     on one thread, batch-32 throughput on all cores, size); the champion against the reference the gate used
+     (interleaved pairs) and through its served code path; the frontier table and plot
+     (``benchmarks/results/<name>-frontier.png``);
   2. the wall time of each stage of the run that made the champion (from its MLflow runs), and a cached re-run of
      the whole pipeline (same teacher, data and config: no relabelling, no retraining), timed here;
   3. teacher labelling in the pipeline (Prefect + MLflow + GX, forced cache miss) against a bare batched loop;
@@ -54,7 +56,6 @@ def main() -> int:
                         help="config override, as for the CLI (e.g. the large profile's names)")
     parser.add_argument("--repeats", type=int, default=200, help="batch-1 latency samples per candidate")
     parser.add_argument("--overhead-steps", type=int, default=120, help="optimiser steps in the overhead probe")
-    parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime INT8 rows")
     args = parser.parse_args()
     from distillery.cli import environment_defaults
 
@@ -66,13 +67,15 @@ def main() -> int:
 
     from distillery.config import load_config
     from distillery.models.data import read_snapshot
-    from distillery.models.evaluation import TimingSettings, encode_per_folder, evaluate_model, harness_candidates
+    from distillery.models.evaluation import (TimingSettings, encode_per_folder, evaluate_model, harness_candidates,
+                                              paired_latency_ratio)
     from distillery.models.labelling import teacher_logits
     from distillery.models.modeling import count_parameters, load_classifier, load_tokenizer
-    from distillery.models.report import headline_ratios, results_table
+    from distillery.models.report import frontier_table, headline_ratios, pareto, plot_frontier, results_table
     from distillery.models.training import DistillationObjective, encode, train_model
     from distillery.integrations import registry
-    from distillery.records import Candidate, Lineage, TeacherRef
+    from distillery.records import Candidate, Lineage, TeacherRef, served_candidate
+    from distillery.tasks.evaluate import onnx_teacher_folder, served_path_latency
     from distillery.tasks.data import freeze
     from distillery.tasks.labelling import rows_to_label
     from distillery.tasks.teacher import settings_from
@@ -102,36 +105,52 @@ def main() -> int:
     results: dict = {"machine": machine(), "profile": args.name, "champion": f"{champion.name} v{champion.version}",
                      "teacher": f"{teacher_mv.name} v{teacher_mv.version}", "base_model": cfg.teacher.base_model}
 
-    # 1. models on one harness
+    # 1. models on one harness: every form of teacher and champion, the baseline, the run's other students in the
+    # served form; the ratios against the reference the gate used
     snapshot = freeze(cfg)
     splits, labels = read_snapshot(Path(snapshot.path))
     tokenizer = load_tokenizer(teacher_dir)
     texts_test, gold = splits["test"]["text"].tolist(), splits["test"]["label_id"].tolist()
     timing = TimingSettings(threads=cfg.evaluation.threads, warmup=20, repeats=args.repeats, throughput_batches=20)
-    candidates = harness_candidates(teacher_dir, student_dir, baseline_dir)
+    form = lineage.deploy_form
+    eval_tags = client.get_run(lineage.evaluation_run_id).data.tags
+    others = {}  # the evaluation's other students (the frontier, or the chosen one when a frontier student won)
+    for key, run_id in eval_tags.items():
+        if (key == "student.run_id" or key.startswith("frontier.")) and run_id != lineage.student_run_id:
+            folder = cfg.workdir / "students" / run_id
+            label = client.get_run(run_id).data.params.get("student.shape", "chosen")
+            if folder.is_dir():
+                others[label] = str(folder)
+            else:
+                print(f"  {label}: {folder} is gone (distillery gc?): not measured", flush=True)
+    teacher_ref = TeacherRef.from_version(teacher_mv.name, str(teacher_mv.version), teacher_mv.run_id, teacher_mv.tags,
+                                          str(teacher_dir))
+    candidates = harness_candidates(teacher_dir, student_dir, baseline_dir, onnx_teacher_folder(cfg, teacher_ref),
+                                    others, form)
     teacher = candidates["teacher_fp32"][0]
     encoded = encode_per_folder({c[2] for c in candidates.values()}, texts_test, gold, cfg.distill.max_length)
-    onnx_dir = tempfile.TemporaryDirectory()  # ONNX Runtime INT8: an extra deployment target for both
-    if not args.no_onnx:
-        from distillery.models.onnx_runtime import onnx_int8
-
-        for name, source in (("teacher_int8_onnx", "teacher_fp32"), ("student_int8_onnx", "student_fp32")):
-            model, _, folder = candidates[source]
-            candidates[name] = (onnx_int8(model, Path(onnx_dir.name), name, timing.threads), count_parameters(model),
-                                folder)
-    metrics, reference = {}, None
+    metrics, reference_pred = {}, None
     for name, (model, params, folder) in candidates.items():
         size = model.size_bytes() if hasattr(model, "size_bytes") else None
         data, pad = encoded[folder]
-        m, logits = evaluate_model(model, data, pad, len(labels), reference, timing, params, size_bytes=size)
-        reference = logits.argmax(1) if reference is None else reference
+        m, logits = evaluate_model(model, data, pad, len(labels), reference_pred, timing, params, size_bytes=size)
+        reference_pred = logits.argmax(1) if reference_pred is None else reference_pred
         metrics[name] = {k: v for k, v in m.items() if k != "per_class_f1"}
         print(f"  measured {name}", flush=True)
-    onnx_dir.cleanup()
+    served, reference = served_candidate(form), lineage.judged_against
+    (s_model, _, s_folder), (r_model, _, r_folder) = candidates[served], candidates[reference]
+    metrics[served].update(paired_latency_ratio(s_model, *encoded[s_folder], r_model, *encoded[r_folder], timing))
+    metrics[served].update(served_path_latency(str(student_dir), form, cfg.distill.max_length, texts_test, timing))
+    results["served"], results["reference"] = served, reference
     results["models"] = metrics
-    results["ratios"] = headline_ratios(metrics)
+    results["ratios"] = headline_ratios(metrics, served, reference)
+    results["frontier"] = sorted(pareto(metrics))
+    contenders = (served, *(served_candidate(form, k) for k in others))
+    frontier_text = frontier_table(metrics, contenders, reference)
+    plot_frontier(metrics, ROOT / "benchmarks" / "results" / f"{args.name}-frontier.png", served, reference)
     results["timing"] = {"threads": timing.threads, "warmup": timing.warmup, "repeats": timing.repeats,
-                         "throughput_batch": timing.throughput_batch_size, "throughput_batches": timing.throughput_batches}
+                         "throughput_batch": timing.throughput_batch_size, "throughput_batches": timing.throughput_batches,
+                         "throughput_threads": os.cpu_count()}
 
     # 2. pipeline stages of the run that made the champion, and a cached re-run
     labelling_run = client.get_run(distill_run).data.tags.get("teacher_outputs.run_id")
@@ -168,8 +187,6 @@ def main() -> int:
     scratch = tempfile.TemporaryDirectory()  # the probe's own label cache and workdir, removed at the end
     start = time.perf_counter()
     probe_label_cfg = load_config(args.config, {**probe, "labelling.cache_dir": f"{scratch.name}/cache"})
-    teacher_ref = TeacherRef.from_version(teacher_mv.name, str(teacher_mv.version), teacher_mv.run_id, teacher_mv.tags,
-                                          str(teacher_dir))
     out = label_flow(probe_label_cfg, snapshot, teacher_ref)
     flow_total = time.perf_counter() - start
     results["labelling"] = {"rows": len(texts), "bare_loop_s": bare, "pipeline_inference_s": out.seconds,
@@ -218,7 +235,7 @@ def main() -> int:
     results["overhead"] = {"steps": args.overhead_steps, "with_prefect_mlflow_s": with_orchestration,
                            "bare_s": without, "ratio": with_orchestration / without}
 
-    print_report(results, results_table(metrics))
+    print_report(results, results_table(metrics) + "\n\nfrontier (smallest first, * = Pareto):\n" + frontier_text)
     out_file = ROOT / "benchmarks" / "results" / f"{args.name}.json"
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(json.dumps(results, indent=1) + "\n")

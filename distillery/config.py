@@ -114,6 +114,28 @@ class StudentConfig(Section):
     # `vocab_reserve` shortest pieces; unseen pieces read as [UNK] (WordPiece tokenizers)
     prune_vocab: StrictBool = False
     vocab_reserve: int = 0
+    # more student shapes, each distilled with the recipe chosen for this one and measured in the served form: the
+    # accuracy / latency / size frontier; entries override keys above, e.g. {layers: [0]} or {init: config,
+    # hidden_size: 192}
+    frontier: tuple[dict[str, Any], ...] = ()
+
+    def shaped(self, shape: Mapping[str, Any]) -> "StudentConfig":
+        """This student with a frontier entry's keys in place (no frontier of its own)."""
+        return StudentConfig.model_validate({**self.model_dump(), **dict(shape), "frontier": ()})
+
+    def frontier_shapes(self) -> dict[str, "StudentConfig"]:
+        """The frontier students by their label (``cut0``: its configuration)."""
+        shapes = (self.shaped(shape) for shape in self.frontier)
+        return {shaped.label: shaped for shaped in shapes}
+
+    @property
+    def label(self) -> str:
+        """A short name of the shape: cut0-5 (kept teacher layers), h256x2 (a fresh model), minilm (pretrained)."""
+        if self.init == "cut":
+            return "cut" + "-".join(str(i) for i in self.layers)
+        if self.init == "config":
+            return f"h{self.hidden_size}x{self.num_layers}"
+        return "".join(c if c.isalnum() else "-" for c in Path(self.base_model).name.lower())
 
 
 class SweepConfig(Section):
@@ -184,6 +206,9 @@ class GateConfig(Section):
     # with out-of-scope data: the student's OOS recall and AUROC may fall at most this far below the FP32 teacher's
     oos_recall_tolerance: float = 0.05
     oos_auroc_tolerance: float = 0.02
+    # best: judge the student chosen on validation | smallest: judge it and every frontier student, promote the
+    # smallest (on disk) that passes
+    policy: str = "best"
 
 
 class TrackingConfig(Section):
@@ -221,6 +246,10 @@ class Config(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     root: str = "."
+
+    def for_student(self, shape: Mapping[str, Any]) -> "Config":
+        """This configuration with ``student`` shaped by a frontier entry."""
+        return self.model_copy(update={"student": self.student.shaped(shape)})
 
     def path(self, value: str) -> Path:
         """Resolve a configured path against the configuration root (absolute paths stay as they are)."""
@@ -367,6 +396,23 @@ def validate_config(cfg: Config) -> Config:
         need(s.hidden_size % max(s.num_attention_heads, 1) == 0,
              "student.hidden_size must be divisible by student.num_attention_heads")
     need(s.deploy in ("fp32", "int8", "onnx-int8"), "student.deploy must be 'fp32', 'int8' or 'onnx-int8'")
+    labels = [s.label]
+    for i, shape in enumerate(s.frontier):
+        bad = set(shape) - (set(StudentConfig.model_fields) - {"deploy", "frontier"})
+        if bad:
+            problems.append(f"student.frontier[{i}]: unknown or fixed key(s) {sorted(bad)} (every student is served "
+                            f"in student.deploy)")
+            continue
+        try:
+            shaped = s.shaped(shape)
+        except ValidationError as exc:
+            problems.append(f"student.frontier[{i}]: {_describe(exc)}")
+            continue
+        need(not (shaped.init == "cut" and not shaped.layers), f"student.frontier[{i}]: a cut keeps at least one layer")
+        need(shaped.init == "cut" or shaped.hidden_size % max(shaped.num_attention_heads, 1) == 0,
+             f"student.frontier[{i}]: hidden_size must be divisible by num_attention_heads")
+        need(shaped.label not in labels, f"student.frontier[{i}]: shape {shaped.label} is already a student")
+        labels.append(shaped.label)
     k = cfg.distill
     need(k.temperature > 0, "distill.temperature must be > 0")
     need(k.kd_weight >= 0 and k.ce_weight >= 0 and k.feature_weight >= 0, "distill loss weights must be >= 0")
@@ -385,6 +431,7 @@ def validate_config(cfg: Config) -> Config:
          "gate tolerances must be >= 0")
     need(0 < g.max_latency_ratio, "gate.max_latency_ratio must be > 0")
     need(0 <= g.max_class_f1_drop <= 1, "gate.max_class_f1_drop must be in [0, 1]")
+    need(g.policy in ("best", "smallest"), "gate.policy must be 'best' or 'smallest'")
     need(bool(cfg.tracking.student_name) and bool(cfg.tracking.champion_alias),
          "tracking.student_name and tracking.champion_alias must be set")
     need(cfg.runtime.task_runner in ("threads", "dask"), "runtime.task_runner must be 'threads' or 'dask'")

@@ -33,20 +33,22 @@ def _loads(value: str | None) -> Any:
         return value
 
 
-# The forms a student can be served in (student.deploy) and the harness candidate that measures each: the gate judges
-# that candidate against the teacher's INT8 form in the same runtime, and the registry serves the same bytes.
-DEPLOY_CANDIDATES = {"fp32": "student_fp32", "int8": "student_int8", "onnx-int8": "student_int8_onnx"}
-REFERENCE_CANDIDATES = {"fp32": "teacher_int8", "int8": "teacher_int8", "onnx-int8": "teacher_int8_onnx"}
+# The forms a student can be served in (student.deploy) and the suffix of the harness candidate that measures each
+# (``student_int8``, ``cut0_int8_onnx``): the gate judges that candidate and the registry serves the same bytes.
+FORM_SUFFIX = {"fp32": "fp32", "int8": "int8", "onnx-int8": "int8_onnx"}
+# the teacher's quantised forms the harness measures; the gate compares with the best of them on validation accuracy
+QUANTISED_TEACHERS = ("teacher_int8", "teacher_int8_onnx")
+PRIMARY = "student"  # the harness name of the student chosen on validation (frontier students go by their shape)
 
 
-def served_candidate(form: str) -> str:
-    """The harness candidate of a deployment form (``int8`` -> ``student_int8``)."""
-    return DEPLOY_CANDIDATES.get(form, f"student_{form}")
+def served_candidate(form: str, student: str = PRIMARY) -> str:
+    """The harness candidate of a student in a deployment form (``int8`` -> ``student_int8``)."""
+    return f"{student}_{FORM_SUFFIX.get(form, form)}"
 
 
 def reference_candidate(form: str) -> str:
-    """The quantised teacher a form is compared with: the teacher's INT8 form in the same runtime."""
-    return REFERENCE_CANDIDATES.get(form, "teacher_int8")
+    """The teacher's quantised form in the student's runtime (the reference when validation cannot tell them apart)."""
+    return "teacher_int8_onnx" if form == "onnx-int8" else "teacher_int8"
 
 
 @dataclass(frozen=True)
@@ -108,14 +110,17 @@ class Candidate:
     learning_rate: float | None = None  # None: distill.learning_rate (a search trial sets its own)
     epochs: int | None = None  # None: distill.epochs
     trial: int | None = None  # the search trial that proposed it
+    shape: str | None = None  # a frontier student's shape (``cut0``): the chosen recipe on another student
 
     @property
     def name(self) -> str:
         if self.kind == "baseline":
             return "baseline"
         if self.trial is not None:
-            return f"trial-{self.trial}"
-        return f"distill-T{self.temperature}-kd{self.kd_weight}"
+            recipe = f"trial-{self.trial}"
+        else:
+            recipe = f"distill-T{self.temperature}-kd{self.kd_weight}"
+        return f"{self.shape}-{recipe}" if self.shape else recipe
 
     def to_dict(self) -> dict[str, Any]:
         """Set fields only: a grid candidate keeps the key (and the checkpoints) it had before search fields existed."""
@@ -176,12 +181,16 @@ class TrainedStudent:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """The one harness's result: the parent MLflow run, the printed table and headline ratios."""
+    """The one harness's result: the parent MLflow run, the printed table and headline ratios; ``reference`` is the
+    teacher's quantised form the gate compares with, ``students`` the harness names of the students measured in their
+    served form (the chosen one first, then the frontier)."""
 
     run_id: str
     table: str
     ratios: Mapping[str, float]
     metrics: Mapping[str, Mapping[str, float]]
+    reference: str = "teacher_int8"
+    students: tuple[str, ...] = (PRIMARY,)
 
 
 @dataclass(frozen=True)
@@ -193,13 +202,14 @@ class Decision:
     criteria: tuple[dict, ...] = ()
     version: str | None = None
     champion_version: str | None = None
+    student: str = PRIMARY  # which measured student the decision is about (a frontier shape under gate.policy smallest)
 
     def failed_names(self) -> list[str]:
         return [c["name"] for c in self.criteria if not c["passed"]]
 
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "reasons": list(self.reasons), "criteria": list(self.criteria),
-                "version": self.version, "champion_version": self.champion_version}
+                "version": self.version, "champion_version": self.champion_version, "student": self.student}
 
 
 @dataclass(frozen=True)
@@ -214,6 +224,8 @@ class Lineage:
     student_run_id: str
     evaluation_run_id: str
     deploy_form: str = "fp32"
+    served_as: str = ""  # the harness candidate measured as this model (empty: the chosen student in deploy_form)
+    reference: str = ""  # the teacher's quantised form it was judged against (empty: the one in its runtime)
     candidate: Mapping[str, Any] = field(default_factory=dict)
     validation: Mapping[str, Any] = field(default_factory=dict)
     criteria: tuple[dict, ...] = ()
@@ -225,7 +237,9 @@ class Lineage:
         return {**self.teacher.to_tags(), "data.snapshot_md5": self.snapshot_md5, "git.revision": self.git_revision,
                 "config.hash": self.config_hash, "distill.run_id": self.distill_run_id,
                 "student.run_id": self.student_run_id, "evaluation.run_id": self.evaluation_run_id,
-                "deploy.form": self.deploy_form, "candidate": _json(dict(self.candidate)),
+                "deploy.form": self.deploy_form, "evaluation.candidate": self.measured_as,
+                "gate.reference": self.judged_against,
+                "candidate": _json(dict(self.candidate)),
                 "gate.criteria": _json(list(self.criteria)), **{k: _json(v) for k, v in self.validation.items()},
                 **{f"{METRIC_PREFIX}{k}": f"{v:.6g}" for k, v in self.metrics.items()}}
 
@@ -238,11 +252,23 @@ class Lineage:
             git_revision=tags.get("git.revision", ""), config_hash=tags.get("config.hash", ""),
             distill_run_id=tags.get("distill.run_id", ""), student_run_id=tags.get("student.run_id", ""),
             evaluation_run_id=tags.get("evaluation.run_id", ""), deploy_form=tags.get("deploy.form", "fp32"),
+            served_as=tags.get("evaluation.candidate", ""), reference=tags.get("gate.reference", ""),
             candidate=_loads(tags.get("candidate")) or {},
             validation={"gx.success": tags.get("gx.success"), "gx.summary": _loads(tags.get("gx.summary"))},
             criteria=tuple(_loads(tags.get("gate.criteria")) or ()),
             metrics={k.removeprefix(METRIC_PREFIX): float(v) for k, v in tags.items() if k.startswith(METRIC_PREFIX)},
         )
+
+    @property
+    def measured_as(self) -> str:
+        """The harness candidate whose metrics are this model's (versions registered before frontiers: the chosen
+        student in its form)."""
+        return self.served_as or served_candidate(self.deploy_form)
+
+    @property
+    def judged_against(self) -> str:
+        """The teacher's quantised form the gate compared it with (older versions: the one in its runtime)."""
+        return self.reference or reference_candidate(self.deploy_form)
 
     def runs(self) -> dict[str, str]:
         return dict(zip(self.RUN_KEYS, (self.distill_run_id, self.student_run_id, self.evaluation_run_id)))

@@ -24,11 +24,9 @@ from distillery.records import (
     decision_of,
     is_retired,
     manual_promotion_tags,
-    reference_candidate,
     restored_tags,
     retired_tags,
     rollback_tags,
-    served_candidate,
 )
 from distillery.flows.runners import run_lock
 from distillery.models.gate import GateError, judge_logged
@@ -204,8 +202,8 @@ def promote_version(cfg: Config, version: str, reason: str) -> tuple[str | None,
         if previous == str(version):
             champion = None  # it is the champion already: nothing to be no worse than
         logged = registry.logged_candidate_metrics(reg, lineage.evaluation_run_id)
-        decision = judge_logged(cfg.gate, logged, served_candidate(lineage.deploy_form), champion, previous,
-                                str(version), reference=reference_candidate(lineage.deploy_form))
+        decision = judge_logged(cfg.gate, logged, lineage.measured_as, champion, previous, str(version),
+                                reference=lineage.judged_against)
         if not decision.passed:
             raise GateError(f"{name} v{version} fails the gate, {name}@{alias} unchanged:\n  "
                             + "\n  ".join(decision.reasons))

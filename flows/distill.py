@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from prefect import flow
@@ -75,10 +76,17 @@ def distill_flow(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef, force:
     if len(candidates) > 1:
         print("sweep (validation macro-F1): " + ", ".join(f"{c.name}={c.val_macro_f1:.4f}" for c in candidates)
               + f" -> {best.name}")
-    evaluation = evaluate_candidates(cfg, snapshot, teacher, best, baseline, run_id)
+    # the frontier: the chosen recipe on each further student shape, trained side by side on the task runner
+    shapes = cfg.student.frontier_shapes()
+    futures = {label: train_student.submit(cfg.for_student(shape.model_dump()), teacher, snapshot, outputs,
+                                           dataclasses.replace(best.candidate, shape=label), run_id)
+               for label, shape in shapes.items()}
+    frontier = {label: f.result() for label, f in futures.items()}
+    evaluation = evaluate_candidates(cfg, snapshot, teacher, best, baseline, run_id, frontier)
     decision, logged = judge(cfg, run_id, evaluation)
     if decision.passed:
-        decision = promote(cfg, run_id, snapshot, teacher, best, outputs.validation, evaluation, decision, logged)
+        chosen = frontier.get(decision.student, best)
+        decision = promote(cfg, run_id, snapshot, teacher, chosen, outputs.validation, evaluation, decision, logged)
     report_decision(cfg, snapshot, teacher, evaluation, decision, run_id)
     name, alias = cfg.tracking.student_name, cfg.tracking.champion_alias
     verdict = (f"PROMOTED as {name} v{decision.version} (@{alias})" if decision.passed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from distillery.records import PRIMARY, served_candidate
 from distillery.models.metrics import classification_metrics
 from distillery.models.modeling import count_parameters, load_classifier, load_tokenizer, quantize_int8, size_on_disk
 from distillery.models.training import Encoded, collate, encode, predict_logits
@@ -25,18 +27,27 @@ class TimingSettings:
     repeats: int = 50
     throughput_batches: int = 5
     throughput_batch_size: int = 32
+    throughput_threads: int | None = None  # None: every core of the machine
     seed: int = 0
 
 
+def _threads(model, threads: int) -> None:  # noqa: ANN001
+    """Set the threads a candidate runs on: torch's for torch models, the session's for an ONNX one."""
+    torch.set_num_threads(threads)
+    if hasattr(model, "use_threads"):
+        model.use_threads(threads)
+
+
 def measure_speed(model: PreTrainedModel, data: Encoded, pad_id: int, settings: TimingSettings) -> dict[str, float]:
-    """Latency p50/p95 (ms) at batch 1 and throughput (rows/s) at batch 32, with fixed threads and warm-up.
+    """Latency p50/p95 (ms) at batch 1 on ``threads`` and throughput (rows/s) at batch 32 on ``throughput_threads``
+    (all cores by default), with warm-up.
 
     The same seeded rows are timed for every candidate, so the numbers compare like for like.
     """
     rng = np.random.default_rng(settings.seed)
     single = rng.choice(len(data), size=settings.warmup + settings.repeats, replace=True)
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(settings.threads)
+    _threads(model, settings.threads)
     model.eval()
     try:
         with torch.inference_mode():
@@ -47,6 +58,7 @@ def measure_speed(model: PreTrainedModel, data: Encoded, pad_id: int, settings: 
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                 if k >= settings.warmup:
                     samples.append((time.perf_counter() - start) * 1000.0)
+            _threads(model, settings.throughput_threads or os.cpu_count() or 1)
             size = min(settings.throughput_batch_size, len(data))
             batches = [rng.choice(len(data), size=size, replace=False) for _ in range(settings.throughput_batches + 1)]
             elapsed = 0.0
@@ -57,6 +69,7 @@ def measure_speed(model: PreTrainedModel, data: Encoded, pad_id: int, settings: 
                 if k > 0:  # the first batch is warm-up
                     elapsed += time.perf_counter() - start
     finally:
+        _threads(model, settings.threads)  # an ONNX candidate keeps its batch-1 session for what follows
         torch.set_num_threads(previous_threads)
     return {
         "latency_p50_ms": float(np.percentile(samples, 50)),
@@ -77,7 +90,8 @@ def paired_latency_ratio(model, data: Encoded, pad_id: int, reference, reference
     rng = np.random.default_rng(settings.seed + 1)
     rows = rng.choice(len(data), size=settings.warmup + settings.repeats, replace=True)
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(settings.threads)
+    _threads(model, settings.threads)
+    _threads(reference, settings.threads)
     ratios = []
     try:
         with torch.inference_mode():
@@ -120,33 +134,42 @@ def evaluate_model(model: PreTrainedModel, data: Encoded, pad_id: int, num_class
     return metrics, logits
 
 
-def harness_candidates(teacher_dir: str, student_dir: str, baseline_dir: str,
-                       onnx_teacher_dir: Path | None = None) -> dict[str, tuple]:
-    """The candidates every evaluation compares, as ``name: (model, parameters or None, model folder)``: teacher and
-    student in FP32 and torch INT8, and the baseline; with ``onnx_teacher_dir`` also teacher and student as ONNX
-    Runtime INT8 (the student's file kept in its folder, so it is what gets registered; the teacher's in
-    ``onnx_teacher_dir``).
+def served_form(model: PreTrainedModel, form: str, folder: Path) -> object:
+    """``model`` in a deployment form: itself (fp32), torch dynamic INT8, or the ONNX Runtime INT8 file kept in its
+    ``folder`` (made once; the file measured is the file registered)."""
+    if form == "fp32":
+        return model
+    if form == "int8":
+        return quantize_int8(model)
+    from distillery.models.onnx_runtime import folder_onnx_int8
 
-    INT8 forms carry their FP32 parameter count (quantised weights hide from ``parameters()``); the folder says
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return folder_onnx_int8(model, Path(folder))
+
+
+FORMS = ("fp32", "int8", "onnx-int8")
+
+
+def harness_candidates(teacher_dir: str, student_dir: str, baseline_dir: str, onnx_teacher_dir: Path,
+                       frontier: dict[str, str] | None = None, form: str = "int8") -> dict[str, tuple]:
+    """The candidates every evaluation compares, as ``name: (model, parameters or None, model folder)``: teacher and
+    chosen student in every form (FP32, torch INT8, ONNX Runtime INT8), the baseline, and each ``frontier`` student
+    (``{shape: folder}``) in the served ``form``. The student's ONNX file is kept in its folder (what gets
+    registered), the teacher's in ``onnx_teacher_dir``.
+
+    Quantised forms carry their FP32 parameter count (quantised weights hide from ``parameters()``); the folder says
     which tokenizer reads the texts for that candidate.
     """
-    teacher = load_classifier(Path(teacher_dir)).eval()
-    student = load_classifier(Path(student_dir)).eval()
-    candidates = {
-        "teacher_fp32": (teacher, None, str(teacher_dir)),
-        "teacher_int8": (quantize_int8(teacher), count_parameters(teacher), str(teacher_dir)),
-        "student_fp32": (student, None, str(student_dir)),
-        "student_int8": (quantize_int8(student), count_parameters(student), str(student_dir)),
-        "baseline_fp32": (load_classifier(Path(baseline_dir)).eval(), None, str(baseline_dir)),
-    }
-    if onnx_teacher_dir is not None:
-        from distillery.models.onnx_runtime import folder_onnx_int8
-
-        Path(onnx_teacher_dir).mkdir(parents=True, exist_ok=True)
-        candidates["teacher_int8_onnx"] = (folder_onnx_int8(teacher, Path(onnx_teacher_dir)),
-                                           count_parameters(teacher), str(teacher_dir))
-        candidates["student_int8_onnx"] = (folder_onnx_int8(student, Path(student_dir)), count_parameters(student),
-                                           str(student_dir))
+    candidates: dict[str, tuple] = {}
+    for name, folder, forms, weights in (("teacher", str(teacher_dir), FORMS, onnx_teacher_dir),
+                                         (PRIMARY, str(student_dir), FORMS, Path(student_dir)),
+                                         *((label, str(f), (form,), Path(f)) for label, f in (frontier or {}).items())):
+        model = load_classifier(Path(folder)).eval()
+        for f in forms:
+            parameters = None if f == "fp32" else count_parameters(model)
+            candidates[served_candidate(f, name)] = (served_form(model, f, weights), parameters, folder)
+        if name == PRIMARY:
+            candidates["baseline_fp32"] = (load_classifier(Path(baseline_dir)).eval(), None, str(baseline_dir))
     return candidates
 
 

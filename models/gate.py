@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from distillery.config import GateConfig
-from distillery.records import Decision
+from distillery.records import QUANTISED_TEACHERS, Decision, reference_candidate
 
 
 class GateError(RuntimeError):
@@ -104,6 +104,26 @@ def judge_logged(gate: GateConfig, logged: dict[str, dict], served: str, champio
                      reference_name="INT8 teacher" if reference == "teacher_int8" else f"INT8 teacher ({reference})")
     return Decision(passed=verdict.passed, reasons=tuple(verdict.reasons()),
                     criteria=tuple(verdict.to_dict()["criteria"]), version=version, champion_version=champion_version)
+
+
+def best_reference(metrics: dict[str, dict], form: str) -> str:
+    """The teacher's quantised form the gate compares with: the best validation accuracy among the runtimes the
+    harness measured (a tie goes to the student's own runtime). A student must beat the quantised teacher a team
+    would actually deploy, not a form one runtime happens to break."""
+    own = reference_candidate(form)
+    measured = [k for k in QUANTISED_TEACHERS if k in metrics]
+    if not all("val_accuracy" in metrics[k] for k in measured):
+        return own
+    return max(measured, key=lambda k: (metrics[k]["val_accuracy"], k == own))
+
+
+def choose_smallest(decisions: dict[str, Decision], sizes: dict[str, float]) -> str:
+    """Of the judged students (``{name: decision}``, the chosen-on-validation one first), the smallest on disk that
+    passed; the first one when none passed (its reasons are the run's)."""
+    passing = [name for name, d in decisions.items() if d.passed]
+    if not passing:
+        return next(iter(decisions))
+    return min(passing, key=lambda name: (sizes[name], list(decisions).index(name)))
 
 
 def plan_reconcile(versions: list[tuple[str, str | None, bool]], pending: str, promoted: str) -> list[tuple[str, str]]:

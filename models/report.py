@@ -13,9 +13,6 @@ import numpy as np  # noqa: E402
 from distillery.models.calibration import accuracy_cost, tradeoff_curve  # noqa: E402
 from distillery.models.metrics import reliability_curve, softmax  # noqa: E402
 
-CANDIDATES = ("teacher_fp32", "teacher_int8", "student_fp32", "student_int8", "baseline_fp32")
-
-
 def results_table(metrics: dict[str, dict]) -> str:
     """A fixed-width table of the candidates' headline metrics."""
     calibrated = all("ece_calibrated" in m for m in metrics.values())  # temperature scaling ran (on validation)
@@ -69,28 +66,27 @@ def plot_oos_tradeoff(curves: dict[str, tuple[np.ndarray, ...]], chosen: dict[st
     return _save(fig, path)
 
 
-def headline_ratios(metrics: dict[str, dict]) -> dict[str, float]:
-    t, q, s, b = (metrics[k] for k in ("teacher_fp32", "teacher_int8", "student_fp32", "baseline_fp32"))
-    s8 = metrics.get("student_int8", s)
+def headline_ratios(metrics: dict[str, dict], served: str = "student_int8",
+                    reference: str = "teacher_int8") -> dict[str, float]:
+    """The comparisons the README and the benchmarks report, from one evaluation's metrics: the ``served`` student
+    against the FP32 teacher and the ``reference`` (the teacher's best quantised form), the served path against the
+    bare forward, the distilled student against the baseline."""
+    t, s, b = (metrics[k] for k in ("teacher_fp32", "student_fp32", "baseline_fp32"))
+    q, d = metrics[reference], metrics[served]
     ratios = {
-        "student_int8_over_teacher_accuracy": s8["accuracy"] / t["accuracy"],
-        "int8_teacher_over_student_int8_latency": q["latency_p50_ms"] / s8["latency_p50_ms"],
+        "served_over_teacher_accuracy": d["accuracy"] / t["accuracy"],
+        "served_over_reference_accuracy": d["accuracy"] / q["accuracy"],
+        "best_int8_teacher_over_served_latency": q["latency_p50_ms"] / d["latency_p50_ms"],
+        "teacher_fp32_over_served_latency": t["latency_p50_ms"] / d["latency_p50_ms"],
+        "teacher_fp32_over_served_size": t["size_mb"] / d["size_mb"],
+        "served_over_best_int8_teacher_throughput": d["throughput_rps"] / q["throughput_rps"],
         "student_over_teacher_accuracy": s["accuracy"] / t["accuracy"],
-        "student_over_int8_teacher_accuracy": s["accuracy"] / q["accuracy"],
-        "int8_teacher_over_student_latency": q["latency_p50_ms"] / s["latency_p50_ms"],
-        "teacher_over_student_latency": t["latency_p50_ms"] / s["latency_p50_ms"],
         "distilled_minus_baseline_accuracy": s["accuracy"] - b["accuracy"],
     }
-    for m in metrics.values():  # the served form: its code path end to end against its bare forward
-        if "served_latency_p50_ms" in m:
-            ratios["served_path_over_bare_forward_latency"] = m["served_latency_p50_ms"] / m["latency_p50_ms"]
-    if "student_int8_onnx" in metrics:  # the ONNX Runtime deployment target, against both INT8 teachers
-        so = metrics["student_int8_onnx"]
-        ratios["student_int8_onnx_over_teacher_accuracy"] = so["accuracy"] / t["accuracy"]
-        ratios["int8_teacher_over_student_int8_onnx_latency"] = q["latency_p50_ms"] / so["latency_p50_ms"]
-        if "teacher_int8_onnx" in metrics:
-            ratios["onnx_int8_teacher_over_onnx_int8_student_latency"] = \
-                metrics["teacher_int8_onnx"]["latency_p50_ms"] / so["latency_p50_ms"]
+    if "latency_ratio_paired" in d:  # interleaved pairs: the figure the gate uses
+        ratios["best_int8_teacher_over_served_latency_paired"] = 1.0 / d["latency_ratio_paired"]
+    if "served_latency_p50_ms" in d:  # the served form's code path end to end against its bare forward
+        ratios["served_path_over_bare_forward_latency"] = d["served_latency_p50_ms"] / d["latency_p50_ms"]
     return ratios
 
 
@@ -141,21 +137,61 @@ def plot_reliability(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Pat
     return _save(fig, path)
 
 
-def plot_accuracy_latency(metrics: dict[str, dict], path: Path, served: str | None = None) -> Path:
-    """Every candidate form; the served student form is marked."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+def pareto(metrics: dict[str, dict]) -> set[str]:
+    """The candidates no other one matches or beats on test accuracy, batch-1 latency and size at once."""
+
+    def beats(a: dict, b: dict) -> bool:
+        ge = (a["accuracy"] >= b["accuracy"], a["latency_p50_ms"] <= b["latency_p50_ms"], a["size_mb"] <= b["size_mb"])
+        gt = (a["accuracy"] > b["accuracy"], a["latency_p50_ms"] < b["latency_p50_ms"], a["size_mb"] < b["size_mb"])
+        return all(ge) and any(gt)
+
+    return {k for k, m in metrics.items() if not any(beats(o, m) for j, o in metrics.items() if j != k)}
+
+
+def frontier_table(metrics: dict[str, dict], served: tuple[str, ...] = (), reference: str | None = None) -> str:
+    """Accuracy, latency and size of every candidate, smallest first; ``*`` marks the Pareto frontier."""
+    front = pareto(metrics)
+    head = f"{'candidate':<22}{'accuracy':>9}{'val acc':>9}{'p50 ms':>8}{'p95 ms':>8}{'rows/s':>8}{'MB':>8}" \
+           f"{'params M':>9}  frontier"
+    lines = [head, "-" * len(head)]
+    for name in sorted(metrics, key=lambda k: (metrics[k]["size_mb"], metrics[k]["latency_p50_ms"])):
+        m = metrics[name]
+        note = ["*"] if name in front else []
+        note += ["served"] if name in served[:1] else ["contender"] if name in served else []
+        note += ["reference"] if name == reference else []
+        val = f"{m['val_accuracy']:>9.4f}" if "val_accuracy" in m else f"{'-':>9}"
+        lines.append(f"{name:<22}{m['accuracy']:>9.4f}{val}{m['latency_p50_ms']:>8.2f}{m['latency_p95_ms']:>8.2f}"
+                     f"{m['throughput_rps']:>8.0f}{m['size_mb']:>8.1f}{m['parameters'] / 1e6:>9.1f}  {' '.join(note)}")
+    return "\n".join(lines)
+
+
+def plot_frontier(metrics: dict[str, dict], path: Path, served: str | None = None,
+                  reference: str | None = None) -> Path:
+    """Test accuracy against batch-1 latency for every form of teacher and students; marker area grows with the size
+    on disk; the Pareto frontier (accuracy, latency, size) is joined; the served student and the gate's reference
+    are marked."""
+    front = pareto(metrics)
+    fig, ax = plt.subplots(figsize=(8, 5.2))
+    largest = max(m["size_mb"] for m in metrics.values())
     for name, m in metrics.items():
-        mark = name == served
-        ax.scatter(m["latency_p50_ms"], m["accuracy"], s=90 if mark else 40, marker="*" if mark else "o",
-                   color="tab:red" if mark else "tab:blue", zorder=3)
-        ax.annotate(name + (" (served)" if mark else ""), (m["latency_p50_ms"], m["accuracy"]), fontsize=8,
-                    xytext=(5, 4), textcoords="offset points")
+        x, y = m["latency_p50_ms"], m["accuracy"]
+        color = "tab:red" if name == served else "tab:orange" if name == reference else \
+            "tab:blue" if name in front else "tab:gray"
+        ax.scatter(x, y, s=30 + 600 * m["size_mb"] / largest, color=color, alpha=0.55, edgecolors="k", zorder=3)
+        tag = " (served)" if name == served else " (reference)" if name == reference else ""
+        ax.annotate(f"{name}{tag}\n{m['size_mb']:.1f} MB", (x, y), fontsize=7, xytext=(6, 4),
+                    textcoords="offset points")
+    line = sorted((metrics[k]["latency_p50_ms"], metrics[k]["accuracy"]) for k in front)
+    ax.plot([p[0] for p in line], [p[1] for p in line], color="tab:blue", lw=0.8, ls="--", zorder=2,
+            label="Pareto frontier (accuracy, latency, size)")
     ax.set_xscale("log")
-    ax.margins(x=0.35, y=0.15)  # room for the labels: none is clipped at the edge
-    ax.set_title("Accuracy against batch-1 latency, every form of teacher and students", fontsize=10)
-    ax.set_xlabel("p50 latency at batch 1 (ms, log scale)")
+    ax.margins(x=0.3, y=0.15)  # room for the labels: none is clipped at the edge
+    ax.set_title("Accuracy against batch-1 latency, every form of teacher and students\n"
+                 "(marker area: size on disk)", fontsize=10)
+    ax.set_xlabel("p50 latency at batch 1, one thread (ms, log scale)")
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
     return _save(fig, path)
 
 
@@ -201,9 +237,10 @@ def _oos_section(metrics: dict[str, dict], served: str | None, score: str = "con
 
 
 def model_card(name: str, version: str, lineage: dict, metrics: dict[str, dict], decision: dict,
-               params: dict, served: str | None = None, abstain_score: str = "confidence") -> str:
+               params: dict, served: str = "student_int8", abstain_score: str = "confidence",
+               reference: str = "teacher_int8") -> str:
     """Markdown model card: what the model is, where it came from, how it scored, why it was promoted."""
-    ratios = headline_ratios(metrics)
+    ratios = headline_ratios(metrics, served, reference)
     lines = [
         f"# {name} v{version}", "",
         "Distilled intent classifier produced by distillery.", "",
@@ -211,7 +248,8 @@ def model_card(name: str, version: str, lineage: dict, metrics: dict[str, dict],
         *[f"- **{k}**: `{v}`" for k, v in lineage.items()], "",
         "## Training", "",
         *[f"- {k}: `{v}`" for k, v in params.items()], "",
-        "## Test-split results", "", "```", results_table(metrics), "```", "",
+        "## Test-split results", "", f"Served as `{served}`; the gate compared it with `{reference}`, the teacher's "
+        "quantised form with the best validation accuracy.", "", "```", results_table(metrics), "```", "",
         *[f"- {k.replace('_', ' ')}: {v:.4f}" for k, v in ratios.items()], "",
         *_oos_section(metrics, served, abstain_score),
         f"## Gate decision: {'PROMOTED' if decision['passed'] else 'REJECTED'}", "",

@@ -126,15 +126,16 @@ def train_student(cfg: Config, teacher: TeacherRef, snapshot: SnapshotRef, outpu
             candidate.temperature, candidate.kd_weight, candidate.ce_weight, candidate.feature_weight,
             cfg.distill.feature_loss, teacher=teacher_model, student=student,
             layer_map={int(k): int(v) for k, v in (cfg.distill.layer_map or {}).items()} or None)
-    # the served form (student.deploy) does not change training: another form reuses the same checkpoints
-    key = checkpoint_key(outputs.key, candidate.to_dict(), cfg.student.model_dump(exclude={"deploy"}), vars(settings),
+    # the served form (student.deploy) and the frontier do not change this student's training: checkpoints are reused
+    key = checkpoint_key(outputs.key, candidate.to_dict(), cfg.student.model_dump(exclude={"deploy", "frontier"}), vars(settings),
                          init_note)
     name = candidate.name
     run_id = registry.create_run(cfg, name, {"stage": "train-student", "candidate": candidate.kind}, parent_run_id,
                                  snapshot=snapshot)
     with registry.open_run(cfg, run_id):
         registry.log_params({**{f"candidate.{k}": v for k, v in candidate.to_dict().items()},
-                             **{f"student.{k}": v for k, v in cfg.student.model_dump().items()},
+                             **{f"student.{k}": v for k, v in cfg.student.model_dump(exclude={"frontier"}).items()},
+                             "student.shape": cfg.student.label,
                              **{f"distill.{k}": v for k, v in vars(settings).items()},
                              "student.parameters": count_parameters(student), "train_rows": len(train_rows),
                              "student.weights_from": init_note[:250], "student.checkpoint": key,

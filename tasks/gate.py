@@ -27,11 +27,10 @@ from distillery.records import (
     TrainedStudent,
     ValidationSummary,
     decision_of,
-    reference_candidate,
     served_candidate,
 )
 from distillery.models.data import read_out_of_scope
-from distillery.models.gate import GateError, judge_logged, plan_reconcile
+from distillery.models.gate import GateError, choose_smallest, judge_logged, plan_reconcile
 from distillery.models.report import model_card
 
 HARNESS = {"teacher_fp32", "teacher_int8", "student_fp32", "baseline_fp32"}
@@ -52,29 +51,44 @@ def champion_metrics(cfg: Config, reg: registry.Registry) -> tuple[str | None, d
     if not lineage.evaluation_run_id:
         raise GateError(f"champion {cfg.tracking.student_name} v{version.version} has no evaluation.run_id tag")
     logged = registry.logged_candidate_metrics(reg, lineage.evaluation_run_id)
-    return str(version.version), logged[served_candidate(lineage.deploy_form)]
+    return str(version.version), logged[lineage.measured_as]
 
 
 @task(name="gate", cache_policy=NO_CACHE)
 def judge(cfg: Config, run_id: str, evaluation: Evaluation) -> tuple[Decision, dict]:
-    """Decide on the logged metrics against the INT8 teacher and the champion; record the decision on the run."""
+    """Decide on the logged metrics against the teacher's best quantised form and the champion; record the decision
+    on the run. Under ``gate.policy: smallest`` every measured student is judged and the smallest that passes is the
+    decision (``Decision.student`` names it)."""
     logger = get_run_logger()
     registry.configure_tracking(cfg)
     reg = registry.Registry.from_config(cfg)
     logged = registry.logged_candidate_metrics(reg, evaluation.run_id)
-    deployed = served_candidate(cfg.student.deploy)  # the gate judges the form that will be served
-    reference = reference_candidate(cfg.student.deploy)  # against the teacher's INT8 form in the same runtime
-    missing = (HARNESS | {deployed, reference}) - set(logged)
+    students = evaluation.students if cfg.gate.policy == "smallest" else evaluation.students[:1]
+    # the gate judges the form that will be served, against the reference the harness chose on validation
+    served = {name: served_candidate(cfg.student.deploy, name) for name in students}
+    missing = (HARNESS | set(served.values()) | {evaluation.reference}) - set(logged)
     if missing:
         raise GateError(f"evaluation run {evaluation.run_id} lacks metrics for {sorted(missing)}")
     fault_point("gate.before")
     champion_version, champion = champion_metrics(cfg, reg)
-    decision = judge_logged(cfg.gate, logged, deployed, champion, champion_version, reference=reference)
+    decisions = {name: dataclasses.replace(
+        judge_logged(cfg.gate, logged, candidate, champion, champion_version, reference=evaluation.reference),
+        student=name) for name, candidate in served.items()}
+    chosen = choose_smallest(decisions, {name: logged[c]["size_mb"] for name, c in served.items()})
+    decision = decisions[chosen]
+    if len(decisions) > 1:
+        summary = "; ".join(f"{served[n]} {logged[served[n]]['size_mb']:.1f} MB "
+                            f"{'passed' if d.passed else 'failed ' + ','.join(d.failed_names())}"
+                            for n, d in decisions.items())
+        decision = dataclasses.replace(decision, reasons=(
+            *decision.reasons, f"policy smallest: {served[chosen]} of [{summary}]"))
     with registry.open_run(cfg, run_id):
-        registry.log_json(decision.to_dict(), "gate/decision.json")
+        registry.log_json({**decision.to_dict(), "judged": {n: d.to_dict() for n, d in decisions.items()}},
+                          "gate/decision.json")
         mlflow.log_metric("gate.passed", float(decision.passed))
         mlflow.set_tags({DECISION_TAG: PROMOTED if decision.passed else REJECTED,
                          "gate.failed": ",".join(decision.failed_names()) or "none",
+                         "gate.student": served[chosen], "gate.reference": evaluation.reference,
                          "git.revision": store.git_revision(Path(cfg.root))})
     for line in decision.reasons:
         logger.info("gate: %s", line)
@@ -114,11 +128,13 @@ def promote(cfg: Config, run_id: str, snapshot: SnapshotRef, teacher: TeacherRef
     logger = get_run_logger()
     name, alias = cfg.tracking.student_name, cfg.tracking.champion_alias
     reg = registry.Registry.from_config(cfg)
-    deployed = served_candidate(cfg.student.deploy)
+    deployed = served_candidate(cfg.student.deploy, decision.student)
+    student_cfg = cfg.student.frontier_shapes().get(decision.student, cfg.student)
     lineage = Lineage(
         teacher=teacher, snapshot_md5=snapshot.md5, git_revision=store.git_revision(Path(cfg.root)),
         config_hash=cfg.digest(), distill_run_id=run_id, student_run_id=student.run_id,
-        evaluation_run_id=evaluation.run_id, deploy_form=cfg.student.deploy, candidate=student.candidate.to_dict(),
+        evaluation_run_id=evaluation.run_id, deploy_form=cfg.student.deploy, served_as=deployed,
+        reference=evaluation.reference, candidate=student.candidate.to_dict(),
         validation=validation.to_tags(), criteria=decision.criteria,
         metrics={k: v for k, v in logged[deployed].items() if k not in ("per_class_f1", "labels")})
     with registry.open_run(cfg, run_id):
@@ -136,8 +152,8 @@ def promote(cfg: Config, run_id: str, snapshot: SnapshotRef, teacher: TeacherRef
                         if not k.startswith((METRIC_PREFIX, "gate.", "gx.", "candidate"))}
         card = model_card(name, version, card_lineage, logged,
                           {"passed": decision.passed, "criteria": list(decision.criteria)},
-                          {**student.candidate.to_dict(), "student": cfg.student.model_dump_json()}, served=deployed,
-                          abstain_score=cfg.evaluation.abstain_score)
+                          {**student.candidate.to_dict(), "student": student_cfg.model_dump_json()}, served=deployed,
+                          abstain_score=cfg.evaluation.abstain_score, reference=evaluation.reference)
         with registry.open_run(cfg, run_id):
             mlflow.log_text(card, "model_card.md")
         reg.describe(name, version, card)

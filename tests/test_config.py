@@ -98,3 +98,21 @@ def test_profiles_extend_the_project_config(tmp_path):
     (tmp_path / "c.yaml").write_text("extends: missing.yaml\n")
     with pytest.raises(ConfigError, match="is not a file"):
         load_config(tmp_path / "c.yaml")
+
+
+def test_frontier_shapes_are_checked_and_named():
+    cfg = config_from_dict({"student": {"frontier": [
+        {"layers": [0]}, {"init": "config", "hidden_size": 192, "num_attention_heads": 4}]}})
+    shapes = cfg.student.frontier_shapes()
+    assert list(shapes) == ["cut0", "h192x2"] and cfg.student.label == "cut0-5"
+    assert shapes["h192x2"].deploy == cfg.student.deploy and shapes["h192x2"].frontier == ()
+    assert cfg.for_student({"layers": [0]}).student.layers == (0,) and cfg.student.layers == (0, 5)
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"student": {"frontier": [{"deploy": "fp32"}, {"layers": [0, 5]}, {"layers": "x"},
+                                                   {"init": "config", "hidden_size": 102}]},
+                          "gate": {"policy": "cheapest"}})
+    text = str(err.value)
+    assert "student.frontier[0]: unknown or fixed key(s) ['deploy']" in text
+    assert "student.frontier[1]: shape cut0-5 is already a student" in text
+    assert "student.frontier[2]" in text and "student.frontier[3]: hidden_size must be divisible" in text
+    assert "gate.policy must be 'best' or 'smallest'" in text

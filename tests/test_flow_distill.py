@@ -47,11 +47,17 @@ def test_good_student_is_promoted_then_a_crippled_one_is_refused(teacher_project
     eval_run = good.evaluation.run_id
     nested = client.search_runs([client.get_run(eval_run).info.experiment_id],
                                 f"tags.mlflow.parentRunId = '{eval_run}'")
-    assert {r.data.tags["candidate"] for r in nested} == {"teacher_fp32", "teacher_int8", "student_fp32",
-                                                          "student_int8", "baseline_fp32"}
+    # every form of teacher and student (FP32, torch INT8, ONNX Runtime INT8)
+    assert {r.data.tags["candidate"] for r in nested} == {"teacher_fp32", "teacher_int8", "teacher_int8_onnx",
+                                                          "student_fp32", "student_int8", "student_int8_onnx",
+                                                          "baseline_fp32"}
     plots = {a.path for a in client.list_artifacts(eval_run, "evaluation")}
-    assert {"evaluation/confusion_student.png", "evaluation/reliability.png", "evaluation/accuracy_vs_latency.png",
-            "evaluation/per_class_f1_student_minus_teacher.png"} <= plots
+    assert {"evaluation/confusion_student.png", "evaluation/reliability.png", "evaluation/frontier.png",
+            "evaluation/frontier.txt", "evaluation/per_class_f1_student_minus_teacher.png"} <= plots
+    # the gate's reference: the teacher's quantised form with the best validation accuracy, recorded
+    val = {k: good.evaluation.metrics[k]["val_accuracy"] for k in ("teacher_int8", "teacher_int8_onnx")}
+    assert good.evaluation.reference in val and val[good.evaluation.reference] == max(val.values())
+    assert tags["gate.reference"] == good.evaluation.reference and tags["evaluation.candidate"] == "student_int8"
     # the promoted model serves through MLflow
     served = mlflow.pyfunc.load_model("models:/student@champion")
     assert served.predict(["my pin is blocked"])["label"][0] in {"card_arrival", "exchange_rate", "pin_blocked", "top_up"}
@@ -265,3 +271,37 @@ def test_baseline_is_cut_from_the_base_model_or_says_why_not(teacher_project: Pa
     source, note = baseline_source(cfg, teacher_model, dataclasses.replace(teacher, base_model=str(tmp_path / "absent")),
                                    LABELS)
     assert source is teacher_model and "unavailable" in note
+
+
+def test_frontier_students_and_the_smallest_passing_policy(teacher_project: Path):
+    """Two more student shapes trained with the chosen recipe, measured in the served form beside every form of
+    teacher and student; under gate.policy smallest the smallest that passes is registered and served."""
+    cfg_path = str(teacher_project / "distillery.yaml")
+    tiny = {"init": "config", "num_layers": 1, "hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32}
+    overrides = {"student.frontier": [{"layers": [1]}, tiny], "gate.policy": "smallest",
+                 "tracking.student_name": "student-frontier", "gate.accuracy_tolerance": 1.0,
+                 "gate.macro_f1_tolerance": 1.0, "gate.max_class_f1_drop": 1.0, "gate.max_latency_ratio": 100.0}
+    out = run_command(cfg_path, overrides=overrides)
+    metrics = out.evaluation.metrics
+    assert out.evaluation.students == ("student", "cut1", "h16x1")
+    assert {"cut1_int8", "h16x1_int8"} <= set(metrics)
+    assert metrics["h16x1_int8"]["size_mb"] < metrics["cut1_int8"]["size_mb"]
+    # each contender timed against the reference in pairs and through its served path
+    assert all("latency_ratio_paired" in metrics[c] and "served_latency_p50_ms" in metrics[c]
+               for c in ("student_int8", "cut1_int8", "h16x1_int8"))
+    assert "Frontier" in out.evaluation.table and "h16x1_int8" in out.evaluation.table
+    # every student passed these loose settings: the smallest is the decision and what is registered
+    assert out.decision.passed and out.decision.student == "h16x1"
+    client = _client(teacher_project)
+    version = client.get_model_version_by_alias("student-frontier", "champion")
+    assert version.tags["evaluation.candidate"] == "h16x1_int8"
+    judged = mlflow.artifacts.load_dict(f"runs:/{out.run_id}/gate/decision.json")["judged"]
+    assert set(judged) == {"student", "cut1", "h16x1"} and all(d["passed"] for d in judged.values())
+    served = mlflow.pyfunc.load_model("models:/student-frontier@champion").unwrap_python_model().classifier
+    config = served.model.config if hasattr(served.model, "config") else None
+    assert config is not None and config.hidden_size == 16 and config.num_hidden_layers == 1
+    # the frontier students are trained runs of their own, named by shape
+    names = {r.info.run_name for r in client.search_runs(
+        [client.get_run(out.run_id).info.experiment_id],
+        f"tags.mlflow.parentRunId = '{out.run_id}' and tags.stage = 'train-student'")}
+    assert {n.split("-")[0] for n in names} >= {"cut1", "h16x1"}

@@ -76,3 +76,45 @@ def test_paired_latency_ratio_holds_under_a_changing_load():
     result = paired_latency_ratio(Fake(0.001), data, 0, Fake(0.003), data, 0,
                                   TimingSettings(warmup=2, repeats=60))
     assert 0.2 < result["latency_ratio_paired"] < 0.5
+
+
+def test_the_reference_is_the_quantised_teacher_with_the_best_validation_accuracy():
+    from distillery.models.gate import best_reference
+
+    metrics = {"teacher_int8": {"val_accuracy": 0.85}, "teacher_int8_onnx": {"val_accuracy": 0.92}}
+    assert best_reference(metrics, "int8") == "teacher_int8_onnx"  # torch INT8 broke this teacher: not the bar
+    metrics["teacher_int8"]["val_accuracy"] = 0.95
+    assert best_reference(metrics, "onnx-int8") == "teacher_int8"
+    metrics["teacher_int8"]["val_accuracy"] = 0.92  # a tie goes to the student's own runtime
+    assert best_reference(metrics, "int8") == "teacher_int8"
+    assert best_reference(metrics, "onnx-int8") == "teacher_int8_onnx"
+    assert best_reference({"teacher_int8": {"accuracy": 0.9}}, "int8") == "teacher_int8"  # no validation figures
+
+
+def test_smallest_passing_student_is_chosen():
+    from distillery.models.gate import choose_smallest
+    from distillery.records import Decision
+
+    sizes = {"student": 5.0, "cut0": 3.0, "h128x1": 1.0}
+    ok, no = Decision(passed=True), Decision(passed=False)
+    assert choose_smallest({"student": ok, "cut0": ok, "h128x1": no}, sizes) == "cut0"
+    assert choose_smallest({"student": ok, "cut0": ok, "h128x1": ok}, sizes) == "h128x1"
+    assert choose_smallest({"student": no, "cut0": no, "h128x1": no}, sizes) == "student"  # its reasons are the run's
+    assert choose_smallest({"student": ok, "cut0": no}, sizes) == "student"
+
+
+def test_pareto_frontier_and_its_table():
+    from distillery.models.report import frontier_table, pareto
+
+    def m(acc, ms, mb):
+        return {"accuracy": acc, "latency_p50_ms": ms, "size_mb": mb, "latency_p95_ms": ms, "throughput_rps": 1.0,
+                "parameters": 1e6}
+
+    metrics = {"teacher_fp32": m(0.93, 5.0, 90.0), "teacher_int8": m(0.92, 3.0, 25.0), "student_int8": m(0.91, 1.0, 16),
+               "slow_big_worse": m(0.90, 4.0, 30.0), "cut0_int8": m(0.85, 0.5, 10.0)}
+    assert pareto(metrics) == {"teacher_fp32", "teacher_int8", "student_int8", "cut0_int8"}
+    table = frontier_table(metrics, ("student_int8", "cut0_int8"), "teacher_int8").splitlines()
+    assert table[2].startswith("cut0_int8") and table[2].endswith("* contender")  # smallest first
+    assert next(r for r in table if r.startswith("student_int8")).endswith("* served")
+    assert next(r for r in table if r.startswith("teacher_int8")).endswith("* reference")
+    assert next(r for r in table if r.startswith("slow_big_worse")).endswith("  ")

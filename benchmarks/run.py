@@ -55,13 +55,14 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, as for the CLI (e.g. the large profile's names)")
     parser.add_argument("--repeats", type=int, default=200, help="batch-1 latency samples per candidate")
+    parser.add_argument("--models-only", action="store_true",
+                        help="measure the models (1.) only: no pipeline re-run, labelling or overhead probes")
     parser.add_argument("--overhead-steps", type=int, default=120, help="optimiser steps in the overhead probe")
     args = parser.parse_args()
     from distillery.cli import environment_defaults
 
     environment_defaults()
 
-    import mlflow
     import numpy as np
     from mlflow import MlflowClient
 
@@ -152,6 +153,10 @@ def main() -> int:
                          "throughput_batch": timing.throughput_batch_size, "throughput_batches": timing.throughput_batches,
                          "throughput_threads": os.cpu_count()}
 
+    if args.models_only:
+        return finish(results, results_table(metrics) + "\n\nfrontier (smallest first, * = Pareto):\n" + frontier_text,
+                      args.name)
+
     # 2. pipeline stages of the run that made the champion, and a cached re-run
     labelling_run = client.get_run(distill_run).data.tags.get("teacher_outputs.run_id")
     source_labelling = client.get_run(labelling_run).data.tags.get("teacher_outputs.source_run", labelling_run)
@@ -235,8 +240,15 @@ def main() -> int:
     results["overhead"] = {"steps": args.overhead_steps, "with_prefect_mlflow_s": with_orchestration,
                            "bare_s": without, "ratio": with_orchestration / without}
 
-    print_report(results, results_table(metrics) + "\n\nfrontier (smallest first, * = Pareto):\n" + frontier_text)
-    out_file = ROOT / "benchmarks" / "results" / f"{args.name}.json"
+    return finish(results, results_table(metrics) + "\n\nfrontier (smallest first, * = Pareto):\n" + frontier_text,
+                  args.name)
+
+
+def finish(results: dict, table: str, name: str) -> int:
+    import mlflow
+
+    print_report(results, table)
+    out_file = ROOT / "benchmarks" / "results" / f"{name}.json"
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(json.dumps(results, indent=1) + "\n")
     print(f"\nwritten {out_file.relative_to(ROOT)}")
@@ -255,6 +267,9 @@ def print_report(results: dict, table: str) -> None:
     print("\nratios")
     for key, value in results["ratios"].items():
         print(f"  {key:<42}{value:>8.3f}")
+    print(f"\nserved {results['served']}, reference {results['reference']}")
+    if "pipeline" not in results:
+        return
     print("\npipeline (seconds)")
     for key, value in results["pipeline"].items():
         print(f"  {key:<42}{value:>8.3f}" if isinstance(value, float) else f"  {key:<42}{value!s:>8}")

@@ -109,6 +109,7 @@ class StudentConfig(Section):
     hidden_size: int = 256
     num_attention_heads: int = 4
     intermediate_size: int = 1024
+    pretrained_layers: tuple[int, ...] | None = None  # init=pretrained: keep only these layers of it (null: all)
     deploy: str = "int8"
     # keep only the word pieces the training texts (and transfer/oos rows) use, plus special tokens and the
     # `vocab_reserve` shortest pieces; unseen pieces read as [UNK] (WordPiece tokenizers)
@@ -130,12 +131,16 @@ class StudentConfig(Section):
 
     @property
     def label(self) -> str:
-        """A short name of the shape: cut0-5 (kept teacher layers), h256x2 (a fresh model), minilm (pretrained)."""
+        """A short name of the shape: cut0-5 (kept teacher layers), h256x2 (a fresh model), minilm or minilm-cut0-2
+        (pretrained, all or some layers); ``-pv`` when its vocabulary is pruned."""
         if self.init == "cut":
-            return "cut" + "-".join(str(i) for i in self.layers)
-        if self.init == "config":
-            return f"h{self.hidden_size}x{self.num_layers}"
-        return "".join(c if c.isalnum() else "-" for c in Path(self.base_model).name.lower())
+            name = "cut" + "-".join(str(i) for i in self.layers)
+        elif self.init == "config":
+            name = f"h{self.hidden_size}x{self.num_layers}"
+        else:
+            name = "".join(c if c.isalnum() else "-" for c in Path(self.base_model).name.lower())
+            name += "-cut" + "-".join(str(i) for i in self.pretrained_layers) if self.pretrained_layers else ""
+        return name + ("-pv" if self.prune_vocab else "")
 
 
 class SweepConfig(Section):
@@ -396,6 +401,9 @@ def validate_config(cfg: Config) -> Config:
         need(s.hidden_size % max(s.num_attention_heads, 1) == 0,
              "student.hidden_size must be divisible by student.num_attention_heads")
     need(s.deploy in ("fp32", "int8", "onnx-int8"), "student.deploy must be 'fp32', 'int8' or 'onnx-int8'")
+    kept = s.pretrained_layers
+    need(kept is None or (len(kept) >= 1 and len(set(kept)) == len(kept) and all(i >= 0 for i in kept)),
+         "student.pretrained_layers must be null or distinct non-negative layer indices")
     labels = [s.label]
     for i, shape in enumerate(s.frontier):
         bad = set(shape) - (set(StudentConfig.model_fields) - {"deploy", "frontier"})

@@ -22,6 +22,7 @@ from distillery.models.modeling import (
     ModelError,
     build_student,
     count_parameters,
+    cut_student,
     load_classifier,
     load_tokenizer,
     resolve_base_model,
@@ -44,6 +45,8 @@ def make_student(cfg: Config, teacher_model: PreTrainedModel, teacher_folder: Pa
     if s.init == "pretrained":  # e.g. MiniLM under an MPNet teacher: the student keeps its own tokenizer
         folder = resolve_base_model(model_name(cfg, s.base_model), cfg.workdir / "pretrained")
         student, tokenizer = load_classifier(folder, labels), load_tokenizer(folder)
+        if s.pretrained_layers:  # a cut of the pretrained model (its embeddings, head and the chosen layers)
+            student = cut_student(student, list(s.pretrained_layers))
     else:
         student = build_student(teacher_model, s.init, list(s.layers), s.num_layers, s.hidden_size,
                                 s.num_attention_heads, s.intermediate_size, cfg.distill.seed)
@@ -60,8 +63,9 @@ _SAME_SHAPE = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "
 def weights_from(cfg: Config) -> str:
     """Where a student's initial weights come from, in words (recorded on its run)."""
     s = cfg.student
+    kept = f", layers {list(s.pretrained_layers)}" if s.pretrained_layers else ""
     return {"cut": f"teacher (layers {list(s.layers)})", "config": "random init",
-            "pretrained": f"pretrained ({s.base_model})"}[s.init]
+            "pretrained": f"pretrained ({s.base_model}{kept})"}[s.init]
 
 
 def baseline_source(cfg: Config, teacher_model: PreTrainedModel, teacher: TeacherRef,

@@ -210,9 +210,12 @@ def test_pretrained_student_reads_with_its_own_tokenizer(teacher_project: Path, 
     overrides = {"student.init": "pretrained", "student.base_model": str(other), "gate.champion_tolerance": 1.0,
                  "distill.learning_rate": 3e-3, "distill.epochs": 10, "distill.patience": 10,
                  # the tiny teacher is underconfident (ECE ~0.5): give the random-init student the hard labels too
-                 "distill.kd_weight": 0.5, "distill.ce_weight": 0.5, "distill.temperature": 1.0}
+                 "distill.kd_weight": 0.5, "distill.ce_weight": 0.5, "distill.temperature": 1.0,
+                 "student.frontier": [{"pretrained_layers": [1]}]}  # and a one-layer cut of it on the frontier
     out = run_command(teacher_project / "distillery.yaml", overrides=overrides)
     assert len(load_tokenizer(Path(out.best.folder))) == len(load_tokenizer(other))
+    assert out.evaluation.students == ("student", "other-cut1")
+    assert out.evaluation.metrics["other-cut1_int8"]["parameters"] < out.evaluation.metrics["student_fp32"]["parameters"]
     assert out.evaluation.metrics["student_fp32"]["parameters"] <= out.evaluation.metrics["teacher_fp32"]["parameters"]
     # the harness read the test split through the student's own tokenizer: recomputing it that way agrees exactly
     from distillery.models.data import read_snapshot

@@ -51,7 +51,7 @@ def test_model_travels_with_its_loader_and_declares_what_it_needs(logged):
                 for n in ([a.name for a in node.names] if isinstance(node, ast.Import)
                           else [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])}
     assert imported <= {"__future__", "json", "pathlib", "typing", "mlflow", "numpy", "pandas", "torch",
-                        "transformers", "onnxruntime"}, imported
+                        "transformers", "tokenizers", "onnxruntime"}, imported  # tokenizers: transformers' own
     # onnxruntime only inside the onnx-int8 branch (this int8 model's requirements do not list it)
     top = {n.split(".")[0] for node in ast.parse(code).body
            for n in ([a.name for a in node.names] if isinstance(node, ast.Import)
@@ -141,6 +141,25 @@ def test_served_predictions_equal_the_harness(logged, tiny_teacher_dir):
     for row, p in zip(served["top_k"], probs):
         assert [x["label"] for x in row] == [names[i] for i in np.argsort(-p, kind="stable")]
         assert sum(x["probability"] for x in row) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_served_tokenising_equals_the_tokenizer(tiny_teacher_dir):
+    """The served loader tokenises with the Rust backend directly (batch 1 is dominated by Python wrapping): the ids
+    and masks equal the transformers tokenizer's for short, long (truncated), odd and batched texts."""
+    from distillery.integrations.served_model import ServedClassifier
+    from distillery.models.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_teacher_dir)
+    texts = TEXTS + ["word " * 40, "", "  Ünïcödé café — emoji 🙂 pin!!", "x"]
+    for max_length in (16, 64):
+        served = ServedClassifier(tiny_teacher_dir, {"quantize": "fp32", "max_length": max_length})
+        assert served._encoder is not None
+        for batch in ([t] for t in texts) if max_length == 16 else [texts]:
+            ours = served.encode(batch)
+            theirs = tokenizer(batch, truncation=True, padding=True, max_length=max_length, return_tensors="np")
+            np.testing.assert_array_equal(ours["input_ids"], theirs["input_ids"])
+            np.testing.assert_array_equal(ours["attention_mask"], theirs["attention_mask"])
+    assert served.encode(["word " * 40])["input_ids"].shape[1] <= 64
 
 
 def test_any_input_shape_top_k_and_empty(logged):

@@ -159,6 +159,11 @@ class SearchConfig(Section):
     kd_weight: tuple[float, float] = (0.3, 1.0)  # ce_weight = 1 - kd_weight
     learning_rate: tuple[float, float] = (5.0e-5, 5.0e-4)
     epochs: tuple[int, int] = (3, 10)
+    # median pruning: a trial stops after an epoch whose validation macro-F1 is below the median of the finished
+    # trials' at that epoch, once `prune_startup` trials have finished and after `prune_warmup` epochs
+    prune: StrictBool = True
+    prune_startup: int = 2
+    prune_warmup: int = 1
 
 
 class DistillConfig(Section):
@@ -430,6 +435,8 @@ def validate_config(cfg: Config) -> Config:
     need(k.baseline_init in ("base", "teacher"), "distill.baseline_init must be 'base' or 'teacher'")
     need(all(t > 0 for t in k.sweep.temperature), "distill.sweep.temperature values must be > 0")
     need(all(w >= 0 for w in k.sweep.kd_weight), "distill.sweep.kd_weight values must be >= 0")
+    need(k.search.prune_startup >= 1 and k.search.prune_warmup >= 0,
+         "distill.search.prune_startup must be >= 1 and prune_warmup >= 0")
     e = cfg.evaluation
     need(e.threads >= 1 and e.repeats >= 1 and e.warmup >= 0 and e.throughput_batches >= 1,
          "evaluation.threads/repeats/throughput_batches must be >= 1 and warmup >= 0")

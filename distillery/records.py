@@ -173,6 +173,8 @@ class TrainedStudent:
     train_seconds: float
     resumed_from_epoch: int = 0
     weights_from: str = ""
+    curve: tuple[float, ...] = ()  # validation macro-F1 after each epoch
+    pruned: bool = False  # a search trial stopped below the median of finished trials
 
     @property
     def name(self) -> str:

@@ -11,7 +11,7 @@ from distillery.config import Config
 from distillery.records import BASELINE, RunResult, SnapshotRef, TeacherRef
 from distillery.flows.label import label_flow
 from distillery.flows.runners import task_runner_for
-from distillery.models.selection import pick_best, sweep_grid, trial_candidate
+from distillery.models.selection import median_bars, pick_best, sweep_grid, trial_candidate
 from distillery.tasks.distill import log_search, train_student
 from distillery.tasks.evaluate import evaluate_candidates
 from distillery.tasks.events import champion_up_to_date, report_decision
@@ -20,7 +20,8 @@ from distillery.tasks.teacher import start_run
 
 
 def search(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef, outputs, run_id: str) -> list:  # noqa: ANN001
-    """Optuna (seeded TPE) over temperature, kd/ce weights, learning rate and epochs, maximising validation macro-F1.
+    """Optuna (seeded TPE) over temperature, kd/ce weights, learning rate and epochs, maximising validation macro-F1,
+    with median pruning (``distill.search.prune``): each trial reports its per-epoch scores to the study.
 
     Trials are asked in rounds of ``distill.search.parallel`` and trained as tasks on the task runner (each its own
     nested MLflow run); the search stops at ``trials`` or, between rounds, after ``timeout_s``.
@@ -33,17 +34,26 @@ def search(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef, outputs, run
         seed=cfg.distill.seed if q.seed is None else q.seed))
     start, trained = time.monotonic(), []
     while len(trained) < q.trials and (q.timeout_s is None or time.monotonic() - start < q.timeout_s):
+        # the median rule over the trials finished so far, as per-epoch bars the new round's trials train against
+        finished = [t.intermediate_values for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))]
+        bars = median_bars(finished, q.epochs[1], q.prune_startup, q.prune_warmup) if q.prune else ()
         trials = [study.ask() for _ in range(min(q.parallel, q.trials - len(trained)))]
-        futures = [train_student.submit(cfg, teacher, snapshot, outputs, trial_candidate(t, cfg.distill), run_id)
-                   for t in trials]
+        futures = [train_student.submit(cfg, teacher, snapshot, outputs, trial_candidate(t, cfg.distill), run_id,
+                                        bars) for t in trials]
         for trial, future in zip(trials, futures):
             result = future.result()
-            study.tell(trial, result.val_macro_f1)
+            for epoch, value in enumerate(result.curve, start=1):
+                trial.report(value, epoch)
+            if result.pruned:
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            else:
+                study.tell(trial, result.val_macro_f1)
             trained.append(result)
     best = study.best_trial
-    log_search(cfg, run_id, len(trained), best.number, best.params, best.value)
-    print(f"search: {len(trained)} trials in {time.monotonic() - start:.0f} s; best trial {best.number} "
-          f"(validation macro-F1 {best.value:.4f}): {best.params}")
+    pruned = sum(r.pruned for r in trained)
+    log_search(cfg, run_id, len(trained), best.number, best.params, best.value, pruned)
+    print(f"search: {len(trained)} trials ({pruned} pruned) in {time.monotonic() - start:.0f} s; best trial "
+          f"{best.number} (validation macro-F1 {best.value:.4f}): {best.params}")
     return trained
 
 

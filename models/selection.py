@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
+
+import numpy as np
 
 from distillery.config import DistillConfig
 from distillery.records import Candidate, TrainedStudent
@@ -17,10 +19,25 @@ def sweep_grid(distill: DistillConfig) -> list[Candidate]:
 
 
 def pick_best(candidates: Sequence[TrainedStudent]) -> TrainedStudent:
-    """The candidate with the best validation macro-F1 (accuracy breaks ties; the first of equals wins)."""
+    """The candidate with the best validation macro-F1 (accuracy breaks ties; the first of equals wins); pruned
+    search trials only when nothing else finished."""
     if not candidates:
         raise ValueError("no trained candidates to choose from")
+    candidates = [c for c in candidates if not c.pruned] or list(candidates)  # a pruned trial never finished
     return max(candidates, key=lambda c: (c.val_macro_f1, c.val_accuracy))
+
+
+def median_bars(curves: Sequence[Mapping[int, float]], epochs: int, startup: int, warmup: int) -> tuple:
+    """Optuna's median rule as data a trial can take anywhere (a thread or a Dask worker): for each epoch, the median
+    validation score the finished trials had after it; ``None`` during the first ``warmup`` epochs, and no bars at
+    all until ``startup`` trials have finished."""
+    if len(curves) < max(startup, 1):
+        return ()
+    bars = []
+    for epoch in range(1, epochs + 1):
+        values = [c[epoch] for c in curves if epoch in c]
+        bars.append(float(np.median(values)) if epoch > warmup and values else None)
+    return tuple(bars)
 
 
 def trial_candidate(trial, distill: DistillConfig) -> Candidate:  # noqa: ANN001 - an optuna.Trial

@@ -64,6 +64,7 @@ class TrainResult:
     stopped_early: bool = False
     resumed_from_epoch: int = 0
     steps: int = 0
+    pruned: bool = False  # stopped by ``prune_below`` (a search's median rule), not by patience
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int,
@@ -185,21 +186,24 @@ def train_model(
     progress: bool = True,
     desc: str = "train",
     fingerprint_extra: dict | None = None,
+    prune_below: Sequence[float | None] = (),
 ) -> TrainResult:
     """Train ``model`` in place with ``objective``; on return the model holds the best validation weights.
 
     With ``checkpoint_dir`` the full state (weights, optimiser, scheduler, RNG, history, best weights) is saved
     after every epoch and a later call with the same settings resumes after the last finished epoch. The run holds the
     process's RNG lock (``models.randomness``), so the same seed gives the same weights under any task runner.
+    ``prune_below[e - 1]``: stop after epoch ``e`` when validation macro-F1 is below it (a search's pruning rule;
+    ``None``: no bar at that epoch).
     """
     with seeded(settings.seed):
         return _train(model, objective, train, validation, settings, pad_id, checkpoint_dir, on_epoch_end, progress,
-                      desc, fingerprint_extra)
+                      desc, fingerprint_extra, tuple(prune_below))
 
 
 def _train(model: PreTrainedModel, objective: nn.Module, train: Encoded, validation: Encoded, settings: TrainSettings,
            pad_id: int, checkpoint_dir: Path | None, on_epoch_end: Callable[[int, dict], None] | None, progress: bool,
-           desc: str, fingerprint_extra: dict | None) -> TrainResult:
+           desc: str, fingerprint_extra: dict | None, prune_below: tuple = ()) -> TrainResult:
     params = [p for p in list(model.parameters()) + list(objective.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     steps_per_epoch = math.ceil(len(train) / settings.batch_size)
@@ -271,6 +275,12 @@ def _train(model: PreTrainedModel, objective: nn.Module, train: Encoded, validat
             if bad_epochs >= settings.patience:
                 result.stopped_early = True
                 finished = True
+        bar_now = prune_below[epoch - 1] if epoch <= len(prune_below) else None
+        if bar_now is not None and m["macro_f1"] < bar_now and epoch < settings.epochs:
+            logger.info("%s: pruned after epoch %d (validation macro-F1 %.4f < %.4f)", desc, epoch, m["macro_f1"],
+                        bar_now)
+            result.stopped_early = result.pruned = True
+            finished = True
         if on_epoch_end is not None:
             on_epoch_end(epoch, row)
         if ckpt is not None:

@@ -92,9 +92,10 @@ def baseline_source(cfg: Config, teacher_model: PreTrainedModel, teacher: Teache
 
 @task(name="train-student", task_run_name="train-{candidate.name}", cache_policy=NO_CACHE)
 def train_student(cfg: Config, teacher: TeacherRef, snapshot: SnapshotRef, outputs: TeacherOutputs,
-                  candidate: Candidate, parent_run_id: str) -> TrainedStudent:
+                  candidate: Candidate, parent_run_id: str, prune_below: tuple = ()) -> TrainedStudent:
     """Train one student candidate in its own nested MLflow run; checkpointed by its inputs, so a run killed
-    mid-way resumes after its last finished epoch and an identical re-run reuses the result."""
+    mid-way resumes after its last finished epoch and an identical re-run reuses the result. ``prune_below``: a
+    search's per-epoch bars (``models.selection.median_bars``); a trial below one stops there, marked pruned."""
     logger = get_run_logger()
     splits, labels = read_snapshot(Path(snapshot.path))
     inputs, _ = rows_to_label(cfg, snapshot)
@@ -147,25 +148,28 @@ def train_student(cfg: Config, teacher: TeacherRef, snapshot: SnapshotRef, outpu
         start = time.perf_counter()
         result = train_model(student, objective, train, val, settings, tokenizer.pad_token_id,
                              checkpoint_dir=cfg.workdir / "checkpoints" / key,
-                             on_epoch_end=epoch_callback(registry.curve_logger()), desc=name)
+                             on_epoch_end=epoch_callback(registry.curve_logger()), desc=name,
+                             prune_below=prune_below)
         best = result.history[result.best_epoch - 1] if result.best_epoch else {}
         trained = TrainedStudent(
             run_id=run_id, folder="", candidate=candidate,
             val_accuracy=best.get("val_accuracy", float("nan")), val_macro_f1=best.get("val_macro_f1", float("nan")),
             best_epoch=result.best_epoch, train_seconds=time.perf_counter() - start,
-            resumed_from_epoch=result.resumed_from_epoch, weights_from=init_note)
+            resumed_from_epoch=result.resumed_from_epoch, weights_from=init_note,
+            curve=tuple(row["val_macro_f1"] for row in result.history), pruned=result.pruned)
         mlflow.log_metrics({"val_accuracy": trained.val_accuracy, "val_macro_f1": trained.val_macro_f1,
                             "best_epoch": trained.best_epoch, "train_seconds": trained.train_seconds,
-                            "stopped_early": float(result.stopped_early),
+                            "stopped_early": float(result.stopped_early), "pruned": float(result.pruned),
                             "resumed_from_epoch": trained.resumed_from_epoch})
     folder = save_classifier(student, tokenizer, cfg.workdir / "students" / run_id)
     logger.info("%s: validation macro-F1 %.4f (best epoch %d)", name, trained.val_macro_f1, result.best_epoch)
     return dataclasses.replace(trained, folder=str(folder))
 
 
-def log_search(cfg: Config, run_id: str, trials: int, best_trial: int, best_params: dict, best_value: float) -> None:
-    """What the search found, on the distill run: how many trials, the best one and its recipe."""
+def log_search(cfg: Config, run_id: str, trials: int, best_trial: int, best_params: dict, best_value: float,
+               pruned: int = 0) -> None:
+    """What the search found, on the distill run: how many trials (and pruned), the best one and its recipe."""
     with registry.open_run(cfg, run_id):
-        registry.log_params({"search.trials": trials, "search.best_trial": best_trial,
+        registry.log_params({"search.trials": trials, "search.pruned": pruned, "search.best_trial": best_trial,
                              **{f"search.best.{k}": v for k, v in best_params.items()}})
         mlflow.log_metric("search.best_val_macro_f1", best_value)

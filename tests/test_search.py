@@ -32,6 +32,15 @@ def test_trials_stay_in_their_ranges_and_are_seeded(tmp_path: Path):
     assert [c.name for c in first] == ["trial-0", "trial-1", "trial-2", "trial-3"]
 
 
+def test_median_bars_follow_the_finished_trials():
+    from distillery.models.selection import median_bars
+
+    curves = [{1: 0.2, 2: 0.5, 3: 0.6}, {1: 0.4, 2: 0.7}, {1: 0.3, 2: 0.6, 3: 0.9, 4: 0.95}]
+    assert median_bars(curves[:1], 4, startup=2, warmup=1) == ()  # too few finished trials: no pruning yet
+    assert median_bars(curves, 4, startup=2, warmup=1) == (None, 0.6, 0.75, 0.95)
+    assert median_bars(curves, 5, startup=1, warmup=0)[:2] == (0.3, 0.6) and median_bars(curves, 5, 1, 0)[4] is None
+
+
 def test_search_through_the_flow_picks_the_best_trial(teacher_project: Path):
     result = run_command(teacher_project / "distillery.yaml", "distill", {
         "distill.search.trials": 3, "distill.search.parallel": 2, "distill.search.epochs": [2, 4],
@@ -50,3 +59,33 @@ def test_search_through_the_flow_picks_the_best_trial(teacher_project: Path):
     assert params["search.trials"] == "3" and float(client.get_run(result.run_id).data.metrics[
         "search.best_val_macro_f1"]) == pytest.approx(max(scores.values()))
     assert result.evaluation is not None and result.decision is not None
+
+
+def test_search_prunes_trials_below_the_median_of_finished_ones(teacher_project: Path):
+    """One trial at a time, pruning from the first finished trial on: each trial trained against the median of the
+    curves of the trials finished before it, and stopped exactly where it fell below."""
+    import numpy as np
+
+    result = run_command(teacher_project / "distillery.yaml", "distill", {
+        "distill.search.trials": 4, "distill.search.parallel": 1, "distill.search.epochs": [3, 3],
+        "distill.search.learning_rate": [1e-4, 5e-3], "distill.search.prune_startup": 1,
+        "distill.search.prune_warmup": 0, "distill.patience": 10, "tracking.student_name": "student-search"})
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{teacher_project / 'mlflow.db'}")
+    runs = client.search_runs([client.get_run(result.run_id).info.experiment_id],
+                              f"tags.mlflow.parentRunId = '{result.run_id}' and tags.candidate = 'distilled'")
+    runs = sorted(runs, key=lambda r: int(r.data.params["candidate.trial"]))
+    finished: list[dict] = []
+    pruned = 0
+    for run in runs:
+        curve = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "curve.val_macro_f1")}
+        bars = [float(np.median([c[e] for c in finished if e in c])) if finished else None for e in (1, 2, 3)]
+        below = next((e for e in (1, 2) if bars[e - 1] is not None and curve[e] < bars[e - 1]), None)
+        expected_stop = below or 3
+        assert max(curve) == expected_stop, (curve, bars)
+        assert run.data.metrics["pruned"] == float(below is not None)
+        pruned += below is not None
+        if below is None:
+            finished.append(curve)
+    assert pruned >= 1  # these seeded trials (learning rates 1e-4 to 5e-3) do not all keep up
+    assert client.get_run(result.run_id).data.params["search.pruned"] == str(pruned)
+    assert not result.best.pruned

@@ -71,6 +71,25 @@ def test_training_is_deterministic_and_resumes_after_a_crash(tiny_teacher_dir, t
         torch.testing.assert_close(a, b)
 
 
+def test_a_trial_below_the_bar_is_pruned_after_that_epoch(tiny_teacher_dir):
+    tokenizer = load_tokenizer(tiny_teacher_dir)
+    train, val = _data(tokenizer)
+    settings = TrainSettings(epochs=4, batch_size=16, learning_rate=3e-3, patience=10, seed=5)
+
+    def run(bars):
+        return train_model(load_classifier(tiny_teacher_dir), CrossEntropyObjective(), train, val, settings,
+                           tokenizer.pad_token_id, progress=False, prune_below=bars)
+
+    free = run(())
+    assert len(free.history) == 4 and not free.pruned
+    # no bar in epoch 1, an unreachable one after epoch 2: it stops there, marked pruned (not a patience stop)
+    pruned = run((None, 1.01, None, None))
+    assert [h["epoch"] for h in pruned.history] == [1, 2] and pruned.pruned and pruned.stopped_early
+    assert pruned.history == free.history[:2]  # the same training until the bar stopped it
+    passed = run((None, 0.0, 0.0))  # bars it clears change nothing
+    assert passed.history == free.history and not passed.pruned
+
+
 def test_distillation_objective_moves_student_towards_teacher(tiny_teacher_dir):
     tokenizer = load_tokenizer(tiny_teacher_dir)
     train, val = _data(tokenizer)

@@ -1,0 +1,170 @@
+"""Proof beyond seed noise: distilled and baseline students over several seeds on one harness, with ablations.
+
+    .venv/bin/python benchmarks/seeds.py [--config distillery.yaml] [--name default] [--seeds 13 14 15]
+                                         [--ablations defaults,no-transfer,no-feature]
+
+Needs a promoted ``student@champion`` of that configuration (``make run``). For each seed it retrains, with the
+registered teacher and its cached soft labels:
+  - ``distilled``: the champion's own recipe (temperature, kd/ce weights, learning rate, epochs) with that seed;
+  - ``baseline``: the same student trained on the hard labels alone (no teacher);
+  - the ablations asked for: ``defaults`` (distill.* as configured: no search/sweep choice), ``no-transfer`` (without
+    the transfer set and augmented rows; their labelling is cached apart), ``no-feature`` (feature KD off).
+Every student is measured in FP32 on the test split by the evaluation harness (quality only). Prints mean +- std of
+test accuracy and macro-F1 per arm, and the share of the teacher-baseline gap distillation recovers,
+(student - baseline) / (teacher - baseline), per seed, its mean and std; writes
+``benchmarks/results/<name>-seeds.json`` and adds ``kd_gap_recovered``, ``kd_gap_recovered_std``, ``kd_seeds`` and
+``kd_minus_baseline_accuracy_mean/_std`` to the ratios of ``benchmarks/results/<name>.json``. Training runs go to
+the MLflow experiment ``<experiment>-benchmarks`` and never touch the registry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+ABLATIONS = ("defaults", "no-transfer", "no-feature")
+
+
+def gap_recovered(student: float, baseline: float, teacher: float) -> float:
+    """(student - baseline) / (teacher - baseline): 1 when distillation closes the gap, 0 when it adds nothing."""
+    return (student - baseline) / (teacher - baseline) if teacher != baseline else float("nan")
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    import numpy as np
+
+    array = np.asarray(values, dtype=float)
+    return {"mean": float(array.mean()), "std": float(array.std(ddof=1)) if len(array) > 1 else 0.0,
+            "values": [float(v) for v in array]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=str(ROOT / "distillery.yaml"))
+    parser.add_argument("--name", default="default")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[13, 14, 15])
+    parser.add_argument("--ablations", default="", help=f"comma-separated, of {','.join(ABLATIONS)}")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder of the results files")
+    args = parser.parse_args()
+    ablations = [a for a in args.ablations.split(",") if a]
+    unknown = set(ablations) - set(ABLATIONS)
+    if unknown or len(args.seeds) < 2:
+        parser.error(f"unknown ablation(s) {sorted(unknown)}" if unknown else "give at least two seeds")
+    from distillery.cli import environment_defaults
+
+    environment_defaults()
+    from prefect import flow
+
+    from distillery.config import load_config, parse_override_args
+    from distillery.flows.label import label_flow
+    from distillery.integrations import registry
+    from distillery.models.data import read_snapshot
+    from distillery.models.evaluation import TimingSettings, encode_per_folder, evaluate_model
+    from distillery.models.modeling import load_classifier
+    from distillery.records import BASELINE, Candidate, Lineage
+    from distillery.tasks.data import freeze
+    from distillery.tasks.distill import train_student
+    from distillery.tasks.teacher import resolve_teacher
+
+    base = parse_override_args(args.set)
+    probe = {**base, "tracking.experiment": f"{load_config(args.config, base).tracking.experiment}-benchmarks"}
+    cfg = load_config(args.config, probe)
+    registry.configure_tracking(cfg)
+    reg = registry.Registry.from_config(cfg)
+    champion = reg.alias_version(cfg.tracking.student_name, cfg.tracking.champion_alias)
+    if champion is None:
+        print(f"no {cfg.tracking.student_name}@{cfg.tracking.champion_alias}: run `make run` first", file=sys.stderr)
+        return 2
+    lineage = Lineage.from_tags(champion.tags)
+    recipe = Candidate(**{k: v for k, v in lineage.candidate.items() if k in {f.name for f in
+                                                                             dataclasses.fields(Candidate)}})
+    recipe = dataclasses.replace(recipe, trial=None, shape=None)
+    teacher = resolve_teacher(cfg, lineage.teacher.version)
+    snapshot = freeze(cfg)
+    splits, labels = read_snapshot(Path(snapshot.path))
+    test = splits["test"]
+    texts, gold = test["text"].tolist(), test["label_id"].tolist()
+    timing = TimingSettings(repeats=1, warmup=0, throughput_batches=1)
+
+    def accuracy(folder: str) -> dict[str, float]:
+        data, pad = encode_per_folder({folder}, texts, gold, cfg.distill.max_length)[folder]
+        m, _ = evaluate_model(load_classifier(Path(folder)).eval(), data, pad, len(labels), None, timing)
+        return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
+
+    teacher_metrics = accuracy(teacher.folder)
+    d = cfg.distill
+    arms: dict[str, tuple[dict, Candidate]] = {"distilled": ({}, recipe), "baseline": ({}, BASELINE)}
+    if "defaults" in ablations:
+        arms["defaults"] = ({}, Candidate(kind="distilled", temperature=d.temperature, kd_weight=d.kd_weight,
+                                          ce_weight=d.ce_weight, feature_weight=d.feature_weight))
+    if "no-transfer" in ablations:
+        arms["no-transfer"] = ({"data.augment.multiple": 0, "data.transfer_set": None}, recipe)
+    if "no-feature" in ablations:
+        arms["no-feature"] = ({}, dataclasses.replace(recipe, feature_weight=0.0))
+
+    @flow(name="seeds-benchmark", log_prints=True)
+    def train_all() -> dict[str, list[dict]]:
+        parent = registry.create_run(cfg, "seeds-benchmark", {"stage": "benchmark"})
+        out: dict[str, list[dict]] = {arm: [] for arm in arms}
+        for seed in args.seeds:
+            for arm, (overrides, candidate) in arms.items():
+                arm_cfg = load_config(args.config, {**probe, **overrides, "distill.seed": seed})
+                outputs = label_flow(arm_cfg, snapshot, teacher)  # cached: labelled once per set of rows
+                start = time.perf_counter()
+                trained = train_student(arm_cfg, teacher, snapshot, outputs, candidate, parent)
+                row = {"seed": seed, **accuracy(trained.folder), "val_macro_f1": trained.val_macro_f1,
+                       "seconds": time.perf_counter() - start}
+                out[arm].append(row)
+                print(f"seed {seed} {arm}: test accuracy {row['accuracy']:.4f}, macro-F1 {row['macro_f1']:.4f}")
+        return out
+
+    rows = train_all()
+    t = teacher_metrics["accuracy"]
+    gaps = [gap_recovered(s["accuracy"], b["accuracy"], t) for s, b in zip(rows["distilled"], rows["baseline"])]
+    diffs = [s["accuracy"] - b["accuracy"] for s, b in zip(rows["distilled"], rows["baseline"])]
+    results = {
+        "profile": args.name, "champion": f"{champion.name} v{champion.version}", "recipe": recipe.to_dict(),
+        "teacher": {"name": f"{teacher.name} v{teacher.version}", **teacher_metrics}, "seeds": args.seeds,
+        "arms": {arm: {"accuracy": summary([r["accuracy"] for r in rs]),
+                       "macro_f1": summary([r["macro_f1"] for r in rs]), "runs": rs} for arm, rs in rows.items()},
+        "kd_gap_recovered": summary(gaps), "kd_minus_baseline_accuracy": summary(diffs),
+    }
+    for arm in arms:
+        if arm not in ("distilled", "baseline"):
+            results["arms"][arm]["gap_recovered"] = summary(
+                [gap_recovered(s["accuracy"], b["accuracy"], t) for s, b in zip(rows[arm], rows["baseline"])])
+    print(f"\n== {args.name}: {len(args.seeds)} seeds {args.seeds}, teacher {teacher.name} v{teacher.version} test "
+          f"accuracy {t:.4f}; recipe {recipe.to_dict()}")
+    print(f"{'arm':<14}{'accuracy':>18}{'macro-F1':>18}{'gap recovered':>20}")
+    for arm, r in results["arms"].items():
+        gap = r.get("gap_recovered", results["kd_gap_recovered"] if arm == "distilled" else None)
+        print(f"{arm:<14}{r['accuracy']['mean']:>10.4f} +- {r['accuracy']['std']:.4f}"
+              f"{r['macro_f1']['mean']:>10.4f} +- {r['macro_f1']['std']:.4f}"
+              + (f"{gap['mean']:>12.3f} +- {gap['std']:.3f}" if gap else ""))
+    diff = results["kd_minus_baseline_accuracy"]
+    print(f"distilled - baseline accuracy: {diff['mean']:+.4f} +- {diff['std']:.4f} "
+          f"({'more' if diff['mean'] > 2 * diff['std'] else 'not more'} than twice the std)")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{args.name}-seeds.json").write_text(json.dumps(results, indent=1) + "\n")
+    main_file = out_dir / f"{args.name}.json"
+    main_results = json.loads(main_file.read_text()) if main_file.is_file() else {"profile": args.name}
+    main_results.setdefault("ratios", {}).update({
+        "kd_gap_recovered": results["kd_gap_recovered"]["mean"], "kd_gap_recovered_std": results["kd_gap_recovered"]["std"],
+        "kd_seeds": len(args.seeds), "kd_minus_baseline_accuracy_mean": diff["mean"],
+        "kd_minus_baseline_accuracy_std": diff["std"]})
+    main_file.write_text(json.dumps(main_results, indent=1) + "\n")
+    print(f"\nwritten {out_dir / f'{args.name}-seeds.json'}; ratios added to {main_file}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

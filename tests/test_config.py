@@ -84,7 +84,8 @@ def test_profiles_extend_the_project_config(tmp_path):
         "teacher.base_model": "mpnet", "teacher.registered_name": "teacher-large", "teacher.epochs": 4,
         "teacher.learning_rate": 1e-4, "teacher.batch_size": 32, "tracking.student_name": "student-large",
         "student.init": "pretrained", "student.base_model": "minilm", "distill.epochs": 4,
-        "distill.sweep.temperature": []})
+        "distill.sweep.temperature": [], "gate.policy": "smallest", "student.frontier": [
+            {"pretrained_layers": [0, 2, 4]}, {"pretrained_layers": [0, 5]}, {"prune_vocab": False}]})
     assert large.root == str(root) and not large.distill.sweep.kd_weight  # untouched keys come from the base
     (tmp_path / "profiles").mkdir()
     (tmp_path / "base.yaml").write_text("data:\n  source: src\n")

@@ -132,8 +132,9 @@ def train_student(cfg: Config, teacher: TeacherRef, snapshot: SnapshotRef, outpu
             cfg.distill.feature_loss, teacher=teacher_model, student=student,
             layer_map={int(k): int(v) for k, v in (cfg.distill.layer_map or {}).items()} or None)
     # the served form (student.deploy) and the frontier do not change this student's training: checkpoints are reused
-    key = checkpoint_key(outputs.key, candidate.to_dict(), cfg.student.model_dump(exclude={"deploy", "frontier"}), vars(settings),
-                         init_note)
+    # (and an unset key added later, e.g. pretrained_layers, keeps the keys of checkpoints made before it)
+    shape = cfg.student.model_dump(exclude={"deploy", "frontier"}, exclude_none=True)
+    key = checkpoint_key(outputs.key, candidate.to_dict(), shape, vars(settings), init_note)
     name = candidate.name
     run_id = registry.create_run(cfg, name, {"stage": "train-student", "candidate": candidate.kind}, parent_run_id,
                                  snapshot=snapshot)

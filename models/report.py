@@ -13,14 +13,20 @@ import numpy as np  # noqa: E402
 from distillery.models.calibration import accuracy_cost, tradeoff_curve  # noqa: E402
 from distillery.models.metrics import reliability_curve, softmax  # noqa: E402
 
+def _name_width(metrics: dict) -> int:
+    """The name column: the longest candidate name (frontier students have long ones) and two spaces."""
+    return max([19, *(len(k) + 2 for k in metrics)])
+
+
 def results_table(metrics: dict[str, dict]) -> str:
     """A fixed-width table of the candidates' headline metrics."""
     calibrated = all("ece_calibrated" in m for m in metrics.values())  # temperature scaling ran (on validation)
-    head = f"{'candidate':<19}{'accuracy':>9}{'macro-F1':>9}{'ECE':>7}{'agree':>7}{'p50 ms':>8}{'p95 ms':>8}" \
+    w = _name_width(metrics)
+    head = f"{'candidate':<{w}}{'accuracy':>9}{'macro-F1':>9}{'ECE':>7}{'agree':>7}{'p50 ms':>8}{'p95 ms':>8}" \
            f"{'rows/s':>8}{'params M':>9}{'MB':>7}" + (f"{'T':>6}{'ECE@T':>7}" if calibrated else "")
     lines = [head, "-" * len(head)]
     for name, m in metrics.items():
-        lines.append(f"{name:<19}{m['accuracy']:>9.4f}{m['macro_f1']:>9.4f}{m['ece']:>7.3f}{m['agreement']:>7.3f}"
+        lines.append(f"{name:<{w}}{m['accuracy']:>9.4f}{m['macro_f1']:>9.4f}{m['ece']:>7.3f}{m['agreement']:>7.3f}"
                      f"{m['latency_p50_ms']:>8.2f}{m['latency_p95_ms']:>8.2f}{m['throughput_rps']:>8.0f}"
                      f"{m['parameters'] / 1e6:>9.1f}{m['size_mb']:>7.1f}"
                      + (f"{m['temperature']:>6.2f}{m['ece_calibrated']:>7.3f}" if calibrated else ""))
@@ -37,10 +43,11 @@ def oos_table(metrics: dict[str, dict]) -> str:
     candidate abstains."""
     if not any("abstain_threshold" in m for m in metrics.values()):
         return ""
-    head = f"{'candidate':<19}" + "".join(f"{title:>13}" for _, title in OOS_COLUMNS)
+    w = _name_width(metrics)
+    head = f"{'candidate':<{w}}" + "".join(f"{title:>13}" for _, title in OOS_COLUMNS)
     lines = [head, "-" * len(head)]
     for name, m in metrics.items():
-        lines.append(f"{name:<19}" + "".join(f"{m[key]:>13.4f}" if key in m else f"{'-':>13}"
+        lines.append(f"{name:<{w}}" + "".join(f"{m[key]:>13.4f}" if key in m else f"{'-':>13}"
                                              for key, _ in OOS_COLUMNS))
     return "\n".join(lines)
 
@@ -151,7 +158,8 @@ def pareto(metrics: dict[str, dict]) -> set[str]:
 def frontier_table(metrics: dict[str, dict], served: tuple[str, ...] = (), reference: str | None = None) -> str:
     """Accuracy, latency and size of every candidate, smallest first; ``*`` marks the Pareto frontier."""
     front = pareto(metrics)
-    head = f"{'candidate':<22}{'accuracy':>9}{'val acc':>9}{'p50 ms':>8}{'p95 ms':>8}{'rows/s':>8}{'MB':>8}" \
+    w = _name_width(metrics)
+    head = f"{'candidate':<{w}}{'accuracy':>9}{'val acc':>9}{'p50 ms':>8}{'p95 ms':>8}{'rows/s':>8}{'MB':>8}" \
            f"{'params M':>9}  frontier"
     lines = [head, "-" * len(head)]
     for name in sorted(metrics, key=lambda k: (metrics[k]["size_mb"], metrics[k]["latency_p50_ms"])):
@@ -160,7 +168,7 @@ def frontier_table(metrics: dict[str, dict], served: tuple[str, ...] = (), refer
         note += ["served"] if name in served[:1] else ["contender"] if name in served else []
         note += ["reference"] if name == reference else []
         val = f"{m['val_accuracy']:>9.4f}" if "val_accuracy" in m else f"{'-':>9}"
-        lines.append(f"{name:<22}{m['accuracy']:>9.4f}{val}{m['latency_p50_ms']:>8.2f}{m['latency_p95_ms']:>8.2f}"
+        lines.append(f"{name:<{w}}{m['accuracy']:>9.4f}{val}{m['latency_p50_ms']:>8.2f}{m['latency_p95_ms']:>8.2f}"
                      f"{m['throughput_rps']:>8.0f}{m['size_mb']:>8.1f}{m['parameters'] / 1e6:>9.1f}  {' '.join(note)}")
     return "\n".join(lines)
 

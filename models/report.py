@@ -186,14 +186,25 @@ def plot_frontier(metrics: dict[str, dict], path: Path, served: str | None = Non
         color = "tab:red" if name == served else "tab:orange" if name == reference else \
             "tab:blue" if name in front else "tab:gray"
         ax.scatter(x, y, s=30 + 600 * m["size_mb"] / largest, color=color, alpha=0.55, edgecolors="k", zorder=3)
+    ax.set_xscale("log")
+    ax.margins(x=0.3, y=0.15)  # room for the labels: none is clipped at the edge
+    fig.canvas.draw()  # the scales are set: place labels in pixels, each where it overlaps no earlier one
+    taken: list[tuple[float, float, float, float]] = []
+    for name, m in sorted(metrics.items(), key=lambda kv: (kv[1]["latency_p50_ms"], -kv[1]["accuracy"])):
         tag = " (served)" if name == served else " (reference)" if name == reference else ""
-        ax.annotate(f"{name}{tag}\n{m['size_mb']:.1f} MB", (x, y), fontsize=7, xytext=(6, 4),
-                    textcoords="offset points")
+        text = f"{name}{tag}\n{m['size_mb']:.1f} MB"
+        px, py = ax.transData.transform((m["latency_p50_ms"], m["accuracy"]))
+        width, height = 5.2 * max(len(line) for line in text.split("\n")), 22.0
+        for dx, dy in ((6, 4), (6, -26), (6, 30), (-6 - width, 4), (-6 - width, -26), (6, -52), (6, 56)):
+            box = (px + dx, py + dy, px + dx + width, py + dy + height)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in taken):
+                break
+        taken.append(box)
+        ax.annotate(text, (m["latency_p50_ms"], m["accuracy"]), fontsize=7, xytext=(dx, dy),
+                    textcoords="offset pixels", va="bottom")
     line = sorted((metrics[k]["latency_p50_ms"], metrics[k]["accuracy"]) for k in front)
     ax.plot([p[0] for p in line], [p[1] for p in line], color="tab:blue", lw=0.8, ls="--", zorder=2,
             label="Pareto frontier (accuracy, latency, size)")
-    ax.set_xscale("log")
-    ax.margins(x=0.3, y=0.15)  # room for the labels: none is clipped at the edge
     ax.set_title("Accuracy against batch-1 latency, every form of teacher and students\n"
                  "(marker area: size on disk)", fontsize=10)
     ax.set_xlabel("p50 latency at batch 1, one thread (ms, log scale)")

@@ -139,14 +139,16 @@ def main() -> int:
         metrics[name] = {k: v for k, v in m.items() if k != "per_class_f1"}
         print(f"  measured {name}", flush=True)
     served, reference = served_candidate(form), lineage.judged_against
-    (s_model, _, s_folder), (r_model, _, r_folder) = candidates[served], candidates[reference]
-    metrics[served].update(paired_latency_ratio(s_model, *encoded[s_folder], r_model, *encoded[r_folder], timing))
+    contenders = (served, *(served_candidate(form, k) for k in others))
+    r_model, _, r_folder = candidates[reference]
+    for name in contenders:  # each student against the reference in interleaved pairs: p50s taken minutes apart
+        model, _, folder = candidates[name]  # drift with the machine, the paired ratios do not
+        metrics[name].update(paired_latency_ratio(model, *encoded[folder], r_model, *encoded[r_folder], timing))
     metrics[served].update(served_path_latency(str(student_dir), form, cfg.distill.max_length, texts_test, timing))
     results["served"], results["reference"] = served, reference
     results["models"] = metrics
     results["ratios"] = headline_ratios(metrics, served, reference)
     results["frontier"] = sorted(pareto(metrics))
-    contenders = (served, *(served_candidate(form, k) for k in others))
     frontier_text = frontier_table(metrics, contenders, reference)
     plot_frontier(metrics, ROOT / "benchmarks" / "results" / f"{args.name}-frontier.png", served, reference)
     results["timing"] = {"threads": timing.threads, "warmup": timing.warmup, "repeats": timing.repeats,

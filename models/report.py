@@ -156,11 +156,12 @@ def pareto(metrics: dict[str, dict]) -> set[str]:
 
 
 def frontier_table(metrics: dict[str, dict], served: tuple[str, ...] = (), reference: str | None = None) -> str:
-    """Accuracy, latency and size of every candidate, smallest first; ``*`` marks the Pareto frontier."""
+    """Accuracy, latency and size of every candidate, smallest first; ``*`` marks the Pareto frontier; ``/ref`` is a
+    student's batch-1 latency over the reference's, timed in interleaved pairs (steadier than two p50s)."""
     front = pareto(metrics)
     w = _name_width(metrics)
-    head = f"{'candidate':<{w}}{'accuracy':>9}{'val acc':>9}{'p50 ms':>8}{'p95 ms':>8}{'rows/s':>8}{'MB':>8}" \
-           f"{'params M':>9}  frontier"
+    head = f"{'candidate':<{w}}{'accuracy':>9}{'val acc':>9}{'p50 ms':>8}{'p95 ms':>8}{'/ref':>7}{'rows/s':>8}" \
+           f"{'MB':>8}{'params M':>9}  frontier"
     lines = [head, "-" * len(head)]
     for name in sorted(metrics, key=lambda k: (metrics[k]["size_mb"], metrics[k]["latency_p50_ms"])):
         m = metrics[name]
@@ -168,8 +169,9 @@ def frontier_table(metrics: dict[str, dict], served: tuple[str, ...] = (), refer
         note += ["served"] if name in served[:1] else ["contender"] if name in served else []
         note += ["reference"] if name == reference else []
         val = f"{m['val_accuracy']:>9.4f}" if "val_accuracy" in m else f"{'-':>9}"
+        paired = f"{m['latency_ratio_paired']:>7.3f}" if "latency_ratio_paired" in m else f"{'-':>7}"
         lines.append(f"{name:<{w}}{m['accuracy']:>9.4f}{val}{m['latency_p50_ms']:>8.2f}{m['latency_p95_ms']:>8.2f}"
-                     f"{m['throughput_rps']:>8.0f}{m['size_mb']:>8.1f}{m['parameters'] / 1e6:>9.1f}  {' '.join(note)}")
+                     f"{paired}{m['throughput_rps']:>8.0f}{m['size_mb']:>8.1f}{m['parameters'] / 1e6:>9.1f}  {' '.join(note)}")
     return "\n".join(lines)
 
 

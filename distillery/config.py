@@ -109,6 +109,8 @@ class StudentConfig(Section):
     hidden_size: int = 256
     num_attention_heads: int = 4
     intermediate_size: int = 1024
+    # init=config: start from the teacher's weights by selection (leading slices, layers spread) instead of random
+    select_weights: StrictBool = False
     pretrained_layers: tuple[int, ...] | None = None  # init=pretrained: keep only these layers of it (null: all)
     deploy: str = "int8"
     # keep only the word pieces the training texts (and transfer/oos rows) use, plus special tokens and the
@@ -136,7 +138,7 @@ class StudentConfig(Section):
         if self.init == "cut":
             name = "cut" + "-".join(str(i) for i in self.layers)
         elif self.init == "config":
-            name = f"h{self.hidden_size}x{self.num_layers}"
+            name = f"h{self.hidden_size}x{self.num_layers}" + ("-ws" if self.select_weights else "")
         else:
             name = "".join(c if c.isalnum() else "-" for c in Path(self.base_model).name.lower())
             name += "-cut" + "-".join(str(i) for i in self.pretrained_layers) if self.pretrained_layers else ""

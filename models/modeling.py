@@ -240,9 +240,37 @@ def size_on_disk(model: nn.Module) -> int:
     return buffer.getbuffer().nbytes
 
 
+def select_weights(student: PreTrainedModel, teacher: PreTrainedModel) -> int:
+    """Initialise a narrower student from the teacher by weight selection (Xu et al. 2023): every student tensor
+    whose teacher counterpart is at least as large takes its leading slice, student layer ``i`` reading teacher layer
+    ``round(i * (n - 1) / (m - 1))`` (evenly spread, first and last kept). Returns how many tensors were taken."""
+    m, n = student.config.num_hidden_layers, teacher.config.num_hidden_layers
+    spread = [round(i * (n - 1) / max(m - 1, 1)) for i in range(m)]
+    source = teacher.state_dict()
+    taken = 0
+    with torch.no_grad():
+        for name, tensor in student.state_dict().items():
+            parts = name.split(".")
+            if "layer" in parts:  # encoder.layer.<i>.…: the spread teacher layer
+                k = parts.index("layer") + 1
+                if k < len(parts) and parts[k].isdigit():
+                    parts[k] = str(spread[int(parts[k])])
+            match = source.get(".".join(parts))
+            if match is None or match.dim() != tensor.dim() or any(a > b for a, b in zip(tensor.shape, match.shape)):
+                continue
+            tensor.copy_(match[tuple(slice(0, size) for size in tensor.shape)])
+            taken += 1
+    return taken
+
+
 def build_student(teacher: PreTrainedModel, init: str, layers: list[int], num_layers: int, hidden_size: int,
-                  num_attention_heads: int, intermediate_size: int, seed: int = 0) -> PreTrainedModel:
-    """``init='cut'``: keep the teacher's chosen layers; ``'config'``: a smaller fresh model of its architecture."""
+                  num_attention_heads: int, intermediate_size: int, seed: int = 0,
+                  from_teacher: bool = False) -> PreTrainedModel:
+    """``init='cut'``: keep the teacher's chosen layers; ``'config'``: a smaller fresh model of its architecture,
+    random or (``from_teacher``) initialised from the teacher's weights by selection."""
     if init == "cut":
         return cut_student(teacher, list(layers))
-    return fresh_student(teacher, num_layers, hidden_size, num_attention_heads, intermediate_size, seed)
+    student = fresh_student(teacher, num_layers, hidden_size, num_attention_heads, intermediate_size, seed)
+    if from_teacher:
+        select_weights(student, teacher)
+    return student

@@ -49,7 +49,7 @@ def make_student(cfg: Config, teacher_model: PreTrainedModel, teacher_folder: Pa
             student = cut_student(student, list(s.pretrained_layers))
     else:
         student = build_student(teacher_model, s.init, list(s.layers), s.num_layers, s.hidden_size,
-                                s.num_attention_heads, s.intermediate_size, cfg.distill.seed)
+                                s.num_attention_heads, s.intermediate_size, cfg.distill.seed, s.select_weights)
         tokenizer = load_tokenizer(teacher_folder)
     if s.prune_vocab:
         student, tokenizer = prune_vocabulary(student, tokenizer, vocab_texts or [], s.vocab_reserve,
@@ -64,7 +64,8 @@ def weights_from(cfg: Config) -> str:
     """Where a student's initial weights come from, in words (recorded on its run)."""
     s = cfg.student
     kept = f", layers {list(s.pretrained_layers)}" if s.pretrained_layers else ""
-    return {"cut": f"teacher (layers {list(s.layers)})", "config": "random init",
+    return {"cut": f"teacher (layers {list(s.layers)})",
+            "config": "teacher's weights by selection" if s.select_weights else "random init",
             "pretrained": f"pretrained ({s.base_model}{kept})"}[s.init]
 
 
@@ -88,6 +89,9 @@ def baseline_source(cfg: Config, teacher_model: PreTrainedModel, teacher: Teache
     if differs:
         return teacher_model, f"{weights_from(cfg)}: base model {base!r} differs from the teacher in {', '.join(differs)}"
     return model, f"base model {base} (layers {list(cfg.student.layers)}, before fine-tuning)"
+
+
+LATER_DEFAULTS = {("pretrained_layers", None), ("select_weights", False)}
 
 
 @task(name="train-student", task_run_name="train-{candidate.name}", cache_policy=NO_CACHE)
@@ -132,8 +136,9 @@ def train_student(cfg: Config, teacher: TeacherRef, snapshot: SnapshotRef, outpu
             cfg.distill.feature_loss, teacher=teacher_model, student=student,
             layer_map={int(k): int(v) for k, v in (cfg.distill.layer_map or {}).items()} or None)
     # the served form (student.deploy) and the frontier do not change this student's training: checkpoints are reused
-    # (and an unset key added later, e.g. pretrained_layers, keeps the keys of checkpoints made before it)
-    shape = cfg.student.model_dump(exclude={"deploy", "frontier"}, exclude_none=True)
+    # (and keys added later, left at their default, keep the keys of checkpoints made before them)
+    shape = {k: v for k, v in cfg.student.model_dump(exclude={"deploy", "frontier"}).items()
+             if (k, v) not in LATER_DEFAULTS}
     key = checkpoint_key(outputs.key, candidate.to_dict(), shape, vars(settings), init_note)
     name = candidate.name
     run_id = registry.create_run(cfg, name, {"stage": "train-student", "candidate": candidate.kind}, parent_run_id,

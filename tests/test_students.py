@@ -142,3 +142,20 @@ def test_length_grouped_batches_cover_every_row_once_and_pad_less(tiny_teacher_d
     # the batch order is shuffled, not longest-first
     firsts = [max(lengths[i] for i in b) for b in grouped]
     assert firsts != sorted(firsts, reverse=True)
+
+
+def test_a_narrow_student_can_start_from_the_teachers_weights(tiny_teacher_dir):
+    """Weight selection: each student tensor is the leading slice of the teacher's (layers spread evenly), so the
+    narrow student starts from the teacher's knowledge instead of noise; random init stays the default."""
+    teacher = load_classifier(tiny_teacher_dir)
+    student = build_student(teacher, "config", [], 1, 16, 2, 32, seed=5, from_teacher=True)
+    t, s = teacher.state_dict(), student.state_dict()
+    emb = "bert.embeddings.word_embeddings.weight"
+    assert torch.equal(s[emb], t[emb][:, :16])
+    last = teacher.config.num_hidden_layers - 1  # one student layer reads the teacher's first ((m - 1) = 0 spread)
+    q = "bert.encoder.layer.0.attention.self.query.weight"
+    assert torch.equal(s[q], t[q][:16, :16]) and t[q.replace(".0.", f".{last}.")].shape[0] >= 16
+    head = "classifier.weight"
+    assert torch.equal(s[head], t[head][:, :16])
+    random = build_student(teacher, "config", [], 1, 16, 2, 32, seed=5)
+    assert not torch.equal(random.state_dict()[emb], s[emb])

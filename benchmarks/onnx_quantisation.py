@@ -59,7 +59,8 @@ def main() -> int:
         def get_next(self) -> dict | None:
             return next(self.batches, None)
 
-    work = Path(tempfile.mkdtemp())
+    scratch = tempfile.TemporaryDirectory()  # the exported files, removed at the end
+    work = Path(scratch.name)
     files = {"fp32": export_onnx(model, work / "fp32.onnx")}
     files["dynamic"] = quantize_onnx_int8(files["fp32"], work / "dynamic.onnx")
     quant_pre_process(str(files["fp32"]), str(work / "pre.onnx"), skip_symbolic_shape=True)
@@ -85,6 +86,7 @@ def main() -> int:
                 samples.append((time.perf_counter() - start) * 1000)
         results[name] = {"val_accuracy": float((logits.argmax(1) == gold).mean()),
                          "latency_p50_ms": float(np.median(samples)), "size_mb": path.stat().st_size / 1e6}
+    scratch.cleanup()
     print(f"{'form':<16}{'val acc':>9}{'p50 ms':>9}{'MB':>7}")
     for name, r in results.items():
         print(f"{name:<16}{r['val_accuracy']:>9.4f}{r['latency_p50_ms']:>9.3f}{r['size_mb']:>7.1f}")

@@ -12,7 +12,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from distillery.config import Config
+from distillery.config import Config, StudentConfig
 from distillery.integrations import registry
 from distillery.records import Candidate, SnapshotRef, TeacherOutputs, TeacherRef, TrainedStudent
 from distillery.models.data import read_snapshot
@@ -94,6 +94,14 @@ def baseline_source(cfg: Config, teacher_model: PreTrainedModel, teacher: Teache
 LATER_DEFAULTS = {("pretrained_layers", None), ("select_weights", False)}
 
 
+def training_shape(student: StudentConfig) -> dict:
+    """The student settings that shape its training, as its checkpoint key sees them: not the served form or the
+    frontier (another form reuses the checkpoints), and keys added later only when set (checkpoints made before
+    them are found again)."""
+    return {k: v for k, v in student.model_dump(exclude={"deploy", "frontier"}).items()
+            if (k, v) not in LATER_DEFAULTS}
+
+
 @task(name="train-student", task_run_name="train-{candidate.name}", cache_policy=NO_CACHE)
 def train_student(cfg: Config, teacher: TeacherRef, snapshot: SnapshotRef, outputs: TeacherOutputs,
                   candidate: Candidate, parent_run_id: str, prune_below: tuple = ()) -> TrainedStudent:
@@ -135,11 +143,7 @@ def train_student(cfg: Config, teacher: TeacherRef, snapshot: SnapshotRef, outpu
             candidate.temperature, candidate.kd_weight, candidate.ce_weight, candidate.feature_weight,
             cfg.distill.feature_loss, teacher=teacher_model, student=student,
             layer_map={int(k): int(v) for k, v in (cfg.distill.layer_map or {}).items()} or None)
-    # the served form (student.deploy) and the frontier do not change this student's training: checkpoints are reused
-    # (and keys added later, left at their default, keep the keys of checkpoints made before them)
-    shape = {k: v for k, v in cfg.student.model_dump(exclude={"deploy", "frontier"}).items()
-             if (k, v) not in LATER_DEFAULTS}
-    key = checkpoint_key(outputs.key, candidate.to_dict(), shape, vars(settings), init_note)
+    key = checkpoint_key(outputs.key, candidate.to_dict(), training_shape(cfg.student), vars(settings), init_note)
     name = candidate.name
     run_id = registry.create_run(cfg, name, {"stage": "train-student", "candidate": candidate.kind}, parent_run_id,
                                  snapshot=snapshot)

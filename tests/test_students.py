@@ -159,3 +159,16 @@ def test_a_narrow_student_can_start_from_the_teachers_weights(tiny_teacher_dir):
     assert torch.equal(s[head], t[head][:, :16])
     random = build_student(teacher, "config", [], 1, 16, 2, 32, seed=5)
     assert not torch.equal(random.state_dict()[emb], s[emb])
+
+
+def test_checkpoint_keys_ignore_the_served_form_and_unset_later_keys():
+    from distillery.config import StudentConfig
+    from distillery.tasks.distill import training_shape
+
+    base = StudentConfig()
+    before = {"init": "cut", "base_model": "minilm", "layers": (0, 5), "num_layers": 2, "hidden_size": 256,
+              "num_attention_heads": 4, "intermediate_size": 1024, "prune_vocab": False, "vocab_reserve": 0}
+    assert training_shape(base) == before  # the keys of checkpoints made before frontiers, selection, cuts
+    assert training_shape(base.model_copy(update={"deploy": "onnx-int8", "frontier": ({"layers": [0]},)})) == before
+    assert training_shape(base.model_copy(update={"select_weights": True}))["select_weights"] is True
+    assert training_shape(base.model_copy(update={"pretrained_layers": (0, 2)}))["pretrained_layers"] == (0, 2)

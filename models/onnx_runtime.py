@@ -96,7 +96,6 @@ class OnnxClassifier:
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             self._sessions[threads] = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         self.session = self._sessions[threads]
-        self.threads = threads
 
     def eval(self) -> "OnnxClassifier":
         return self

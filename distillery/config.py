@@ -148,6 +148,7 @@ class StudentConfig(Section):
 class SweepConfig(Section):
     temperature: tuple[float, ...] = ()
     kd_weight: tuple[float, ...] = ()
+    feature_weight: tuple[float, ...] = ()  # e.g. [0.0, 0.5]: feature KD kept only when it wins on validation
 
 
 class SearchConfig(Section):
@@ -161,6 +162,7 @@ class SearchConfig(Section):
     kd_weight: tuple[float, float] = (0.3, 1.0)  # ce_weight = 1 - kd_weight
     learning_rate: tuple[float, float] = (5.0e-5, 5.0e-4)
     epochs: tuple[int, int] = (3, 10)
+    feature_weight: tuple[float, float] | None = None  # searched too when set (else distill.feature_weight)
     # median pruning: a trial stops after an epoch whose validation macro-F1 is below the median of the finished
     # trials' at that epoch, once `prune_startup` trials have finished and after `prune_warmup` epochs
     prune: StrictBool = True
@@ -174,6 +176,10 @@ class DistillConfig(Section):
     ce_weight: float = 0.2
     feature_weight: float = 0.0
     feature_loss: str = "mse"
+    # what feature KD aligns: hidden = mapped hidden states token by token (the student reads with the teacher's
+    # tokenizer) | pooled = mean-pooled last hidden states per text, through a learned projection (any tokenizer)
+    # | auto = pooled for a pretrained student with its own tokenizer, else hidden
+    feature_target: Literal["auto", "hidden", "pooled"] = "auto"
     layer_map: dict[int, int] | None = None
     epochs: int = 8
     batch_size: int = 32
@@ -262,6 +268,14 @@ class Config(Section):
     def for_student(self, shape: Mapping[str, Any]) -> "Config":
         """This configuration with ``student`` shaped by a frontier entry."""
         return self.model_copy(update={"student": self.student.shaped(shape)})
+
+    @property
+    def feature_target(self) -> str:
+        """What feature KD aligns for this student: ``hidden`` or ``pooled`` (``distill.feature_target`` resolved)."""
+        target = self.distill.feature_target
+        if target == "auto":
+            return "pooled" if self.student.init == "pretrained" else "hidden"
+        return target
 
     def path(self, value: str) -> Path:
         """Resolve a configured path against the configuration root (absolute paths stay as they are)."""
@@ -397,8 +411,9 @@ def validate_config(cfg: Config) -> Config:
     need(0 <= v.min_teacher_macro_f1 <= 1, "validation.min_teacher_macro_f1 must be in [0, 1]")
     s = cfg.student
     need(s.init in ("cut", "config", "pretrained"), "student.init must be 'cut', 'config' or 'pretrained'")
-    need(s.init != "pretrained" or cfg.distill.feature_weight == 0,
-         "feature KD (distill.feature_weight > 0) needs a student that shares the teacher's tokenizer (init cut/config)")
+    need(s.init != "pretrained" or cfg.distill.feature_target != "hidden",
+         "distill.feature_target: hidden aligns tokens, so it needs a student that reads with the teacher's tokenizer "
+         "(init cut/config); a pretrained student takes pooled (or auto)")
     if s.init == "cut":
         need(len(s.layers) >= 1, "student.layers must keep at least one layer")
         need(len(set(s.layers)) == len(s.layers) and all(i >= 0 for i in s.layers),
@@ -437,6 +452,9 @@ def validate_config(cfg: Config) -> Config:
     need(k.baseline_init in ("base", "teacher"), "distill.baseline_init must be 'base' or 'teacher'")
     need(all(t > 0 for t in k.sweep.temperature), "distill.sweep.temperature values must be > 0")
     need(all(w >= 0 for w in k.sweep.kd_weight), "distill.sweep.kd_weight values must be >= 0")
+    need(all(w >= 0 for w in k.sweep.feature_weight), "distill.sweep.feature_weight values must be >= 0")
+    fw = k.search.feature_weight
+    need(fw is None or 0 <= fw[0] <= fw[1], "distill.search.feature_weight must be null or [low, high] with 0 <= low <= high")
     need(k.search.prune_startup >= 1 and k.search.prune_warmup >= 0,
          "distill.search.prune_startup must be >= 1 and prune_warmup >= 0")
     e = cfg.evaluation

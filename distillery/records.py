@@ -120,6 +120,7 @@ class Candidate:
             recipe = f"trial-{self.trial}"
         else:
             recipe = f"distill-T{self.temperature}-kd{self.kd_weight}"
+            recipe += f"-fw{self.feature_weight}" if self.feature_weight else ""
         return f"{self.shape}-{recipe}" if self.shape else recipe
 
     def to_dict(self) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from distillery.records import BASELINE, RunResult, SnapshotRef, TeacherRef
 from distillery.flows.label import label_flow
 from distillery.flows.runners import task_runner_for
 from distillery.models.selection import median_bars, pick_best, sweep_grid, trial_candidate
-from distillery.tasks.distill import log_search, train_student
+from distillery.tasks.distill import cache_teacher_features, log_search, train_student, uses_pooled_features
 from distillery.tasks.evaluate import evaluate_candidates
 from distillery.tasks.events import champion_up_to_date, report_decision
 from distillery.tasks.gate import judge, promote, reconcile_registry
@@ -76,6 +76,8 @@ def distill_flow(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef, force:
                                         "teacher_outputs.run_id": outputs.run_id}, snapshot=snapshot, with_config=True)
     # the sweep (or search) and the baseline are independent: mapped over the task runner (threads or Dask workers)
     baseline_future = train_student.submit(cfg, teacher, snapshot, outputs, BASELINE, run_id)
+    if uses_pooled_features(cfg):  # once, before the candidates that read them train side by side
+        cache_teacher_features(cfg, teacher, snapshot, outputs)
     if cfg.distill.search.trials > 0:
         candidates = search(cfg, snapshot, teacher, outputs, run_id)
     else:

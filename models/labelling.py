@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distillery.models.metrics import entropy, per_class_f1, softmax
-from distillery.models.training import encode, predict_logits
+from distillery.models.training import encode, predict_logits, predict_pooled
 
 OUTPUT_COLUMNS = ["id", "split", "label_id", "logits", "probs", "predicted_label", "max_prob", "entropy"]
 
@@ -26,6 +26,13 @@ def teacher_logits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, t
     """(rows, classes) float32 logits of the teacher, batched under ``torch.inference_mode``."""
     data = encode(tokenizer, texts, max_length)
     return predict_logits(model, data, tokenizer.pad_token_id, batch_size=batch_size, progress=progress, desc=desc)
+
+
+def teacher_pooled(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str],
+                   max_length: int, batch_size: int, progress: bool = True, desc: str = "features") -> np.ndarray:
+    """(rows, hidden) float32 sentence features of the teacher: its mean-pooled last hidden state per text."""
+    data = encode(tokenizer, texts, max_length)
+    return predict_pooled(model, data, tokenizer.pad_token_id, batch_size=batch_size, progress=progress, desc=desc)
 
 
 def build_outputs(ids: list[str], splits: list[str], label_ids: list[int], logits: np.ndarray,

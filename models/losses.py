@@ -3,7 +3,9 @@
 Response-based KD (Hinton et al., 2015): ``kd_weight * T^2 * KL(p_teacher^T || p_student^T) + ce_weight * CE``.
 The T^2 factor keeps the soft-target gradients on the same scale as the hard-label ones when T changes.
 Feature-based KD (FitNets-style): hidden states of mapped layers aligned by MSE or cosine distance, through a
-learned linear projection when the student is narrower than the teacher.
+learned linear projection when the student is narrower than the teacher. Across tokenizers (a pretrained student
+with its own word pieces) tokens do not line up, so the sentence is the unit instead: the student's mean-pooled last
+hidden state, projected to the teacher's width, is aligned with the teacher's mean-pooled one (cached per text).
 """
 
 from __future__ import annotations
@@ -84,3 +86,32 @@ class FeatureAligner(nn.Module):
             for s, t in self.layer_map.items()
         ]
         return torch.stack(losses).mean()
+
+
+def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """(batch, seq, hidden) -> (batch, hidden): the mean over real (unpadded) tokens."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (batch, seq, 1)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+def pooled_feature_loss(student_pooled: Tensor, teacher_pooled: Tensor, kind: str = "mse") -> Tensor:
+    """Distance between (batch, width) sentence features: mean MSE or mean 1 - cosine."""
+    if kind == "mse":
+        return F.mse_loss(student_pooled, teacher_pooled)
+    if kind == "cosine":
+        return (1.0 - F.cosine_similarity(student_pooled, teacher_pooled, dim=-1)).mean()
+    raise ValueError(f"unknown feature loss {kind!r}: use 'mse' or 'cosine'")
+
+
+class PooledAligner(nn.Module):
+    """Sentence-level feature KD: a learned projection of the student's mean-pooled last hidden state to the
+    teacher's width (identity when equal), aligned with the teacher's mean-pooled last hidden state. Needs no token
+    correspondence, so it works when student and teacher tokenise differently (e.g. MiniLM 384 -> MPNet 768)."""
+
+    def __init__(self, student_width: int, teacher_width: int):
+        super().__init__()
+        self.projection = nn.Identity() if student_width == teacher_width else nn.Linear(student_width, teacher_width)
+
+    def forward(self, student_last: Tensor, attention_mask: Tensor, teacher_pooled: Tensor, kind: str = "mse") -> Tensor:
+        """student_last: (batch, seq, student width); teacher_pooled: (batch, teacher width)."""
+        return pooled_feature_loss(self.projection(mean_pool(student_last, attention_mask)), teacher_pooled, kind)

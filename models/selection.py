@@ -11,11 +11,13 @@ from distillery.records import Candidate, TrainedStudent
 
 
 def sweep_grid(distill: DistillConfig) -> list[Candidate]:
-    """temperature x kd_weight (ce_weight = 1 - kd_weight when kd_weight is swept); one candidate without a sweep."""
+    """temperature x kd_weight (ce_weight = 1 - kd_weight when kd_weight is swept) x feature_weight; one candidate
+    without a sweep."""
     temperatures = distill.sweep.temperature or (distill.temperature,)
     weights = [(w, 1.0 - w) for w in distill.sweep.kd_weight] or [(distill.kd_weight, distill.ce_weight)]
-    return [Candidate(kind="distilled", temperature=t, kd_weight=kd, ce_weight=ce, feature_weight=distill.feature_weight)
-            for t in temperatures for kd, ce in weights]
+    features = distill.sweep.feature_weight or (distill.feature_weight,)
+    return [Candidate(kind="distilled", temperature=t, kd_weight=kd, ce_weight=ce, feature_weight=f)
+            for t in temperatures for kd, ce in weights for f in features]
 
 
 def pick_best(candidates: Sequence[TrainedStudent]) -> TrainedStudent:
@@ -41,11 +43,14 @@ def median_bars(curves: Sequence[Mapping[int, float]], epochs: int, startup: int
 
 
 def trial_candidate(trial, distill: DistillConfig) -> Candidate:  # noqa: ANN001 - an optuna.Trial
-    """The recipe an Optuna trial proposes within ``distill.search``'s ranges (ce_weight = 1 - kd_weight)."""
+    """The recipe an Optuna trial proposes within ``distill.search``'s ranges (ce_weight = 1 - kd_weight; the
+    feature-KD weight too when ``search.feature_weight`` is a range)."""
     q = distill.search
     kd = round(trial.suggest_float("kd_weight", *q.kd_weight), 4)
     temperature = round(trial.suggest_float("temperature", *q.temperature, log=True), 4)
+    feature = (round(trial.suggest_float("feature_weight", *q.feature_weight), 4) if q.feature_weight is not None
+               else distill.feature_weight)
     return Candidate(kind="distilled", temperature=temperature,
-                     kd_weight=kd, ce_weight=round(1.0 - kd, 4), feature_weight=distill.feature_weight,
+                     kd_weight=kd, ce_weight=round(1.0 - kd, 4), feature_weight=feature,
                      learning_rate=float(f"{trial.suggest_float('learning_rate', *q.learning_rate, log=True):.3g}"),
                      epochs=trial.suggest_int("epochs", *q.epochs), trial=trial.number)

@@ -23,7 +23,15 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
-from distillery.models.losses import IGNORE_INDEX, FeatureAligner, even_layer_map, hard_label_ce, response_kd_loss
+from distillery.models.losses import (
+    IGNORE_INDEX,
+    FeatureAligner,
+    PooledAligner,
+    even_layer_map,
+    hard_label_ce,
+    mean_pool,
+    response_kd_loss,
+)
 from distillery.models.metrics import classification_metrics
 from distillery.models.randomness import seeded
 
@@ -46,11 +54,13 @@ class TrainSettings:
 
 @dataclass
 class Encoded:
-    """Token ids of a text set (unpadded), hard labels (IGNORE_INDEX where unknown), optional teacher logits."""
+    """Token ids of a text set (unpadded), hard labels (IGNORE_INDEX where unknown), optional teacher logits and
+    teacher sentence features (mean-pooled last hidden state, for feature KD across tokenizers)."""
 
     input_ids: list[list[int]]
     labels: Tensor  # (rows,) int64
     teacher_logits: Tensor | None = None  # (rows, classes) float32
+    teacher_features: Tensor | None = None  # (rows, teacher width) float32
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -68,13 +78,15 @@ class TrainResult:
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int,
-           labels: Sequence[int] | None = None, teacher_logits: np.ndarray | None = None) -> Encoded:
+           labels: Sequence[int] | None = None, teacher_logits: np.ndarray | None = None,
+           teacher_features: np.ndarray | None = None) -> Encoded:
     """Tokenise once (truncated, unpadded); batches are padded dynamically later."""
     texts = list(texts)
     ids = tokenizer(texts, truncation=True, max_length=max_length, padding=False)["input_ids"] if texts else []
     y = torch.tensor(list(labels) if labels is not None else [IGNORE_INDEX] * len(ids), dtype=torch.long)
     t = torch.as_tensor(np.asarray(teacher_logits, dtype=np.float32)) if teacher_logits is not None else None
-    return Encoded(input_ids=ids, labels=y, teacher_logits=t)
+    f = torch.as_tensor(np.asarray(teacher_features, dtype=np.float32)) if teacher_features is not None else None
+    return Encoded(input_ids=ids, labels=y, teacher_logits=t, teacher_features=f)
 
 
 def collate(data: Encoded, index: Sequence[int], pad_id: int) -> dict[str, Tensor]:
@@ -88,6 +100,8 @@ def collate(data: Encoded, index: Sequence[int], pad_id: int) -> dict[str, Tenso
     batch = {"input_ids": input_ids, "attention_mask": mask, "labels": data.labels[list(index)]}
     if data.teacher_logits is not None:
         batch["teacher_logits"] = data.teacher_logits[list(index)]
+    if data.teacher_features is not None:
+        batch["teacher_features"] = data.teacher_features[list(index)]
     return batch
 
 
@@ -100,30 +114,45 @@ class CrossEntropyObjective(nn.Module):
 
 
 class DistillationObjective(nn.Module):
-    """Response-based KD on cached teacher logits, plus optional hidden-state alignment with a live teacher."""
+    """Response-based KD on cached teacher logits, plus optional feature KD: ``feature_target="hidden"`` aligns
+    mapped hidden states token by token with a live teacher (same tokenizer); ``"pooled"`` aligns the student's
+    mean-pooled last hidden state with the teacher's cached one (``batch["teacher_features"]``; any tokenizer)."""
 
     def __init__(self, temperature: float, kd_weight: float, ce_weight: float, feature_weight: float = 0.0,
                  feature_loss: str = "mse", teacher: PreTrainedModel | None = None,
-                 student: PreTrainedModel | None = None, layer_map: dict[int, int] | None = None):
+                 student: PreTrainedModel | None = None, layer_map: dict[int, int] | None = None,
+                 feature_target: str = "hidden"):
         super().__init__()
         self.temperature, self.kd_weight, self.ce_weight = temperature, kd_weight, ce_weight
         self.feature_weight, self.feature_loss = feature_weight, feature_loss
         self.aligner: FeatureAligner | None = None
+        self.pooler: PooledAligner | None = None
         self._teacher = [teacher]  # a list keeps the frozen teacher out of this module's parameters
         if feature_weight > 0:
             if teacher is None or student is None:
                 raise ValueError("feature KD needs the teacher and the student")
-            mapping = layer_map or even_layer_map(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
-            self.aligner = FeatureAligner(student.config.hidden_size, teacher.config.hidden_size, mapping)
-            teacher.eval()
+            if feature_target == "pooled":
+                self.pooler = PooledAligner(student.config.hidden_size, teacher.config.hidden_size)
+            elif feature_target == "hidden":
+                mapping = layer_map or even_layer_map(student.config.num_hidden_layers,
+                                                      teacher.config.num_hidden_layers)
+                self.aligner = FeatureAligner(student.config.hidden_size, teacher.config.hidden_size, mapping)
+                teacher.eval()
+            else:
+                raise ValueError(f"unknown feature target {feature_target!r}: use 'hidden' or 'pooled'")
 
     def forward(self, model: PreTrainedModel, batch: dict[str, Tensor]) -> Tensor:
-        want_states = self.aligner is not None
+        want_states = self.aligner is not None or self.pooler is not None
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     output_hidden_states=want_states)
         loss = response_kd_loss(out.logits, batch["teacher_logits"], batch["labels"],
                                 self.temperature, self.kd_weight, self.ce_weight)
-        if want_states:
+        if self.pooler is not None:
+            if "teacher_features" not in batch:
+                raise ValueError("pooled feature KD needs the teacher's sentence features with the training rows")
+            loss = loss + self.feature_weight * self.pooler(out.hidden_states[-1], batch["attention_mask"],
+                                                            batch["teacher_features"], self.feature_loss)
+        if self.aligner is not None:
             with torch.inference_mode():
                 t_states = self._teacher[0](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                             output_hidden_states=True).hidden_states
@@ -134,19 +163,36 @@ class DistillationObjective(nn.Module):
 
 
 @torch.inference_mode()
-def predict_logits(model: PreTrainedModel, data: Encoded, pad_id: int, batch_size: int = 64,
-                   progress: bool = False, desc: str = "predict") -> np.ndarray:
-    """Logits (rows, classes) float32 for every row, in input order. Rows are length-sorted to pad little."""
+def _predict_rows(model: PreTrainedModel, data: Encoded, pad_id: int, batch_size: int, width: int,
+                  rows_of: Callable[[dict[str, Tensor]], Tensor], progress: bool, desc: str) -> np.ndarray:
+    """(rows, width) float32 of ``rows_of(batch)`` for every row, in input order; rows length-sorted to pad little."""
     model.eval()
     order = np.argsort([len(r) for r in data.input_ids], kind="stable")
-    out = np.zeros((len(data), model.config.num_labels), dtype=np.float32)
+    out = np.zeros((len(data), width), dtype=np.float32)
     starts = range(0, len(order), batch_size)
     for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
         index = order[start : start + batch_size]
-        batch = collate(data, index, pad_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        out[index] = logits.float().numpy()
+        out[index] = rows_of(collate(data, index, pad_id)).float().numpy()
     return out
+
+
+def predict_logits(model: PreTrainedModel, data: Encoded, pad_id: int, batch_size: int = 64,
+                   progress: bool = False, desc: str = "predict") -> np.ndarray:
+    """Logits (rows, classes) float32 for every row, in input order."""
+    return _predict_rows(model, data, pad_id, batch_size, model.config.num_labels,
+                         lambda b: model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                         progress, desc)
+
+
+def predict_pooled(model: PreTrainedModel, data: Encoded, pad_id: int, batch_size: int = 64,
+                   progress: bool = False, desc: str = "features") -> np.ndarray:
+    """Sentence features (rows, hidden) float32: the mean-pooled last hidden state, in input order."""
+
+    def pooled(b: dict[str, Tensor]) -> Tensor:
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True)
+        return mean_pool(out.hidden_states[-1], b["attention_mask"])
+
+    return _predict_rows(model, data, pad_id, batch_size, model.config.hidden_size, pooled, progress, desc)
 
 
 def _fingerprint(settings: TrainSettings, extra: dict) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -31,7 +32,7 @@ from distillery.models.modeling import (
 from distillery.models.randomness import seeded
 from distillery.models.training import CrossEntropyObjective, DistillationObjective, encode, train_model
 from distillery.models.vocabulary import prune_vocabulary
-from distillery.tasks.labelling import rows_to_label
+from distillery.tasks.labelling import rows_to_label, teacher_features
 from distillery.tasks.teacher import checkpoint_key, epoch_callback, model_name, settings_from
 
 
@@ -102,6 +103,36 @@ def training_shape(student: StudentConfig) -> dict:
             if (k, v) not in LATER_DEFAULTS}
 
 
+# the baseline learns from hard labels alone; KD also from the teacher's soft labels on transfer, augmented and
+# out-of-scope rows
+KD_SPLITS = ("train", "transfer", "augmented", "oos")
+
+
+def labelled_rows(cfg: Config, snapshot: SnapshotRef, outputs: TeacherOutputs) -> pd.DataFrame:
+    """The teacher's outputs with the text of each row (one row per labelled text)."""
+    inputs, _ = rows_to_label(cfg, snapshot)
+    return read_outputs(outputs.path).merge(inputs[["id", "text"]], on="id", how="inner", validate="one_to_one")
+
+
+def uses_pooled_features(cfg: Config) -> bool:
+    """Whether a distilled candidate of this config may align pooled sentence features (and so needs the teacher's)."""
+    d = cfg.distill
+    searched = d.search.trials > 0 and (d.search.feature_weight or (0, 0))[1] > 0
+    swept = d.search.trials == 0 and any(w > 0 for w in d.sweep.feature_weight)
+    return cfg.feature_target == "pooled" and (d.feature_weight > 0 or searched or swept)
+
+
+@task(name="teacher-features", cache_policy=NO_CACHE)
+def cache_teacher_features(cfg: Config, teacher: TeacherRef, snapshot: SnapshotRef, outputs: TeacherOutputs) -> int:
+    """Compute (or find) the teacher's sentence features for every row KD trains on, once, before trials that
+    read them run side by side; returns their width."""
+    rows = labelled_rows(cfg, snapshot, outputs)
+    rows = rows[rows["split"].isin(KD_SPLITS)]
+    features = teacher_features(cfg, teacher, outputs, rows["id"].tolist(), rows["text"].tolist())
+    get_run_logger().info("teacher sentence features: %d rows x %d (cached beside its soft labels)", *features.shape)
+    return int(features.shape[1])
+
+
 @task(name="train-student", task_run_name="train-{candidate.name}", cache_policy=NO_CACHE)
 def train_student(cfg: Config, teacher: TeacherRef, snapshot: SnapshotRef, outputs: TeacherOutputs,
                   candidate: Candidate, parent_run_id: str, prune_below: tuple = ()) -> TrainedStudent:
@@ -110,12 +141,9 @@ def train_student(cfg: Config, teacher: TeacherRef, snapshot: SnapshotRef, outpu
     search's per-epoch bars (``models.selection.median_bars``); a trial below one stops there, marked pruned."""
     logger = get_run_logger()
     splits, labels = read_snapshot(Path(snapshot.path))
-    inputs, _ = rows_to_label(cfg, snapshot)
-    table = read_outputs(outputs.path).merge(inputs[["id", "text"]], on="id", how="inner", validate="one_to_one")
+    table = labelled_rows(cfg, snapshot, outputs)
     baseline = candidate.kind == "baseline"
-    # the baseline learns from hard labels alone; KD also from the teacher's soft labels on transfer, augmented and
-    # out-of-scope rows
-    train_rows = table[table["split"].isin(["train"] if baseline else ["train", "transfer", "augmented", "oos"])]
+    train_rows = table[table["split"].isin(["train"] if baseline else KD_SPLITS)]
     teacher_folder = Path(teacher.folder)
     teacher_model = load_classifier(teacher_folder).eval()
     source, init_note = teacher_model, weights_from(cfg)
@@ -132,8 +160,12 @@ def train_student(cfg: Config, teacher: TeacherRef, snapshot: SnapshotRef, outpu
         student, tokenizer = make_student(cfg, source, teacher_folder, labels,
                                           table.loc[table["split"] != "validation", "text"].tolist())
     hard = np.where(train_rows["label_id"] >= 0, train_rows["label_id"], IGNORE_INDEX)
+    feature_target = cfg.feature_target if not baseline and candidate.feature_weight > 0 else None
+    features = None
+    if feature_target == "pooled":  # the teacher's sentence features, cached beside its soft labels
+        features = teacher_features(cfg, teacher, outputs, train_rows["id"].tolist(), train_rows["text"].tolist())
     train = encode(tokenizer, train_rows["text"].tolist(), settings.max_length, hard.tolist(),
-                   np.stack(train_rows["logits"].to_list()))
+                   np.stack(train_rows["logits"].to_list()), features)
     val = encode(tokenizer, splits["validation"]["text"].tolist(), settings.max_length,
                  splits["validation"]["label_id"].tolist())
     if baseline:
@@ -142,8 +174,11 @@ def train_student(cfg: Config, teacher: TeacherRef, snapshot: SnapshotRef, outpu
         objective = DistillationObjective(
             candidate.temperature, candidate.kd_weight, candidate.ce_weight, candidate.feature_weight,
             cfg.distill.feature_loss, teacher=teacher_model, student=student,
-            layer_map={int(k): int(v) for k, v in (cfg.distill.layer_map or {}).items()} or None)
-    key = checkpoint_key(outputs.key, candidate.to_dict(), training_shape(cfg.student), vars(settings), init_note)
+            layer_map={int(k): int(v) for k, v in (cfg.distill.layer_map or {}).items()} or None,
+            feature_target=feature_target or "hidden")
+    # what feature KD aligns shapes the training; keys without feature KD stay as they were
+    shape = {**training_shape(cfg.student), **({"feature_target": feature_target} if feature_target else {})}
+    key = checkpoint_key(outputs.key, candidate.to_dict(), shape, vars(settings), init_note)
     name = candidate.name
     run_id = registry.create_run(cfg, name, {"stage": "train-student", "candidate": candidate.kind}, parent_run_id,
                                  snapshot=snapshot)
@@ -153,6 +188,7 @@ def train_student(cfg: Config, teacher: TeacherRef, snapshot: SnapshotRef, outpu
                              "student.shape": cfg.student.label,
                              **{f"distill.{k}": v for k, v in vars(settings).items()},
                              "student.parameters": count_parameters(student), "train_rows": len(train_rows),
+                             "distill.feature_target": feature_target or "none",
                              "student.weights_from": init_note[:250], "student.checkpoint": key,
                              **teacher.to_tags()})
         start = time.perf_counter()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
+import threading
 from pathlib import Path
 
 import mlflow
@@ -18,14 +20,22 @@ from distillery.config import Config
 from distillery.faults import fault_point
 from distillery.integrations import registry
 from distillery.integrations.expectations import ValidationFailed, validate_teacher_outputs
-from distillery.records import SnapshotRef, TeacherRef, ValidationSummary
+from distillery.records import SnapshotRef, TeacherOutputs, TeacherRef, ValidationSummary
 from distillery.models.augment import Recipe, content_hash, make_transfer_set
 from distillery.models.data import read_out_of_scope, read_snapshot, read_transfer_set
-from distillery.models.labelling import build_outputs, read_outputs, teacher_logits, validation_tables, write_outputs
+from distillery.models.labelling import (
+    build_outputs,
+    read_outputs,
+    teacher_logits,
+    teacher_pooled,
+    validation_tables,
+    write_outputs,
+)
 from distillery.models.modeling import ModelError, load_classifier, load_tokenizer
 
 OUTPUTS_FILE = "outputs.parquet"
 META_FILE = "meta.json"
+FEATURES_FILE = "pooled-features.npz"  # the teacher's sentence features, beside the soft labels they go with
 
 
 def labelling_inputs(snapshot: SnapshotRef, transfer_set: Path | None,
@@ -187,3 +197,30 @@ def log_labelling(cfg: Config, run_id: str, teacher: TeacherRef, snapshot: Snaps
         mlflow.set_tags({"teacher_outputs.cache_hit": str(cache_hit).lower(),
                          "teacher_outputs.source_run": meta["run_id"], "teacher_outputs.path": outputs_path})
         mlflow.log_metric("labelling_seconds", seconds)
+
+
+def teacher_features(cfg: Config, teacher: TeacherRef, outputs: TeacherOutputs, ids: list[str],
+                     texts: list[str]) -> np.ndarray:
+    """The teacher's sentence features (rows, hidden) for ``ids`` (with their ``texts``), in that order: computed
+    once per outputs entry and cached beside its soft labels (``pooled-features.npz``, written atomically), so
+    search trials and re-runs read them. Rows the cache lacks (another set of rows) are computed afresh."""
+    import torch
+
+    path = Path(outputs.path).parent / FEATURES_FILE
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as cached:
+            index = {str(i): n for n, i in enumerate(cached["ids"])}
+            if all(i in index for i in ids):
+                return cached["features"][[index[i] for i in ids]]
+    folder = Path(teacher.folder)
+    model, tokenizer = load_classifier(folder).eval(), load_tokenizer(folder)
+    with torch.inference_mode():
+        features = teacher_pooled(model, tokenizer, list(texts), cfg.teacher.max_length, cfg.labelling.batch_size)
+    if not np.isfinite(features).all():
+        raise ModelError(f"teacher {teacher.name} v{teacher.version} gives non-finite hidden states on "
+                         f"{int((~np.isfinite(features).all(axis=1)).sum())} of {len(ids)} texts: feature KD cannot "
+                         "use it (set distill.feature_weight: 0, or fix the teacher)")
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp.npz")
+    np.savez(tmp, ids=np.asarray(ids, dtype=str), features=features)
+    os.replace(tmp, path)  # concurrent trials may both compute; readers only ever see a whole file
+    return features

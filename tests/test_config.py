@@ -48,6 +48,10 @@ def test_digest_changes_with_a_knob_not_with_root():
         ({"runtime": {"lock": "redis"}}, "runtime.lock"),
         ({"distil": {}}, "unknown configuration key(s): distil"),
         ({"gate": {"max_latency": 0.5}}, "gate.max_latency"),
+        ({"student": {"init": "pretrained"}, "distill": {"feature_target": "hidden"}}, "needs a student that reads"),
+        ({"distill": {"feature_target": "layers"}}, "distill.feature_target"),
+        ({"distill": {"sweep": {"feature_weight": [-1]}}}, "distill.sweep.feature_weight"),
+        ({"distill": {"search": {"feature_weight": [0.5, 0.1]}}}, "distill.search.feature_weight"),
     ],
 )
 def test_bad_values_name_the_key(raw, message):
@@ -117,3 +121,10 @@ def test_frontier_shapes_are_checked_and_named():
     assert "student.frontier[1]: shape cut0-5 is already a student" in text
     assert "student.frontier[2]" in text and "student.frontier[3]: hidden_size must be divisible" in text
     assert "gate.policy must be 'best' or 'smallest'" in text
+
+
+def test_feature_target_auto_follows_the_tokenizer():
+    assert config_from_dict({}).feature_target == "hidden"  # a cut reads with the teacher's tokenizer
+    assert config_from_dict({"student": {"init": "config"}}).feature_target == "hidden"
+    assert config_from_dict({"student": {"init": "pretrained"}}).feature_target == "pooled"
+    assert config_from_dict({"distill": {"feature_target": "pooled"}}).feature_target == "pooled"

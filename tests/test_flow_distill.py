@@ -232,6 +232,37 @@ def test_pretrained_student_reads_with_its_own_tokenizer(teacher_project: Path, 
     assert accuracy >= 0.5  # above the 0.25 of chance on four balanced classes
 
 
+def test_pooled_feature_kd_across_tokenizers_through_the_flow(teacher_project: Path, tmp_path: Path):
+    """A pretrained student with its own tokenizer and a narrower width (24 vs the teacher's 32): feature KD aligns
+    pooled sentence features through a learned projection, the teacher's features are cached beside its soft labels,
+    and the sweep keeps feature KD only when it wins on validation."""
+    import numpy as np
+
+    from distillery.models.modeling import build_tiny_model
+    from tests.helpers import LABELS, make_frames
+
+    train, _ = make_frames()
+    other = build_tiny_model(tmp_path / "other", train["text"], LABELS, vocab_words=99, hidden_size=24)
+    overrides = {"student.init": "pretrained", "student.base_model": str(other), "gate.champion_tolerance": 1.0,
+                 "distill.learning_rate": 3e-3, "distill.epochs": 4, "distill.patience": 10,
+                 "distill.kd_weight": 0.5, "distill.ce_weight": 0.5, "distill.temperature": 1.0,
+                 "distill.feature_loss": "cosine", "distill.sweep.feature_weight": [0.0, 0.5]}
+    out = run_command(teacher_project / "distillery.yaml", overrides=overrides)
+    client = _client(teacher_project)
+    runs = client.search_runs([client.get_run(out.run_id).info.experiment_id],
+                              f"tags.mlflow.parentRunId = '{out.run_id}' and tags.candidate = 'distilled'")
+    by_target = {r.data.params["distill.feature_target"]: r for r in runs}
+    assert sorted(by_target) == ["none", "pooled"]  # the grid: without feature KD, and with it
+    assert by_target["pooled"].data.params["candidate.feature_weight"] == "0.5"
+    assert by_target["pooled"].info.run_name.endswith("-fw0.5")
+    cached = np.load(Path(out.outputs.path).parent / "pooled-features.npz")
+    rows = int(by_target["pooled"].data.params["train_rows"])
+    assert cached["features"].shape == (rows, 32) and np.isfinite(cached["features"]).all()  # the teacher's width
+    scores = {t: (r.data.metrics["val_macro_f1"], r.data.metrics["val_accuracy"]) for t, r in by_target.items()}
+    # kept only when it wins on validation (a tie keeps the grid's first, without feature KD)
+    assert out.best.candidate.feature_weight == (0.5 if scores["pooled"] > scores["none"] else 0.0)
+
+
 def test_overlapping_runs_are_serialised_and_promote_once(teacher_project: Path):
     from concurrent.futures import ThreadPoolExecutor
 

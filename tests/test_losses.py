@@ -11,8 +11,11 @@ import torch.nn.functional as F
 from distillery.models.losses import (
     IGNORE_INDEX,
     FeatureAligner,
+    PooledAligner,
     even_layer_map,
     hidden_state_loss,
+    mean_pool,
+    pooled_feature_loss,
     response_kd_loss,
     soft_target_kl,
 )
@@ -84,3 +87,38 @@ def test_feature_aligner_projects_when_widths_differ():
     same = FeatureAligner(8, 8, {1: 1})
     states = tuple(torch.randn(1, 2, 8) for _ in range(2))
     assert same(states, states, torch.ones(1, 2)).item() == 0.0
+
+
+def test_mean_pool_counts_only_real_tokens():
+    hidden = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])  # (1, 3, 2); the last token is padding
+    assert mean_pool(hidden, torch.tensor([[1, 1, 0]])).tolist() == [[2.0, 3.0]]
+
+
+def test_pooled_feature_losses_by_hand():
+    a, b = torch.tensor([[1.0, 0.0]]), torch.tensor([[3.0, 0.0]])
+    assert pooled_feature_loss(a, b, "mse").item() == pytest.approx(4 / 2)  # (1-3)^2 and 0, over 2 values
+    assert pooled_feature_loss(a, b, "cosine").item() == pytest.approx(0.0)  # same direction
+    assert pooled_feature_loss(a, torch.tensor([[0.0, 5.0]]), "cosine").item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="unknown feature loss"):
+        pooled_feature_loss(a, b, "l1")
+
+
+def test_pooled_aligner_projects_across_widths_and_learns():
+    """Student width 4 against a teacher width 8: the projection is trained and the identity needs none."""
+    torch.manual_seed(0)
+    aligner = PooledAligner(4, 8)
+    student_last = torch.randn(3, 5, 4)  # (batch, seq, student width): tokens of the student's own tokenizer
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    target = torch.randn(3, 8)  # (batch, teacher width): one sentence feature per text, whatever its tokens
+    optimiser = torch.optim.SGD(aligner.parameters(), lr=0.5)
+    first = aligner(student_last, mask, target).item()
+    for _ in range(50):
+        optimiser.zero_grad()
+        loss = aligner(student_last, mask, target)
+        loss.backward()
+        optimiser.step()
+    assert loss.item() < first / 2
+    same = PooledAligner(8, 8)
+    assert list(same.parameters()) == []
+    states = torch.randn(2, 4, 8)
+    assert same(states, torch.ones(2, 4), mean_pool(states, torch.ones(2, 4))).item() == pytest.approx(0.0)

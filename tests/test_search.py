@@ -32,6 +32,18 @@ def test_trials_stay_in_their_ranges_and_are_seeded(tmp_path: Path):
     assert [c.name for c in first] == ["trial-0", "trial-1", "trial-2", "trial-3"]
 
 
+def test_trials_search_the_feature_weight_only_when_given_a_range(tmp_path: Path):
+    import optuna
+
+    (tmp_path / "distillery.yaml").write_text("distill:\n  feature_weight: 0.25\n  search:\n    trials: 3\n")
+    fixed = load_config(tmp_path / "distillery.yaml").distill
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
+    assert {trial_candidate(study.ask(), fixed).feature_weight for _ in range(3)} == {0.25}
+    searched = load_config(tmp_path / "distillery.yaml", {"distill.search.feature_weight": [0.0, 2.0]}).distill
+    weights = [trial_candidate(study.ask(), searched).feature_weight for _ in range(5)]
+    assert all(0.0 <= w <= 2.0 for w in weights) and len(set(weights)) == 5
+
+
 def test_median_bars_follow_the_finished_trials():
     from distillery.models.selection import median_bars
 

@@ -7,7 +7,14 @@ import torch
 
 from distillery.models.evaluation import TimingSettings, evaluate_model
 from distillery.models.modeling import ModelError, build_student, count_parameters, load_classifier, load_tokenizer, quantize_int8
-from distillery.models.training import CrossEntropyObjective, DistillationObjective, TrainSettings, encode, train_model
+from distillery.models.training import (
+    CrossEntropyObjective,
+    DistillationObjective,
+    TrainSettings,
+    collate,
+    encode,
+    train_model,
+)
 from tests.helpers import LABELS, make_frames
 
 
@@ -102,6 +109,38 @@ def test_distillation_objective_moves_student_towards_teacher(tiny_teacher_dir):
     result = train_model(student, objective, train, val, TrainSettings(epochs=2, batch_size=16, learning_rate=5e-3,
                                                                        patience=5), tokenizer.pad_token_id, progress=False)
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+
+
+def test_pooled_feature_kd_trains_the_projection_with_cached_teacher_features(tiny_teacher_dir, tmp_path):
+    """A student with its own tokenizer and width (24 vs the teacher's 32) learns from the teacher's pooled
+    features: the features travel with the rows, the projection is trained, and rows without them are an error."""
+    import numpy as np
+
+    from distillery.models.labelling import teacher_pooled
+    from distillery.models.modeling import build_tiny_model
+    from tests.helpers import make_frames
+
+    teacher, teacher_tok = load_classifier(tiny_teacher_dir).eval(), load_tokenizer(tiny_teacher_dir)
+    frame, _ = make_frames()
+    texts, labels = frame["text"].tolist(), [LABELS.index(c) for c in frame["category"]]
+    features = teacher_pooled(teacher, teacher_tok, texts, 32, 16, progress=False)
+    assert features.shape == (len(texts), 32) and np.isfinite(features).all()
+    other = build_tiny_model(tmp_path / "other", texts, LABELS, vocab_words=60, hidden_size=24)
+    tokenizer, student = load_tokenizer(other), load_classifier(other)
+    train = encode(tokenizer, texts, 32, labels, np.zeros((len(texts), len(LABELS)), np.float32), features)
+    assert train.teacher_features.shape == (len(texts), 32)
+    objective = DistillationObjective(1.0, 0.0, 0.0, feature_weight=1.0, teacher=teacher, student=student,
+                                      feature_target="pooled")
+    assert objective.pooler is not None and objective.aligner is None
+    before = objective.pooler.projection.weight.detach().clone()
+    result = train_model(student, objective, train, train, TrainSettings(epochs=3, batch_size=16, learning_rate=5e-3,
+                                                                         patience=5), tokenizer.pad_token_id,
+                         progress=False)
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]  # the feature loss alone goes down
+    assert not torch.equal(before, objective.pooler.projection.weight)
+    without = encode(tokenizer, texts, 32, labels, np.zeros((len(texts), len(LABELS)), np.float32))
+    with pytest.raises(ValueError, match="sentence features"):
+        objective(student, collate(without, [0, 1], tokenizer.pad_token_id))
 
 
 def test_int8_and_harness_report_every_metric(tiny_teacher_dir):

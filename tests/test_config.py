@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_project_config_loads_and_resolves_paths_against_its_folder():
     cfg = load_config(ROOT / "distillery.yaml")
     assert cfg.path(cfg.data.snapshot_dir) == ROOT / "data"
-    assert cfg.student.layers == (0, 5)
-    assert cfg.distill.sweep.temperature == (1.0, 2.0, 4.0) and cfg.distill.sweep.kd_weight == ()
+    assert cfg.student.base_model == "minilm" and len(cfg.student.frontier) == 3
+    assert cfg.distill.sweep.temperature == () and cfg.distill.sweep.kd_weight == ()
 
 
 def test_overrides_parse_yaml_values():
@@ -83,14 +83,18 @@ def test_profiles_extend_the_project_config(tmp_path):
     """A profile file holds only what differs; it equals the same keys given as overrides, and paths resolve
     against the base file's folder."""
     root = ROOT
-    large = load_config(root / "configs" / "large.yaml")
-    assert large == load_config(root / "distillery.yaml", {
-        "teacher.base_model": "mpnet", "teacher.registered_name": "teacher-large", "teacher.epochs": 4,
-        "teacher.learning_rate": 1e-4, "teacher.batch_size": 32, "tracking.student_name": "student-large",
-        "student.init": "pretrained", "student.base_model": "minilm", "distill.epochs": 4,
-        "distill.sweep.temperature": [], "gate.policy": "smallest", "student.frontier": [
-            {"pretrained_layers": [0, 2, 4]}, {"pretrained_layers": [0, 5]}, {"prune_vocab": False}]})
-    assert large.root == str(root) and not large.distill.sweep.kd_weight  # untouched keys come from the base
+    fast = load_config(root / "configs" / "fast.yaml")
+    assert fast == load_config(root / "distillery.yaml", {
+        "teacher.base_model": "minilm", "teacher.registered_name": "teacher", "teacher.epochs": 8,
+        "teacher.learning_rate": 1.5e-4, "tracking.student_name": "student", "student.init": "cut",
+        "student.layers": [0, 5], "student.frontier": [], "distill.epochs": 8,
+        "distill.sweep.temperature": [1.0, 2.0, 4.0], "gate.policy": "best"})
+    assert fast.root == str(root) and not fast.distill.sweep.kd_weight  # untouched keys come from the base
+    default = load_config(root / "distillery.yaml")  # the default: an MPNet teacher, a pretrained MiniLM student
+    assert (default.teacher.base_model, default.student.init, default.student.base_model) == ("mpnet", "pretrained",
+                                                                                              "minilm")
+    assert {default.teacher.registered_name, default.tracking.student_name}.isdisjoint(
+        {fast.teacher.registered_name, fast.tracking.student_name})  # no profile takes another's models
     (tmp_path / "profiles").mkdir()
     (tmp_path / "base.yaml").write_text("data:\n  source: src\n")
     (tmp_path / "profiles" / "p.yaml").write_text("extends: ../base.yaml\ndata:\n  seed: 7\n")

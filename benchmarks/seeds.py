@@ -132,6 +132,7 @@ def main() -> int:
     diffs = [s["accuracy"] - b["accuracy"] for s, b in zip(rows["distilled"], rows["baseline"])]
     results = {
         "profile": args.name, "champion": f"{champion.name} v{champion.version}", "recipe": recipe.to_dict(),
+        "overrides": base,  # the --set values every arm trained with (e.g. data.augment.multiple)
         "teacher": {"name": f"{teacher.name} v{teacher.version}", **teacher_metrics}, "seeds": args.seeds,
         "arms": {arm: {"accuracy": summary([r["accuracy"] for r in rs]),
                        "macro_f1": summary([r["macro_f1"] for r in rs]), "runs": rs} for arm, rs in rows.items()},

@@ -95,12 +95,10 @@ def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
 
 
 def pooled_feature_loss(student_pooled: Tensor, teacher_pooled: Tensor, kind: str = "mse") -> Tensor:
-    """Distance between (batch, width) sentence features: mean MSE or mean 1 - cosine."""
-    if kind == "mse":
-        return F.mse_loss(student_pooled, teacher_pooled)
-    if kind == "cosine":
-        return (1.0 - F.cosine_similarity(student_pooled, teacher_pooled, dim=-1)).mean()
-    raise ValueError(f"unknown feature loss {kind!r}: use 'mse' or 'cosine'")
+    """Distance between (batch, width) sentence features: mean MSE or mean 1 - cosine (each text a one-token
+    sequence for ``hidden_state_loss``)."""
+    ones = student_pooled.new_ones(student_pooled.shape[0], 1)  # (batch, 1): every "token" is real
+    return hidden_state_loss(student_pooled.unsqueeze(1), teacher_pooled.unsqueeze(1), ones, kind)
 
 
 class PooledAligner(nn.Module):

@@ -211,3 +211,43 @@ def test_checkpoint_keys_ignore_the_served_form_and_unset_later_keys():
     assert training_shape(base.model_copy(update={"deploy": "onnx-int8", "frontier": ({"layers": [0]},)})) == before
     assert training_shape(base.model_copy(update={"select_weights": True}))["select_weights"] is True
     assert training_shape(base.model_copy(update={"pretrained_layers": (0, 2)}))["pretrained_layers"] == (0, 2)
+
+
+def test_teacher_features_are_cached_beside_the_soft_labels_and_refused_when_not_finite(tiny_teacher_dir, tmp_path):
+    """Computed once per outputs entry (a second call reads the file, even with the teacher gone), and a teacher
+    whose hidden states are NaN is refused with a clear error, nothing cached."""
+    import shutil
+
+    import numpy as np
+
+    from distillery.config import config_from_dict
+    from distillery.models.modeling import ModelError, save_classifier
+    from distillery.records import TeacherOutputs, TeacherRef, ValidationSummary
+    from distillery.tasks.labelling import FEATURES_FILE, teacher_features
+
+    cfg = config_from_dict({"teacher": {"max_length": 16}})
+    frame, _ = make_frames()
+    ids, texts = [f"r{i}" for i in range(len(frame))], frame["text"].tolist()
+    entry = tmp_path / "cache" / "key"
+    entry.mkdir(parents=True)
+    outputs = TeacherOutputs(path=str(entry / "outputs.parquet"), key="key", cache_hit=False, seconds=0.0,
+                             run_id="r", validation=ValidationSummary(success=True, evaluated=0))
+    folder = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher_dir, folder)
+    teacher = TeacherRef(name="teacher", version="1", run_id="r", folder=str(folder))
+    first = teacher_features(cfg, teacher, outputs, ids, texts)
+    assert first.shape == (len(ids), 32) and (entry / FEATURES_FILE).is_file()
+    shutil.rmtree(folder)  # the teacher is gone: only the cache can answer
+    again = teacher_features(cfg, teacher, outputs, ids[::-1], texts[::-1])
+    assert np.array_equal(again, first[::-1])  # in the order asked for
+    with pytest.raises(OSError):
+        teacher_features(cfg, teacher, outputs, ids + ["new"], texts + ["a new text"])  # a row it lacks: computed
+
+    (entry / FEATURES_FILE).unlink()
+    model = load_classifier(tiny_teacher_dir)
+    with torch.no_grad():
+        model.bert.encoder.layer[-1].output.dense.bias[:] = float("nan")
+    save_classifier(model, load_tokenizer(tiny_teacher_dir), folder)
+    with pytest.raises(ModelError, match="non-finite hidden states on 160 of 160 texts"):
+        teacher_features(cfg, teacher, outputs, ids, texts)
+    assert not (entry / FEATURES_FILE).exists()

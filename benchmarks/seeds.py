@@ -2,10 +2,12 @@
 
     .venv/bin/python benchmarks/seeds.py [--config distillery.yaml] [--name default] [--seeds 13 14 15]
                                          [--ablations defaults,no-transfer,no-feature]
+                                         [--recipe temperature=2.5 --recipe learning_rate=3e-4 ...]
 
 Needs a promoted ``student@champion`` of that configuration (``make run``). For each seed it retrains, with the
 registered teacher and its cached soft labels:
-  - ``distilled``: the champion's own recipe (temperature, kd/ce weights, learning rate, epochs) with that seed;
+  - ``distilled``: the champion's own recipe (temperature, kd/ce weights, learning rate, epochs) with that seed,
+    or that recipe with the fields given by ``--recipe`` (e.g. a search's best trial that the gate did not promote);
   - ``baseline``: the same student trained on the hard labels alone (no teacher);
   - the ablations asked for: ``defaults`` (distill.* as configured: no search/sweep choice), ``no-transfer`` (without
     the transfer set and augmented rows; their labelling is cached apart), ``no-feature`` (feature KD off).
@@ -45,6 +47,21 @@ def summary(values: list[float]) -> dict[str, float]:
             "values": [float(v) for v in array]}
 
 
+def recipe_fields(pairs: list[str], parser: argparse.ArgumentParser) -> dict[str, float | int]:
+    """``--recipe`` values as Candidate fields: numbers only, epochs an integer."""
+    allowed = {"temperature", "kd_weight", "ce_weight", "feature_weight", "learning_rate", "epochs"}
+    fields: dict[str, float | int] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in allowed:
+            parser.error(f"--recipe {pair!r}: expected FIELD=VALUE with FIELD one of {sorted(allowed)}")
+        try:
+            fields[key] = int(value) if key == "epochs" else float(value)
+        except ValueError:
+            parser.error(f"--recipe {pair!r}: {value!r} is not a number")
+    return fields
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=str(ROOT / "distillery.yaml"))
@@ -52,12 +69,16 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--seeds", type=int, nargs="+", default=[13, 14, 15])
     parser.add_argument("--ablations", default="", help=f"comma-separated, of {','.join(ABLATIONS)}")
+    parser.add_argument("--recipe", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a field of the distilled arm's recipe instead of the champion's (temperature, kd_weight, "
+                             "ce_weight, feature_weight, learning_rate, epochs)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder of the results files")
     args = parser.parse_args()
     ablations = [a for a in args.ablations.split(",") if a]
     unknown = set(ablations) - set(ABLATIONS)
     if unknown or len(args.seeds) < 2:
         parser.error(f"unknown ablation(s) {sorted(unknown)}" if unknown else "give at least two seeds")
+    recipe_overrides = recipe_fields(args.recipe, parser)
     from distillery.cli import environment_defaults
 
     environment_defaults()
@@ -86,7 +107,7 @@ def main() -> int:
     lineage = Lineage.from_tags(champion.tags)
     recipe = Candidate(**{k: v for k, v in lineage.candidate.items() if k in {f.name for f in
                                                                              dataclasses.fields(Candidate)}})
-    recipe = dataclasses.replace(recipe, trial=None, shape=None)
+    recipe = dataclasses.replace(recipe, trial=None, shape=None, **recipe_overrides)
     teacher = resolve_teacher(cfg, lineage.teacher.version)
     snapshot = freeze(cfg)
     splits, labels = read_snapshot(Path(snapshot.path))

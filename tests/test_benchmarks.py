@@ -23,12 +23,14 @@ def test_seeds_benchmark_reports_gap_recovered_per_seed(teacher_project: Path, t
     (tmp_path / "tiny.json").write_text(json.dumps({"ratios": {"served_over_teacher_accuracy": 0.9}}))
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "seeds.py"), "--config", str(cfg_path),
                            "--name", "tiny", "--seeds", "3", "4", "--ablations", "defaults", "--out", str(tmp_path),
-                           "--set", "distill.epochs=3"],
+                           "--set", "distill.epochs=3", "--recipe", "temperature=3", "--recipe", "epochs=2"],
                           capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "tiny-seeds.json").read_text())
     assert results["seeds"] == [3, 4] and set(results["arms"]) == {"distilled", "baseline", "defaults"}
     assert results["overrides"] == {"distill.epochs": "3"}  # what every arm trained with, for the record
+    # --recipe replaces those fields of the champion's recipe for the distilled arm only
+    assert results["recipe"]["temperature"] == 3.0 and results["recipe"]["epochs"] == 2
     t = results["teacher"]["accuracy"]
     for arm in results["arms"].values():
         assert [r["seed"] for r in arm["runs"]] == [3, 4]

@@ -175,6 +175,43 @@ def frontier_table(metrics: dict[str, dict], served: tuple[str, ...] = (), refer
     return "\n".join(lines)
 
 
+def _place_labels(fig: plt.Figure, ax: plt.Axes, points: list[tuple[str, float, float, float]]) -> None:
+    """Annotate each point (text, x, y, marker area in points^2), in order, beside its marker at the first of a few
+    places where the drawn text covers no marker and no earlier label (else where it covers least). Offsets are in
+    points, so the layout holds at any saving dpi; the labels stay out of tight_layout."""
+    from matplotlib.transforms import Bbox
+
+    renderer = fig.canvas.get_renderer()
+    pixels = fig.dpi / 72.0
+    centres = [ax.transData.transform((x, y)) for _, x, y, _ in points]
+    taken = [Bbox.from_bounds(cx - r, cy - r, 2 * r, 2 * r)
+             for (cx, cy), r in zip(centres, (area ** 0.5 / 2 * pixels for *_, area in points))]
+
+    def covered(box) -> float:
+        return sum(max(0.0, min(box.x1, b.x1) - max(box.x0, b.x0)) * max(0.0, min(box.y1, b.y1) - max(box.y0, b.y0))
+                   for b in taken)
+
+    for text, x, y, area in points:
+        r = area ** 0.5 / 2 * 0.75 + 2  # points: just off the marker, diagonally
+        note = ax.annotate(text, (x, y), fontsize=7, xytext=(r, r), textcoords="offset points", va="bottom")
+        note.set_in_layout(False)
+        extent = note.get_window_extent(renderer)
+        w, h = extent.width / pixels, extent.height / pixels
+        offsets = [(r, r), (r, -r - h), (-r - w, r), (-r - w, -r - h), (-w / 2, r + 4), (-w / 2, -r - h - 4),
+                   (r, r + h), (r, -r - 2 * h), (-r - w, r + h), (-r - w, -r - 2 * h)]
+        best = None
+        for offset in offsets:
+            note.xyann = offset
+            box = note.get_window_extent(renderer)
+            cost = covered(box)
+            if best is None or cost < best[0]:
+                best = (cost, offset, box)
+            if cost == 0:
+                break
+        note.xyann = best[1]
+        taken.append(best[2])
+
+
 def plot_frontier(metrics: dict[str, dict], path: Path, served: str | None = None,
                   reference: str | None = None) -> Path:
     """Test accuracy against batch-1 latency for every form of teacher and students; marker area grows with the size
@@ -183,27 +220,17 @@ def plot_frontier(metrics: dict[str, dict], path: Path, served: str | None = Non
     front = pareto(metrics)
     fig, ax = plt.subplots(figsize=(8, 5.2))
     largest = max(m["size_mb"] for m in metrics.values())
+
+    def area(m: dict) -> float:
+        return 30 + 600 * m["size_mb"] / largest
+
     for name, m in metrics.items():
         x, y = m["latency_p50_ms"], m["accuracy"]
         color = "tab:red" if name == served else "tab:orange" if name == reference else \
             "tab:blue" if name in front else "tab:gray"
-        ax.scatter(x, y, s=30 + 600 * m["size_mb"] / largest, color=color, alpha=0.55, edgecolors="k", zorder=3)
+        ax.scatter(x, y, s=area(m), color=color, alpha=0.55, edgecolors="k", zorder=3)
     ax.set_xscale("log")
     ax.margins(x=0.3, y=0.15)  # room for the labels: none is clipped at the edge
-    fig.canvas.draw()  # the scales are set: place labels in pixels, each where it overlaps no earlier one
-    taken: list[tuple[float, float, float, float]] = []
-    for name, m in sorted(metrics.items(), key=lambda kv: (kv[1]["latency_p50_ms"], -kv[1]["accuracy"])):
-        tag = " (served)" if name == served else " (reference)" if name == reference else ""
-        text = f"{name}{tag}\n{m['size_mb']:.1f} MB"
-        px, py = ax.transData.transform((m["latency_p50_ms"], m["accuracy"]))
-        width, height = 5.2 * max(len(line) for line in text.split("\n")), 22.0
-        for dx, dy in ((6, 4), (6, -26), (6, 30), (-6 - width, 4), (-6 - width, -26), (6, -52), (6, 56)):
-            box = (px + dx, py + dy, px + dx + width, py + dy + height)
-            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in taken):
-                break
-        taken.append(box)
-        ax.annotate(text, (m["latency_p50_ms"], m["accuracy"]), fontsize=7, xytext=(dx, dy),
-                    textcoords="offset pixels", va="bottom")
     line = sorted((metrics[k]["latency_p50_ms"], metrics[k]["accuracy"]) for k in front)
     ax.plot([p[0] for p in line], [p[1] for p in line], color="tab:blue", lw=0.8, ls="--", zorder=2,
             label="Pareto frontier (accuracy, latency, size)")
@@ -213,6 +240,11 @@ def plot_frontier(metrics: dict[str, dict], path: Path, served: str | None = Non
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    _place_labels(fig, ax, [
+        (f"{name}{' (served)' if name == served else ' (reference)' if name == reference else ''}\n"
+         f"{m['size_mb']:.1f} MB", m["latency_p50_ms"], m["accuracy"], area(m))
+        for name, m in sorted(metrics.items(), key=lambda kv: (kv[1]["latency_p50_ms"], -kv[1]["accuracy"]))])
     return _save(fig, path)
 
 

@@ -1,0 +1,56 @@
+"""The frontier plot's labels: each beside its own marker, none over another label or marker where there is room."""
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from distillery.models.report import _place_labels, plot_frontier  # noqa: E402
+
+
+def _boxes(fig, ax):
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    return [t.get_window_extent(renderer) for t in ax.texts]
+
+
+def test_crowded_labels_overlap_neither_each_other_nor_markers():
+    fig, ax = plt.subplots(figsize=(8, 5.2))
+    # four points a few pixels apart: the first place (upper right) collides for all but the first
+    points = [(f"candidate_{i}_int8_onnx\n{10 + i}.0 MB", 1.0 + 0.02 * i, 0.92 + 0.0005 * i, 60.0) for i in range(4)]
+    for _, x, y, area in points:
+        ax.scatter(x, y, s=area)
+    ax.set_xscale("log")
+    ax.set_xlim(0.1, 100)
+    ax.set_ylim(0.85, 0.95)
+    fig.tight_layout()
+    _place_labels(fig, ax, points)
+    boxes = _boxes(fig, ax)
+    assert len(boxes) == 4
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b), (a, b)
+    pixels = fig.dpi / 72.0
+    for box in boxes:  # no label covers any marker's circle's bounding square
+        for _, x, y, area in points:
+            cx, cy = ax.transData.transform((x, y))
+            r = area ** 0.5 / 2 * pixels
+            assert not (box.x0 < cx + r and cx - r < box.x1 and box.y0 < cy + r and cy - r < box.y1)
+    # each label stays beside its own marker: its nearest corner within a few marker radii
+    for box, (_, x, y, area) in zip(boxes, points):
+        cx, cy = ax.transData.transform((x, y))
+        dx = 0 if box.x0 <= cx <= box.x1 else min(abs(cx - box.x0), abs(cx - box.x1))
+        dy = 0 if box.y0 <= cy <= box.y1 else min(abs(cy - box.y0), abs(cy - box.y1))
+        assert max(dx, dy) < 3 * (area ** 0.5 / 2 * pixels) + 40
+    plt.close(fig)
+
+
+def test_frontier_plot_names_every_form(tmp_path: Path):
+    metrics = {name: {"latency_p50_ms": lat, "accuracy": acc, "size_mb": mb} for name, lat, acc, mb in [
+        ("teacher_fp32", 50.0, 0.94, 438.0), ("teacher_int8_onnx", 9.0, 0.928, 110.0),
+        ("student_int8_onnx", 1.0, 0.926, 12.3), ("minilm_int8_onnx", 1.1, 0.9285, 23.1),
+        ("baseline_fp32", 7.5, 0.92, 47.7)]}
+    path = plot_frontier(metrics, tmp_path / "frontier.png", served="student_int8_onnx", reference="teacher_int8_onnx")
+    assert path.stat().st_size > 10_000

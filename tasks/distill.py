@@ -163,7 +163,8 @@ def train_student(cfg: Config, teacher: TeacherRef, snapshot: SnapshotRef, outpu
     feature_target = cfg.feature_target if not baseline and candidate.feature_weight > 0 else None
     features = None
     if feature_target == "pooled":  # the teacher's sentence features, cached beside its soft labels
-        features = teacher_features(cfg, teacher, outputs, train_rows["id"].tolist(), train_rows["text"].tolist())
+        features = teacher_features(cfg, teacher, outputs, train_rows["id"].tolist(), train_rows["text"].tolist(),
+                                    teacher_model)
     train = encode(tokenizer, train_rows["text"].tolist(), settings.max_length, hard.tolist(),
                    np.stack(train_rows["logits"].to_list()), features)
     val = encode(tokenizer, splits["validation"]["text"].tolist(), settings.max_length,

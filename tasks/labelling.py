@@ -200,10 +200,11 @@ def log_labelling(cfg: Config, run_id: str, teacher: TeacherRef, snapshot: Snaps
 
 
 def teacher_features(cfg: Config, teacher: TeacherRef, outputs: TeacherOutputs, ids: list[str],
-                     texts: list[str]) -> np.ndarray:
+                     texts: list[str], model=None) -> np.ndarray:
     """The teacher's sentence features (rows, hidden) for ``ids`` (with their ``texts``), in that order: computed
     once per outputs entry and cached beside its soft labels (``pooled-features.npz``, written atomically), so
-    search trials and re-runs read them. Rows the cache lacks (another set of rows) are computed afresh."""
+    search trials and re-runs read them. Rows the cache lacks (another set of rows) are computed afresh, with
+    ``model`` when the caller has the teacher loaded already."""
     import torch
 
     path = Path(outputs.path).parent / FEATURES_FILE
@@ -213,7 +214,7 @@ def teacher_features(cfg: Config, teacher: TeacherRef, outputs: TeacherOutputs, 
             if all(i in index for i in ids):
                 return cached["features"][[index[i] for i in ids]]
     folder = Path(teacher.folder)
-    model, tokenizer = load_classifier(folder).eval(), load_tokenizer(folder)
+    model, tokenizer = (model if model is not None else load_classifier(folder)).eval(), load_tokenizer(folder)
     with torch.inference_mode():
         features = teacher_pooled(model, tokenizer, list(texts), cfg.teacher.max_length, cfg.labelling.batch_size)
     if not np.isfinite(features).all():

@@ -251,3 +251,6 @@ def test_teacher_features_are_cached_beside_the_soft_labels_and_refused_when_not
     with pytest.raises(ModelError, match="non-finite hidden states on 160 of 160 texts"):
         teacher_features(cfg, teacher, outputs, ids, texts)
     assert not (entry / FEATURES_FILE).exists()
+    # a caller holding the teacher passes it: the folder's (NaN) weights are not read again
+    given = teacher_features(cfg, teacher, outputs, ids, texts, model=load_classifier(tiny_teacher_dir))
+    assert np.allclose(given, first, atol=1e-5) and (entry / FEATURES_FILE).is_file()

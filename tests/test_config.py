@@ -88,7 +88,8 @@ def test_profiles_extend_the_project_config(tmp_path):
         "teacher.base_model": "minilm", "teacher.registered_name": "teacher", "teacher.epochs": 8,
         "teacher.learning_rate": 1.5e-4, "tracking.student_name": "student", "student.init": "cut",
         "student.layers": [0, 5], "student.frontier": [], "distill.epochs": 8,
-        "distill.sweep.temperature": [1.0, 2.0, 4.0], "gate.policy": "best", "data.augment.multiple": 0,
+        "distill.search.trials": 10, "distill.search.parallel": 1, "distill.search.timeout_s": 1800,
+        "gate.policy": "best", "data.augment.multiple": 0,
         "gate.accuracy_tolerance": 0.03, "gate.macro_f1_tolerance": 0.03})
     assert fast.root == str(root) and not fast.distill.sweep.kd_weight  # untouched keys come from the base
     default = load_config(root / "distillery.yaml")  # the default: an MPNet teacher, a pretrained MiniLM student

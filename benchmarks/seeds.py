@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 ABLATIONS = ("defaults", "no-transfer", "no-feature")
+RECIPE_FIELDS = ("temperature", "kd_weight", "ce_weight", "feature_weight", "learning_rate", "epochs")
 
 
 def gap_recovered(student: float, baseline: float, teacher: float) -> float:
@@ -49,12 +50,11 @@ def summary(values: list[float]) -> dict[str, float]:
 
 def recipe_fields(pairs: list[str], parser: argparse.ArgumentParser) -> dict[str, float | int]:
     """``--recipe`` values as Candidate fields: numbers only, epochs an integer."""
-    allowed = {"temperature", "kd_weight", "ce_weight", "feature_weight", "learning_rate", "epochs"}
     fields: dict[str, float | int] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or key not in allowed:
-            parser.error(f"--recipe {pair!r}: expected FIELD=VALUE with FIELD one of {sorted(allowed)}")
+        if not sep or key not in RECIPE_FIELDS:
+            parser.error(f"--recipe {pair!r}: expected FIELD=VALUE with FIELD one of {', '.join(RECIPE_FIELDS)}")
         try:
             fields[key] = int(value) if key == "epochs" else float(value)
         except ValueError:
@@ -70,8 +70,8 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[13, 14, 15])
     parser.add_argument("--ablations", default="", help=f"comma-separated, of {','.join(ABLATIONS)}")
     parser.add_argument("--recipe", action="append", default=[], metavar="FIELD=VALUE",
-                        help="a field of the distilled arm's recipe instead of the champion's (temperature, kd_weight, "
-                             "ce_weight, feature_weight, learning_rate, epochs)")
+                        help=f"a field of the distilled arm's recipe instead of the champion's "
+                             f"({', '.join(RECIPE_FIELDS)})")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder of the results files")
     args = parser.parse_args()
     ablations = [a for a in args.ablations.split(",") if a]

@@ -187,9 +187,8 @@ def _place_labels(fig: plt.Figure, ax: plt.Axes, points: list[tuple[str, float, 
     taken = [Bbox.from_bounds(cx - r, cy - r, 2 * r, 2 * r)
              for (cx, cy), r in zip(centres, (area ** 0.5 / 2 * pixels for *_, area in points))]
 
-    def covered(box) -> float:
-        return sum(max(0.0, min(box.x1, b.x1) - max(box.x0, b.x0)) * max(0.0, min(box.y1, b.y1) - max(box.y0, b.y0))
-                   for b in taken)
+    def covered(box: Bbox) -> float:
+        return sum(o.width * o.height for o in (Bbox.intersection(box, b) for b in taken) if o is not None)
 
     for text, x, y, area in points:
         r = area ** 0.5 / 2 * 0.75 + 2  # points: just off the marker, diagonally

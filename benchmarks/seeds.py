@@ -1,7 +1,7 @@
 """Proof beyond seed noise: distilled and baseline students over several seeds on one harness, with ablations.
 
     .venv/bin/python benchmarks/seeds.py [--config distillery.yaml] [--name default] [--seeds 13 14 15]
-                                         [--ablations defaults,no-transfer,no-feature]
+                                         [--ablations defaults,no-transfer,no-feature,without-mask,only-vocab,...]
                                          [--recipe temperature=2.5 --recipe learning_rate=3e-4 ...]
 
 Needs a promoted ``student@champion`` of that configuration (``make run``). For each seed it retrains, with the
@@ -10,7 +10,9 @@ registered teacher and its cached soft labels:
     or that recipe with the fields given by ``--recipe`` (e.g. a search's best trial that the gate did not promote);
   - ``baseline``: the same student trained on the hard labels alone (no teacher);
   - the ablations asked for: ``defaults`` (distill.* as configured: no search/sweep choice), ``no-transfer`` (without
-    the transfer set and augmented rows; their labelling is cached apart), ``no-feature`` (feature KD off).
+    the transfer set and augmented rows; their labelling is cached apart), ``no-feature`` (feature KD off), and per
+    augmentation method ``without-METHOD`` (the transfer set made by the configured methods but that one) or
+    ``only-METHOD`` (by that one alone), at the same multiple: the transfer set is remade and labelled for each.
 Every student is measured in FP32 on the test split by the evaluation harness (quality only). Prints mean +- std of
 test accuracy and macro-F1 per arm, and the share of the teacher-baseline gap distillation recovers,
 (student - baseline) / (teacher - baseline), per seed, its mean and std; writes
@@ -26,12 +28,14 @@ import dataclasses
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 ABLATIONS = ("defaults", "no-transfer", "no-feature")
+METHOD_ABLATIONS = ("without-", "only-")  # + an augmentation method: leave it out of the transfer set, or use it alone
 RECIPE_FIELDS = ("temperature", "kd_weight", "ce_weight", "feature_weight", "learning_rate", "epochs")
 
 
@@ -62,6 +66,24 @@ def recipe_fields(pairs: list[str], parser: argparse.ArgumentParser) -> dict[str
     return fields
 
 
+def method_ablation(ablation: str, methods: Sequence[str], multiple: float) -> dict[str, list[str]] | str:
+    """The config overrides of a per-method arm (``without-mask``, ``only-vocab``), or what is wrong with it."""
+    from distillery.models.augment import METHODS
+
+    kind, _, method = ablation.partition("-")
+    if method not in METHODS:
+        return f"ablation {ablation!r}: {method!r} is not an augmentation method (one of {', '.join(METHODS)})"
+    if multiple <= 0:
+        return f"ablation {ablation!r} needs a transfer set: set data.augment.multiple > 0"
+    if kind == "only":
+        return {"data.augment.methods": [method]}
+    rest = [m for m in methods if m != method]
+    if method not in methods or not rest:
+        return (f"ablation {ablation!r}: data.augment.methods is {methods}; leaving {method!r} out needs it there "
+                f"and another method beside it")
+    return {"data.augment.methods": rest}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=str(ROOT / "distillery.yaml"))
@@ -75,9 +97,10 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder of the results files")
     args = parser.parse_args()
     ablations = [a for a in args.ablations.split(",") if a]
-    unknown = set(ablations) - set(ABLATIONS)
+    unknown = {a for a in ablations if a not in ABLATIONS and not a.startswith(METHOD_ABLATIONS)}
     if unknown or len(args.seeds) < 2:
-        parser.error(f"unknown ablation(s) {sorted(unknown)}" if unknown else "give at least two seeds")
+        parser.error(f"unknown ablation(s) {sorted(unknown)}: use {', '.join(ABLATIONS)}, without-METHOD or "
+                     f"only-METHOD" if unknown else "give at least two seeds")
     recipe_overrides = recipe_fields(args.recipe, parser)
     from distillery.cli import environment_defaults
 
@@ -93,6 +116,7 @@ def main() -> int:
     from distillery.records import BASELINE, Candidate, Lineage
     from distillery.tasks.data import freeze
     from distillery.tasks.distill import train_student
+    from distillery.tasks.labelling import augment_tags, rows_to_label
     from distillery.tasks.teacher import resolve_teacher
 
     base = parse_override_args(args.set)
@@ -130,6 +154,12 @@ def main() -> int:
         arms["no-transfer"] = ({"data.augment.multiple": 0, "data.transfer_set": None}, recipe)
     if "no-feature" in ablations:
         arms["no-feature"] = ({}, dataclasses.replace(recipe, feature_weight=0.0))
+    for ablation in ablations:
+        if ablation.startswith(METHOD_ABLATIONS):
+            overrides = method_ablation(ablation, cfg.data.augment.methods, cfg.data.augment.multiple)
+            if isinstance(overrides, str):
+                parser.error(overrides)
+            arms[ablation] = (overrides, recipe)
 
     @flow(name="seeds-benchmark", log_prints=True)
     def train_all() -> dict[str, list[dict]]:
@@ -148,6 +178,12 @@ def main() -> int:
         return out
 
     rows = train_all()
+    transfer = {}  # each arm's generated transfer set, as the lineage records it (none: {})
+    for arm, (overrides, _) in arms.items():
+        arm_cfg = load_config(args.config, {**probe, **overrides})
+        tags = augment_tags(arm_cfg, rows_to_label(arm_cfg, snapshot)[0])
+        transfer[arm] = tags and {"methods": json.loads(tags["transfer.recipe"])["methods"],
+                                  "rows": int(tags["transfer.rows"]), "content_hash": tags["transfer.content_hash"]}
     t = teacher_metrics["accuracy"]
     gaps = [gap_recovered(s["accuracy"], b["accuracy"], t) for s, b in zip(rows["distilled"], rows["baseline"])]
     diffs = [s["accuracy"] - b["accuracy"] for s, b in zip(rows["distilled"], rows["baseline"])]
@@ -156,21 +192,27 @@ def main() -> int:
         "overrides": base,  # the --set values every arm trained with (e.g. data.augment.multiple)
         "teacher": {"name": f"{teacher.name} v{teacher.version}", **teacher_metrics}, "seeds": args.seeds,
         "arms": {arm: {"accuracy": summary([r["accuracy"] for r in rs]),
-                       "macro_f1": summary([r["macro_f1"] for r in rs]), "runs": rs} for arm, rs in rows.items()},
+                       "macro_f1": summary([r["macro_f1"] for r in rs]), "runs": rs,
+                       "overrides": arms[arm][0], "transfer": transfer[arm]} for arm, rs in rows.items()},
         "kd_gap_recovered": summary(gaps), "kd_minus_baseline_accuracy": summary(diffs),
     }
     for arm in arms:
         if arm not in ("distilled", "baseline"):
             results["arms"][arm]["gap_recovered"] = summary(
                 [gap_recovered(s["accuracy"], b["accuracy"], t) for s, b in zip(rows[arm], rows["baseline"])])
+            # paired by seed: what the ablation costs (negative) or gains against the distilled arm
+            results["arms"][arm]["minus_distilled_accuracy"] = summary(
+                [a["accuracy"] - d["accuracy"] for a, d in zip(rows[arm], rows["distilled"])])
     print(f"\n== {args.name}: {len(args.seeds)} seeds {args.seeds}, teacher {teacher.name} v{teacher.version} test "
           f"accuracy {t:.4f}; recipe {recipe.to_dict()}")
-    print(f"{'arm':<14}{'accuracy':>18}{'macro-F1':>18}{'gap recovered':>20}")
+    print(f"{'arm':<16}{'accuracy':>18}{'macro-F1':>18}{'gap recovered':>20}{'- distilled':>20}")
     for arm, r in results["arms"].items():
         gap = r.get("gap_recovered", results["kd_gap_recovered"] if arm == "distilled" else None)
-        print(f"{arm:<14}{r['accuracy']['mean']:>10.4f} +- {r['accuracy']['std']:.4f}"
+        delta = r.get("minus_distilled_accuracy")
+        print(f"{arm:<16}{r['accuracy']['mean']:>10.4f} +- {r['accuracy']['std']:.4f}"
               f"{r['macro_f1']['mean']:>10.4f} +- {r['macro_f1']['std']:.4f}"
-              + (f"{gap['mean']:>12.3f} +- {gap['std']:.3f}" if gap else ""))
+              + (f"{gap['mean']:>12.3f} +- {gap['std']:.3f}" if gap else " " * 20)
+              + (f"{delta['mean']:>+12.4f} +- {delta['std']:.4f}" if delta else ""))
     diff = results["kd_minus_baseline_accuracy"]
     print(f"distilled - baseline accuracy: {diff['mean']:+.4f} +- {diff['std']:.4f} "
           f"({'more' if diff['mean'] > 2 * diff['std'] else 'not more'} than twice the std)")

@@ -123,14 +123,13 @@ def uses_pooled_features(cfg: Config) -> bool:
 
 
 @task(name="teacher-features", cache_policy=NO_CACHE)
-def cache_teacher_features(cfg: Config, teacher: TeacherRef, snapshot: SnapshotRef, outputs: TeacherOutputs) -> int:
+def cache_teacher_features(cfg: Config, teacher: TeacherRef, snapshot: SnapshotRef, outputs: TeacherOutputs) -> None:
     """Compute (or find) the teacher's sentence features for every row KD trains on, once, before trials that
-    read them run side by side; returns their width."""
+    read them run side by side (their shape is logged)."""
     rows = labelled_rows(cfg, snapshot, outputs)
     rows = rows[rows["split"].isin(KD_SPLITS)]
     features = teacher_features(cfg, teacher, outputs, rows["id"].tolist(), rows["text"].tolist())
     get_run_logger().info("teacher sentence features: %d rows x %d (cached beside its soft labels)", *features.shape)
-    return int(features.shape[1])
 
 
 @task(name="train-student", task_run_name="train-{candidate.name}", cache_policy=NO_CACHE)

@@ -22,13 +22,24 @@ def test_seeds_benchmark_reports_gap_recovered_per_seed(teacher_project: Path, t
     assert run_command(cfg_path, overrides={"gate.champion_tolerance": 1.0}).decision.passed
     (tmp_path / "tiny.json").write_text(json.dumps({"ratios": {"served_over_teacher_accuracy": 0.9}}))
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "seeds.py"), "--config", str(cfg_path),
-                           "--name", "tiny", "--seeds", "3", "4", "--ablations", "defaults", "--out", str(tmp_path),
-                           "--set", "distill.epochs=3", "--recipe", "temperature=3", "--recipe", "epochs=2"],
+                            "--name", "tiny", "--seeds", "3", "4", "--ablations", "defaults,only-vocab", "--out",
+                           str(tmp_path), "--set", "distill.epochs=3", "--set", "data.augment.multiple=1",
+                           "--recipe", "temperature=3", "--recipe", "epochs=2"],
                           capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "tiny-seeds.json").read_text())
-    assert results["seeds"] == [3, 4] and set(results["arms"]) == {"distilled", "baseline", "defaults"}
-    assert results["overrides"] == {"distill.epochs": "3"}  # what every arm trained with, for the record
+    assert results["seeds"] == [3, 4] and set(results["arms"]) == {"distilled", "baseline", "defaults", "only-vocab"}
+    # what every arm trained with, for the record
+    assert results["overrides"] == {"distill.epochs": "3", "data.augment.multiple": "1"}
+    # a per-method arm remakes the transfer set with that method alone, at the same multiple
+    arms = results["arms"]
+    assert arms["distilled"]["transfer"]["methods"] == ["mask", "drop", "swap", "ngram"]
+    assert arms["only-vocab"]["overrides"] == {"data.augment.methods": ["vocab"]}
+    assert arms["only-vocab"]["transfer"]["methods"] == ["vocab"]
+    assert arms["only-vocab"]["transfer"]["content_hash"] != arms["distilled"]["transfer"]["content_hash"]
+    assert arms["only-vocab"]["transfer"]["rows"] > 0
+    assert arms["only-vocab"]["minus_distilled_accuracy"]["values"] == pytest.approx(
+        [a - d for a, d in zip(arms["only-vocab"]["accuracy"]["values"], arms["distilled"]["accuracy"]["values"])])
     # --recipe replaces those fields of the champion's recipe for the distilled arm only
     assert results["recipe"]["temperature"] == 3.0 and results["recipe"]["epochs"] == 2
     t = results["teacher"]["accuracy"]
@@ -41,3 +52,16 @@ def test_seeds_benchmark_reports_gap_recovered_per_seed(teacher_project: Path, t
     assert ratios["served_over_teacher_accuracy"] == 0.9  # the file's other ratios are kept
     assert ratios["kd_seeds"] == 2 and ratios["kd_gap_recovered"] == pytest.approx(sum(expected) / 2)
     assert "distilled - baseline accuracy" in done.stdout
+
+
+def test_method_ablations_name_a_real_method_and_need_a_transfer_set():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from seeds import method_ablation
+
+    methods = ("mask", "drop", "swap", "ngram")
+    assert method_ablation("without-swap", methods, 1) == {"data.augment.methods": ["mask", "drop", "ngram"]}
+    assert method_ablation("only-vocab", methods, 0.5) == {"data.augment.methods": ["vocab"]}
+    assert "not an augmentation method" in method_ablation("only-synonym", methods, 1)
+    assert "needs a transfer set" in method_ablation("without-mask", methods, 0)
+    assert "needs it there" in method_ablation("without-vocab", methods, 1)  # not in the configured methods
+    assert "another method beside it" in method_ablation("without-mask", ("mask",), 1)

@@ -1,7 +1,7 @@
 """Proof beyond seed noise: distilled and baseline students over several seeds on one harness, with ablations.
 
     .venv/bin/python benchmarks/seeds.py [--config distillery.yaml] [--name default] [--seeds 13 14 15]
-                                         [--ablations defaults,no-transfer,no-feature,without-mask,only-vocab,...]
+                                         [--ablations defaults,no-transfer,no-feature,without-mask,with-vocab,...]
                                          [--recipe temperature=2.5 --recipe learning_rate=3e-4 ...]
 
 Needs a promoted ``student@champion`` of that configuration (``make run``). For each seed it retrains, with the
@@ -11,8 +11,9 @@ registered teacher and its cached soft labels:
   - ``baseline``: the same student trained on the hard labels alone (no teacher);
   - the ablations asked for: ``defaults`` (distill.* as configured: no search/sweep choice), ``no-transfer`` (without
     the transfer set and augmented rows; their labelling is cached apart), ``no-feature`` (feature KD off), and per
-    augmentation method ``without-METHOD`` (the transfer set made by the configured methods but that one) or
-    ``only-METHOD`` (by that one alone), at the same multiple: the transfer set is remade and labelled for each.
+    augmentation method ``without-METHOD`` (the transfer set made by the configured methods but that one),
+    ``with-METHOD`` (by them and that one) or ``only-METHOD`` (by that one alone), at the same multiple: the transfer
+    set is remade and labelled for each.
 Every student is measured in FP32 on the test split by the evaluation harness (quality only). Prints mean +- std of
 test accuracy and macro-F1 per arm, and the share of the teacher-baseline gap distillation recovers,
 (student - baseline) / (teacher - baseline), per seed, its mean and std; writes
@@ -35,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 ABLATIONS = ("defaults", "no-transfer", "no-feature")
-METHOD_ABLATIONS = ("without-", "only-")  # + an augmentation method: leave it out of the transfer set, or use it alone
+METHOD_ABLATIONS = ("without-", "with-", "only-")  # + an augmentation method: leave it out, add it, use it alone
 RECIPE_FIELDS = ("temperature", "kd_weight", "ce_weight", "feature_weight", "learning_rate", "epochs")
 
 
@@ -67,7 +68,8 @@ def recipe_fields(pairs: list[str], parser: argparse.ArgumentParser) -> dict[str
 
 
 def method_ablation(ablation: str, methods: Sequence[str], multiple: float) -> dict[str, list[str]] | str:
-    """The config overrides of a per-method arm (``without-mask``, ``only-vocab``), or what is wrong with it."""
+    """The config overrides of a per-method arm (``without-mask``, ``with-vocab``, ``only-vocab``), or what is
+    wrong with it."""
     from distillery.models.augment import METHODS
 
     kind, _, method = ablation.partition("-")
@@ -77,6 +79,10 @@ def method_ablation(ablation: str, methods: Sequence[str], multiple: float) -> d
         return f"ablation {ablation!r} needs a transfer set: set data.augment.multiple > 0"
     if kind == "only":
         return {"data.augment.methods": [method]}
+    if kind == "with":
+        if method in methods:
+            return f"ablation {ablation!r}: {method!r} is in data.augment.methods already ({methods})"
+        return {"data.augment.methods": [*methods, method]}
     rest = [m for m in methods if m != method]
     if method not in methods or not rest:
         return (f"ablation {ablation!r}: data.augment.methods is {methods}; leaving {method!r} out needs it there "
@@ -99,8 +105,8 @@ def main() -> int:
     ablations = [a for a in args.ablations.split(",") if a]
     unknown = {a for a in ablations if a not in ABLATIONS and not a.startswith(METHOD_ABLATIONS)}
     if unknown or len(args.seeds) < 2:
-        parser.error(f"unknown ablation(s) {sorted(unknown)}: use {', '.join(ABLATIONS)}, without-METHOD or "
-                     f"only-METHOD" if unknown else "give at least two seeds")
+        parser.error(f"unknown ablation(s) {sorted(unknown)}: use {', '.join(ABLATIONS)}, without-METHOD, "
+                     f"with-METHOD or only-METHOD" if unknown else "give at least two seeds")
     recipe_overrides = recipe_fields(args.recipe, parser)
     from distillery.cli import environment_defaults
 

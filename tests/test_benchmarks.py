@@ -14,9 +14,9 @@ import pytest
 from tests.helpers import run_command
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
+@pytest.mark.usefixtures("prefect_harness")
 def test_seeds_benchmark_reports_gap_recovered_per_seed(teacher_project: Path, tmp_path: Path):
     cfg_path = teacher_project / "distillery.yaml"
     assert run_command(cfg_path, overrides={"gate.champion_tolerance": 1.0}).decision.passed
@@ -61,6 +61,8 @@ def test_method_ablations_name_a_real_method_and_need_a_transfer_set():
     methods = ("mask", "drop", "swap", "ngram")
     assert method_ablation("without-swap", methods, 1) == {"data.augment.methods": ["mask", "drop", "ngram"]}
     assert method_ablation("only-vocab", methods, 0.5) == {"data.augment.methods": ["vocab"]}
+    assert method_ablation("with-vocab", methods, 1) == {"data.augment.methods": [*methods, "vocab"]}
+    assert "already" in method_ablation("with-mask", methods, 1)
     assert "not an augmentation method" in method_ablation("only-synonym", methods, 1)
     assert "needs a transfer set" in method_ablation("without-mask", methods, 0)
     assert "needs it there" in method_ablation("without-vocab", methods, 1)  # not in the configured methods

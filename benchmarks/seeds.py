@@ -167,6 +167,13 @@ def main() -> int:
                 parser.error(overrides)
             arms[ablation] = (overrides, recipe)
 
+    transfer = {}  # each arm's generated transfer set, as the lineage records it (none: {}); made before any
+    for arm, (overrides, _) in arms.items():  # training, so a recipe that cannot be made stops the run at once
+        arm_cfg = load_config(args.config, {**probe, **overrides})
+        tags = augment_tags(arm_cfg, rows_to_label(arm_cfg, snapshot)[0])
+        transfer[arm] = tags and {"methods": json.loads(tags["transfer.recipe"])["methods"],
+                                  "rows": int(tags["transfer.rows"]), "content_hash": tags["transfer.content_hash"]}
+
     @flow(name="seeds-benchmark", log_prints=True)
     def train_all() -> dict[str, list[dict]]:
         parent = registry.create_run(cfg, "seeds-benchmark", {"stage": "benchmark"})
@@ -184,12 +191,6 @@ def main() -> int:
         return out
 
     rows = train_all()
-    transfer = {}  # each arm's generated transfer set, as the lineage records it (none: {})
-    for arm, (overrides, _) in arms.items():
-        arm_cfg = load_config(args.config, {**probe, **overrides})
-        tags = augment_tags(arm_cfg, rows_to_label(arm_cfg, snapshot)[0])
-        transfer[arm] = tags and {"methods": json.loads(tags["transfer.recipe"])["methods"],
-                                  "rows": int(tags["transfer.rows"]), "content_hash": tags["transfer.content_hash"]}
     t = teacher_metrics["accuracy"]
     gaps = [gap_recovered(s["accuracy"], b["accuracy"], t) for s, b in zip(rows["distilled"], rows["baseline"])]
     diffs = [s["accuracy"] - b["accuracy"] for s, b in zip(rows["distilled"], rows["baseline"])]

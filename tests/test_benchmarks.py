@@ -22,7 +22,7 @@ def test_seeds_benchmark_reports_gap_recovered_per_seed(teacher_project: Path, t
     assert run_command(cfg_path, overrides={"gate.champion_tolerance": 1.0}).decision.passed
     (tmp_path / "tiny.json").write_text(json.dumps({"ratios": {"served_over_teacher_accuracy": 0.9}}))
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "seeds.py"), "--config", str(cfg_path),
-                            "--name", "tiny", "--seeds", "3", "4", "--ablations", "defaults,only-vocab", "--out",
+                           "--name", "tiny", "--seeds", "3", "4", "--ablations", "defaults,only-vocab", "--out",
                            str(tmp_path), "--set", "distill.epochs=3", "--set", "data.augment.multiple=1",
                            "--recipe", "temperature=3", "--recipe", "epochs=2"],
                           capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(ROOT)})

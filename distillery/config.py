@@ -89,6 +89,7 @@ class LabellingConfig(Section):
     batch_size: int = 64
     shards: int = 2
     cache_dir: str = ".distillery/teacher-outputs"
+    reuse_rows: bool = True
 
 
 class ValidationConfig(Section):

@@ -15,6 +15,7 @@ from distillery.tasks.labelling import (
     label_shard,
     log_labelling,
     lookup_cache,
+    reuse_outputs,
     rows_to_label,
     store_outputs,
     validate_outputs,
@@ -35,18 +36,21 @@ def label_flow(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef,
     start = time.perf_counter()
     path = lookup_cache(cfg.path(cfg.labelling.cache_dir), key)
     cache_hit = path is not None
+    reused = None
     if not cache_hit:
-        texts = inputs["text"].tolist()
-        bounds = shard_bounds(len(texts), cfg.labelling.shards)
+        reused = reuse_outputs(cfg, teacher, labels, inputs)
+        texts = list(reused.missing_texts)
+        bounds = shard_bounds(len(texts), cfg.labelling.shards) if texts else []
         futures = [label_shard.submit(teacher.folder, texts[a:b], cfg.teacher.max_length, cfg.labelling.batch_size, i)
                    for i, (a, b) in enumerate(bounds)]
-        shard_logits = [f.result() for f in futures]
-        meta = {"teacher": teacher.__dict__, "snapshot_md5": snapshot.md5, "shards": len(bounds)}
-        path = store_outputs(cfg, key, inputs, shard_logits, labels, meta, run_id)
+        meta = {"teacher": teacher.__dict__, "snapshot_md5": snapshot.md5, "shards": len(bounds),
+                "max_length": cfg.teacher.max_length}
+        path = store_outputs(cfg, key, inputs, [f.result() for f in futures], labels, meta, run_id, reused)
     seconds = time.perf_counter() - start
     log_labelling(cfg, run_id, teacher, snapshot, key, cache_hit, seconds, path, inputs)
-    print(f"teacher {teacher.name} v{teacher.version} outputs for {len(inputs)} rows: "
-          f"{'cache hit' if cache_hit else 'labelled'} in {seconds:.1f} s")
+    how = "cache hit" if cache_hit else (f"labelled {len(inputs) - reused.rows}, reused {reused.rows} from earlier "
+                                         f"outputs of this teacher," if reused.rows else "labelled")
+    print(f"teacher {teacher.name} v{teacher.version} outputs for {len(inputs)} rows: {how} in {seconds:.1f} s")
     validation = validate_outputs(cfg, path, len(inputs), run_id, teacher, snapshot)
     return TeacherOutputs(path=path, key=key, cache_hit=cache_hit, seconds=seconds, run_id=run_id,
                           validation=validation)

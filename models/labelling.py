@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -19,6 +21,27 @@ def shard_bounds(rows: int, shards: int) -> list[tuple[int, int]]:
     shards = max(1, min(shards, rows)) if rows else 1
     edges = np.linspace(0, rows, shards + 1).round().astype(int)
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def text_digests(texts: list[str]) -> np.ndarray:
+    """A digest of each exact text (the teacher's logits depend on nothing else, for one teacher and max_length):
+    what lets a new set of rows reuse the logits an earlier one already has, without storing the texts."""
+    return np.asarray([hashlib.sha256(t.encode()).hexdigest()[:32] for t in texts], dtype="<U32")
+
+
+def merge_logits(digests: np.ndarray, fresh: np.ndarray, found: dict[str, np.ndarray], classes: int) -> np.ndarray:
+    """(rows, classes) logits in row order: a row whose text digest is in ``found`` takes those logits, the others
+    take the rows of ``fresh`` in turn (labelled now, in row order)."""
+    logits = np.zeros((len(digests), classes), dtype=np.float32)
+    missing = [n for n, d in enumerate(digests.tolist()) if d not in found]
+    if len(missing) != len(fresh):
+        raise ValueError(f"{len(fresh)} fresh logits for {len(missing)} rows without earlier ones")
+    if missing:
+        logits[missing] = fresh
+    for n, d in enumerate(digests.tolist()):
+        if d in found:
+            logits[n] = found[d]
+    return logits
 
 
 def teacher_logits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str],

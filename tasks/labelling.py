@@ -27,7 +27,9 @@ from distillery.models.labelling import (
     build_outputs,
     read_outputs,
     teacher_logits,
+    merge_logits,
     teacher_pooled,
+    text_digests,
     validation_tables,
     write_outputs,
 )
@@ -36,6 +38,7 @@ from distillery.models.modeling import ModelError, load_classifier, load_tokeniz
 OUTPUTS_FILE = "outputs.parquet"
 META_FILE = "meta.json"
 FEATURES_FILE = "pooled-features.npz"  # the teacher's sentence features, beside the soft labels they go with
+DIGESTS_FILE = "text-digests.npz"  # a digest of each row's exact text, in row order: lets other row sets reuse them
 
 
 def labelling_inputs(snapshot: SnapshotRef, transfer_set: Path | None,
@@ -114,6 +117,59 @@ def lookup_cache(cache_dir: Path, key: str) -> str | None:
     return None
 
 
+@dataclasses.dataclass(frozen=True)
+class ReusedLogits:
+    """What an earlier labelling of this teacher already answers for a set of rows: the digests of the rows' texts,
+    the logits found per digest, the cache entries they came from, and the texts still to label (in row order)."""
+
+    digests: np.ndarray
+    found: dict[str, np.ndarray]
+    sources: tuple[str, ...]
+    missing_texts: tuple[str, ...]
+
+    @property
+    def rows(self) -> int:
+        """How many of the rows are answered by earlier outputs."""
+        return len(self.digests) - len(self.missing_texts)
+
+
+@task(name="reuse-teacher-outputs", cache_policy=NO_CACHE)
+def reuse_outputs(cfg: Config, teacher: TeacherRef, labels: list[str], inputs: pd.DataFrame) -> ReusedLogits:
+    """Logits this teacher version already gave for some of these texts, from complete cache entries of other row
+    sets (same teacher run, max_length and labels; ``labelling.reuse_rows``): a changed transfer set or a new data
+    version then labels only its new texts."""
+    texts = inputs["text"].tolist()
+    digests = text_digests(texts)
+    wanted, found, sources = set(digests.tolist()), {}, []
+    entries = sorted(cfg.path(cfg.labelling.cache_dir).glob(f"*/{META_FILE}")) if cfg.labelling.reuse_rows else []
+    for meta_file in entries:
+        folder = meta_file.parent
+        if folder.name.endswith(".partial") or not (folder / DIGESTS_FILE).is_file():
+            continue
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (OSError, ValueError):
+            continue  # an unreadable entry is skipped, never trusted
+        same = {k: meta.get("teacher", {}).get(k) for k in ("name", "version", "run_id")} == {
+            "name": teacher.name, "version": teacher.version, "run_id": teacher.run_id}
+        if not same or meta.get("max_length") != cfg.teacher.max_length or meta.get("labels") != list(labels):
+            continue
+        with np.load(folder / DIGESTS_FILE, allow_pickle=False) as stored:
+            theirs = stored["digests"].tolist()
+        hits = [n for n, d in enumerate(theirs) if d in wanted and d not in found]
+        if not hits:
+            continue
+        logits = np.stack(read_outputs(folder / OUTPUTS_FILE)["logits"].to_numpy())
+        if logits.shape != (len(theirs), len(labels)):
+            continue
+        found.update({theirs[n]: logits[n] for n in hits})
+        sources.append(folder.name)
+        if len(found) == len(wanted):
+            break
+    missing = tuple(t for t, d in zip(texts, digests.tolist()) if d not in found)
+    return ReusedLogits(digests=digests, found=found, sources=tuple(sources), missing_texts=missing)
+
+
 @task(name="label-shard", cache_policy=NO_CACHE, retries=1)
 def label_shard(teacher_folder: str, texts: list[str], max_length: int, batch_size: int, shard: int) -> np.ndarray:
     """Teacher logits for one shard of texts (runs anywhere the task runner puts it, e.g. a Dask worker)."""
@@ -129,9 +185,12 @@ def label_shard(teacher_folder: str, texts: list[str], max_length: int, batch_si
 
 @task(name="store-teacher-outputs", cache_policy=NO_CACHE)
 def store_outputs(cfg: Config, key: str, inputs: pd.DataFrame, shard_logits: list[np.ndarray], labels: list[str],
-                  meta: dict, run_id: str) -> str:
-    """Write the outputs parquet + meta atomically into the cache and log both to the MLflow run."""
-    logits = np.concatenate(shard_logits, axis=0)
+                  meta: dict, run_id: str, reused: ReusedLogits | None = None) -> str:
+    """Write the outputs parquet + meta (+ the texts' digests, for reuse) atomically into the cache and log them to
+    the MLflow run. ``shard_logits`` answer the rows ``reused`` lacks (all rows without it), in row order."""
+    fresh = (np.concatenate(shard_logits, axis=0) if shard_logits
+             else np.zeros((0, len(labels)), dtype=np.float32))
+    logits = fresh if reused is None else merge_logits(reused.digests, fresh, reused.found, len(labels))
     if logits.shape != (len(inputs), len(labels)):
         raise ValueError(f"teacher produced logits of shape {logits.shape}, expected {(len(inputs), len(labels))}: "
                          f"does the teacher's label set match the snapshot's?")
@@ -141,6 +200,10 @@ def store_outputs(cfg: Config, key: str, inputs: pd.DataFrame, shard_logits: lis
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     write_outputs(df, partial / OUTPUTS_FILE)
+    if reused is not None:
+        np.savez(partial / DIGESTS_FILE, digests=reused.digests)
+    meta = {**meta, "labelled_rows": len(fresh), "reused_rows": len(df) - len(fresh),
+            "reused_from": list(reused.sources) if reused is not None else []}
     (partial / META_FILE).write_text(json.dumps({**meta, "key": key, "run_id": run_id, "rows": len(df),
                                                  "labels": labels}, indent=1))
     shutil.rmtree(final, ignore_errors=True)
@@ -197,6 +260,9 @@ def log_labelling(cfg: Config, run_id: str, teacher: TeacherRef, snapshot: Snaps
         mlflow.set_tags({"teacher_outputs.cache_hit": str(cache_hit).lower(),
                          "teacher_outputs.source_run": meta["run_id"], "teacher_outputs.path": outputs_path})
         mlflow.log_metric("labelling_seconds", seconds)
+        if not cache_hit and "reused_rows" in meta:  # this run's own labelling: how much of it was reused
+            mlflow.log_metrics({"labelling_labelled_rows": meta["labelled_rows"],
+                                "labelling_reused_rows": meta["reused_rows"]})
 
 
 def teacher_features(cfg: Config, teacher: TeacherRef, outputs: TeacherOutputs, ids: list[str],

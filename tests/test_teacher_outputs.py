@@ -99,6 +99,20 @@ def test_outputs_parquet_round_trips(tmp_path):
     assert list(back["predicted_label"]) == list(df["predicted_label"])
 
 
+def test_merge_logits_takes_earlier_rows_by_text_and_fresh_ones_in_order():
+    from distillery.models.labelling import merge_logits, text_digests
+
+    digests = text_digests(["a", "b", "c", "a"])
+    assert digests[0] == digests[3] and len(set(digests.tolist())) == 3
+    found = {digests[1]: np.full(2, 7.0, dtype=np.float32)}
+    fresh = np.asarray([[1, 1], [2, 2], [3, 3]], dtype=np.float32)
+    merged = merge_logits(digests, fresh, found, 2)
+    np.testing.assert_array_equal(merged, [[1, 1], [7, 7], [2, 2], [3, 3]])
+    with pytest.raises(ValueError, match="2 fresh logits for 3 rows"):
+        merge_logits(digests, fresh[:2], found, 2)
+    assert text_digests(["A"])[0] != text_digests(["a"])[0]  # exact texts: a cased teacher may answer differently
+
+
 # ---------------------------------------------------------------- shards
 
 
@@ -156,6 +170,29 @@ class TestLabelFlow:
         assert list(a["id"]) == list(b["id"]) and list(a["predicted_label"]) == list(b["predicted_label"])
         np.testing.assert_allclose(np.stack(a["logits"]), np.stack(b["logits"]), rtol=0, atol=1e-5)
         assert json.loads((Path(dask.path).parent / "meta.json").read_text())["shards"] == 3
+
+    def test_a_new_set_of_rows_labels_only_its_new_texts(self, teacher_project: Path, tmp_path: Path):
+        cfg_path = teacher_project / "distillery.yaml"
+        cache = {"labelling.cache_dir": str(tmp_path / "cache")}
+        first = run_command(cfg_path, "label", cache).outputs
+        (teacher_project / "more.csv").write_text("text\nwhere is my new card\nwhy was my transfer declined\n")
+        second = run_command(cfg_path, "label", {**cache, "data.transfer_set": "more.csv"}).outputs
+        assert second.cache_hit is False and second.key != first.key and second.validation.success
+        meta = json.loads((Path(second.path).parent / "meta.json").read_text())
+        assert (meta["reused_rows"], meta["labelled_rows"], meta["reused_from"]) == (160, 2, [first.key])
+        a, b = read_outputs(first.path), read_outputs(second.path).set_index("id")
+        np.testing.assert_array_equal(np.stack(b.loc[a["id"], "logits"]), np.stack(a["logits"]))  # taken as they were
+        # the same outputs as labelling every row afresh (reuse off, an empty cache)
+        fresh = run_command(cfg_path, "label", {"labelling.cache_dir": str(tmp_path / "fresh"),
+                                                "data.transfer_set": "more.csv", "labelling.reuse_rows": False}).outputs
+        fresh_meta = json.loads((Path(fresh.path).parent / "meta.json").read_text())
+        assert (fresh_meta["reused_rows"], fresh_meta["labelled_rows"]) == (0, 162) and fresh.key == second.key
+        c = read_outputs(fresh.path).set_index("id")
+        np.testing.assert_allclose(np.stack(c.loc[b.index, "logits"]), np.stack(b["logits"]), rtol=0, atol=1e-5)
+        cfg = load_config(cfg_path)
+        mlflow.set_tracking_uri(cfg.tracking.uri)
+        metrics = MlflowClient().get_run(second.run_id).data.metrics
+        assert (metrics["labelling_reused_rows"], metrics["labelling_labelled_rows"]) == (160, 2)
 
     def test_transfer_set_is_labelled_too(self, teacher_project: Path):
         (teacher_project / "transfer.csv").write_text("text\nmy pin is locked again\nrate for euro today\n")

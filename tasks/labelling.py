@@ -25,9 +25,9 @@ from distillery.models.augment import Recipe, content_hash, make_transfer_set
 from distillery.models.data import read_out_of_scope, read_snapshot, read_transfer_set
 from distillery.models.labelling import (
     build_outputs,
+    merge_logits,
     read_outputs,
     teacher_logits,
-    merge_logits,
     teacher_pooled,
     text_digests,
     validation_tables,

@@ -193,6 +193,10 @@ class TestLabelFlow:
         mlflow.set_tracking_uri(cfg.tracking.uri)
         metrics = MlflowClient().get_run(second.run_id).data.metrics
         assert (metrics["labelling_reused_rows"], metrics["labelling_labelled_rows"]) == (160, 2)
+        # another max_length shapes other logits: nothing is taken from the entries above
+        shorter = run_command(cfg_path, "label", {**cache, "teacher.max_length": 8}).outputs
+        shorter_meta = json.loads((Path(shorter.path).parent / "meta.json").read_text())
+        assert (shorter_meta["reused_rows"], shorter_meta["labelled_rows"]) == (0, 160)
 
     def test_transfer_set_is_labelled_too(self, teacher_project: Path):
         (teacher_project / "transfer.csv").write_text("text\nmy pin is locked again\nrate for euro today\n")

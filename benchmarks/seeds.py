@@ -2,12 +2,14 @@
 
     .venv/bin/python benchmarks/seeds.py [--config distillery.yaml] [--name default] [--seeds 13 14 15]
                                          [--ablations defaults,no-transfer,no-feature,without-mask,with-vocab,...]
-                                         [--recipe temperature=2.5 --recipe learning_rate=3e-4 ...]
+                                         [--recipe temperature=2.5 --recipe learning_rate=3e-4 ... | --search]
 
 Needs a promoted ``student@champion`` of that configuration (``make run``). For each seed it retrains, with the
 registered teacher and its cached soft labels:
   - ``distilled``: the champion's own recipe (temperature, kd/ce weights, learning rate, epochs) with that seed,
-    or that recipe with the fields given by ``--recipe`` (e.g. a search's best trial that the gate did not promote);
+    or that recipe with the fields given by ``--recipe`` (e.g. a search's best trial that the gate did not promote),
+    or with ``--search`` the best trial of the configured ``distill.search``, run first at ``distill.seed`` (its
+    trials and pick are recorded under ``search``; ``--ablations defaults`` then measures what the search bought);
   - ``baseline``: the same student trained on the hard labels alone (no teacher);
   - the ablations asked for: ``defaults`` (distill.* as configured: no search/sweep choice), ``no-transfer`` (without
     the transfer set and augmented rows; their labelling is cached apart), ``no-feature`` (feature KD off), and per
@@ -100,6 +102,9 @@ def main() -> int:
     parser.add_argument("--recipe", action="append", default=[], metavar="FIELD=VALUE",
                         help=f"a field of the distilled arm's recipe instead of the champion's "
                              f"({', '.join(RECIPE_FIELDS)})")
+    parser.add_argument("--search", action="store_true",
+                        help="run the configured distill.search once, at distill.seed, before the seeds: its best "
+                             "trial's recipe is the distilled arm (with --ablations defaults: the search ablation)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder of the results files")
     args = parser.parse_args()
     ablations = [a for a in args.ablations.split(",") if a]
@@ -108,17 +113,21 @@ def main() -> int:
         parser.error(f"unknown ablation(s) {sorted(unknown)}: use {', '.join(ABLATIONS)}, without-METHOD, "
                      f"with-METHOD or only-METHOD" if unknown else "give at least two seeds")
     recipe_overrides = recipe_fields(args.recipe, parser)
+    if args.search and recipe_overrides:
+        parser.error("--search picks the distilled arm's recipe: leave out --recipe")
     from distillery.cli import environment_defaults
 
     environment_defaults()
     from prefect import flow
 
     from distillery.config import load_config, parse_override_args
+    from distillery.flows.distill import search
     from distillery.flows.label import label_flow
     from distillery.integrations import registry
     from distillery.models.data import read_snapshot
     from distillery.models.evaluation import TimingSettings, encode_per_folder, evaluate_model
     from distillery.models.modeling import load_classifier
+    from distillery.models.selection import pick_best
     from distillery.records import BASELINE, Candidate, Lineage
     from distillery.tasks.data import freeze
     from distillery.tasks.distill import train_student
@@ -128,6 +137,8 @@ def main() -> int:
     base = parse_override_args(args.set)
     probe = {**base, "tracking.experiment": f"{load_config(args.config, base).tracking.experiment}-benchmarks"}
     cfg = load_config(args.config, probe)
+    if args.search and cfg.distill.search.trials <= 0:
+        parser.error("--search runs distill.search: give it trials (e.g. --set distill.search.trials=8)")
     registry.configure_tracking(cfg)
     reg = registry.Registry.from_config(cfg)
     champion = reg.alias_version(cfg.tracking.student_name, cfg.tracking.champion_alias)
@@ -152,21 +163,26 @@ def main() -> int:
 
     teacher_metrics = accuracy(teacher.folder)
     d = cfg.distill
-    arms: dict[str, tuple[dict, Candidate]] = {"distilled": ({}, recipe), "baseline": ({}, BASELINE)}
-    if "defaults" in ablations:
-        arms["defaults"] = ({}, Candidate(kind="distilled", temperature=d.temperature, kd_weight=d.kd_weight,
-                                          ce_weight=d.ce_weight, feature_weight=d.feature_weight))
-    if "no-transfer" in ablations:
-        arms["no-transfer"] = ({"data.augment.multiple": 0, "data.transfer_set": None}, recipe)
-    if "no-feature" in ablations:
-        arms["no-feature"] = ({}, dataclasses.replace(recipe, feature_weight=0.0))
-    for ablation in ablations:
-        if ablation.startswith(METHOD_ABLATIONS):
-            overrides = method_ablation(ablation, cfg.data.augment.methods, cfg.data.augment.multiple)
-            if isinstance(overrides, str):
-                parser.error(overrides)
-            arms[ablation] = (overrides, recipe)
 
+    def arms_for(recipe: Candidate) -> dict[str, tuple[dict, Candidate]]:
+        """Each arm's config overrides and recipe; the ablations change the distilled arm's ``recipe``."""
+        arms: dict[str, tuple[dict, Candidate]] = {"distilled": ({}, recipe), "baseline": ({}, BASELINE)}
+        if "defaults" in ablations:
+            arms["defaults"] = ({}, Candidate(kind="distilled", temperature=d.temperature, kd_weight=d.kd_weight,
+                                              ce_weight=d.ce_weight, feature_weight=d.feature_weight))
+        if "no-transfer" in ablations:
+            arms["no-transfer"] = ({"data.augment.multiple": 0, "data.transfer_set": None}, recipe)
+        if "no-feature" in ablations:
+            arms["no-feature"] = ({}, dataclasses.replace(recipe, feature_weight=0.0))
+        for ablation in ablations:
+            if ablation.startswith(METHOD_ABLATIONS):
+                overrides = method_ablation(ablation, cfg.data.augment.methods, cfg.data.augment.multiple)
+                if isinstance(overrides, str):
+                    parser.error(overrides)
+                arms[ablation] = (overrides, recipe)
+        return arms
+
+    arms = arms_for(recipe)
     transfer = {}  # each arm's generated transfer set, as the lineage records it (none: {}); made before any
     for arm, (overrides, _) in arms.items():  # training, so a recipe that cannot be made stops the run at once
         arm_cfg = load_config(args.config, {**probe, **overrides})
@@ -174,9 +190,22 @@ def main() -> int:
         transfer[arm] = tags and {"methods": json.loads(tags["transfer.recipe"])["methods"],
                                   "rows": int(tags["transfer.rows"]), "content_hash": tags["transfer.content_hash"]}
 
+    searched: dict = {}  # what --search found, for the record
+
     @flow(name="seeds-benchmark", log_prints=True)
     def train_all() -> dict[str, list[dict]]:
+        nonlocal arms
         parent = registry.create_run(cfg, "seeds-benchmark", {"stage": "benchmark"})
+        if args.search:  # the flow's own search, at distill.seed: the pick's run at that seed is its best trial's
+            start = time.perf_counter()
+            trials = search(cfg, snapshot, teacher, label_flow(cfg, snapshot, teacher), parent)
+            best = pick_best(trials)
+            arms = arms_for(best.candidate)
+            searched.update({"seed": cfg.distill.seed, "trials": len(trials), "pruned": sum(t.pruned for t in trials),
+                             "seconds": time.perf_counter() - start, "best": best.candidate.to_dict(),
+                             "best_val_macro_f1": best.val_macro_f1,
+                             "trial_results": [{**t.candidate.to_dict(), "val_macro_f1": t.val_macro_f1,
+                                                "pruned": t.pruned, "epochs_trained": len(t.curve)} for t in trials]})
         out: dict[str, list[dict]] = {arm: [] for arm in arms}
         for seed in args.seeds:
             for arm, (overrides, candidate) in arms.items():
@@ -191,12 +220,14 @@ def main() -> int:
         return out
 
     rows = train_all()
+    recipe = arms["distilled"][1]
     t = teacher_metrics["accuracy"]
     gaps = [gap_recovered(s["accuracy"], b["accuracy"], t) for s, b in zip(rows["distilled"], rows["baseline"])]
     diffs = [s["accuracy"] - b["accuracy"] for s, b in zip(rows["distilled"], rows["baseline"])]
     results = {
         "profile": args.name, "champion": f"{champion.name} v{champion.version}", "recipe": recipe.to_dict(),
         "overrides": base,  # the --set values every arm trained with (e.g. data.augment.multiple)
+        **({"search": searched} if searched else {}),
         "teacher": {"name": f"{teacher.name} v{teacher.version}", **teacher_metrics}, "seeds": args.seeds,
         "arms": {arm: {"accuracy": summary([r["accuracy"] for r in rs]),
                        "macro_f1": summary([r["macro_f1"] for r in rs]), "runs": rs,

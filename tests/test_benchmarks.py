@@ -67,3 +67,47 @@ def test_method_ablations_name_a_real_method_and_need_a_transfer_set():
     assert "needs a transfer set" in method_ablation("without-mask", methods, 0)
     assert "needs it there" in method_ablation("without-vocab", methods, 1)  # not in the configured methods
     assert "another method beside it" in method_ablation("without-mask", ("mask",), 1)
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_seeds_benchmark_search_picks_the_distilled_recipe(teacher_project: Path, tmp_path: Path):
+    """--search runs the configured Optuna search first; its best trial is the distilled arm, and that arm's run at
+    the search's seed is the best trial itself (same checkpoint, same validation score)."""
+    import mlflow
+
+    cfg_path = teacher_project / "distillery.yaml"
+    made = run_command(cfg_path, overrides={"gate.champion_tolerance": 1.0})
+    assert made.up_to_date is not None or made.decision.passed  # a champion to benchmark (maybe an earlier test's)
+    seeds = [sys.executable, str(ROOT / "benchmarks" / "seeds.py"), "--config", str(cfg_path), "--name", "tiny",
+             "--out", str(tmp_path), "--seeds", "13", "14"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([*seeds, "--search", "--ablations", "defaults", "--set", "distill.search.trials=3",
+                           "--set", "distill.search.parallel=1", "--set", "distill.search.epochs=[1, 2]",
+                           "--set", "distill.seed=13"], capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "tiny-seeds.json").read_text())
+    search = results["search"]
+    assert search["seed"] == 13 and search["trials"] == 3 and len(search["trial_results"]) == 3
+    finished = [t for t in search["trial_results"] if not t["pruned"]]
+    best = max(finished, key=lambda t: t["val_macro_f1"])
+    assert search["best_val_macro_f1"] == best["val_macro_f1"]
+    assert results["recipe"] == search["best"] and search["best"]["trial"] == best["trial"]
+    assert {k: best[k] for k in search["best"]} == search["best"]
+    assert 1 <= search["best"]["epochs"] <= 2  # within the searched range, not distill.epochs
+    runs = results["arms"]["distilled"]["runs"]
+    assert [r["seed"] for r in runs] == [13, 14]
+    assert runs[0]["val_macro_f1"] == pytest.approx(best["val_macro_f1"])  # seed 13 is the best trial's training
+    # the defaults arm is distill.* as configured: what the search bought, paired by seed
+    assert "minus_distilled_accuracy" in results["arms"]["defaults"]
+    # the search is logged on the benchmark's parent run, as on a distill run
+    mlflow.set_tracking_uri(f"sqlite:///{teacher_project / 'mlflow.db'}")
+    parents = mlflow.search_runs(experiment_names=["distillery-benchmarks"],
+                                 filter_string="params.`search.trials` = '3'")
+    assert len(parents) == 1 and parents.iloc[0]["params.search.best_trial"] == str(best["trial"])
+    # --search chooses the recipe: with --recipe, or with no trials to run, it stops before any training
+    clash = subprocess.run([*seeds, "--search", "--recipe", "temperature=2", "--set", "distill.search.trials=3"],
+                           capture_output=True, text=True, timeout=300, env=env)
+    assert clash.returncode == 2 and "leave out --recipe" in clash.stderr
+    empty = subprocess.run([*seeds, "--search", "--set", "distill.search.trials=0"], capture_output=True, text=True,
+                           timeout=300, env=env)
+    assert empty.returncode == 2 and "give it trials" in empty.stderr

@@ -31,7 +31,7 @@ $(VENV)/.mpnet: $(VENV)/.installed
 run: large-model  ## the main job on the embedded defaults (MPNet teacher: 98-100 min on a fresh clone, 2-core CPU, see README)
 	$(BIN)/distillery run $(ARGS)
 
-run-fast: setup  ## the fast profile (MiniLM teacher and a 10-trial search: about an hour on a 2-core CPU)
+run-fast: setup  ## the fast profile (MiniLM teacher and a 10-trial search: 46 min on a 2-core CPU, see README)
 	$(BIN)/distillery run $(FAST) $(ARGS)
 
 test: setup  ## every test tier (unit, data, flow, fault injection, integration, slow end-to-end)

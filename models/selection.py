@@ -42,6 +42,15 @@ def median_bars(curves: Sequence[Mapping[int, float]], epochs: int, startup: int
     return tuple(bars)
 
 
+def search_sampler(distill: DistillConfig):  # noqa: ANN201 - an optuna.samplers.TPESampler
+    """The search's seeded TPE sampler: ``search.startup_trials`` random trials first, then TPE's proposals."""
+    import optuna
+
+    q = distill.search
+    return optuna.samplers.TPESampler(seed=distill.seed if q.seed is None else q.seed,
+                                      n_startup_trials=q.startup_trials)
+
+
 def trial_candidate(trial, distill: DistillConfig) -> Candidate:  # noqa: ANN001 - an optuna.Trial
     """The recipe an Optuna trial proposes within ``distill.search``'s ranges (ce_weight = 1 - kd_weight; the
     feature-KD weight too when ``search.feature_weight`` is a range)."""

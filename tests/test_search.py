@@ -9,7 +9,7 @@ import mlflow
 import pytest
 
 from distillery.config import load_config
-from distillery.models.selection import trial_candidate
+from distillery.models.selection import search_sampler, trial_candidate
 from tests.helpers import run_command
 
 
@@ -42,6 +42,30 @@ def test_trials_search_the_feature_weight_only_when_given_a_range(tmp_path: Path
     searched = load_config(tmp_path / "distillery.yaml", {"distill.search.feature_weight": [0.0, 2.0]}).distill
     weights = [trial_candidate(study.ask(), searched).feature_weight for _ in range(5)]
     assert all(0.0 <= w <= 2.0 for w in weights) and len(set(weights)) == 5
+
+
+def test_tpe_models_the_trials_after_the_startup_ones(tmp_path: Path):
+    """With fewer trials than Optuna's 10 startup ones TPE never models anything: ``startup_trials`` says when it does."""
+    import optuna
+
+    (tmp_path / "distillery.yaml").write_text("distill:\n  search:\n    trials: 6\n")
+
+    def proposals(startup: int) -> list:
+        distill = load_config(tmp_path / "distillery.yaml", {"distill.search.startup_trials": startup}).distill
+        study = optuna.create_study(direction="maximize", sampler=search_sampler(distill))
+        made = []
+        for _ in range(6):
+            trial = study.ask()
+            made.append(trial_candidate(trial, distill))
+            study.tell(trial, made[-1].temperature)  # a score TPE can learn from: higher temperature is better
+        return made
+
+    random, modelled = proposals(10), proposals(3)
+    assert random[:3] == modelled[:3]  # the same seeded random start
+    assert random[3:] != modelled[3:]  # then TPE's own proposals
+    assert load_config(tmp_path / "distillery.yaml").distill.search.startup_trials == 10
+    with pytest.raises(Exception, match="startup_trials"):
+        load_config(tmp_path / "distillery.yaml", {"distill.search.startup_trials": 0})
 
 
 def test_median_bars_follow_the_finished_trials():

@@ -30,6 +30,7 @@ def environment_defaults() -> None:
         "TRANSFORMERS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "PREFECT_LOGGING_EXTRA_LOGGERS": "distillery",
+        "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",  # a line logged outside a flow goes to the console only
         "GIT_PYTHON_REFRESH": "quiet",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' "Writing model shards" bars; training bars stay

@@ -11,6 +11,7 @@ import io
 import logging
 import shutil
 import sys
+import threading
 import warnings
 import zipfile
 from collections import Counter
@@ -96,8 +97,33 @@ def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
+class _LoadReport(logging.Filter):
+    """Holds back transformers' load report (a table per load; for a new head "classifier.weight MISSING ...
+    Consider training on your downstream task", on every student a run builds) while ``load_classifier`` runs in
+    this thread: that function says what the report means in a line of its own, and refuses a classifier with
+    weights missing. A load that fails logs the report it held back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        held = getattr(self.local, "held", None)
+        if held is None or "LOAD REPORT" not in str(record.msg):
+            return True
+        held.append(record.getMessage())
+        return False
+
+
+_LOAD_REPORT = _LoadReport()
+logging.getLogger("transformers.modeling_utils").addFilter(_LOAD_REPORT)
+
+
 def load_classifier(folder: Path, labels: list[str] | None = None) -> PreTrainedModel:
-    """Load a sequence classifier from a local folder; with ``labels`` a (new) head of that size is attached."""
+    """Load a sequence classifier from a local folder; with ``labels`` a (new) head of that size is attached.
+
+    Without ``labels`` the folder must hold every weight of the classifier (a bare encoder, whose head transformers
+    would fill with random numbers, is a ModelError)."""
     kwargs = {}
     if labels is not None:
         kwargs = dict(
@@ -105,12 +131,32 @@ def load_classifier(folder: Path, labels: list[str] | None = None) -> PreTrained
             id2label=dict(enumerate(labels)),
             label2id={name: i for i, name in enumerate(labels)},
         )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(folder), local_files_only=True, use_safetensors=True, ignore_mismatched_sizes=labels is not None,
-            **kwargs,
+    held = _LOAD_REPORT.local.held = []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                str(folder), local_files_only=True, use_safetensors=True, ignore_mismatched_sizes=labels is not None,
+                output_loading_info=True, **kwargs,
+            )
+    except Exception:
+        for report in held:
+            logger.warning(report)
+        raise
+    finally:
+        _LOAD_REPORT.local.held = None
+    missing = sorted(info["missing_keys"])
+    if labels is None and missing:
+        raise ModelError(
+            f"{folder} is not a complete classifier: it has no weights for {', '.join(missing[:4])}"
+            f"{f' and {len(missing) - 4} more' if len(missing) > 4 else ''} (a bare encoder has no trained head: "
+            "give it as teacher.base_model to fine-tune it instead)"
         )
+    fresh = missing + sorted(key for key, *_ in info["mismatched_keys"])
+    encoder = [key for key in fresh if key.startswith(f"{model.base_model_prefix}.")]  # not the head: worth a warning
+    if fresh:
+        logger.log(logging.WARNING if encoder else logging.INFO, "%s: a new head for %d labels (%s initialised at "
+                   "random)", Path(folder).name, len(labels), ", ".join(fresh))
     return model
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -134,3 +135,32 @@ def test_import_from_mlflow_uris_transformers_flavour_and_registered(teacher_pro
         assert float(tags["metric.val_accuracy"]) == pytest.approx(v1, abs=1e-6)
     assert reg.version(again.name, again.version).tags["teacher.labels_reordered"] == "false"
     assert str(reg.alias_version(cfg.teacher.registered_name, cfg.teacher.alias).version) == str(again.version)
+
+
+def test_a_bare_encoder_is_refused_and_a_new_head_is_said_in_a_line(teacher_project, tiny_teacher_dir, tmp_path,
+                                                                     caplog):
+    """transformers would give an encoder without a head a random one (and print a table about it): importing it
+    as a teacher is a clear error instead, and a student's deliberate new head is one line of the log."""
+    from transformers import AutoModel
+
+    cfg, reg = _registry(teacher_project)
+    before = [v.version for v in reg.versions(cfg.teacher.registered_name)]
+    encoder = tmp_path / "encoder"
+    AutoModel.from_pretrained(str(tiny_teacher_dir), local_files_only=True).save_pretrained(str(encoder))
+    load_tokenizer(tiny_teacher_dir).save_pretrained(str(encoder))
+    with pytest.raises(ModelError, match=r"not a complete classifier: it has no weights for classifier\.bias, "
+                                         r"classifier\.weight .*teacher\.base_model"):
+        run_command(teacher_project / "distillery.yaml", "import-teacher", teacher_source=str(encoder))
+    assert [v.version for v in reg.versions(cfg.teacher.registered_name)] == before
+    transformers_log = logging.getLogger("transformers.modeling_utils")  # it does not propagate: listen there
+    transformers_log.addHandler(caplog.handler)
+    caplog.clear()  # making the encoder above printed a report: it was not load_classifier's
+    try:
+        with caplog.at_level("INFO", logger="distillery.models.modeling"):
+            model = load_classifier(tiny_teacher_dir, [*LABELS, "extra"])
+    finally:
+        transformers_log.removeHandler(caplog.handler)
+    assert model.config.num_labels == len(LABELS) + 1
+    assert not [r for r in caplog.records if "LOAD REPORT" in r.getMessage()]
+    assert [r.getMessage() for r in caplog.records if "new head" in r.getMessage()] == [
+        "tiny-teacher: a new head for 5 labels (classifier.bias, classifier.weight initialised at random)"]

@@ -149,7 +149,7 @@ def main() -> int:
     recipe = Candidate(**{k: v for k, v in lineage.candidate.items() if k in {f.name for f in
                                                                              dataclasses.fields(Candidate)}})
     recipe = dataclasses.replace(recipe, trial=None, shape=None, **recipe_overrides)
-    teacher = resolve_teacher(cfg, lineage.teacher.version)
+    teacher = resolve_teacher.fn(cfg, lineage.teacher.version)  # a lookup, outside any flow: no task run to log
     snapshot = freeze(cfg)
     splits, labels = read_snapshot(Path(snapshot.path))
     test = splits["test"]

@@ -27,6 +27,7 @@ def test_seeds_benchmark_reports_gap_recovered_per_seed(teacher_project: Path, t
                            "--recipe", "temperature=3", "--recipe", "epochs=2"],
                           capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "without a flow run id" not in done.stderr  # no Prefect warning about logs outside a flow
     results = json.loads((tmp_path / "tiny-seeds.json").read_text())
     assert results["seeds"] == [3, 4] and set(results["arms"]) == {"distilled", "baseline", "defaults", "only-vocab"}
     # what every arm trained with, for the record
@@ -85,6 +86,7 @@ def test_seeds_benchmark_search_picks_the_distilled_recipe(teacher_project: Path
                            "--set", "distill.search.parallel=1", "--set", "distill.search.epochs=[1, 2]",
                            "--set", "distill.seed=13"], capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "without a flow run id" not in done.stderr  # no Prefect warning about logs outside a flow
     results = json.loads((tmp_path / "tiny-seeds.json").read_text())
     search = results["search"]
     assert search["seed"] == 13 and search["trials"] == 3 and len(search["trial_results"]) == 3

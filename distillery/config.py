@@ -160,6 +160,7 @@ class SearchConfig(Section):
     parallel: int = 2  # trials trained at once, mapped over the task runner
     seed: int | None = None  # null: distill.seed
     startup_trials: int = Field(10, ge=1)  # TPE samples these first trials at random (Optuna's default)
+    start_configured: StrictBool = True  # trial 0 is the configured recipe (clamped to the ranges below)
     temperature: tuple[float, float] = (1.0, 8.0)  # ranges searched (log scale for temperature and learning rate)
     kd_weight: tuple[float, float] = (0.3, 1.0)  # ce_weight = 1 - kd_weight
     learning_rate: tuple[float, float] = (5.0e-5, 5.0e-4)

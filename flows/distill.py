@@ -11,7 +11,8 @@ from distillery.config import Config
 from distillery.records import BASELINE, RunResult, SnapshotRef, TeacherRef
 from distillery.flows.label import label_flow
 from distillery.flows.runners import task_runner_for
-from distillery.models.selection import median_bars, pick_best, search_sampler, sweep_grid, trial_candidate
+from distillery.models.selection import (configured_trial, median_bars, pick_best, search_sampler, sweep_grid,
+                                         trial_candidate)
 from distillery.tasks.distill import cache_teacher_features, log_search, train_student, uses_pooled_features
 from distillery.tasks.evaluate import evaluate_candidates
 from distillery.tasks.events import champion_up_to_date, report_decision
@@ -31,6 +32,8 @@ def search(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef, outputs, run
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     q = cfg.distill.search
     study = optuna.create_study(direction="maximize", sampler=search_sampler(cfg.distill))
+    if q.start_configured:  # first, so no bar prunes it: the pick is never below the configured recipe on validation
+        study.enqueue_trial(configured_trial(cfg.distill))
     start, trained = time.monotonic(), []
     while len(trained) < q.trials and (q.timeout_s is None or time.monotonic() - start < q.timeout_s):
         # the median rule over the trials finished so far, as per-epoch bars the new round's trials train against

@@ -51,6 +51,21 @@ def search_sampler(distill: DistillConfig):  # noqa: ANN201 - an optuna.samplers
                                       n_startup_trials=q.startup_trials)
 
 
+def configured_trial(distill: DistillConfig) -> dict[str, float]:
+    """The configured recipe as a trial's params (for ``study.enqueue_trial``), each clamped to its search range."""
+    q = distill.search
+
+    def clamp(value: float, bounds: tuple) -> float:
+        return min(max(value, bounds[0]), bounds[1])
+
+    params = {"kd_weight": clamp(distill.kd_weight, q.kd_weight), "temperature": clamp(distill.temperature,
+              q.temperature), "learning_rate": clamp(distill.learning_rate, q.learning_rate),
+              "epochs": int(clamp(distill.epochs, q.epochs))}
+    if q.feature_weight is not None:
+        params["feature_weight"] = clamp(distill.feature_weight, q.feature_weight)
+    return params
+
+
 def trial_candidate(trial, distill: DistillConfig) -> Candidate:  # noqa: ANN001 - an optuna.Trial
     """The recipe an Optuna trial proposes within ``distill.search``'s ranges (ce_weight = 1 - kd_weight; the
     feature-KD weight too when ``search.feature_weight`` is a range)."""

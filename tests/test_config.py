@@ -89,6 +89,7 @@ def test_profiles_extend_the_project_config(tmp_path):
         "teacher.learning_rate": 1.5e-4, "tracking.student_name": "student", "student.init": "cut",
         "student.layers": [0, 5], "student.frontier": [], "distill.epochs": 8,
         "distill.search.trials": 10, "distill.search.parallel": 1, "distill.search.timeout_s": 1800,
+        "distill.search.start_configured": False,
         "gate.policy": "best", "data.augment.multiple": 0,
         "gate.accuracy_tolerance": 0.03, "gate.macro_f1_tolerance": 0.03})
     assert fast.root == str(root) and not fast.distill.sweep.kd_weight  # untouched keys come from the base

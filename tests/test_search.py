@@ -9,7 +9,7 @@ import mlflow
 import pytest
 
 from distillery.config import load_config
-from distillery.models.selection import search_sampler, trial_candidate
+from distillery.models.selection import configured_trial, search_sampler, trial_candidate
 from tests.helpers import run_command
 
 
@@ -68,6 +68,23 @@ def test_tpe_models_the_trials_after_the_startup_ones(tmp_path: Path):
         load_config(tmp_path / "distillery.yaml", {"distill.search.startup_trials": 0})
 
 
+def test_the_configured_recipe_is_clamped_into_the_search_ranges(tmp_path: Path):
+    (tmp_path / "distillery.yaml").write_text(
+        "distill:\n  temperature: 4.0\n  kd_weight: 0.8\n  learning_rate: 2.0e-4\n  epochs: 12\n  feature_weight: 0.5\n"
+        "  search:\n    trials: 4\n    temperature: [1.0, 3.0]\n")
+    distill = load_config(tmp_path / "distillery.yaml").distill
+    assert configured_trial(distill) == {"kd_weight": 0.8, "temperature": 3.0, "learning_rate": 2.0e-4, "epochs": 10}
+    searched = load_config(tmp_path / "distillery.yaml", {"distill.search.feature_weight": [0.0, 0.25]}).distill
+    assert configured_trial(searched)["feature_weight"] == 0.25
+    import optuna
+
+    study = optuna.create_study(direction="maximize", sampler=search_sampler(distill))
+    study.enqueue_trial(configured_trial(distill))
+    first = trial_candidate(study.ask(), distill)
+    assert (first.temperature, first.kd_weight, first.ce_weight, first.learning_rate, first.epochs, first.trial) == (
+        3.0, 0.8, 0.2, 2.0e-4, 10, 0)
+
+
 def test_median_bars_follow_the_finished_trials():
     from distillery.models.selection import median_bars
 
@@ -91,6 +108,10 @@ def test_search_through_the_flow_picks_the_best_trial(teacher_project: Path):
         assert 1e-3 <= float(r.data.params["distill.learning_rate"]) <= 5e-3
     assert result.best.candidate.trial is not None
     assert result.best.val_macro_f1 == max(scores.values())
+    # trial 0 is the configured recipe (T 2, kd 0.8, lr 3e-3), its 6 epochs clamped to the searched 2-4
+    first = next(r for r in runs if r.data.params["candidate.trial"] == "0").data.params
+    assert (float(first["candidate.temperature"]), float(first["candidate.kd_weight"]),
+            float(first["distill.learning_rate"]), first["distill.epochs"]) == (2.0, 0.8, 3e-3, "4")
     params = client.get_run(result.run_id).data.params
     assert params["search.trials"] == "3" and float(client.get_run(result.run_id).data.metrics[
         "search.best_val_macro_f1"]) == pytest.approx(max(scores.values()))

@@ -69,6 +69,8 @@ def test_tpe_models_the_trials_after_the_startup_ones(tmp_path: Path):
 
 
 def test_the_configured_recipe_is_clamped_into_the_search_ranges(tmp_path: Path):
+    import optuna
+
     (tmp_path / "distillery.yaml").write_text(
         "distill:\n  temperature: 4.0\n  kd_weight: 0.8\n  learning_rate: 2.0e-4\n  epochs: 12\n  feature_weight: 0.5\n"
         "  search:\n    trials: 4\n    temperature: [1.0, 3.0]\n")
@@ -76,8 +78,6 @@ def test_the_configured_recipe_is_clamped_into_the_search_ranges(tmp_path: Path)
     assert configured_trial(distill) == {"kd_weight": 0.8, "temperature": 3.0, "learning_rate": 2.0e-4, "epochs": 10}
     searched = load_config(tmp_path / "distillery.yaml", {"distill.search.feature_weight": [0.0, 0.25]}).distill
     assert configured_trial(searched)["feature_weight"] == 0.25
-    import optuna
-
     study = optuna.create_study(direction="maximize", sampler=search_sampler(distill))
     study.enqueue_trial(configured_trial(distill))
     first = trial_candidate(study.ask(), distill)

@@ -156,7 +156,7 @@ def load_classifier(folder: Path, labels: list[str] | None = None) -> PreTrained
     encoder = [key for key in fresh if key.startswith(f"{model.base_model_prefix}.")]  # not the head: worth a warning
     if fresh:
         logger.log(logging.WARNING if encoder else logging.INFO, "%s: a new head for %d labels (%s initialised at "
-                   "random)", Path(folder).name, len(labels), ", ".join(fresh))
+                   "random)", folder, len(labels), ", ".join(fresh))
     return model
 
 

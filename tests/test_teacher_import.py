@@ -163,4 +163,4 @@ def test_a_bare_encoder_is_refused_and_a_new_head_is_said_in_a_line(teacher_proj
     assert model.config.num_labels == len(LABELS) + 1
     assert not [r for r in caplog.records if "LOAD REPORT" in r.getMessage()]
     assert [r.getMessage() for r in caplog.records if "new head" in r.getMessage()] == [
-        "tiny-teacher: a new head for 5 labels (classifier.bias, classifier.weight initialised at random)"]
+        f"{tiny_teacher_dir}: a new head for 5 labels (classifier.bias, classifier.weight initialised at random)"]

@@ -7,7 +7,9 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 from typing import Any, Callable
 
@@ -176,6 +178,9 @@ def cmd_status(args: argparse.Namespace) -> int:
                           if t else "none registered: run `distillery teacher`"))
     print("champion  " + (f"{c['ref']} -> v{c['version']} (teacher v{c['teacher_version']}, data {c['snapshot_md5']}, "
                           f"accuracy {c['accuracy']}, p50 {c['latency_p50_ms']} ms)" if c else "none promoted yet"))
+    for failure in (c or {}).get("integrity_failures", []):
+        print(f"WARNING   the champion v{c['version']} fails a promotion check: {failure}. It was not promoted by "
+              f"distillery's gate as it is: `distillery promote --rollback` or `--version N` moves it back")
     for left in state["leftovers"]:
         print(f"leftover  {cfg.tracking.student_name} v{left['version']} is {left['state']} (interrupted promotion): "
               f"the next run or `distillery gc` will {left['next_run_will']} it")
@@ -220,6 +225,10 @@ def cmd_gc(args: argparse.Namespace) -> int:
         print(f"  {verb} {item}")
     for version, action in report["registry"]:
         print(f"  registry: {action} pending v{version}")
+    for run_id in report["orphaned_runs_failed"]:
+        print(f"  run {run_id}: left RUNNING by a process that no longer exists; {'would mark' if args.dry_run else 'marked'} FAILED")
+    for pid in report["orphaned_servers_stopped"]:
+        print(f"  temporary Prefect server (pid {pid}) of a killed command: {'would stop' if args.dry_run else 'stopped'}")
     print(f"gc: {verb} {len(report['deleted'])} entries ({report['freed_bytes'] / 1e6:.1f} MB), kept {report['kept']}")
     return 0
 
@@ -451,10 +460,42 @@ def configure_logging(verbose: bool) -> None:
             logging.getLogger(name).setLevel(level)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that the command ends through its cleanup (not caught as an error)."""
+
+
+def _raise_terminated(signum: int, frame) -> None:  # noqa: ANN001 - a signal handler's frame
+    raise Terminated()
+
+
+def _interrupted(command: str, signal_name: str, code: int) -> int:
+    """One line, the runs this process opened marked KILLED, the processes it started (the temporary Prefect server,
+    Dask workers) stopped; then out at once: training threads are not waited for."""
+    from distillery import processes
+    from distillery.integrations.registry import mark_interrupted_runs
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    marked = mark_interrupted_runs("KILLED")
+    import psutil
+
+    stopped = processes.stop(psutil.Process().children(recursive=True))
+    print(f"\ndistillery {command}: stopped by {signal_name}; {len(marked)} MLflow run(s) marked KILLED, "
+          f"{stopped} helper process(es) stopped. The registry is consistent (the alias moves last); running it "
+          f"again resumes from its checkpoints.", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     environment_defaults()
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
+    from distillery import processes
+
+    os.environ[processes.COMMAND_ENV] = processes.this_process()  # inherited by the helpers this command starts
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return args.func(args)
     except _known_errors() as exc:
@@ -462,6 +503,12 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"\ndistillery {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return _interrupted(args.command, "Ctrl-C (SIGINT)", 130)
+    except BaseException as exc:  # SIGTERM, ours or Prefect's TerminationSignal inside a flow
+        if isinstance(exc, Terminated) or type(exc).__name__ == "TerminationSignal":
+            return _interrupted(args.command, "SIGTERM", 143)
+        raise
 
 
 if __name__ == "__main__":

@@ -17,7 +17,19 @@ from typing import Any, Mapping
 DECISION_TAG = "gate.decision"
 PENDING, PROMOTED, REJECTED = "pending", "promoted", "rejected"
 ROLLBACK_PREFIX = "rollback."
+PROMOTION_PREFIX = "promotion."
 METRIC_PREFIX = "metric."
+# Integrity: the sha256 of a model folder's files (serving settings aside) that the evaluation measured, tagged on the
+# candidate's evaluation run and on the registered version; the registered version each run made (on the distill and
+# evaluation runs, so a run names the one version it vouches for); the HMAC of a version's lineage tags.
+MODEL_SHA_TAG = "model.sha256"
+REGISTERED_TAG = "registered.model"
+SIGNATURE_TAG = "lineage.signature"
+CONFIG_HASH_TAG = "config.hash"
+GIT_REVISION_TAG = "git.revision"
+OUTPUTS_RUN_TAG = "teacher_outputs.run_id"
+# tags that change after registration by design (promotion state, rollbacks, manual promotions): never signed
+MUTABLE_TAG_PREFIXES = (DECISION_TAG, ROLLBACK_PREFIX, PROMOTION_PREFIX, SIGNATURE_TAG, "mlflow.")
 
 
 def _json(value: Any) -> str:
@@ -233,12 +245,13 @@ class Lineage:
     validation: Mapping[str, Any] = field(default_factory=dict)
     criteria: tuple[dict, ...] = ()
     metrics: Mapping[str, float] = field(default_factory=dict)
+    model_sha256: str = ""  # the registered files' hash, as the evaluation measured them
 
     RUN_KEYS = ("distill.run_id", "student.run_id", "evaluation.run_id")
 
     def to_tags(self) -> dict[str, str]:
-        return {**self.teacher.to_tags(), "data.snapshot_md5": self.snapshot_md5, "git.revision": self.git_revision,
-                "config.hash": self.config_hash, "distill.run_id": self.distill_run_id,
+        return {**self.teacher.to_tags(), "data.snapshot_md5": self.snapshot_md5, GIT_REVISION_TAG: self.git_revision,
+                CONFIG_HASH_TAG: self.config_hash, MODEL_SHA_TAG: self.model_sha256, "distill.run_id": self.distill_run_id,
                 "student.run_id": self.student_run_id, "evaluation.run_id": self.evaluation_run_id,
                 "deploy.form": self.deploy_form, "evaluation.candidate": self.measured_as,
                 "gate.reference": self.judged_against,
@@ -252,7 +265,8 @@ class Lineage:
             raise KeyError("teacher.version")
         return cls(
             teacher=TeacherRef.from_tags(tags), snapshot_md5=tags.get("data.snapshot_md5", ""),
-            git_revision=tags.get("git.revision", ""), config_hash=tags.get("config.hash", ""),
+            git_revision=tags.get(GIT_REVISION_TAG, ""), config_hash=tags.get(CONFIG_HASH_TAG, ""),
+            model_sha256=tags.get(MODEL_SHA_TAG, ""),
             distill_run_id=tags.get("distill.run_id", ""), student_run_id=tags.get("student.run_id", ""),
             evaluation_run_id=tags.get("evaluation.run_id", ""), deploy_form=tags.get("deploy.form", "fp32"),
             served_as=tags.get("evaluation.candidate", ""), reference=tags.get("gate.reference", ""),
@@ -299,7 +313,17 @@ def restored_tags(reason: str, restored_from: str) -> dict[str, str]:
 
 
 def manual_promotion_tags(reason: str, replaced: str | None) -> dict[str, str]:
-    return {"promotion.manual_reason": reason, "promotion.replaced": replaced or "none"}
+    return {f"{PROMOTION_PREFIX}manual_reason": reason, f"{PROMOTION_PREFIX}replaced": replaced or "none"}
+
+
+def signed_tags(tags: Mapping[str, str]) -> dict[str, str]:
+    """The tags a lineage signature covers: all but those that change after registration by design."""
+    return {k: v for k, v in tags.items() if not k.startswith(MUTABLE_TAG_PREFIXES)}
+
+
+def registered_ref(name: str, version: str) -> str:
+    """How a run names the registered version it made (``student/3``)."""
+    return f"{name}/{version}"
 
 
 def is_retired(tags: Mapping[str, str]) -> bool:

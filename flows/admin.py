@@ -7,15 +7,18 @@ server, so they are plain functions over the integrations rather than Prefect fl
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 import time
 from pathlib import Path
 
+from distillery import processes
 from distillery.config import Config, ConfigError
-from distillery.integrations import registry, store
+from distillery.integrations import provenance, registry, store
 from distillery.records import (
     METRIC_PREFIX,
+    OUTPUTS_RUN_TAG,
     Decision,
     PENDING,
     PROMOTED,
@@ -103,7 +106,9 @@ def _run_config(run_id: str) -> dict | None:
 
 
 def verify_lineage(cfg: Config, info: dict) -> list[tuple[str, bool, str]]:
-    """Check what a lineage record claims: snapshot fetchable and hashing right, teacher and runs still there."""
+    """Check what a lineage record claims, each check a row ``(name, passed, detail)``: the snapshot's bytes as fetched
+    from the remote, the registered files against what the evaluation measured, the runs against the version's tags
+    (and naming it back), the signature when there is one, and the code revision's ``data.dvc``."""
     checks: list[tuple[str, bool, str]] = []
     md5 = info["data"]["snapshot_md5"]
     dvc_text = f"outs:\n- md5: {md5}\n  hash: md5\n  path: data\n"
@@ -123,11 +128,36 @@ def verify_lineage(cfg: Config, info: dict) -> list[tuple[str, bool, str]]:
     for key, run_id in info["runs"].items():
         found = reg.run(run_id) if run_id else None
         checks.append((f"{key} exists in tracking", found is not None, str(run_id)))
-    revision = (info["git_revision"] or "").removesuffix("-dirty")
-    known = subprocess.run(["git", "cat-file", "-e", f"{revision}^{{commit}}"], cwd=cfg.root,
-                           capture_output=True).returncode == 0 if revision and revision != "unknown" else False
-    checks.append(("code revision known to this git repository", known, info["git_revision"] or "none"))
+    name, version = info["model"], info["version"]
+    tags = reg.version(name, version).tags
+    lineage = Lineage.from_tags(tags)
+    checks += [provenance.files_check(reg, name, version, lineage), provenance.names_check(reg, name, version, lineage)]
+    signed = provenance.signature_check(name, version, tags)
+    checks += [signed] if signed is not None else []
+    checks += provenance.consistency_checks(reg, name, version, tags)
+    checks.append(_revision_check(cfg, info["git_revision"] or "", md5))
     return checks
+
+
+REVISION_CHECK = "code revision is in this git repository and its data.dvc records the snapshot"
+
+
+def _revision_check(cfg: Config, revision: str, md5: str) -> tuple[str, bool, str]:
+    commit = revision.removesuffix("-dirty")
+    if not commit or commit == "unknown":
+        return REVISION_CHECK, False, f"no code revision recorded ({revision or 'none'})"
+    root = Path(cfg.root)
+    if subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=root, capture_output=True).returncode:
+        return REVISION_CHECK, False, f"{commit} is not a commit of this repository"
+    dvc_file = os.path.relpath(store.dvc_file_for(root, cfg.path(cfg.data.snapshot_dir)), root)
+    shown = subprocess.run(["git", "show", f"{commit}:{dvc_file}"], cwd=root, capture_output=True, text=True)
+    recorded = store.parse_snapshot_md5(shown.stdout) if shown.returncode == 0 else None
+    dirty = " (it had uncommitted changes then)" if revision.endswith("-dirty") else ""
+    if recorded != md5:
+        return REVISION_CHECK, False, (f"{dvc_file} at {commit[:12]} records {recorded or 'nothing'}, not {md5}{dirty}: "
+                                       f"commit {dvc_file} after ingesting, before distilling, for a lineage that a "
+                                       f"checkout reproduces")
+    return REVISION_CHECK, True, f"{revision}{dirty}"
 
 
 def status_of(cfg: Config, last_runs: int = 8) -> dict:
@@ -142,6 +172,9 @@ def status_of(cfg: Config, last_runs: int = 8) -> dict:
                                   "tags.stage != 'evaluate'", order_by=["attributes.start_time DESC"],
                                   max_results=last_runs) if experiment else []
     made = Lineage.from_tags(champion.tags) if champion is not None else None
+    # an alias moved with a plain MLflow client skips every check: say so when its version fails them
+    integrity = [f"{check}: {detail}" for check, ok, detail in provenance.promotable_checks(
+        reg, champion.name, str(champion.version), champion.tags) if not ok] if champion is not None else []
     teacher_ref = TeacherRef.from_version(teacher.name, teacher.version, teacher.run_id, teacher.tags) if teacher else None
     return {
         "teacher": None if teacher is None else {
@@ -151,7 +184,8 @@ def status_of(cfg: Config, last_runs: int = 8) -> dict:
         "champion": None if champion is None else {
             "ref": f"{champion.name}@{cfg.tracking.champion_alias}", "version": str(champion.version),
             "teacher_version": made.teacher.version, "snapshot_md5": made.snapshot_md5,
-            "accuracy": made.metrics.get("accuracy"), "latency_p50_ms": made.metrics.get("latency_p50_ms")},
+            "accuracy": made.metrics.get("accuracy"), "latency_p50_ms": made.metrics.get("latency_p50_ms"),
+            "integrity_failures": integrity},
         "leftovers": [{"version": v, "state": PENDING, "next_run_will": action} for v, action in leftovers],
         "runs": [{"name": r.info.run_name, "status": r.info.status, "run_id": r.info.run_id,
                   "stage": r.data.tags.get("stage"), "gate": decision_of(r.data.tags),
@@ -196,6 +230,11 @@ def promote_version(cfg: Config, version: str, reason: str) -> tuple[str | None,
     if decision_of(target.tags) != PROMOTED:
         raise GateError(f"{name} v{version} is {decision_of(target.tags) or 'not a distillery student'}: only versions "
                         f"that passed the gate (state {PROMOTED}) can be promoted by hand")
+    failed = [f"{check} ({detail})" for check, ok, detail in
+              provenance.promotable_checks(reg, name, str(version), target.tags) if not ok]
+    if failed:
+        raise GateError(f"{name} v{version} is not the model its gate measured, {name}@{alias} unchanged:\n  "
+                        + "\n  ".join(failed))
     lineage = Lineage.from_tags(target.tags)
     with run_lock(cfg):
         previous, champion = champion_metrics(cfg, reg)
@@ -240,7 +279,7 @@ def collect_garbage(cfg: Config, keep_runs: int | None = None, dry_run: bool = F
                    ("registry", f"{made.teacher.name}-v{made.teacher.version}"),
                    ("snapshots", made.snapshot_md5.removesuffix(".dir"))}
         outputs_run = reg.run(made.distill_run_id)
-        source = outputs_run.data.tags.get("teacher_outputs.run_id") if outputs_run else None
+        source = outputs_run.data.tags.get(OUTPUTS_RUN_TAG) if outputs_run else None
         label_run = reg.run(source) if source else None
         if label_run is not None and label_run.data.params.get("labelling.cache_key"):
             in_use.add(("teacher-outputs", label_run.data.params["labelling.cache_key"]))
@@ -258,8 +297,14 @@ def collect_garbage(cfg: Config, keep_runs: int | None = None, dry_run: bool = F
                 path = roots[entry.kind] / entry.name
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         actions = reconcile(cfg, reg, logger, apply=not dry_run)
+        # what a killed command (kill -9, a lost machine) could not end itself
+        orphans = registry.fail_orphaned_runs(reg, cfg.tracking.experiment, apply=not dry_run)
+        helpers = processes.orphaned_helpers()
+        if not dry_run:
+            processes.stop(helpers)
     return {"kept": len(keep), "deleted": [f"{e.kind}/{e.name}" for e in delete],
             "freed_bytes": sum(e.size for e in delete), "registry": actions, "dry_run": dry_run,
+            "orphaned_runs_failed": orphans, "orphaned_servers_stopped": [p.pid for p in helpers],
             "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 

@@ -8,7 +8,7 @@ import time
 from prefect import flow
 
 from distillery.config import Config
-from distillery.records import BASELINE, RunResult, SnapshotRef, TeacherRef
+from distillery.records import BASELINE, CONFIG_HASH_TAG, OUTPUTS_RUN_TAG, RunResult, SnapshotRef, TeacherRef
 from distillery.flows.label import label_flow
 from distillery.flows.runners import task_runner_for
 from distillery.models.selection import (configured_trial, median_bars, pick_best, search_sampler, sweep_grid,
@@ -75,7 +75,8 @@ def distill_flow(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef, force:
             return RunResult(command="distill", snapshot=snapshot, teacher=teacher, up_to_date=champion)
     outputs = label_flow.with_options(task_runner=task_runner_for(cfg))(cfg, snapshot, teacher)
     run_id = start_run(cfg, "distill", {"stage": "distill", **teacher.to_tags(), **snapshot.to_tags(),
-                                        "teacher_outputs.run_id": outputs.run_id}, snapshot=snapshot, with_config=True)
+                                        OUTPUTS_RUN_TAG: outputs.run_id, CONFIG_HASH_TAG: cfg.digest()},
+                       snapshot=snapshot, with_config=True)
     # the sweep (or search) and the baseline are independent: mapped over the task runner (threads or Dask workers)
     baseline_future = train_student.submit(cfg, teacher, snapshot, outputs, BASELINE, run_id)
     if uses_pooled_features(cfg):  # once, before the candidates that read them train side by side

@@ -11,9 +11,11 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from distillery.config import Config
-from distillery.integrations import registry
+from distillery.integrations import registry, store
 from distillery.integrations.registry import PER_CLASS_FILE
+from distillery.integrations.served_model import SERVING_FILE
 from distillery.records import (
+    MODEL_SHA_TAG,
     PRIMARY,
     QUANTISED_TEACHERS,
     Evaluation,
@@ -167,8 +169,11 @@ def evaluate_candidates(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef,
         cfg, metrics, candidates, encoded, {PRIMARY: student.folder, **{k: v.folder for k, v in frontier.items()}},
         texts, timing)
     served = contenders[0]
+    # the measured files' identity: promotion and `lineage --verify` check the registered files against it
+    hashes = {folder: store.tree_sha256(folder, exclude=(SERVING_FILE,)) for folder in folders}
     for name, m in metrics.items():
-        run_id = registry.create_run(cfg, name, {"stage": "evaluate", "candidate": name}, eval_run)
+        run_id = registry.create_run(cfg, name, {"stage": "evaluate", "candidate": name,
+                                                 MODEL_SHA_TAG: hashes[candidates[name][2]]}, eval_run)
         with registry.open_run(cfg, run_id):
             mlflow.log_metrics({k: v for k, v in m.items() if k != "per_class_f1"})
             registry.log_json(dict(zip(labels, m["per_class_f1"])), PER_CLASS_FILE)

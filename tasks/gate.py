@@ -12,9 +12,11 @@ from prefect.cache_policies import NO_CACHE
 
 from distillery.config import Config
 from distillery.faults import fault_point
-from distillery.integrations import registry, store
+from distillery.integrations import provenance, registry, store
+from distillery.integrations.served_model import SERVING_FILE
 from distillery.records import (
     DECISION_TAG,
+    MODEL_SHA_TAG,
     METRIC_PREFIX,
     PENDING,
     PROMOTED,
@@ -130,13 +132,19 @@ def promote(cfg: Config, run_id: str, snapshot: SnapshotRef, teacher: TeacherRef
     reg = registry.Registry.from_config(cfg)
     deployed = served_candidate(cfg.student.deploy, decision.student)
     student_cfg = cfg.student.frontier_shapes().get(decision.student, cfg.student)
+    files = store.tree_sha256(student.folder, exclude=(SERVING_FILE,))
+    measured = registry.candidate_tags(reg, evaluation.run_id).get(deployed, {}).get(MODEL_SHA_TAG)
+    if files != measured:
+        raise GateError(f"{student.folder} no longer holds the files the evaluation measured as {deployed} (sha256 "
+                        f"{files[:16]}…, measured {str(measured)[:16]}…): nothing registered, {name}@{alias} unchanged")
     lineage = Lineage(
         teacher=teacher, snapshot_md5=snapshot.md5, git_revision=store.git_revision(Path(cfg.root)),
         config_hash=cfg.digest(), distill_run_id=run_id, student_run_id=student.run_id,
         evaluation_run_id=evaluation.run_id, deploy_form=cfg.student.deploy, served_as=deployed,
         reference=evaluation.reference, candidate=student.candidate.to_dict(),
         validation=validation.to_tags(), criteria=decision.criteria,
-        metrics={k: v for k, v in logged[deployed].items() if k not in ("per_class_f1", "labels")})
+        metrics={k: v for k, v in logged[deployed].items() if k not in ("per_class_f1", "labels")},
+        model_sha256=files)
     with registry.open_run(cfg, run_id):
         calibration = served_calibration(cfg, evaluation.metrics[deployed])
         info = registry.log_classifier(Path(student.folder), quantize=cfg.student.deploy,
@@ -148,6 +156,11 @@ def promote(cfg: Config, run_id: str, snapshot: SnapshotRef, teacher: TeacherRef
     version = str(reg.register(info.model_uri, name, tags).version)
     fault_point("promote.registered")
     try:
+        provenance.seal_version(reg, name, version, (run_id, evaluation.run_id))
+        failed = [f"{check}: {detail}" for check, ok, detail in
+                  provenance.promotable_checks(reg, name, version, reg.version(name, version).tags) if not ok]
+        if failed:
+            raise GateError("the registered version fails its integrity checks: " + "; ".join(failed))
         card_lineage = {k: v for k, v in lineage.to_tags().items()
                         if not k.startswith((METRIC_PREFIX, "gate.", "gx.", "candidate"))}
         card = model_card(name, version, card_lineage, logged,
@@ -197,6 +210,13 @@ def reconcile(cfg: Config, reg: registry.Registry, logger, apply: bool = True) -
                            PENDING, action)
             continue
         if action == "finish":
+            failed = [f"{check}: {detail}" for check, ok, detail in provenance.promotable_checks(
+                reg, name, version, reg.version(name, version).tags) if not ok]
+            if failed:  # it holds the alias, but nothing vouches for it: never mark it as gated
+                logger.error("%s v%s holds @%s and was left %s, but fails its promotion checks (%s): not marked %s; "
+                             "move the alias back with `distillery promote --rollback` or `--version N`", name,
+                             version, alias, PENDING, "; ".join(failed), PROMOTED)
+                continue
             reg.set_tags(name, version, {DECISION_TAG: PROMOTED})
             logger.warning("%s v%s holds @%s but was left %s by an interrupted promotion: marked %s", name, version,
                            alias, PENDING, PROMOTED)

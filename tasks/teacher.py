@@ -104,17 +104,6 @@ def fine_tune_teacher(cfg: Config, snapshot: SnapshotRef, run_id: str) -> tuple[
     return str(folder), summary
 
 
-def content_sha256(folder: Path) -> str:
-    """A hash of every file of a model folder (names and bytes): the provenance of an imported teacher."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(folder)).encode() + b"\0")
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
 @task(name="check-imported-teacher", cache_policy=NO_CACHE)
 def check_imported_teacher(cfg: Config, snapshot: SnapshotRef, source: str) -> tuple[str, dict, dict]:
     """Fetch an existing classifier, map its labels to the data's by name, and measure it on validation and test.
@@ -130,7 +119,7 @@ def check_imported_teacher(cfg: Config, snapshot: SnapshotRef, source: str) -> t
     (cfg.workdir / "imports").mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cfg.workdir / "imports", prefix=".fetch-") as tmp:
         fetched = registry.fetch_classifier(source, Path(tmp) / "model")
-        source_hash = content_sha256(fetched)
+        source_hash = store.tree_sha256(fetched)
         model, tokenizer = load_classifier(fetched).eval(), load_tokenizer(fetched)
     order = align_labels(model, labels, what=f"teacher {source}")
     reordered = order != list(range(len(labels)))

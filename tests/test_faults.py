@@ -312,3 +312,66 @@ def test_tracking_server_stopped_mid_run(tmp_path: Path, tiny_teacher_dir: Path,
              clear and unchanged and p.consistent(before, moved=1) and p.data_intact(dvc_text))
     finally:
         _stop(server)
+
+
+def _helpers_of(pid: int) -> list:
+    """Live processes started by the distillery command ``pid`` (they carry its description in their environment)."""
+    import psutil
+
+    from distillery.processes import COMMAND_ENV
+
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            owner = proc.environ().get(COMMAND_ENV, "")
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        if owner.split(" ")[1:2] == [str(pid)] and proc.pid != pid:
+            found.append(proc)
+    return found
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C", "kill -9, then gc"])
+def test_a_stopped_command_leaves_no_server_and_no_running_run(tmp_path: Path, tiny_teacher_dir: Path, how: str):
+    """Without PREFECT_API_URL each command starts a temporary Prefect server. SIGTERM and Ctrl-C end the command
+    with one line and exit 143/130, that server stopped and its MLflow run KILLED; after kill -9, `gc` does both."""
+    root = make_project(tmp_path / "project", tiny_teacher_dir)
+    write_config(root, teacher={"epochs": 8})
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "MLFLOW_TRACKING", "DISTILLERY_"))}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    p = Project(root, env)
+    assert p.cli("ingest").returncode == 0
+    run = p.popen("teacher", faults="train.epoch_end=pause:120")
+    p.wait_mark("train.epoch_end", 300)
+    helpers = _helpers_of(run.pid)
+    assert helpers, "the command started no temporary Prefect server"
+    signum = {"SIGTERM": signal.SIGTERM, "Ctrl-C": signal.SIGINT}.get(how, signal.SIGKILL)
+    os.kill(run.pid, signum)
+    # after kill -9 the orphaned server still holds the output pipe: wait for the command alone
+    out = run.communicate(timeout=60)[0] if signum != signal.SIGKILL else (run.wait(60), "")[1]
+    statuses = lambda: sorted(r.info.status for r in p.client().search_runs(  # noqa: E731
+        [p.client().get_experiment_by_name("distillery").experiment_id]))
+    if signum == signal.SIGKILL:
+        left_running = "RUNNING" in statuses() and any(h.is_running() for h in helpers)
+        gc = p.cli("gc")
+        assert gc.returncode == 0, gc.stderr[-3000:]
+        import psutil
+
+        psutil.wait_procs(helpers, timeout=10)
+        clean = left_running and "marked FAILED" in gc.stdout and "stopped" in gc.stdout \
+            and "RUNNING" not in statuses() and "FAILED" in statuses()
+        outcome = f"killed: server and RUNNING run left; gc marked the run FAILED and stopped the server"
+    else:
+        code = 143 if signum == signal.SIGTERM else 130
+        last_lines = [line for line in out.strip().splitlines() if line.strip()][-1:]
+        clean = run.returncode == code and "Traceback" not in out and "stopped by" in last_lines[0] \
+            and statuses() == ["KILLED"]
+        outcome = f"exit {run.returncode}, one line, run KILLED, temporary server stopped"
+        if not clean:
+            outcome += f" [statuses {statuses()}; last {last_lines}; traceback {'Traceback' in out}]"
+    alive = [h for h in helpers if h.is_running() and h.status() != "zombie"]
+    no_teacher = not p.client().search_model_versions("name='teacher'")
+    if alive or not no_teacher:
+        outcome += f" [alive {alive}; teacher registered {not no_teacher}]"
+    _row(f"{how} during teacher fine-tune (temporary Prefect server)", outcome,
+         clean and not alive and no_teacher)

@@ -47,7 +47,7 @@ def _project_imports(path: Path) -> set[str]:
 
 # The layers, bottom to top: each may import only from layers below it (and from its own).
 LAYERS = [
-    {"distillery.config", "distillery.records", "distillery.faults"},
+    {"distillery.config", "distillery.records", "distillery.faults", "distillery.processes"},
     {"distillery.models"},
     {"distillery.integrations"},
     {"distillery.tasks"},

@@ -31,6 +31,7 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from distillery import processes
 from distillery.config import Config
 from distillery.integrations.served_model import CLASSIFIER_ARTIFACT, ONNX_INT8_FILE, SERVING_FILE
 from distillery.records import SnapshotRef
@@ -145,12 +146,12 @@ class Registry:
         """Create a version with its tags (never an alias: callers move aliases last). Not retried."""
         mlflow.set_registry_uri(self.uri)
         return self._call(f"registering {name}", lambda: mlflow.register_model(
-            model_uri, name, tags={k: _tag(v) for k, v in tags.items()}), retry=False)
+            model_uri, name, tags={k: tag_value(v) for k, v in tags.items()}), retry=False)
 
     def set_tags(self, name: str, version: str, tags: dict[str, Any]) -> None:
         for key, value in tags.items():
             self._call(f"tagging {name} v{version}",
-                       lambda k=key, v=value: self.client.set_model_version_tag(name, str(version), k, _tag(v)))
+                       lambda k=key, v=value: self.client.set_model_version_tag(name, str(version), k, tag_value(v)))
 
     def describe(self, name: str, version: str, text: str) -> None:
         """The version's description (markdown in the MLflow UI): distillery writes the model card there."""
@@ -341,7 +342,8 @@ def load_served_model(model_uri: str):  # noqa: ANN201 - mlflow.pyfunc.PyFuncMod
                 f"in the self-contained form") from None
 
 
-def _tag(value: Any) -> str:
+def tag_value(value: Any) -> str:
+    """A value as MLflow stores it in a tag (JSON for non-strings, capped at MLflow's length limit)."""
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
     return text[:4900]  # MLflow caps tag values at 5000 characters
 
@@ -393,12 +395,47 @@ def log_folder(path: Path, artifact_path: str | None = None) -> None:
     mlflow.log_artifacts(str(path), artifact_path)
 
 
+PROCESS_TAG = "distillery.process"  # "<host> <pid> <process start time>": which process a run's status depends on
+_CREATED_RUNS: list[str] = []  # the runs this process created: an interrupted command marks those still RUNNING
+
+
+def mark_interrupted_runs(status: str = "KILLED") -> list[str]:
+    """End the runs this process created that are still RUNNING (an interrupted command); best effort, never raises:
+    what cannot be marked now, ``distillery gc`` marks as failed later."""
+    marked = []
+    for run_id in _CREATED_RUNS:
+        try:
+            client = MlflowClient()
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_terminated(run_id, status=status)
+                marked.append(run_id)
+        except Exception:  # noqa: BLE001 - an unreachable store: gc marks them later
+            continue
+    return marked
+
+
+def fail_orphaned_runs(reg: Registry, experiment_name: str, apply: bool = True) -> list[str]:
+    """Runs left RUNNING by a distillery process that no longer exists (killed, crashed): marked FAILED."""
+    experiment = reg._call(f"reading experiment {experiment_name}",
+                           lambda: reg.client.get_experiment_by_name(experiment_name))
+    if experiment is None:
+        return []
+    running = reg._call("listing running runs", lambda: reg.client.search_runs(
+        [experiment.experiment_id], "attributes.status = 'RUNNING'", max_results=1000))
+    orphans = [run.info.run_id for run in running
+               if processes.process_alive(run.data.tags.get(PROCESS_TAG, "")) is False]
+    for run_id in orphans if apply else ():
+        reg._call(f"marking run {run_id} failed", lambda r=run_id: reg.client.set_terminated(r, status="FAILED"))
+    return orphans
+
+
 def source_tags(cfg: Config) -> dict[str, str]:
-    """MLflow's standard source tags (the UI's Source column: the code revision) and the Prefect flow run behind it."""
+    """MLflow's standard source tags (the UI's Source column: the code revision), the Prefect flow run behind it and
+    the process that runs it (so that a run left RUNNING by a killed process can be told from a live one)."""
     from distillery.integrations.store import git_revision
 
     revision = git_revision(Path(cfg.root))
-    tags = {"mlflow.source.type": "JOB", "mlflow.source.name": "distillery"}
+    tags = {"mlflow.source.type": "JOB", "mlflow.source.name": "distillery", PROCESS_TAG: processes.this_process()}
     if revision != "unknown":
         tags["mlflow.source.git.commit"] = revision.removesuffix("-dirty")
     try:
@@ -436,11 +473,12 @@ def create_run(cfg: Config, run_name: str, tags: dict[str, Any] | None = None, p
     """
     configure_tracking(cfg)
     experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
-    all_tags = {**source_tags(cfg), **{k: _tag(v) for k, v in (tags or {}).items()}}
+    all_tags = {**source_tags(cfg), **{k: tag_value(v) for k, v in (tags or {}).items()}}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     client = MlflowClient()
     run = client.create_run(experiment.experiment_id, run_name=run_name, tags=all_tags)
+    _CREATED_RUNS.append(run.info.run_id)
     if snapshot is not None:
         from mlflow.entities import DatasetInput, InputTag
 
@@ -458,14 +496,54 @@ def create_run(cfg: Config, run_name: str, tags: dict[str, Any] | None = None, p
 
 @contextmanager
 def open_run(cfg: Config, run_id: str) -> Iterator[mlflow.ActiveRun]:
-    """Reopen a run by id in this thread/process; it ends FINISHED, or FAILED when the block raises."""
+    """Reopen a run by id in this thread/process; it ends FINISHED, FAILED when the block raises an error, KILLED when
+    the command was interrupted (Ctrl-C, SIGTERM: exceptions that are not errors)."""
     configure_tracking(cfg)
-    with mlflow.start_run(run_id=run_id) as run:
+    run = mlflow.start_run(run_id=run_id)
+    try:
         yield run
+    except BaseException as exc:
+        mlflow.end_run("FAILED" if isinstance(exc, Exception) else "KILLED")
+        raise
+    mlflow.end_run("FINISHED")
 
 
 def finish_run(run_id: str, status: str = "FINISHED") -> None:
     MlflowClient().set_terminated(run_id, status=status)
+
+
+def registered_files_sha256(reg: Registry, name: str, version: str) -> str:
+    """The hash of a registered version's classifier files as the registry serves them (downloaded afresh), with the
+    function and exclusions the evaluation hashed the measured folder with (``store.tree_sha256``)."""
+    from distillery.integrations.store import tree_sha256
+
+    def read() -> str:
+        with tempfile.TemporaryDirectory(prefix="distillery-verify-model-") as tmp:
+            root = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tmp))
+            folder = root / "artifacts" / CLASSIFIER_ARTIFACT
+            if not (folder / "config.json").is_file():
+                raise NotFound(f"{name} v{version} holds no {CLASSIFIER_ARTIFACT}/ folder: not a distillery model")
+            return tree_sha256(folder, exclude=(SERVING_FILE,))
+
+    return reg._call(f"downloading {name} v{version}", read)
+
+
+def candidate_tags(reg: Registry, eval_run_id: str) -> dict[str, dict[str, str]]:
+    """The tags of an evaluation's candidate runs, by candidate name (the measured files' hash among them)."""
+
+    def read() -> dict[str, dict[str, str]]:
+        parent = reg.client.get_run(eval_run_id)
+        runs = reg.client.search_runs([parent.info.experiment_id],
+                                      filter_string=f"tags.mlflow.parentRunId = '{eval_run_id}'", max_results=50)
+        return {run.data.tags.get("candidate"): dict(run.data.tags) for run in runs}
+
+    return reg._call(f"reading the candidates of evaluation run {eval_run_id}", read)
+
+
+def set_run_tags(reg: Registry, run_id: str, tags: dict[str, Any]) -> None:
+    """Tag a finished run (retried like any registry write)."""
+    for key, value in tags.items():
+        reg._call(f"tagging run {run_id}", lambda k=key, v=value: reg.client.set_tag(run_id, k, tag_value(v)))
 
 
 def logged_candidate_metrics(reg: Registry, eval_run_id: str) -> dict[str, dict]:

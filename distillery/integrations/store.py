@@ -38,7 +38,9 @@ def dvc_reason(output: str) -> str:
 
 
 def run_dvc(repo: Path, *args: str) -> str:
-    """Run ``dvc ARGS`` in ``repo``; return stdout or raise VersioningError with DVC's own reason."""
+    """Run ``dvc ARGS`` in ``repo``; return stdout or raise VersioningError with DVC's own reason.
+
+    Never with ``-q``: DVC's quiet flag hides its error lines too, and the output is captured here anyway."""
     proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=_env(), capture_output=True, text=True)
     if proc.returncode != 0:
         raise VersioningError(f"`dvc {' '.join(args)}` failed in {repo}: {dvc_reason(proc.stderr + proc.stdout)}")
@@ -58,7 +60,7 @@ def ensure_dvc_repo(repo: Path, remote_name: str, remote_url: str) -> None:
     """
     repo = Path(repo)
     if not (repo / ".dvc").is_dir():
-        run_dvc(repo, "init", "-q", *([] if is_git_repo(repo) else ["--no-scm"]))
+        run_dvc(repo, "init", *([] if is_git_repo(repo) else ["--no-scm"]))
     if "://" not in remote_url:
         url_path = Path(remote_url).expanduser()
         url_path = url_path if url_path.is_absolute() else (repo / url_path).resolve()
@@ -72,11 +74,18 @@ def snapshot_md5(dvc_file: Path) -> str:
     dvc_file = Path(dvc_file)
     if not dvc_file.is_file():
         raise VersioningError(f"{dvc_file} not found: run `distillery ingest` to create the data snapshot")
+    md5 = parse_snapshot_md5(dvc_file.read_text())
+    if md5 is None:
+        raise VersioningError(f"{dvc_file} is not a valid .dvc file (no outs[0].md5)")
+    return md5
+
+
+def parse_snapshot_md5(text: str) -> str | None:
+    """``outs[0].md5`` of a .dvc file's text; None when it is not one."""
     try:
-        meta = yaml.safe_load(dvc_file.read_text())
-        return str(meta["outs"][0]["md5"])
+        return str(yaml.safe_load(text)["outs"][0]["md5"])
     except (yaml.YAMLError, KeyError, IndexError, TypeError):
-        raise VersioningError(f"{dvc_file} is not a valid .dvc file (no outs[0].md5)") from None
+        return None
 
 
 def publish_snapshot(repo: Path, staged: Path, folder: Path, remote_name: str) -> str:
@@ -96,8 +105,8 @@ def publish_snapshot(repo: Path, staged: Path, folder: Path, remote_name: str) -
         folder.rename(aside)
     try:
         shutil.move(str(staged), str(folder))
-        run_dvc(repo, "add", "-q", rel)
-        run_dvc(repo, "push", "-q", "-r", remote_name, f"{rel}.dvc")
+        run_dvc(repo, "add", rel)
+        run_dvc(repo, "push", "-r", remote_name, f"{rel}.dvc")
         md5 = snapshot_md5(dvc_file)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
@@ -115,8 +124,8 @@ def publish_snapshot(repo: Path, staged: Path, folder: Path, remote_name: str) -
 def push_snapshot(repo: Path, folder: Path, remote_name: str) -> str:
     """``dvc add`` + ``dvc push`` the folder as it is (re-publishing an unchanged snapshot); returns its md5."""
     rel = os.path.relpath(folder, repo)
-    run_dvc(repo, "add", "-q", rel)
-    run_dvc(repo, "push", "-q", "-r", remote_name, f"{rel}.dvc")
+    run_dvc(repo, "add", rel)
+    run_dvc(repo, "push", "-r", remote_name, f"{rel}.dvc")
     return snapshot_md5(Path(repo) / f"{rel}.dvc")
 
 
@@ -177,35 +186,45 @@ def dvc_file_for(repo: Path, folder: Path) -> Path:
     return Path(repo) / f"{os.path.relpath(folder, repo)}.dvc"
 
 
-def md5_of_tree(folder: Path) -> str:
-    """A quick content hash of a folder's files (names and bytes), to tell whether a rewrite changed anything."""
-    digest = hashlib.md5()
-    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(folder)).encode())
-        digest.update(path.read_bytes())
+def tree_sha256(folder: Path, exclude: tuple[str, ...] = ()) -> str:
+    """A hash of every file of a folder (relative names and bytes), ``exclude`` named files left out: the identity of
+    a model folder (an imported teacher's provenance, the bytes the evaluation measured and the registry serves)."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in exclude):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 
 def verify_snapshot_fetchable(repo: Path, dvc_file_text: str, remote_name: str) -> str:
-    """Fetch the snapshot described by ``dvc_file_text`` from the remote into a scratch checkout; return its md5.
+    """Fetch the snapshot described by ``dvc_file_text`` from the remote into a fresh scratch checkout (its own empty
+    cache) and hash the fetched bytes with ``dir_md5``, the function the ingest checks snapshots with; return the md5.
 
-    Raises VersioningError when the remote lacks it or the fetched content hashes differently.
+    Never DVC's own bookkeeping: ``dvc add`` after a pull reuses the hashes DVC recorded for the objects, so a byte
+    flipped in the remote would pass. Raises VersioningError when the remote lacks it or the bytes hash differently.
     """
     meta = yaml.safe_load(dvc_file_text)
     expected = str(meta["outs"][0]["md5"])
     out_path = meta["outs"][0]["path"]
     with tempfile.TemporaryDirectory(prefix="distillery-verify-") as tmp:
         scratch = Path(tmp)
-        run_dvc(scratch, "init", "-q", "--no-scm")
+        run_dvc(scratch, "init", "--no-scm")
         # The remote settings (absolute paths or URLs) come from the project's own DVC config.
         for name in ("config", "config.local"):
             if (Path(repo) / ".dvc" / name).is_file():
                 shutil.copy(Path(repo) / ".dvc" / name, scratch / ".dvc" / name)
         run_dvc(scratch, "config", "core.no_scm", "true")  # the copied config may come from a git-backed repo
+        # its own empty cache, whatever the copied config names: the bytes must come from the remote
+        run_dvc(scratch, "config", "--local", "cache.dir", str(scratch / ".dvc" / "cache"))
         (scratch / f"{out_path}.dvc").write_text(dvc_file_text)
-        run_dvc(scratch, "pull", "-q", "-r", remote_name, f"{out_path}.dvc")
-        run_dvc(scratch, "add", "-q", out_path)
-        got = snapshot_md5(scratch / f"{out_path}.dvc")
+        run_dvc(scratch, "pull", "-r", remote_name, f"{out_path}.dvc")
+        fetched = scratch / out_path
+        if not fetched.is_dir():
+            raise VersioningError(f"`dvc pull` of {expected} from remote {remote_name!r} gave no {out_path}/ folder")
+        got = dir_md5(fetched)
     if got != expected:
         raise VersioningError(f"snapshot fetched from the remote hashes to {got}, expected {expected}")
     return got

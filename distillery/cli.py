@@ -240,8 +240,9 @@ def cmd_webhook(args: argparse.Namespace) -> int:
     if args.action == "register":
         print(register_webhook(cfg, args.url))
         return 0
-    print(f"webhook receiver on http://{args.host}:{args.port}/ (POST MLflow deliveries, GET /health)", flush=True)
-    serve_webhook(cfg, args.host, args.port)
+    serve_webhook(cfg, args.host, args.port, lambda: print(
+        f"webhook receiver on http://{args.host}:{args.port}/ (POST MLflow deliveries, GET /health); events go to "
+        f"the Prefect server at {os.environ['PREFECT_API_URL']}", flush=True))
     return 0
 
 

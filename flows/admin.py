@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable
 
 from distillery import processes
 from distillery.config import Config, ConfigError
@@ -310,8 +311,6 @@ def collect_garbage(cfg: Config, keep_runs: int | None = None, dry_run: bool = F
 
 def register_webhook(cfg: Config, url: str) -> str:
     """Point an MLflow registry webhook (teacher alias moves) at the receiver at ``url``; idempotent."""
-    import os
-
     from distillery.integrations.webhook import SECRET_ENV
 
     secret = os.environ.get(SECRET_ENV)
@@ -326,19 +325,23 @@ def register_webhook(cfg: Config, url: str) -> str:
     return f"registered MLflow webhook {hook.webhook_id} -> {url}"
 
 
-def serve_webhook(cfg: Config, host: str, port: int) -> None:
-    """Serve the MLflow webhook receiver; a verified teacher alias move emits the re-distill event."""
-    import os
-
-    from distillery.integrations.events import emit_redistill
+def serve_webhook(cfg: Config, host: str, port: int, on_ready: Callable[[], None] = lambda: None) -> None:
+    """Serve the MLflow webhook receiver; a verified teacher alias move emits the re-distill event (once per delivery),
+    to the Prefect server at PREFECT_API_URL: without one the events would be lost, so it refuses to start."""
+    from distillery.integrations.events import check_prefect_server, emit_redistill
     from distillery.integrations.webhook import SECRET_ENV, create_app, serve
 
     secret = os.environ.get(SECRET_ENV)
     if not secret:
         raise ConfigError(f"set {SECRET_ENV} to the shared webhook secret (never put it in a file under git)")
+    if not os.environ.get("PREFECT_API_URL"):  # events would go to a temporary server no deployment listens to
+        raise ConfigError("the receiver emits Prefect events for the redistill-on-change deployment: set "
+                          "PREFECT_API_URL to the Prefect server it is deployed on (`scripts/stack.sh up` starts one)")
+    check_prefect_server()
     name = cfg.teacher.registered_name
 
     def on_alias(version: str, reason: str) -> str | None:
         return emit_redistill(name, version, reason)
 
+    on_ready()
     serve(create_app(secret, name, cfg.teacher.alias, on_alias), host, port)

@@ -7,6 +7,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 
 import pytest
 from mlflow.webhooks.delivery import _generate_hmac_signature
@@ -40,11 +41,13 @@ def receiver():
     thread.join(10)
 
 
-def _post(url: str, message: dict, secret: str = SECRET, timestamp: int | None = None) -> tuple[int, dict]:
+def _post(url: str, message, secret: str = SECRET, timestamp: int | None = None,
+          delivery: str | None = None) -> tuple[int, dict]:
     body = json.dumps(message)
     ts = str(timestamp or int(time.time()))
-    headers = {"Content-Type": "application/json", "X-MLflow-Delivery-Id": "d-1", "X-MLflow-Timestamp": ts,
-               "X-MLflow-Signature": _generate_hmac_signature(secret, "d-1", ts, body)}
+    delivery = delivery or uuid.uuid4().hex
+    headers = {"Content-Type": "application/json", "X-MLflow-Delivery-Id": delivery, "X-MLflow-Timestamp": ts,
+               "X-MLflow-Signature": _generate_hmac_signature(secret, delivery, ts, body)}
     request = urllib.request.Request(url, data=body.encode(), headers=headers, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=10) as resp:
@@ -98,3 +101,49 @@ def test_oversized_body_is_refused_before_it_is_read(receiver):
     assert conn.getresponse().status == 413
     conn.close()
     assert calls == []
+
+
+def test_a_replayed_delivery_emits_once(receiver):
+    """The same signed delivery sent three times inside the freshness window: one event, two acknowledgements."""
+    url, calls = receiver
+    answers = [_post(url, _alias(), delivery="d-replayed", timestamp=int(time.time())) for _ in range(3)]
+    assert answers[0] == (202, {"emitted": "event-1"})
+    assert answers[1:] == [(200, {"replayed": "d-replayed"})] * 2
+    assert calls == [("7", "teacher@production -> v7")]
+
+
+@pytest.mark.parametrize("message, reason", [
+    ([1, 2], "payload is a JSON list"),
+    ({"entity": "model_version_alias", "action": "created", "data": [1]}, "`data` is list"),
+    ({"entity": "model_version_alias", "action": "created", "data": {"name": "teacher", "alias": "production"}},
+     "lacks version"),
+    ({"entity": "model_version_alias", "action": "created",
+      "data": {"name": "teacher", "alias": "production", "version": "../1"}}, "not a version number"),
+    ({"action": "created", "data": {}}, "lacks string `entity`"),
+])
+def test_a_malformed_signed_payload_gets_a_400_with_the_reason(receiver, message, reason):
+    url, calls = receiver
+    status, body = _post(url, message)
+    assert status == 400 and reason in body["error"], body
+    assert calls == []
+
+
+def test_the_receiver_refuses_to_start_where_its_events_would_be_lost(tmp_path):
+    """Without PREFECT_API_URL the events would go to a temporary server no deployment listens to; with an
+    unreachable one they would fail: either way one line and exit 2, before listening."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.helpers import free_port
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env["DISTILLERY_WEBHOOK_SECRET"] = SECRET
+    (tmp_path / "distillery.yaml").write_text("{}\n")
+    cli = [str(Path(sys.executable).parent / "distillery"), "webhook", "serve", "--port", str(free_port())]
+    unset = subprocess.run(cli, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert unset.returncode == 2 and "set PREFECT_API_URL" in unset.stderr and "Traceback" not in unset.stderr
+    env["PREFECT_API_URL"] = f"http://127.0.0.1:{free_port()}/api"
+    down = subprocess.run(cli, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert down.returncode == 2 and "is not reachable" in down.stderr and "webhook receiver on" not in down.stdout

@@ -83,6 +83,8 @@ class TeacherConfig(Section):
     seed: int = 13
     max_steps: int | None = None
     group_by_length: StrictBool = True
+    # a model folder whose config describes more parameters is refused before anything is allocated
+    max_parameters: int = Field(2_000_000_000, gt=0)
 
 
 class LabellingConfig(Section):
@@ -465,8 +467,10 @@ def validate_config(cfg: Config) -> Config:
          "evaluation.threads/repeats/throughput_batches must be >= 1 and warmup >= 0")
     need(e.ece_bins >= 2, "evaluation.ece_bins must be >= 2")
     g = cfg.gate
-    need(g.accuracy_tolerance >= 0 and g.macro_f1_tolerance >= 0 and g.champion_tolerance >= 0,
-         "gate tolerances must be >= 0")
+    for key in ("accuracy_tolerance", "macro_f1_tolerance", "champion_tolerance", "oos_recall_tolerance",
+                "oos_auroc_tolerance"):
+        need(0 <= getattr(g, key) <= 1, f"gate.{key} must be in [0, 1] (a share of accuracy, macro-F1 or recall; "
+                                        f"got {getattr(g, key)})")
     need(0 < g.max_latency_ratio, "gate.max_latency_ratio must be > 0")
     need(0 <= g.max_class_f1_drop <= 1, "gate.max_class_f1_drop must be in [0, 1]")
     need(g.policy in ("best", "smallest"), "gate.policy must be 'best' or 'smallest'")

@@ -101,12 +101,40 @@ def _table_format(path: Path) -> str:
     return fmt
 
 
+def sniff_format(head: bytes) -> str | None:
+    """What a file's first bytes say it is, for the formats that say so: parquet, compressed or zipped files, JSON
+    lines or records; None for plain text (CSV, TSV) or when the bytes do not tell."""
+    if head.startswith(b"PAR1"):
+        return "parquet"
+    for magic, name in ((b"\x1f\x8b", "gzip-compressed"), (b"PK\x03\x04", "zip archive (e.g. an Excel workbook)"),
+                        (b"(\xb5/\xfd", "zstd-compressed"), (b"BZh", "bzip2-compressed"), (b"ARROW1", "Arrow")):
+        if head.startswith(magic):
+            return name
+    first = head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
+    if first == b"[":
+        return "JSON"
+    if first == b"{":
+        return "JSON lines" if head.lstrip().split(b"\n", 1)[0].rstrip().endswith(b"}") else "JSON"
+    return None
+
+
 def read_table(path: Path, nrows: int | None = None) -> pd.DataFrame:
-    """A CSV/TSV, parquet or JSON (lines or records) file as a frame; ``nrows`` reads only the head."""
+    """A CSV/TSV, parquet or JSON (lines or records) file as a frame; ``nrows`` reads only the head. A file whose
+    content is another format than its suffix says is a DataError naming what it is."""
     path = Path(path)
     fmt = _table_format(path)
     if not path.is_file():
         raise DataError(f"{path} not found")
+    with open(path, "rb") as fh:
+        actual = sniff_format(fh.read(4096))
+    expected = {"CSV": None, "TSV": None, "parquet": "parquet", "JSON lines": ("JSON lines", "JSON"),
+                "JSON": ("JSON", "JSON lines")}[fmt]
+    if actual is not None and actual not in (expected if isinstance(expected, tuple) else (expected,)):
+        raise DataError(f"{path} is named {path.suffix} but holds a {actual} file: rename it to the suffix of its "
+                        f"format ({', '.join(sorted(TABLE_FORMATS))})")
+    if actual is None and fmt in ("parquet", "JSON lines", "JSON") and path.stat().st_size:
+        raise DataError(f"{path} is named {path.suffix} but is not {fmt}: it looks like plain text (CSV/TSV?); "
+                        f"rename it to the suffix of its format")
     try:
         if fmt in ("CSV", "TSV"):
             return pd.read_csv(path, dtype=str, keep_default_na=False, nrows=nrows, sep="\t" if fmt == "TSV" else ",")
@@ -296,7 +324,12 @@ def read_texts(path: Path | None, column: str = "text", stdin_text: str | None =
         return df[column].astype(str).tolist()
     if not path.is_file():
         raise DataError(f"{path} not found")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); convert it, e.g. "
+                        f"`iconv -f latin1 -t utf-8`, or give a CSV/parquet/JSON lines file") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def check_data(raw: RawData, max_drop_fraction: float,

@@ -118,9 +118,10 @@ def check_imported_teacher(cfg: Config, snapshot: SnapshotRef, source: str) -> t
         source = str(cfg.path(source))  # a folder in the config is relative to the config's folder
     (cfg.workdir / "imports").mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cfg.workdir / "imports", prefix=".fetch-") as tmp:
-        fetched = registry.fetch_classifier(source, Path(tmp) / "model")
+        fetched = registry.fetch_classifier(source, Path(tmp) / "model", cfg.teacher.max_parameters)
         source_hash = store.tree_sha256(fetched)
-        model, tokenizer = load_classifier(fetched).eval(), load_tokenizer(fetched)
+        model = load_classifier(fetched, max_parameters=cfg.teacher.max_parameters).eval()
+        tokenizer = load_tokenizer(fetched)
     order = align_labels(model, labels, what=f"teacher {source}")
     reordered = order != list(range(len(labels)))
     metrics: dict[str, float] = {}

@@ -52,6 +52,9 @@ def test_digest_changes_with_a_knob_not_with_root():
         ({"distill": {"feature_target": "layers"}}, "distill.feature_target"),
         ({"distill": {"sweep": {"feature_weight": [-1]}}}, "distill.sweep.feature_weight"),
         ({"distill": {"search": {"feature_weight": [0.5, 0.1]}}}, "distill.search.feature_weight"),
+        ({"gate": {"accuracy_tolerance": 1.5}}, "gate.accuracy_tolerance must be in .0, 1."),
+        ({"gate": {"champion_tolerance": -0.1}}, "gate.champion_tolerance must be in .0, 1."),
+        ({"teacher": {"max_parameters": 0}}, "teacher.max_parameters"),
     ],
 )
 def test_bad_values_name_the_key(raw, message):

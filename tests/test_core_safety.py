@@ -207,11 +207,25 @@ def test_ingest_with_an_unreachable_remote_changes_nothing(project: Path):
         run_command(cfg_path, "ingest", {"dvc.remote_url": dead})
     message = str(caught.value)
     assert "dvc push" in message and "Having any troubles" not in message and "dvc.org/support" not in message
+    assert "no reason given" not in message  # DVC's own reason, which its quiet flag used to hide
     assert (project / "data.dvc").read_text() == dvc_before
     assert store.dir_md5(project / "data") == data_before
     assert not (project / "data.previous").exists()
     # with the remote back, the same ingest goes through
     assert run_command(cfg_path, "ingest").snapshot.md5 != yaml.safe_load(dvc_before)["outs"][0]["md5"]
+
+
+def test_a_failing_dvc_push_says_dvc_s_reason(tmp_path: Path):
+    data = tmp_path / "repo" / "data"
+    data.mkdir(parents=True)
+    (data / "a.txt").write_text("a\n")
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the remote should be\n")
+    store.ensure_dvc_repo(tmp_path / "repo", "local", str(tmp_path / "remote"))
+    store.run_dvc(tmp_path / "repo", "remote", "add", "--local", "--force", "--default", "local", str(blocker / "sub"))
+    with pytest.raises(store.VersioningError) as caught:
+        store.push_snapshot(tmp_path / "repo", data, "local")
+    assert "Not a directory" in str(caught.value) and "no reason given" not in str(caught.value)
 
 
 # ------------------------------------------------------------------ 5. cleanup

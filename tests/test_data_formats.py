@@ -114,11 +114,30 @@ def test_a_given_validation_split_is_used_and_kept_apart_from_train(tmp_path):
     (lambda r: _write(TRAIN.assign(split="holdout"), r / "s.csv"), r"column 'split' has value\(s\) \['holdout'\]"),
     (lambda r: (r / "broken.jsonl").write_text('{"text": "a", "category"\n') and r / "broken.jsonl",
      r"broken.jsonl is not a readable JSON lines file"),
+    # a file whose content is another format than its suffix is named as what it is
+    (lambda r: _renamed_file(_write(TRAIN, r / "t.parquet"), "all.csv"), r"all.csv is named .csv but holds a parquet"),
+    (lambda r: _renamed_file(_write(TRAIN, r / "t.jsonl"), "all.csv"), r"all.csv is named .csv but holds a JSON lines"),
+    (lambda r: _renamed_file(_write(TRAIN, r / "t.csv"), "all.parquet"),
+     r"all.parquet is named .parquet but is not parquet: it looks like plain text"),
 ])
 def test_format_and_path_errors_are_one_clear_line(tmp_path, make, message):
     with pytest.raises(DataError, match=message) as info:
         read_source(make(tmp_path))
     assert "\n" not in str(info.value)
+
+
+def _renamed_file(path: Path, name: str) -> Path:
+    return path.rename(path.with_name(name))
+
+
+def test_predict_says_in_one_line_that_a_file_is_not_utf8(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 card arrival\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1.txt is not UTF-8 text \(byte 3"):
+        read_texts(tmp_path / "latin1.txt")
+    write_config(tmp_path)
+    out = subprocess.run([sys.executable, "-m", "distillery", "predict", "latin1.txt"], cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "is not UTF-8 text" in out.stderr
 
 
 def test_wrong_column_names_are_found_from_the_header(tmp_path):

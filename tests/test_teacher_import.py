@@ -164,3 +164,71 @@ def test_a_bare_encoder_is_refused_and_a_new_head_is_said_in_a_line(teacher_proj
     assert not [r for r in caplog.records if "LOAD REPORT" in r.getMessage()]
     assert [r.getMessage() for r in caplog.records if "new head" in r.getMessage()] == [
         f"{tiny_teacher_dir}: a new head for 5 labels (classifier.bias, classifier.weight initialised at random)"]
+
+
+def _damaged(reordered: Path, tmp_path: Path, damage: str) -> Path:
+    folder = tmp_path / damage.replace(" ", "-")
+    shutil.copytree(reordered, folder)
+    if damage == "garbage weights":
+        (folder / "model.safetensors").write_bytes(b"\x07" * 4096)
+    elif damage == "config not JSON":
+        (folder / "config.json").write_text("{'hidden_size': 32,")
+    elif damage == "vocab of 10^9":
+        import json
+
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "vocab_size": 10**9}))
+    elif damage == "auto_map in the tokenizer config":
+        import json
+
+        tok = json.loads((folder / "tokenizer_config.json").read_text())
+        tok["auto_map"] = {"AutoTokenizer": ["my_tokenizer.MyTokenizer", None]}
+        (folder / "tokenizer_config.json").write_text(json.dumps(tok))
+    return folder
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("garbage weights", "is not a readable safetensors file"),
+    ("config not JSON", "config.json is not JSON"),
+    ("vocab of 10^9", "vocab_size=1000000000 out of range"),
+    ("auto_map in the tokenizer config", "needs custom code (tokenizer_config.json (auto_map))"),
+])
+def test_a_bad_teacher_folder_is_one_line_before_anything_is_allocated(teacher_project, reordered, tmp_path, damage,
+                                                                       message):
+    cfg, reg = _registry(teacher_project)
+    before = [v.version for v in reg.versions(cfg.teacher.registered_name)]
+    folder = _damaged(reordered, tmp_path, damage)
+    with pytest.raises(ModelError) as refused:
+        run_command(teacher_project / "distillery.yaml", "import-teacher", teacher_source=str(folder))
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+    assert [v.version for v in reg.versions(cfg.teacher.registered_name)] == before
+
+
+def test_a_config_far_larger_than_its_weights_or_the_limit_is_refused(reordered, tmp_path):
+    """A config within every field's range that still describes a model its weights cannot fill (transformers would
+    allocate it first), or one over teacher.max_parameters."""
+    import json
+
+    from distillery.models.modeling import check_classifier_folder
+
+    folder = tmp_path / "wide"
+    shutil.copytree(reordered, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": 400_000, "hidden_size": 1024}))
+    with pytest.raises(ModelError, match="does not belong to these weights"):
+        check_classifier_folder(folder)
+    with pytest.raises(ModelError, match="over the limit of 1,000"):
+        check_classifier_folder(reordered, max_parameters=1000)
+    assert check_classifier_folder(reordered)["id2label"]  # a sound folder passes, its config returned
+
+
+def test_the_cli_refuses_a_garbage_weights_file_in_one_line(teacher_project, reordered, tmp_path):
+    import subprocess
+    import sys
+
+    folder = _damaged(reordered, tmp_path, "garbage weights")
+    out = subprocess.run([str(Path(sys.executable).parent / "distillery"), "teacher", "import", str(folder)],
+                         cwd=teacher_project, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    closing = [line for line in out.stderr.splitlines() if line.startswith("distillery teacher:")]
+    assert len(closing) == 1 and "ModelError" in closing[0] and "safetensors" in closing[0]

@@ -33,6 +33,7 @@ from mlflow.exceptions import MlflowException
 
 from distillery import processes
 from distillery.config import Config
+from distillery.models.modeling import MAX_PARAMETERS, check_classifier_folder, refuse_custom_code
 from distillery.integrations.served_model import CLASSIFIER_ARTIFACT, ONNX_INT8_FILE, SERVING_FILE
 from distillery.records import SnapshotRef
 
@@ -282,7 +283,7 @@ def _classifier_folders(root: Path) -> list[Path]:
     return sorted({p.parent for p in root.rglob("config.json") if any(p.parent.glob("*.safetensors"))})
 
 
-def fetch_classifier(source: str, target: Path) -> Path:
+def fetch_classifier(source: str, target: Path, max_parameters: int = MAX_PARAMETERS) -> Path:
     """Copy an existing classifier into ``target`` as one transformers folder (config, safetensors, tokenizer).
 
     ``source`` is a transformers folder, an MLflow model folder, or an MLflow model URI (``models:/name@alias``,
@@ -312,8 +313,7 @@ def fetch_classifier(source: str, target: Path) -> Path:
             raise TrackingError(f"teacher source {source} holds {len(folders)} models ({[str(f) for f in folders]}): "
                                 f"point at one")
         model_dir = folders[0]
-        if "auto_map" in json.loads((model_dir / "config.json").read_text()):
-            raise TrackingError(f"teacher source {source} needs custom (remote) code: distillery never runs it")
+        check_classifier_folder(model_dir, max_parameters)  # custom code, a config that is not JSON, a memory bomb: before anything is copied
         shutil.copytree(model_dir, target, ignore=shutil.ignore_patterns("*.bin", "*.pt", "*.pth", "*.ckpt",
                                                                          SERVING_FILE))
         if not any((target / f).is_file() for f in TOKENIZER_FILES):
@@ -321,6 +321,7 @@ def fetch_classifier(source: str, target: Path) -> Path:
             if len(tokenizers) != 1:
                 raise TrackingError(f"teacher source {source}: found {len(tokenizers)} tokenizer folders beside the "
                                     f"weights; expected one (save the tokenizer with the model)")
+            refuse_custom_code(tokenizers[0])  # the tokenizer is read too: no custom code there either
             for f in tokenizers[0].iterdir():
                 if f.is_file():
                     shutil.copy2(f, target / f.name)

@@ -268,10 +268,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from distillery.flows.serving import serve
 
     cfg = _config(args)
-    print(f"serving {args.model or 'the champion'} on http://{args.host}:{args.port}/invocations "
-          f"(mlflow models serve; GET /ping)", flush=True)
-    serve(cfg, args.model, args.host, args.port, args.workers)
-    return 0  # not reached: serve replaces this process
+    s = cfg.serving
+    serve(cfg, args.model, args.host, args.port, args.workers, lambda uri: print(
+        f"serving {uri} on http://{args.host}:{args.port}/invocations (MLflow scoring protocol; GET /ping); at most "
+        f"{s.max_body_bytes} bytes, {s.max_texts} texts and {s.max_text_chars} characters a text per request",
+        flush=True))
+    return 0
 
 
 def _teacher_version_arg(parser: argparse.ArgumentParser) -> None:
@@ -293,7 +295,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "gc": (cmd_gc, "delete work files no run needs (keeps the champion's and the latest runs'); clean the registry"),
     "predict": (cmd_predict, "the champion's answers for texts from files (txt: one per line; csv/parquet/jsonl: "
                              "--column) or stdin, as JSON lines or CSV"),
-    "serve": (cmd_serve, "serve the champion over HTTP (mlflow models serve: POST /invocations)"),
+    "serve": (cmd_serve, "serve the champion over HTTP (MLflow's scoring protocol: POST /invocations), with limits"),
 }
 
 
@@ -461,6 +463,9 @@ def configure_logging(verbose: bool) -> None:
             logging.getLogger(name).setLevel(level)
 
 
+PIPELINE_COMMANDS = ("run", "ingest", "teacher", "distill", "label")
+
+
 class Terminated(BaseException):
     """SIGTERM, raised in the main thread so that the command ends through its cleanup (not caught as an error)."""
 
@@ -481,9 +486,12 @@ def _interrupted(command: str, signal_name: str, code: int) -> int:
     import psutil
 
     stopped = processes.stop(psutil.Process().children(recursive=True))
-    print(f"\ndistillery {command}: stopped by {signal_name}; {len(marked)} MLflow run(s) marked KILLED, "
-          f"{stopped} helper process(es) stopped. The registry is consistent (the alias moves last); running it "
-          f"again resumes from its checkpoints.", file=sys.stderr, flush=True)
+    done = [f"{len(marked)} MLflow run(s) it had open marked KILLED"] if marked else []
+    done += [f"{stopped} process(es) it started stopped (temporary Prefect server, workers)"] if stopped else []
+    after = (" The registry is consistent (an alias moves last); run it again to resume from its checkpoints."
+             if command in PIPELINE_COMMANDS else "")
+    print(f"\ndistillery {command}: stopped by {signal_name}{'; ' if done else ''}{', '.join(done)}.{after}",
+          file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(code)
 

@@ -254,6 +254,18 @@ class RuntimeConfig(Section):
     keep_runs: int = 3                 # `distillery gc` keeps the files of this many latest runs (and the champion's)
 
 
+class ServingConfig(Section):
+    """Limits of `distillery serve` (answered 413, or 400 for a text that is not a string; never echoing the body)."""
+
+    max_body_bytes: int = Field(2 * 1024 * 1024, gt=0)
+    max_texts: int = Field(1000, gt=0)            # texts in one request
+    max_text_chars: int = Field(10_000, gt=0)     # characters in one text (far beyond what max_length tokens read)
+
+
+# safety limits that never change what a run produces: outside the digest (changing them re-distils nothing)
+OPERATIONAL = {"serving": None, "teacher": ("max_parameters",)}
+
+
 class Config(Section):
     """The whole pipeline configuration. ``root`` is the folder relative paths resolve against."""
 
@@ -268,6 +280,7 @@ class Config(Section):
     gate: GateConfig = Field(default_factory=GateConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    serving: ServingConfig = Field(default_factory=ServingConfig)
     root: str = "."
 
     def for_student(self, shape: Mapping[str, Any]) -> "Config":
@@ -297,7 +310,14 @@ class Config(Section):
 
     def digest(self) -> str:
         """A short, stable hash of everything that shapes a result (not where files live)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
+        shaping = self.to_dict()
+        for section, keys in OPERATIONAL.items():
+            if keys is None:
+                shaping.pop(section, None)
+            else:
+                for key in keys:
+                    shaping[section].pop(key, None)
+        blob = json.dumps(shaping, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def flat(self) -> dict[str, Any]:

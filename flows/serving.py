@@ -1,19 +1,23 @@
 """Using the champion: predict on texts in process, or serve it over HTTP with ``mlflow models serve``.
 
 Both load the registered model exactly as any user would (``mlflow.pyfunc.load_model``): the self-contained loader
-that travels with it, in its served form. Plain functions like the admin commands: no orchestration needed.
+that travels with it, in its served form. The server is MLflow's own scoring app behind the serving limits. Plain
+functions like the admin commands: no orchestration needed.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
-import sys
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
 from distillery.config import Config
 from distillery.integrations import registry
+from distillery.integrations.guard import ServingLimits
 from distillery.flows.admin import parse_ref
 
 LOCAL_MODEL_PREFIXES = ("/", "./", "../")  # an MLflow model folder on disk
@@ -49,20 +53,30 @@ def predict(cfg: Config, texts: list[str], ref: str | None = None, top_k: int = 
     return out.assign(text=texts)[["text", *out.columns]]
 
 
-def serve_command(cfg: Config, ref: str | None, host: str, port: int, workers: int = 1) -> tuple[list[str], dict]:
-    """The ``mlflow models serve`` command line and environment for ``ref`` (in this environment: no conda/venv)."""
+SERVE_ENV = "DISTILLERY_SERVE"  # the model URI and limits handed to each uvicorn worker (several workers)
+
+
+def limits_of(cfg: Config) -> ServingLimits:
+    return ServingLimits(**cfg.serving.model_dump())
+
+
+def app_from_environment():  # noqa: ANN201 - an ASGI app; uvicorn's factory in each worker process
+    settings = json.loads(os.environ[SERVE_ENV])
+    return registry.scoring_app(settings["model_uri"], ServingLimits(**settings["limits"]))
+
+
+def serve(cfg: Config, ref: str | None, host: str, port: int, workers: int = 1,
+          on_ready: Callable[[str], None] = lambda uri: None) -> None:
+    """Serve the model over HTTP with MLflow's scoring protocol (POST /invocations, GET /ping, /health, /version),
+    loaded as any user loads it, behind the limits of ``cfg.serving`` (``integrations.guard``); until interrupted."""
+    import uvicorn
+
     uri = model_uri(cfg, ref)
-    env = dict(os.environ)
-    # mlflow starts its server by name: put this interpreter's scripts first so it is found without an activated venv
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env["MLFLOW_TRACKING_URI"] = registry.tracking_uri(cfg)
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
-           "--host", host, "--port", str(port), "--workers", str(workers)]
-    return cmd, env
-
-
-def serve(cfg: Config, ref: str | None, host: str, port: int, workers: int = 1) -> None:
-    """Replace this process with ``mlflow models serve`` on the model (POST /invocations, GET /ping)."""
-    cmd, env = serve_command(cfg, ref, host, port, workers)
-    sys.stdout.flush()
-    os.execve(cmd[0], cmd, env)
+    limits = limits_of(cfg)
+    on_ready(uri)
+    if workers == 1:
+        uvicorn.run(registry.scoring_app(uri, limits), host=host, port=port, log_level="info", access_log=True)
+        return
+    os.environ[SERVE_ENV] = json.dumps({"model_uri": uri, "limits": dataclasses.asdict(limits)})
+    uvicorn.run("distillery.flows.serving:app_from_environment", factory=True, host=host, port=port,
+                workers=workers, log_level="info", access_log=True)

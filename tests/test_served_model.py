@@ -187,37 +187,52 @@ def test_any_input_shape_top_k_and_empty(logged):
 
 
 @pytest.mark.integration
-def test_mlflow_models_serve_answers_over_http(logged, tmp_path):
-    """`distillery serve` runs `mlflow models serve` on the champion: /invocations answers, 400 on bad input."""
+def test_distillery_serve_answers_over_http_within_its_limits(logged, tmp_path):
+    """`distillery serve` answers MLflow's scoring protocol on the champion; a text that is not a string is a 400
+    (never coerced), a body, text count or text length over the limits a 413, and no answer repeats the body."""
     port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": logged["uri"], "MLFLOW_REGISTRY_URI": logged["uri"]}
     env["PATH"] = "/usr/bin:/bin"  # the command must not rely on the virtual environment being on PATH
     log = open(tmp_path / "serve.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "distillery", "serve", "--model", "models:/student@champion",
-                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                             "--port", str(port), "--set", "serving.max_body_bytes=20000",
+                             "--set", "serving.max_texts=8", "--set", "serving.max_text_chars=300"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
-    def post(body: dict) -> tuple[int, dict]:
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+    def post(body, raw: bytes | None = None) -> tuple[int, dict, bytes]:
+        data = raw if raw is not None else json.dumps(body).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=data,
                                      headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=30) as resp:
-                return resp.status, json.loads(resp.read())
+                answer = resp.read()
+                return resp.status, json.loads(answer), answer
         except urllib.error.HTTPError as err:
-            return err.code, json.loads(err.read())
+            answer = err.read()
+            return err.code, json.loads(answer), answer
 
     try:
         wait_http(f"http://127.0.0.1:{port}/ping", 120, proc, tmp_path / "serve.log")
-        status, body = post({"inputs": TEXTS, "params": {"top_k": 2}})
+        status, body, _ = post({"inputs": TEXTS, "params": {"top_k": 2}})
         assert status == 200, body
         assert [p["label"] for p in body["predictions"]] == [p["label"] for p in
                                                              _local_predictions(logged["uri"], TEXTS)]
         assert all(len(p["top_k"]) == 2 for p in body["predictions"])
-        assert post({"inputs": []}) == (200, {"predictions": []})
-        status, body = post({"dataframe_split": {"columns": ["text"], "data": [[t] for t in TEXTS]}})
+        assert post({"inputs": []})[:2] == (200, {"predictions": []})
+        status, body, _ = post({"dataframe_split": {"columns": ["text"], "data": [[t] for t in TEXTS]}})
         assert status == 200 and len(body["predictions"]) == len(TEXTS)
-        status, body = post({"inputs": [1, 2]})
-        assert status == 400 and "every input must be a string" in body["message"]
+        for bad in ({"inputs": [1, 2]}, {"inputs": [3, "x"]}, {"dataframe_records": [{"text": 3}]}):
+            status, body, _ = post(bad)
+            assert status == 400 and "every input must be a string" in body["message"], (bad, body)
+        marker = "zqx" * 20
+        cases = [({"inputs": [marker * 400]}, None, 413, "body larger than 20000 bytes"),
+                 ({"inputs": ["a text"] * 9}, None, 413, "9 texts in one request; at most 8"),
+                 ({"inputs": [marker * 6]}, None, 413, "text 0 has 360 characters; at most 300"),
+                 (None, b'{"inputs": ["' + marker.encode() + b'"', 400, "not valid JSON")]
+        for body_in, raw, code, reason in cases:
+            status, body, answer = post(body_in, raw)
+            assert status == code and reason in body["message"], (reason, body)
+            assert marker.encode() not in answer and len(answer) < 500  # the body is never echoed
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(30)

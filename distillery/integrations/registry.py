@@ -33,6 +33,7 @@ from mlflow.exceptions import MlflowException
 
 from distillery import processes
 from distillery.config import Config
+from distillery.integrations.guard import Guard, ServingLimits
 from distillery.models.modeling import MAX_PARAMETERS, check_classifier_folder, refuse_custom_code
 from distillery.integrations.served_model import CLASSIFIER_ARTIFACT, ONNX_INT8_FILE, SERVING_FILE
 from distillery.records import SnapshotRef
@@ -341,6 +342,14 @@ def load_served_model(model_uri: str):  # noqa: ANN201 - mlflow.pyfunc.PyFuncMod
                 f"cannot load {model_uri} ({type(exc).__name__}: {exc}): it was registered by an older distillery as a "
                 f"pickled wrapper of code that has moved; `distillery distill --force` registers the current student "
                 f"in the self-contained form") from None
+
+
+def scoring_app(model_uri: str, limits: ServingLimits):  # noqa: ANN201 - an ASGI app
+    """MLflow's own scoring app (``POST /invocations``, ``GET /ping``) on the registered model as any user loads it,
+    behind the serving limits (``guard.Guard``)."""
+    from mlflow.pyfunc import scoring_server
+
+    return Guard(scoring_server.init(load_served_model(model_uri)), limits)
 
 
 def tag_value(value: Any) -> str:

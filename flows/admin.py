@@ -20,6 +20,7 @@ from distillery.integrations import provenance, registry, store
 from distillery.records import (
     METRIC_PREFIX,
     OUTPUTS_RUN_TAG,
+    SIGNATURE_TAG,
     Decision,
     PENDING,
     PROMOTED,
@@ -90,6 +91,7 @@ def lineage_of(cfg: Config, ref: str) -> dict:
         "data": {"snapshot_md5": md5, "dvc_remote": cfg.dvc.remote_name,
                  "git_commit_with_data_dvc": dvc_commit_for(Path(cfg.root), md5) if md5 else None},
         "git_revision": lineage.git_revision, "config_hash": lineage.config_hash,
+        "model_sha256": lineage.model_sha256, "signed": SIGNATURE_TAG in tags,
         "config": _run_config(lineage.distill_run_id), "candidate": dict(lineage.candidate),
         "validation": {"gx_success": lineage.validation.get("gx.success"),
                        "summary": lineage.validation.get("gx.summary")},

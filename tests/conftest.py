@@ -24,10 +24,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # no
     if not FAULT_ROWS:
         return
     terminalreporter.section("fault injection")
-    terminalreporter.write_line("| case | outcome | nothing lost |")
-    terminalreporter.write_line("|---|---|---|")
-    for case, outcome, ok in FAULT_ROWS:
-        terminalreporter.write_line(f"| {case} | {outcome} | {ok} |")
+    terminalreporter.write_line("| case | outcome | nothing lost | nothing wrong said |")
+    terminalreporter.write_line("|---|---|---|---|")
+    for case, outcome, lost, said in FAULT_ROWS:
+        terminalreporter.write_line(f"| {case} | {outcome} | {lost} | {said} |")
 
 
 @pytest.fixture(scope="session")

@@ -13,8 +13,17 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-# Rows of the fault-injection table (tests/test_faults.py): case, outcome, nothing lost. Printed after the run.
-FAULT_ROWS: list[tuple[str, str, str]] = []
+# Rows of the fault table (tests/test_faults.py, tests/test_integrity.py, tests/test_webhook.py): case, outcome,
+# nothing lost, nothing wrong said. Printed after the run.
+FAULT_ROWS: list[tuple[str, str, str, str]] = []
+
+
+def fault_row(case: str, outcome: str, nothing_lost: bool, nothing_wrong_said: bool | None = None) -> None:
+    """Record a row of the fault table and fail the test when something was lost or something wrong was said
+    (``None``: the case says nothing itself, e.g. a process killed with SIGKILL)."""
+    said = "n/a (killed)" if nothing_wrong_said is None else ("yes" if nothing_wrong_said else "NO")
+    FAULT_ROWS.append((case, outcome, "yes" if nothing_lost else "NO", said))
+    assert nothing_lost and nothing_wrong_said is not False, f"{case}: {outcome}"
 
 LABELS = ["card_arrival", "exchange_rate", "pin_blocked", "top_up"]
 _KEYWORDS = {

@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from distillery.integrations import store
 from distillery.records import DECISION_TAG, PENDING, PROMOTED
 from tests.conftest import make_project
-from tests.helpers import FAULT_ROWS, free_port, wait_http, write_config
+from tests.helpers import fault_row, free_port, wait_http, write_config
 
 pytestmark = pytest.mark.faults
 
@@ -105,9 +105,8 @@ class Project:
         return {k: v.tags[k] for k in ("metric.accuracy", "metric.macro_f1", "metric.ece")}
 
 
-def _row(case: str, outcome: str, nothing_lost: bool) -> None:
-    FAULT_ROWS.append((case, outcome, "yes" if nothing_lost else "NO"))
-    assert nothing_lost, f"{case}: {outcome}"
+def _row(case: str, outcome: str, nothing_lost: bool, said: bool | None = None) -> None:
+    fault_row(case, outcome, nothing_lost, said)
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +209,7 @@ def test_kill_between_registration_and_alias_move(proj: Project):
     _row("kill -9 between registration and alias move, re-run",
          f"alias stayed on v{before['alias']}; v{next(iter(orphan))} left pending (status reports it); "
          f"re-run removed it and promoted v{proj.registry()['alias']}",
-         alias_kept and reported and proj.consistent(before, moved=1) and proj.data_intact(proj.dvc_text))
+         alias_kept and proj.consistent(before, moved=1) and proj.data_intact(proj.dvc_text), reported)
 
 
 def test_kill_after_alias_move_before_the_final_mark(proj: Project):
@@ -234,7 +233,7 @@ def test_two_runs_started_together(proj: Project):
     codes = [r.returncode for r in runs]
     skipped = sum("nothing to do" in out for out in outputs)
     _row("two runs started together", f"exit codes {codes}; one promoted, the other waited and found nothing to do",
-         codes == [0, 0] and skipped == 1 and proj.consistent(before, moved=1) and proj.data_intact(proj.dvc_text))
+         codes == [0, 0] and proj.consistent(before, moved=1) and proj.data_intact(proj.dvc_text), skipped == 1)
 
 
 def test_ingest_started_during_a_distillation(proj: Project):
@@ -255,8 +254,8 @@ def test_ingest_started_during_a_distillation(proj: Project):
     _row("ingest started during a distillation",
          f"ingest waited for the run lock; the promoted student records the snapshot it read ({old_md5[:8]}); "
          f"data.dvc then moved to {new_md5[:8]}",
-         waited and champion.tags["data.snapshot_md5"] == old_md5 != new_md5 and proj.consistent(before, moved=1)
-         and proj.data_intact(new_text))
+         champion.tags["data.snapshot_md5"] == old_md5 != new_md5 and proj.consistent(before, moved=1)
+         and proj.data_intact(new_text), waited)
     proj.dvc_text = new_text
 
 
@@ -309,7 +308,7 @@ def test_tracking_server_stopped_mid_run(tmp_path: Path, tiny_teacher_dir: Path,
         _row("tracking server stopped mid-run, restarted, re-run",
              f"run stopped with exit {run.returncode} and a clear error, registry unchanged; re-run promoted "
              f"v{p.registry()['alias']}",
-             clear and unchanged and p.consistent(before, moved=1) and p.data_intact(dvc_text))
+             unchanged and p.consistent(before, moved=1) and p.data_intact(dvc_text), clear)
     finally:
         _stop(server)
 
@@ -358,20 +357,20 @@ def test_a_stopped_command_leaves_no_server_and_no_running_run(tmp_path: Path, t
         import psutil
 
         psutil.wait_procs(helpers, timeout=10)
-        clean = left_running and "marked FAILED" in gc.stdout and "stopped" in gc.stdout \
-            and "RUNNING" not in statuses() and "FAILED" in statuses()
-        outcome = f"killed: server and RUNNING run left; gc marked the run FAILED and stopped the server"
+        clean = left_running and "RUNNING" not in statuses() and "FAILED" in statuses()
+        said = "marked FAILED" in gc.stdout and "temporary Prefect server" in gc.stdout
+        outcome = "killed: server and RUNNING run left; gc marked the run FAILED and stopped the server (and said so)"
     else:
         code = 143 if signum == signal.SIGTERM else 130
         last_lines = [line for line in out.strip().splitlines() if line.strip()][-1:]
-        clean = run.returncode == code and "Traceback" not in out and "stopped by" in last_lines[0] \
-            and statuses() == ["KILLED"]
+        clean = run.returncode == code and statuses() == ["KILLED"]
+        said = "Traceback" not in out and "stopped by" in last_lines[0]
         outcome = f"exit {run.returncode}, one line, run KILLED, temporary server stopped"
-        if not clean:
+        if not clean or not said:
             outcome += f" [statuses {statuses()}; last {last_lines}; traceback {'Traceback' in out}]"
     alive = [h for h in helpers if h.is_running() and h.status() != "zombie"]
     no_teacher = not p.client().search_model_versions("name='teacher'")
     if alive or not no_teacher:
         outcome += f" [alive {alive}; teacher registered {not no_teacher}]"
     _row(f"{how} during teacher fine-tune (temporary Prefect server)", outcome,
-         clean and not alive and no_teacher)
+         clean and not alive and no_teacher, said)

@@ -18,7 +18,7 @@ from distillery.integrations.registry import Registry
 from distillery.models.gate import GateError
 from distillery.records import DECISION_TAG, PENDING, PROMOTED, SIGNATURE_TAG
 from distillery.tasks.gate import reconcile
-from tests.helpers import run_command
+from tests.helpers import fault_row, run_command
 
 TOLERANT = {"gate.champion_tolerance": 1.0}
 
@@ -77,11 +77,14 @@ def test_a_corrupted_remote_fails_verification(promoted: dict, damage: str):
             target.write_bytes(original[:middle] + bytes([original[middle] ^ 0xFF]) + original[middle + 1:])
         else:
             target.write_bytes(b'["a", "b"]\n')
+        champion = _client(root).get_model_version_by_alias("student", "champion").version
         failed = _verify(promoted)
-        assert SNAPSHOT_CHECK in failed and "hashes to" in failed[SNAPSHOT_CHECK], failed
+        said = set(failed) == {SNAPSHOT_CHECK} and "hashes to" in failed[SNAPSHOT_CHECK]
     finally:
         target.write_bytes(original)
-    assert _verify(promoted) == {}
+    unchanged = _client(root).get_model_version_by_alias("student", "champion").version == champion
+    fault_row(f"corrupted DVC remote ({damage})", "lineage --verify FAILED on the snapshot check, every other "
+              "check ok; after the repair it verifies", unchanged and _verify(promoted) == {}, said)
 
 
 def _register_impostor(promoted: dict) -> str:
@@ -100,23 +103,27 @@ def test_a_hand_registered_model_is_refused_and_fails_verification(promoted: dic
     before = str(client.get_model_version_by_alias("student", "champion").version)
     with pytest.raises(GateError) as refused:
         promote_version(cfg, impostor, "looks fine")
-    assert provenance.FILES_CHECK in str(refused.value) and provenance.NAMES_CHECK in str(refused.value)
-    assert str(client.get_model_version_by_alias("student", "champion").version) == before
+    refused_said = provenance.FILES_CHECK in str(refused.value) and provenance.NAMES_CHECK in str(refused.value)
+    kept = str(client.get_model_version_by_alias("student", "champion").version) == before
     failed = _verify(promoted, f"student/{impostor}")
-    assert provenance.FILES_CHECK in failed and provenance.NAMES_CHECK in failed, failed
+    verify_said = provenance.FILES_CHECK in failed and provenance.NAMES_CHECK in failed
 
     # someone moves the alias with a plain MLflow client: status says so, and reconciliation never marks it gated
     client.set_model_version_tag("student", impostor, DECISION_TAG, PENDING)
     client.set_registered_model_alias("student", "champion", impostor)
     try:
         state = status_of(cfg)
-        assert any(provenance.FILES_CHECK in f for f in state["champion"]["integrity_failures"])
+        warned = any(provenance.FILES_CHECK in f for f in state["champion"]["integrity_failures"])
         reconcile(cfg, Registry.from_config(cfg), logging.getLogger("test"))
-        assert client.get_model_version("student", impostor).tags[DECISION_TAG] == PENDING
+        never_gated = client.get_model_version("student", impostor).tags[DECISION_TAG] == PENDING
     finally:
         client.set_registered_model_alias("student", "champion", before)
         client.delete_model_version("student", impostor)
-    assert status_of(cfg)["champion"]["integrity_failures"] == []
+    fault_row("another model registered by hand with a promoted version's tags, then promote --version",
+              "promote refused (files not the measured bytes; runs name another version), alias unchanged; verify "
+              "FAILED; moved there with a plain MLflow client: status warns, reconciliation never marks it promoted",
+              kept and never_gated and status_of(cfg)["champion"]["integrity_failures"] == [],
+              refused_said and verify_said and warned)
 
 
 def _edited(promoted: dict, key: str, value: str) -> dict[str, str]:
@@ -151,11 +158,15 @@ def test_edited_lineage_tags_fail_verification(promoted: dict):
                           "gate criteria on the version equal the run's gate decision"),
         "evaluation.run_id": (promoted["run_id"], provenance.FILES_CHECK),
     }
+    caught = {}
     for key, (value, check) in cases.items():
         assert value != tags[key], key
         failed = _edited(promoted, key, value)
-        assert any(name.startswith(check) for name in failed), (key, failed)
-    assert _verify(promoted) == {}
+        caught[key] = any(name.startswith(check) for name in failed)
+    fault_row(f"lineage tags edited ({len(cases)} cases: snapshot, teacher, code revision, config, distill run, metric, "
+              "gate criterion, evaluation run)", f"verify FAILED naming the agreement check in "
+              f"{sum(caught.values())} of {len(cases)}; restored, it verifies",
+              _verify(promoted) == {}, all(caught.values()))
 
 
 def test_signed_lineage_detects_any_edit(promoted: dict, monkeypatch):
@@ -167,7 +178,9 @@ def test_signed_lineage_detects_any_edit(promoted: dict, monkeypatch):
     assert client.get_model_version("student", signed["version"]).tags.get(SIGNATURE_TAG)
     assert _verify(signed) == {}
     failed = _edited(signed, "candidate", '{"kind": "distilled"}')
-    assert provenance.SIGNATURE_CHECK in failed and "changed after signing" in failed[provenance.SIGNATURE_CHECK]
+    fault_row("a signed version's tag edited without the key (DISTILLERY_LINEAGE_KEY)",
+              "verify FAILED on the signature check", True,
+              provenance.SIGNATURE_CHECK in failed and "changed after signing" in failed[provenance.SIGNATURE_CHECK])
     monkeypatch.delenv(provenance.LINEAGE_KEY_ENV)
     assert "is not set" in _verify(signed)[provenance.SIGNATURE_CHECK]
     # the promotion state, rollbacks and manual promotions change by design: not covered by the signature

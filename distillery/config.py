@@ -41,6 +41,9 @@ class AugmentConfig(Section):
     p_swap: float = 0.1
     p_vocab: float = 0.1
     seed: int | None = None  # null: data.seed
+    # no variant (nor data.transfer_set text) within this many word edits of a validation or test text: a near copy
+    # would teach the distilled student a held-out text (models.augment); 0 drops exact copies only
+    near_copy_words: int = Field(1, ge=0, le=3)
 
 
 class DataConfig(Section):
@@ -232,6 +235,10 @@ class GateConfig(Section):
     # best: judge the student chosen on validation | smallest: judge it and every frontier student, promote the
     # smallest (on disk) that passes
     policy: str = "best"
+    # the student trained without the teacher, judged like the others in its served form. fallback: promoted only when
+    # no distilled student passes (never end with nothing when something passes) | compete: also when it passes and
+    # beats the distilled student of its shape on validation accuracy | off: never judged
+    baseline: Literal["fallback", "compete", "off"] = "fallback"
 
 
 class TrackingConfig(Section):

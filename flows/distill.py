@@ -11,6 +11,7 @@ from distillery.config import Config
 from distillery.records import BASELINE, CONFIG_HASH_TAG, OUTPUTS_RUN_TAG, RunResult, SnapshotRef, TeacherRef
 from distillery.flows.label import label_flow
 from distillery.flows.runners import task_runner_for
+from distillery.models.gate import BASELINE_STUDENT
 from distillery.models.selection import (configured_trial, median_bars, pick_best, search_sampler, sweep_grid,
                                          trial_candidate)
 from distillery.tasks.distill import cache_teacher_features, log_search, train_student, uses_pooled_features
@@ -97,6 +98,8 @@ def distill_flow(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef, force:
                                            dataclasses.replace(best.candidate, shape=label), run_id)
                for label, shape in shapes.items()}
     frontier = {label: f.result() for label, f in futures.items()}
+    if cfg.gate.baseline != "off":  # the student trained without the teacher is measured and judged like the others
+        frontier[BASELINE_STUDENT] = baseline
     evaluation = evaluate_candidates(cfg, snapshot, teacher, best, baseline, run_id, frontier)
     decision, logged = judge(cfg, run_id, evaluation)
     if decision.passed:

@@ -126,6 +126,86 @@ def choose_smallest(decisions: dict[str, Decision], sizes: dict[str, float]) -> 
     return min(passing, key=lambda name: (sizes[name], list(decisions).index(name)))
 
 
+BASELINE_STUDENT = "baseline"  # the harness name of the student trained without the teacher, when the gate judges it
+
+
+def choose_candidate(decisions: dict[str, Decision], sizes: dict[str, float], val_accuracy: dict[str, float],
+                     policy: str, baseline: str) -> str:
+    """Which judged student the run's decision is about. The distilled ones first, by ``policy`` (``best``: the one
+    chosen on validation, the first; ``smallest``: the smallest that passes); then the hard-label baseline, when it
+    passes: instead of a distilled student that fails (``fallback`` and ``compete``), or, under ``compete``, instead
+    of the distilled student of its own shape that it beats on validation accuracy."""
+    distilled = {name: d for name, d in decisions.items() if name != BASELINE_STUDENT}
+    chosen = choose_smallest(distilled, sizes) if policy == "smallest" else next(iter(distilled))
+    judged = decisions.get(BASELINE_STUDENT)
+    if judged is None or not judged.passed or baseline == "off":
+        return chosen
+    if not distilled[chosen].passed:
+        return BASELINE_STUDENT
+    first = next(iter(distilled))  # the distilled student of the baseline's shape
+    if baseline == "compete" and chosen == first and val_accuracy[BASELINE_STUDENT] > val_accuracy[first]:
+        return BASELINE_STUDENT
+    return chosen
+
+
+def baseline_note(chosen: str, decisions: dict[str, Decision], metrics: dict[str, dict], served: dict[str, str],
+                  primary: str) -> str | None:
+    """What a promotion of the baseline means, plainly: distillation did not beat training the student alone here."""
+    if chosen != BASELINE_STUDENT:
+        return None
+    base, dist = metrics[served[BASELINE_STUDENT]], metrics[served[primary]]
+    why = ("no distilled student passed the gate" if not decisions[primary].passed else
+           "it beat the distilled student on validation accuracy")
+    return (f"the hard-label baseline is promoted: distillation did not beat training the student alone on this data "
+            f"({why}; test accuracy {base['accuracy']:.4f} vs {dist['accuracy']:.4f} distilled, "
+            f"{100 * (base['accuracy'] - dist['accuracy']):+.2f} points; validation {base['val_accuracy']:.4f} vs "
+            f"{dist['val_accuracy']:.4f}; one seed: this run, `benchmarks/seeds.py` measures it over seeds)")
+
+
+# the setting that moves each criterion's bar, and whether the observed value must stay above (+1) or below (-1) it
+CRITERION_KNOBS = {"accuracy_vs_int8_teacher": ("gate.accuracy_tolerance", 1),
+                   "macro_f1_vs_int8_teacher": ("gate.macro_f1_tolerance", 1),
+                   "latency_vs_int8_teacher": ("gate.max_latency_ratio", -1),
+                   "per_class_f1_drop": ("gate.max_class_f1_drop", -1),
+                   "oos_recall_vs_teacher": ("gate.oos_recall_tolerance", 1),
+                   "oos_auroc_vs_teacher": ("gate.oos_auroc_tolerance", 1),
+                   "accuracy_vs_champion": ("gate.champion_tolerance", 1)}
+
+
+def _shortfall(criterion: dict) -> float:
+    """How far a failed criterion is from its bar, relative to the bar (0 for a pass)."""
+    if criterion["passed"]:
+        return 0.0
+    gap = abs(criterion["threshold"] - criterion["observed"])
+    return gap / max(abs(criterion["threshold"]), 1e-9)
+
+
+def closest_miss(decisions: dict[str, Decision], served: dict[str, str], shape_knobs: dict[str, str]) -> str:
+    """When every judged student fails: the one closest to passing (fewest failed criteria, then the smallest relative
+    shortfall), how far each failed criterion is from its bar, and the settings the measurements point at: the
+    shape that came closest (``shape_knobs[name]``, e.g. ``--set student.prune_vocab=false``), the bar of each
+    failed criterion, and, for the baseline, that distillation is what falls short."""
+    def distance(name: str) -> tuple[int, float]:
+        failed = [c for c in decisions[name].criteria if not c["passed"]]
+        return len(failed), sum(_shortfall(c) for c in failed)
+
+    name = min(decisions, key=lambda n: (distance(n), list(decisions).index(n)))
+    failed = [c for c in decisions[name].criteria if not c["passed"]]
+    gaps = ", ".join(f"{c['name']} {c['observed']:.4f} vs bar {c['threshold']:.4f} "
+                     f"({abs(c['threshold'] - c['observed']):.4f} short)" for c in failed)
+    knobs = [shape_knobs[name]] if shape_knobs.get(name) else []
+    for c in failed:
+        key, _ = CRITERION_KNOBS.get(c["name"], (None, 0))
+        if key == "gate.champion_tolerance":
+            knobs.append("the champion is better: nothing to replace")
+        elif key:
+            knobs.append(f"{key} (this run needs {abs(c['threshold'] - c['observed']):.4f} more)")
+    if name == BASELINE_STUDENT:
+        knobs.insert(0, "the student trained without the teacher came closest: distillation is not what helps on "
+                        "this data (benchmarks/seeds.py measures it over seeds)")
+    return f"closest to passing: {served[name]} ({gaps}); try {'; '.join(knobs) or 'the settings above'}"
+
+
 def plan_reconcile(versions: list[tuple[str, str | None, bool]], pending: str, promoted: str) -> list[tuple[str, str]]:
     """What to do with versions a crashed promotion left behind.
 

@@ -307,6 +307,7 @@ def model_card(name: str, version: str, lineage: dict, metrics: dict[str, dict],
         f"## Gate decision: {'PROMOTED' if decision['passed'] else 'REJECTED'}", "",
         *[f"- {'PASS' if c['passed'] else 'FAIL'} `{c['name']}`: {c['observed']:.4g} vs {c['threshold']:.4g} ({c['rule']})"
           for c in decision["criteria"]], "",
+        *[f"{note}\n" for note in decision.get("notes", [])],
         "## Use", "", "```python", "import mlflow",
         f"model = mlflow.pyfunc.load_model(\"models:/{name}/{version}\")",
         "model.predict([\"my card has not arrived yet\"])", "```", "",

@@ -4,13 +4,14 @@ champion alias), and the reconciliation that cleans what a crashed promotion lef
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import mlflow
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from distillery.config import Config
+from distillery.config import Config, StudentConfig
 from distillery.faults import fault_point
 from distillery.integrations import provenance, registry, store
 from distillery.integrations.served_model import SERVING_FILE
@@ -32,7 +33,15 @@ from distillery.records import (
     served_candidate,
 )
 from distillery.models.data import read_out_of_scope
-from distillery.models.gate import GateError, choose_smallest, judge_logged, plan_reconcile
+from distillery.models.gate import (
+    BASELINE_STUDENT,
+    GateError,
+    baseline_note,
+    choose_candidate,
+    closest_miss,
+    judge_logged,
+    plan_reconcile,
+)
 from distillery.models.report import model_card
 
 HARNESS = {"teacher_fp32", "teacher_int8", "student_fp32", "baseline_fp32"}
@@ -56,6 +65,14 @@ def champion_metrics(cfg: Config, reg: registry.Registry) -> tuple[str | None, d
     return str(version.version), logged[lineage.measured_as]
 
 
+def shape_knob(student: StudentConfig, shape: StudentConfig) -> str:
+    """The overrides that make a frontier shape the configured student (``--set student.prune_vocab=false``)."""
+    mine, theirs = student.model_dump(exclude={"frontier"}), shape.model_dump(exclude={"frontier"})
+    changed = [f"--set student.{k}={json.dumps(v) if not isinstance(v, str) else v}"
+               for k, v in theirs.items() if mine.get(k) != v]
+    return f"make it the student: {' '.join(changed)}" if changed else ""
+
+
 @task(name="gate", cache_policy=NO_CACHE)
 def judge(cfg: Config, run_id: str, evaluation: Evaluation) -> tuple[Decision, dict]:
     """Decide on the logged metrics against the teacher's best quantised form and the champion; record the decision
@@ -65,7 +82,8 @@ def judge(cfg: Config, run_id: str, evaluation: Evaluation) -> tuple[Decision, d
     registry.configure_tracking(cfg)
     reg = registry.Registry.from_config(cfg)
     logged = registry.logged_candidate_metrics(reg, evaluation.run_id)
-    students = evaluation.students if cfg.gate.policy == "smallest" else evaluation.students[:1]
+    students = evaluation.students if cfg.gate.policy == "smallest" else \
+        evaluation.students[:1] + tuple(s for s in evaluation.students if s == BASELINE_STUDENT)
     # the gate judges the form that will be served, against the reference the harness chose on validation
     served = {name: served_candidate(cfg.student.deploy, name) for name in students}
     missing = (HARNESS | set(served.values()) | {evaluation.reference}) - set(logged)
@@ -76,14 +94,22 @@ def judge(cfg: Config, run_id: str, evaluation: Evaluation) -> tuple[Decision, d
     decisions = {name: dataclasses.replace(
         judge_logged(cfg.gate, logged, candidate, champion, champion_version, reference=evaluation.reference),
         student=name) for name, candidate in served.items()}
-    chosen = choose_smallest(decisions, {name: logged[c]["size_mb"] for name, c in served.items()})
+    chosen = choose_candidate(decisions, {name: logged[c]["size_mb"] for name, c in served.items()},
+                              {name: logged[c].get("val_accuracy", float("nan")) for name, c in served.items()},
+                              cfg.gate.policy, cfg.gate.baseline)
     decision = decisions[chosen]
+    notes = []
     if len(decisions) > 1:
         summary = "; ".join(f"{served[n]} {logged[served[n]]['size_mb']:.1f} MB "
                             f"{'passed' if d.passed else 'failed ' + ','.join(d.failed_names())}"
                             for n, d in decisions.items())
-        decision = dataclasses.replace(decision, reasons=(
-            *decision.reasons, f"policy smallest: {served[chosen]} of [{summary}]"))
+        notes.append(f"policy {cfg.gate.policy}, baseline {cfg.gate.baseline}: {served[chosen]} of [{summary}]")
+    notes += [note] if (note := baseline_note(chosen, decisions, logged, served, students[0])) else []
+    if not any(d.passed for d in decisions.values()):
+        shapes = cfg.student.frontier_shapes()
+        knobs = {name: shape_knob(cfg.student, shapes[name]) for name in decisions if name in shapes}
+        notes.append(closest_miss(decisions, served, knobs))
+    decision = dataclasses.replace(decision, reasons=(*decision.reasons, *notes))
     with registry.open_run(cfg, run_id):
         registry.log_json({**decision.to_dict(), "judged": {n: d.to_dict() for n, d in decisions.items()}},
                           "gate/decision.json")
@@ -163,8 +189,9 @@ def promote(cfg: Config, run_id: str, snapshot: SnapshotRef, teacher: TeacherRef
             raise GateError("the registered version fails its integrity checks: " + "; ".join(failed))
         card_lineage = {k: v for k, v in lineage.to_tags().items()
                         if not k.startswith((METRIC_PREFIX, "gate.", "gx.", "candidate"))}
+        notes = [r for r in decision.reasons if not r.startswith(("PASS ", "FAIL "))]
         card = model_card(name, version, card_lineage, logged,
-                          {"passed": decision.passed, "criteria": list(decision.criteria)},
+                          {"passed": decision.passed, "criteria": list(decision.criteria), "notes": notes},
                           {**student.candidate.to_dict(), "student": student_cfg.model_dump_json()}, served=deployed,
                           abstain_score=cfg.evaluation.abstain_score, reference=evaluation.reference)
         with registry.open_run(cfg, run_id):

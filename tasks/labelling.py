@@ -21,7 +21,7 @@ from distillery.faults import fault_point
 from distillery.integrations import registry
 from distillery.integrations.expectations import ValidationFailed, validate_teacher_outputs
 from distillery.records import SnapshotRef, TeacherOutputs, TeacherRef, ValidationSummary
-from distillery.models.augment import Recipe, content_hash, make_transfer_set
+from distillery.models.augment import NearCopies, Recipe, content_hash, make_transfer_set
 from distillery.models.data import read_out_of_scope, read_snapshot, read_transfer_set
 from distillery.models.labelling import (
     build_outputs,
@@ -41,8 +41,8 @@ FEATURES_FILE = "pooled-features.npz"  # the teacher's sentence features, beside
 DIGESTS_FILE = "text-digests.npz"  # a digest of each row's exact text, in row order: lets other row sets reuse them
 
 
-def labelling_inputs(snapshot: SnapshotRef, transfer_set: Path | None,
-                     recipe: Recipe | None = None) -> tuple[pd.DataFrame, list[str]]:
+def labelling_inputs(snapshot: SnapshotRef, transfer_set: Path | None, recipe: Recipe | None = None,
+                     near_copy_words: int = 0) -> tuple[pd.DataFrame, list[str]]:
     """Rows to label: the snapshot's train and validation splits, its out-of-scope train rows (split ``oos``,
     label -1: the teacher's soft labels on them carry the "no intent" signal), augmented variants of the train texts
     (split ``augmented``, label -1, when ``recipe`` makes any), then the optional transfer set (label -1)."""
@@ -62,6 +62,9 @@ def labelling_inputs(snapshot: SnapshotRef, transfer_set: Path | None,
         extra = read_transfer_set(transfer_set)
         known = set(pd.concat(parts)["id"]) | set(held_out["id"])
         extra = extra[~extra["id"].isin(known)]  # never label test texts as transfer data
+        if near_copy_words:  # nor near copies of them (see models.augment)
+            close = NearCopies(held_out["text"].tolist(), near_copy_words)
+            extra = extra[[not close.near(t) for t in extra["text"]]]
         parts.append(extra.assign(split="transfer", label_id=-1)[["id", "text", "split", "label_id"]])
     return pd.concat(parts, ignore_index=True), labels
 
@@ -88,12 +91,13 @@ def augment_recipe(cfg: Config) -> Recipe | None:
     if a.multiple <= 0:
         return None
     return Recipe(multiple=a.multiple, methods=tuple(a.methods), p_mask=a.p_mask, p_drop=a.p_drop, p_swap=a.p_swap,
-                  p_vocab=a.p_vocab, seed=cfg.data.seed if a.seed is None else a.seed)
+                  p_vocab=a.p_vocab, seed=cfg.data.seed if a.seed is None else a.seed,
+                  near_copy_words=a.near_copy_words)
 
 
 def rows_to_label(cfg: Config, snapshot: SnapshotRef) -> tuple[pd.DataFrame, list[str]]:
     """What the teacher labels for this configuration (see ``labelling_inputs``)."""
-    return labelling_inputs(snapshot, transfer_path(cfg), augment_recipe(cfg))
+    return labelling_inputs(snapshot, transfer_path(cfg), augment_recipe(cfg), cfg.data.augment.near_copy_words)
 
 
 def transfer_path(cfg: Config) -> Path | None:

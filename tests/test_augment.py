@@ -36,10 +36,30 @@ def test_no_variant_is_a_train_validation_or_test_text():
         words = t.split()
         held_out += [" ".join(words[i:j]) for i, j in itertools.combinations(range(len(words) + 1), 2)]
         held_out += [" ".join(words[:i] + words[i + 1:]) for i in range(len(words))]
-    made = make_transfer_set(texts, held_out, Recipe(multiple=3.0, methods=("ngram", "drop", "swap"), seed=0))
+    made = make_transfer_set(texts, held_out, Recipe(multiple=3.0, methods=("ngram", "drop", "swap"), seed=0,
+                                                     near_copy_words=0))
     keys = set(made["text"].map(normalise_text))
     assert not keys & {normalise_text(t) for t in held_out + texts}
     assert len(made) > 0  # swaps still make new texts
+
+
+def test_no_variant_is_one_word_from_a_validation_or_test_text():
+    """A near copy of a held-out text (a word dropped, added, replaced or two swapped) would teach the distilled
+    student that text: with near_copy_words 1 (the default) none is made; with 0 they were there."""
+    from distillery.models.augment import NearCopies, word_key
+
+    close = NearCopies(["how do I top up my card?"], 1)
+    assert close.near("how do i top up my card") and close.near("how I top up my card")  # same / one dropped
+    assert close.near("how do I top up my new card") and close.near("how do I top up this card")  # added / replaced
+    assert close.near("do how I top up my card") and not close.near("how do I top up")  # swapped / two away
+    texts = TRAIN["text"].tolist()
+    held_out = [" ".join(t.split()[1:]) for t in texts[::3]]  # held-out texts one word from train texts
+    before = make_transfer_set(texts, held_out, Recipe(multiple=2.0, seed=5, near_copy_words=0))
+    after = make_transfer_set(texts, held_out, Recipe(multiple=2.0, seed=5))
+    index = NearCopies(held_out, 1)
+    assert sum(index.near(t) for t in before["text"]) > 0
+    assert not any(index.near(t) for t in after["text"]) and len(after) > 0
+    assert word_key("Top-up, please!") == ("top", "up", "please")
 
 
 def test_recipe_and_content_hash_change_with_the_recipe():

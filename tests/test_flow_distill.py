@@ -47,10 +47,11 @@ def test_good_student_is_promoted_then_a_crippled_one_is_refused(teacher_project
     eval_run = good.evaluation.run_id
     nested = client.search_runs([client.get_run(eval_run).info.experiment_id],
                                 f"tags.mlflow.parentRunId = '{eval_run}'")
-    # every form of teacher and student (FP32, torch INT8, ONNX Runtime INT8)
+    # every form of teacher and student (FP32, torch INT8, ONNX Runtime INT8); the baseline also in the served form
+    # (gate.baseline: the gate judges it too)
     assert {r.data.tags["candidate"] for r in nested} == {"teacher_fp32", "teacher_int8", "teacher_int8_onnx",
                                                           "student_fp32", "student_int8", "student_int8_onnx",
-                                                          "baseline_fp32"}
+                                                          "baseline_fp32", "baseline_int8"}
     plots = {a.path for a in client.list_artifacts(eval_run, "evaluation")}
     assert {"evaluation/confusion_student.png", "evaluation/reliability.png", "evaluation/frontier.png",
             "evaluation/frontier.txt", "evaluation/per_class_f1_student_minus_teacher.png"} <= plots
@@ -214,7 +215,7 @@ def test_pretrained_student_reads_with_its_own_tokenizer(teacher_project: Path, 
                  "student.frontier": [{"pretrained_layers": [1]}]}  # and a one-layer cut of it on the frontier
     out = run_command(teacher_project / "distillery.yaml", overrides=overrides)
     assert len(load_tokenizer(Path(out.best.folder))) == len(load_tokenizer(other))
-    assert out.evaluation.students == ("student", "other-cut1")
+    assert out.evaluation.students == ("student", "other-cut1", "baseline")  # the baseline last: the gate judges it too
     assert out.evaluation.metrics["other-cut1_int8"]["parameters"] < out.evaluation.metrics["student_fp32"]["parameters"]
     assert out.evaluation.metrics["student_fp32"]["parameters"] <= out.evaluation.metrics["teacher_fp32"]["parameters"]
     # the harness read the test split through the student's own tokenizer: recomputing it that way agrees exactly
@@ -317,7 +318,7 @@ def test_frontier_students_and_the_smallest_passing_policy(teacher_project: Path
                  "gate.macro_f1_tolerance": 1.0, "gate.max_class_f1_drop": 1.0, "gate.max_latency_ratio": 100.0}
     out = run_command(cfg_path, overrides=overrides)
     metrics = out.evaluation.metrics
-    assert out.evaluation.students == ("student", "cut1", "h16x1")
+    assert out.evaluation.students == ("student", "cut1", "h16x1", "baseline")
     assert {"cut1_int8", "h16x1_int8"} <= set(metrics)
     assert metrics["h16x1_int8"]["size_mb"] < metrics["cut1_int8"]["size_mb"]
     # each contender timed against the reference in pairs and through its served path
@@ -330,7 +331,7 @@ def test_frontier_students_and_the_smallest_passing_policy(teacher_project: Path
     version = client.get_model_version_by_alias("student-frontier", "champion")
     assert version.tags["evaluation.candidate"] == "h16x1_int8"
     judged = mlflow.artifacts.load_dict(f"runs:/{out.run_id}/gate/decision.json")["judged"]
-    assert set(judged) == {"student", "cut1", "h16x1"} and all(d["passed"] for d in judged.values())
+    assert set(judged) == {"student", "cut1", "h16x1", "baseline"} and all(d["passed"] for d in judged.values())
     served = mlflow.pyfunc.load_model("models:/student-frontier@champion").unwrap_python_model().classifier
     config = served.model.config if hasattr(served.model, "config") else None
     assert config is not None and config.hidden_size == 16 and config.num_hidden_layers == 1

@@ -118,3 +118,50 @@ def test_pareto_frontier_and_its_table():
     assert next(r for r in table if r.startswith("student_int8")).endswith("* served")
     assert next(r for r in table if r.startswith("teacher_int8")).endswith("* reference")
     assert next(r for r in table if r.startswith("slow_big_worse")).endswith("  ")
+
+
+def _decision(passed: bool, **gaps) -> "Decision":
+    """A decision whose failed criteria are ``name=(observed, threshold)``."""
+    from distillery.records import Decision
+
+    criteria = [{"name": name, "passed": False, "observed": o, "threshold": t, "rule": ""} for name, (o, t) in
+                gaps.items()]
+    criteria.append({"name": "per_class_f1_drop", "passed": True, "observed": 0.1, "threshold": 0.25, "rule": ""})
+    return Decision(passed=passed, criteria=tuple(criteria))
+
+
+def test_the_baseline_is_promoted_only_when_it_should_be():
+    from distillery.models.gate import choose_candidate
+
+    ok, bad = _decision(True), _decision(False, accuracy_vs_int8_teacher=(0.90, 0.91))
+    sizes = {"student": 12.0, "cut0-2": 5.0, "baseline": 12.0}
+    better_base = {"student": 0.93, "cut0-2": 0.90, "baseline": 0.94}
+    # fallback (default): the distilled student whenever it passes, the baseline when nothing distilled passes
+    assert choose_candidate({"student": ok, "baseline": ok}, sizes, better_base, "best", "fallback") == "student"
+    assert choose_candidate({"student": bad, "baseline": ok}, sizes, better_base, "best", "fallback") == "baseline"
+    assert choose_candidate({"student": bad, "baseline": bad}, sizes, better_base, "best", "fallback") == "student"
+    # compete: also when it beats the distilled student of its shape on validation accuracy
+    assert choose_candidate({"student": ok, "baseline": ok}, sizes, better_base, "best", "compete") == "baseline"
+    assert choose_candidate({"student": ok, "baseline": ok}, sizes, {**better_base, "baseline": 0.93}, "best",
+                            "compete") == "student"  # a tie is the distilled student's
+    # under smallest a smaller passing distilled student stays chosen; off never picks the baseline
+    both = {"student": ok, "cut0-2": ok, "baseline": ok}
+    assert choose_candidate(both, sizes, better_base, "smallest", "compete") == "cut0-2"
+    assert choose_candidate({"student": bad, "baseline": ok}, sizes, better_base, "best", "off") == "student"
+
+
+def test_when_everything_fails_the_closest_one_and_its_knobs_are_named():
+    from distillery.models.gate import closest_miss
+
+    decisions = {"student": _decision(False, accuracy_vs_int8_teacher=(0.9540, 0.9589),
+                                      oos_recall_vs_teacher=(0.69, 0.747)),
+                 "minilm": _decision(False, accuracy_vs_int8_teacher=(0.9584, 0.9589)),
+                 "baseline": _decision(False, accuracy_vs_int8_teacher=(0.9570, 0.9589))}
+    served = {k: f"{k}_int8_onnx" for k in decisions}
+    message = closest_miss(decisions, served, {"minilm": "make it the student: --set student.prune_vocab=false"})
+    assert message.startswith("closest to passing: minilm_int8_onnx (accuracy_vs_int8_teacher 0.9584 vs bar 0.9589 "
+                              "(0.0005 short))")
+    assert "--set student.prune_vocab=false" in message and "gate.accuracy_tolerance (this run needs 0.0005 more)" \
+        in message
+    only_baseline = closest_miss({"student": decisions["student"], "baseline": decisions["baseline"]}, served, {})
+    assert "baseline_int8_onnx" in only_baseline and "distillation is not what helps" in only_baseline

@@ -91,9 +91,11 @@ def judge(cfg: Config, run_id: str, evaluation: Evaluation) -> tuple[Decision, d
         raise GateError(f"evaluation run {evaluation.run_id} lacks metrics for {sorted(missing)}")
     fault_point("gate.before")
     champion_version, champion = champion_metrics(cfg, reg)
-    decisions = {name: dataclasses.replace(
-        judge_logged(cfg.gate, logged, candidate, champion, champion_version, reference=evaluation.reference),
-        student=name) for name, candidate in served.items()}
+    def judged(name: str) -> Decision:
+        return dataclasses.replace(judge_logged(cfg.gate, logged, served_candidate(cfg.student.deploy, name), champion,
+                                                champion_version, reference=evaluation.reference), student=name)
+
+    decisions = {name: judged(name) for name in students}
     chosen = choose_candidate(decisions, {name: logged[c]["size_mb"] for name, c in served.items()},
                               {name: logged[c].get("val_accuracy", float("nan")) for name, c in served.items()},
                               cfg.gate.policy, cfg.gate.baseline)
@@ -105,10 +107,11 @@ def judge(cfg: Config, run_id: str, evaluation: Evaluation) -> tuple[Decision, d
                             for n, d in decisions.items())
         notes.append(f"policy {cfg.gate.policy}, baseline {cfg.gate.baseline}: {served[chosen]} of [{summary}]")
     notes += [note] if (note := baseline_note(chosen, decisions, logged, served, students[0])) else []
-    if not any(d.passed for d in decisions.values()):
+    if not any(d.passed for d in decisions.values()):  # which measured student came closest, judged or not
+        everyone = {**decisions, **{n: judged(n) for n in evaluation.students if n not in decisions}}
         shapes = cfg.student.frontier_shapes()
-        knobs = {name: shape_knob(cfg.student, shapes[name]) for name in decisions if name in shapes}
-        notes.append(closest_miss(decisions, served, knobs))
+        knobs = {name: shape_knob(cfg.student, shapes[name]) for name in everyone if name in shapes}
+        notes.append(closest_miss(everyone, {n: served_candidate(cfg.student.deploy, n) for n in everyone}, knobs))
     decision = dataclasses.replace(decision, reasons=(*decision.reasons, *notes))
     with registry.open_run(cfg, run_id):
         registry.log_json({**decision.to_dict(), "judged": {n: d.to_dict() for n, d in decisions.items()}},

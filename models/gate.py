@@ -197,13 +197,23 @@ def closest_miss(decisions: dict[str, Decision], served: dict[str, str], shape_k
     for c in failed:
         key, _ = CRITERION_KNOBS.get(c["name"], (None, 0))
         if key == "gate.champion_tolerance":
-            knobs.append("the champion is better: nothing to replace")
+            knobs.append("none: the champion is better, nothing to replace")
         elif key:
             knobs.append(f"{key} (this run needs {abs(c['threshold'] - c['observed']):.4f} more)")
+    parts = [f"closest to passing: {served[name]} ({gaps})"]
     if name == BASELINE_STUDENT:
-        knobs.insert(0, "the student trained without the teacher came closest: distillation is not what helps on "
-                        "this data (benchmarks/seeds.py measures it over seeds)")
-    return f"closest to passing: {served[name]} ({gaps}); try {'; '.join(knobs) or 'the settings above'}"
+        accuracy = {n: next((c["observed"] for c in d.criteria if c["name"] == "accuracy_vs_int8_teacher"), None)
+                    for n, d in decisions.items()}
+        distilled = max((a for n, a in accuracy.items() if n != BASELINE_STUDENT and a is not None), default=None)
+        if distilled is None or accuracy[name] is None or accuracy[name] >= distilled:
+            parts.append("it is the student trained without the teacher, as accurate as any distilled one: "
+                         "distillation is not what helps on this data (benchmarks/seeds.py measures it over seeds)")
+        else:
+            parts.append(f"it is the student trained without the teacher; the best distilled student is more accurate "
+                         f"({distilled:.4f} against {accuracy[name]:.4f}) but further from the other bars")
+    if knobs:
+        parts.append("settings that would move it: " + "; ".join(knobs))
+    return ". ".join(parts)
 
 
 def plan_reconcile(versions: list[tuple[str, str | None, bool]], pending: str, promoted: str) -> list[tuple[str, str]]:

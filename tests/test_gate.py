@@ -120,13 +120,14 @@ def test_pareto_frontier_and_its_table():
     assert next(r for r in table if r.startswith("slow_big_worse")).endswith("  ")
 
 
-def _decision(passed: bool, **gaps) -> "Decision":
-    """A decision whose failed criteria are ``name=(observed, threshold)``."""
+def _decision(passed: bool, passing: dict | None = None, **gaps) -> "Decision":
+    """A decision whose failed criteria are ``name=(observed, threshold)`` and passed ones ``passing``."""
     from distillery.records import Decision
 
     criteria = [{"name": name, "passed": False, "observed": o, "threshold": t, "rule": ""} for name, (o, t) in
                 gaps.items()]
-    criteria.append({"name": "per_class_f1_drop", "passed": True, "observed": 0.1, "threshold": 0.25, "rule": ""})
+    criteria += [{"name": name, "passed": True, "observed": o, "threshold": t, "rule": ""} for name, (o, t) in
+                 (passing or {"per_class_f1_drop": (0.1, 0.25)}).items()]
     return Decision(passed=passed, criteria=tuple(criteria))
 
 
@@ -165,3 +166,11 @@ def test_when_everything_fails_the_closest_one_and_its_knobs_are_named():
         in message
     only_baseline = closest_miss({"student": decisions["student"], "baseline": decisions["baseline"]}, served, {})
     assert "baseline_int8_onnx" in only_baseline and "distillation is not what helps" in only_baseline
+    # closest on the bars but less accurate than the distilled student: said so, no claim that distillation lost
+    weaker = {"student": _decision(False, {"accuracy_vs_int8_teacher": (0.8214, 0.7833)},
+                                   per_class_f1_drop=(0.65, 0.25)),
+              "baseline": _decision(False, {"accuracy_vs_int8_teacher": (0.7847, 0.7833)},
+                                    per_class_f1_drop=(0.30, 0.25))}
+    message = closest_miss(weaker, served, {})
+    assert message.startswith("closest to passing: baseline_int8_onnx") and "distillation is not" not in message
+    assert "the best distilled student is more accurate (0.8214 against 0.7847)" in message

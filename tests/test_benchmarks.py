@@ -113,3 +113,35 @@ def test_seeds_benchmark_search_picks_the_distilled_recipe(teacher_project: Path
     empty = subprocess.run([*seeds, "--search", "--set", "distill.search.trials=0"], capture_output=True, text=True,
                            timeout=300, env=env)
     assert empty.returncode == 2 and "give it trials" in empty.stderr
+
+
+@pytest.mark.slow
+def test_the_datasets_benchmark_runs_and_measures_each_data_set_apart(tmp_path: Path, tiny_teacher_dir: Path):
+    """Two data sources, each in a project folder of its own: the whole run, the seeds, a table each and the mean."""
+    from tests.conftest import make_project
+    from tests.helpers import write_config, write_source
+
+    root = make_project(tmp_path / "profile", tiny_teacher_dir)
+    write_config(root, distill={"epochs": 3}, gate={"champion_tolerance": 1.0, "max_latency_ratio": 100.0})
+    sources = [write_source(tmp_path / name) for name in ("intents-a", "intents-b")]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "MLFLOW_TRACKING"))}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "datasets.py"), "--config",
+                           str(root / "distillery.yaml"), "--profile", "tiny", "--data", *map(str, sources),
+                           "--seeds", "3", "4", "--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
+                           "--set", "distill.epochs=2"], capture_output=True, text=True, timeout=1500,
+                          env={**env, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    both = json.loads((tmp_path / "out" / "tiny-datasets.json").read_text())
+    assert set(both["datasets"]) == {"intents-a", "intents-b"} and both["mean"]["datasets"] == 2
+    for name in ("intents-a", "intents-b"):
+        row = both["datasets"][name]
+        assert row["gate_passed"] and set(row["arms"]) == {"distilled", "baseline"}
+        ratios = json.loads((tmp_path / "out" / f"tiny-{name}.json").read_text())["ratios"]
+        assert ratios["gate_passed"] is True and 0 < ratios["served_over_teacher_accuracy"]
+        assert ratios["kd_seeds"] == 2 and "kd_minus_baseline_accuracy_std" in ratios
+        # each data set in a store of its own, made from that source
+        assert (tmp_path / "work" / f"tiny-{name}" / "mlflow.db").is_file()
+    means = both["mean"]["arms"]
+    assert means["distilled"] == pytest.approx(sum(both["datasets"][n]["arms"]["distilled"]["mean"]
+                                                   for n in both["datasets"]) / 2)
+    assert "== tiny on intents-a" in done.stdout and "== mean over 2 data sets (gate passed on 2)" in done.stdout

@@ -125,7 +125,7 @@ def test_the_datasets_benchmark_runs_and_measures_each_data_set_apart(tmp_path: 
     write_config(root, distill={"epochs": 3}, gate={"champion_tolerance": 1.0, "max_latency_ratio": 100.0})
     sources = [write_source(tmp_path / name) for name in ("intents-a", "intents-b")]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "MLFLOW_TRACKING"))}
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "datasets.py"), "--config",
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "data_sets.py"), "--config",
                            str(root / "distillery.yaml"), "--profile", "tiny", "--data", *map(str, sources),
                            "--seeds", "3", "4", "--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
                            "--set", "distill.epochs=2"], capture_output=True, text=True, timeout=1500,

@@ -1,6 +1,6 @@
 """A default judged on every data set at once: the whole run, then the seeds benchmark, per data set, and the mean.
 
-    .venv/bin/python benchmarks/datasets.py [--config distillery.yaml] [--profile default]
+    .venv/bin/python benchmarks/data_sets.py [--config distillery.yaml] [--profile default]
         [--data ../shared/data/banking77 ../shared/data/hwu64] [--seeds 13 14 15] [--ablations no-transfer,...]
         [--set KEY=VALUE ...] [--workdir benchmarks/work] [--out benchmarks/results]
 
@@ -16,6 +16,8 @@ and the ablations asked for). Prints one table per data set and the mean over da
 data sets, or helps on one and costs nothing beyond the noise on the other (benchmarks/README.md).
 """
 
+# (not "datasets.py": with benchmarks/ on sys.path, as the seeds tests put it, that name would shadow Hugging Face's
+# datasets package)
 from __future__ import annotations
 
 import argparse

@@ -7,7 +7,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DVC_NO_ANALYTICS ?= 1
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup run test test-fast large-model run-fast benchmark benchmark-fast clean-state
+.PHONY: setup run test test-fast test-unit large-model run-fast benchmark benchmark-fast clean-state
 
 # The fast profile (configs/fast.yaml, layered over distillery.yaml): a MiniLM teacher cut into a 2-layer student.
 FAST := --config configs/fast.yaml
@@ -37,8 +37,11 @@ run-fast: setup  ## the fast profile (MiniLM teacher and a 10-trial search: 46 m
 test: setup  ## every test tier (unit, data, flow, fault injection, integration, slow end-to-end)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-fast: setup  ## unit, data and flow tests only
-	$(BIN)/python -m pytest -m "not slow and not integration and not faults" $(PYTEST_ARGS)
+test-fast: setup  ## the unit and flow tiers only
+	$(BIN)/python -m pytest -m "unit or flow" $(PYTEST_ARGS)
+
+test-unit: setup  ## the unit tier: pure code, no Prefect
+	$(BIN)/python -m pytest -m unit $(PYTEST_ARGS)
 
 benchmark: large-model  ## measure the default profile's champion (after `make run`)
 	$(BIN)/python benchmarks/run.py --name default

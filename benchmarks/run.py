@@ -94,7 +94,7 @@ def main() -> int:
         return 2
     lineage = Lineage.from_tags(champion.tags)
     teacher_mv = reg.resolve(cfg.teacher.registered_name, lineage.teacher.version)
-    cache = cfg.workdir / "registry"
+    cache = cfg.work.registry
     teacher_dir = registry.download_classifier(teacher_mv, cache)
     student_dir = registry.download_classifier(champion, cache)
     distill_run = lineage.distill_run_id
@@ -102,7 +102,7 @@ def main() -> int:
     children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{distill_run}' and "
                                                    "tags.stage = 'train-student'")
     baseline_run = next(r for r in children if r.data.tags.get("candidate") == "baseline")
-    baseline_dir = cfg.workdir / "students" / baseline_run.info.run_id
+    baseline_dir = cfg.work.students / baseline_run.info.run_id
     results: dict = {"machine": machine(), "profile": args.name, "champion": f"{champion.name} v{champion.version}",
                      "teacher": f"{teacher_mv.name} v{teacher_mv.version}", "base_model": cfg.teacher.base_model}
 
@@ -118,7 +118,7 @@ def main() -> int:
     others = {}  # the evaluation's other students (the frontier, or the chosen one when a frontier student won)
     for key, run_id in eval_tags.items():
         if (key == "student.run_id" or key.startswith("frontier.")) and run_id != lineage.student_run_id:
-            folder = cfg.workdir / "students" / run_id
+            folder = cfg.work.students / run_id
             label = client.get_run(run_id).data.params.get("student.shape", "chosen")
             if folder.is_dir():
                 others[label] = str(folder)

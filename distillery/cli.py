@@ -13,7 +13,8 @@ import threading
 import traceback
 from typing import Any, Callable
 
-from distillery.config import ConfigError, load_config, parse_override_args
+from distillery.config import load_config, parse_override_args
+from distillery.errors import DistilleryError
 
 EPILOG = """\
 Configuration: distillery.yaml in the current folder (or --config FILE, or $DISTILLERY_CONFIG);
@@ -45,17 +46,10 @@ def environment_defaults() -> None:
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    from distillery.integrations.events import PrefectUnavailable
-    from distillery.integrations.expectations import ValidationFailed
-    from distillery.integrations.registry import KNOWN_ERRORS
-    from distillery.integrations.store import VersioningError
-    from distillery.flows.admin import LineageError
-    from distillery.models.data import DataError
-    from distillery.models.gate import GateError
-    from distillery.models.modeling import ModelError
+    """What ends a command in one line: distillery's own errors and MLflow's (a store that answered with an error)."""
+    from distillery.integrations.registry import KNOWN_ERRORS  # MLflow's own, from its one home
 
-    return (ConfigError, DataError, ModelError, VersioningError, ValidationFailed, GateError, LineageError,
-            PrefectUnavailable, *KNOWN_ERRORS)
+    return (DistilleryError, *KNOWN_ERRORS)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, str] | None:
@@ -513,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             traceback.print_exc()
         print(f"\ndistillery {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
         return _interrupted(args.command, "Ctrl-C (SIGINT)", 130)
     except BaseException as exc:  # SIGTERM, ours or Prefect's TerminationSignal inside a flow

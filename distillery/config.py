@@ -16,12 +16,14 @@ from typing import Any, Literal, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+from distillery.errors import DistilleryError
+from distillery.paths import WorkFolder
 
 CONFIG_ENV = "DISTILLERY_CONFIG"
 DEFAULT_CONFIG_NAME = "distillery.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(DistilleryError, ValueError):
     """A configuration value is missing, unknown or out of range."""
 
 
@@ -311,6 +313,11 @@ class Config(Section):
     @property
     def workdir(self) -> Path:
         return self.path(self.runtime.workdir)
+
+    @property
+    def work(self) -> WorkFolder:
+        """The work folder's catalog (distillery/paths.py): where each kind of thing is kept."""
+        return WorkFolder(self.workdir, self.path(self.labelling.cache_dir))
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration as plain data (without ``root``), as written to YAML and logged to MLflow."""

@@ -37,13 +37,14 @@ from distillery.flows.runners import run_lock
 from distillery.models.gate import GateError, judge_logged
 from distillery.models.retention import Entry, plan_retention
 from distillery.tasks.gate import champion_metrics, reconcile
+from distillery.errors import DistilleryError
 
 logger = logging.getLogger(__name__)
 
 SNAPSHOT_CHECK = "data snapshot fetchable from DVC remote and hashes to the recorded md5"
 
 
-class LineageError(RuntimeError):
+class LineageError(DistilleryError, RuntimeError):
     """A lineage record is missing or does not verify; the message names what failed."""
 
 
@@ -254,10 +255,6 @@ def promote_version(cfg: Config, version: str, reason: str) -> tuple[str | None,
     return previous, decision
 
 
-# Work-folder kinds that `gc` manages, and how an entry there is named after what uses it.
-GC_KINDS = ("checkpoints", "students", "teachers", "registry", "teacher-outputs", "data-docs", "snapshots", "imports")
-
-
 def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
@@ -289,8 +286,7 @@ def collect_garbage(cfg: Config, keep_runs: int | None = None, dry_run: bool = F
     dvc_file = store.dvc_file_for(Path(cfg.root), cfg.path(cfg.data.snapshot_dir))
     if dvc_file.is_file():
         in_use.add(("snapshots", store.snapshot_md5(dvc_file).removesuffix(".dir")))
-    roots = {kind: cfg.workdir / kind for kind in GC_KINDS}
-    roots["teacher-outputs"] = cfg.path(cfg.labelling.cache_dir)
+    roots = cfg.work.collected()
     entries = [Entry(kind, p.name, p.stat().st_mtime, _size(p)) for kind, root in roots.items() if root.is_dir()
                for p in root.iterdir()]
     keep, delete = plan_retention(entries, in_use, keep_runs)

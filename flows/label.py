@@ -34,7 +34,7 @@ def label_flow(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef,
     run_id = start_run(cfg, "teacher-outputs", {"stage": "label", **teacher.to_tags(), **snapshot.to_tags()},
                        parent_run_id, snapshot=snapshot)
     start = time.perf_counter()
-    path = lookup_cache(cfg.path(cfg.labelling.cache_dir), key)
+    path = lookup_cache(cfg.work.teacher_outputs, key)
     cache_hit = path is not None
     reused = None
     if not cache_hit:

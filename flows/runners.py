@@ -53,7 +53,7 @@ def run_lock(cfg: Config) -> Iterator[None]:
         with concurrency(name, occupy=1, strict=True):
             yield
         return
-    folder = cfg.workdir / "locks"
+    folder = cfg.work.locks
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / f"{cfg.tracking.student_name}.lock", "a+") as handle:
         try:

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from distillery.models.calibration import held_out_intents
+from distillery.errors import DistilleryError
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +22,7 @@ SCOPE_FILE = "scope.json"
 SNAPSHOT_COLUMNS = ["id", "text", "label", "label_id"]
 
 
-class DataError(ValueError):
+class DataError(DistilleryError, ValueError):
     """The input data cannot be used; the message says what is wrong and what to do."""
 
 

@@ -6,9 +6,10 @@ from dataclasses import asdict, dataclass, field
 
 from distillery.config import GateConfig
 from distillery.records import QUANTISED_TEACHERS, Decision, reference_candidate
+from distillery.errors import DistilleryError
 
 
-class GateError(RuntimeError):
+class GateError(DistilleryError, RuntimeError):
     """The gate cannot decide (metrics missing) or promotion failed; the message says what was left where."""
 
 

@@ -32,6 +32,7 @@ from transformers import (
 )
 
 from distillery.models.randomness import seeded
+from distillery.errors import DistilleryError
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ MPNET_PARTS = 5
 PACKAGED_BASE_MODELS = ("minilm", "mpnet")
 
 
-class ModelError(ValueError):
+class ModelError(DistilleryError, ValueError):
     """A model cannot be found, built or loaded; the message says what to do."""
 
 

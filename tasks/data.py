@@ -21,8 +21,6 @@ from distillery.models.data import (
     write_snapshot,
 )
 
-FROZEN_DIR = "snapshots"
-
 
 @task(name="ingest-snapshot", cache_policy=NO_CACHE)
 def ingest_snapshot(cfg: Config) -> tuple[SnapshotRef, dict]:
@@ -70,7 +68,7 @@ def ingest_snapshot(cfg: Config) -> tuple[SnapshotRef, dict]:
 def freeze(cfg: Config) -> SnapshotRef:
     """A verified, run-private copy of the tracked snapshot (see ``store.freeze_snapshot``)."""
     root, folder = Path(cfg.root), cfg.path(cfg.data.snapshot_dir)
-    md5, path = store.freeze_snapshot(folder, store.dvc_file_for(root, folder), cfg.workdir / FROZEN_DIR)
+    md5, path = store.freeze_snapshot(folder, store.dvc_file_for(root, folder), cfg.work.snapshots)
     return SnapshotRef(md5=md5, path=str(path))
 
 

@@ -44,7 +44,7 @@ def make_student(cfg: Config, teacher_model: PreTrainedModel, teacher_folder: Pa
     ``teacher_model`` is what a cut student is cut from (the teacher, or its base model for a baseline)."""
     s = cfg.student
     if s.init == "pretrained":  # e.g. MiniLM under an MPNet teacher: the student keeps its own tokenizer
-        folder = resolve_base_model(model_name(cfg, s.base_model), cfg.workdir / "pretrained")
+        folder = resolve_base_model(model_name(cfg, s.base_model), cfg.work.pretrained)
         student, tokenizer = load_classifier(folder, labels), load_tokenizer(folder)
         if s.pretrained_layers:  # a cut of the pretrained model (its embeddings, head and the chosen layers)
             student = cut_student(student, list(s.pretrained_layers))
@@ -82,7 +82,7 @@ def baseline_source(cfg: Config, teacher_model: PreTrainedModel, teacher: Teache
         return teacher_model, weights_from(cfg)
     base = teacher.base_model or cfg.teacher.base_model
     try:
-        folder = resolve_base_model(model_name(cfg, base), cfg.workdir / "pretrained")
+        folder = resolve_base_model(model_name(cfg, base), cfg.work.pretrained)
         model = load_classifier(folder, labels)
     except ModelError as exc:
         return teacher_model, f"{weights_from(cfg)}: base model {base!r} unavailable: {exc}"
@@ -193,7 +193,7 @@ def train_student(cfg: Config, teacher: TeacherRef, snapshot: SnapshotRef, outpu
                              **teacher.to_tags()})
         start = time.perf_counter()
         result = train_model(student, objective, train, val, settings, tokenizer.pad_token_id,
-                             checkpoint_dir=cfg.workdir / "checkpoints" / key,
+                             checkpoint_dir=cfg.work.checkpoints / key,
                              on_epoch_end=epoch_callback(registry.curve_logger()), desc=name,
                              prune_below=prune_below)
         best = result.history[result.best_epoch - 1] if result.best_epoch else {}
@@ -207,7 +207,7 @@ def train_student(cfg: Config, teacher: TeacherRef, snapshot: SnapshotRef, outpu
                             "best_epoch": trained.best_epoch, "train_seconds": trained.train_seconds,
                             "stopped_early": float(result.stopped_early), "pruned": float(result.pruned),
                             "resumed_from_epoch": trained.resumed_from_epoch})
-    folder = save_classifier(student, tokenizer, cfg.workdir / "students" / run_id)
+    folder = save_classifier(student, tokenizer, cfg.work.students / run_id)
     logger.info("%s: validation macro-F1 %.4f (best epoch %d)", name, trained.val_macro_f1, result.best_epoch)
     return dataclasses.replace(trained, folder=str(folder))
 

@@ -95,7 +95,7 @@ def _served_forms(cfg: Config, metrics: dict[str, dict], candidates: dict[str, t
 
 def onnx_teacher_folder(cfg: Config, teacher: TeacherRef) -> Path:
     """Where a registered teacher's ONNX Runtime INT8 form is kept (made once per teacher version)."""
-    return cfg.workdir / "onnx" / f"{teacher.name}-v{teacher.version}-{teacher.run_id[:12]}"
+    return cfg.work.onnx / f"{teacher.name}-v{teacher.version}-{teacher.run_id[:12]}"
 
 
 @task(name="evaluate-candidates", cache_policy=NO_CACHE)

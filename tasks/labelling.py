@@ -145,7 +145,7 @@ def reuse_outputs(cfg: Config, teacher: TeacherRef, labels: list[str], inputs: p
     texts = inputs["text"].tolist()
     digests = text_digests(texts)
     wanted, found, sources = set(digests.tolist()), {}, []
-    entries = sorted(cfg.path(cfg.labelling.cache_dir).glob(f"*/{META_FILE}")) if cfg.labelling.reuse_rows else []
+    entries = sorted(cfg.work.teacher_outputs.glob(f"*/{META_FILE}")) if cfg.labelling.reuse_rows else []
     for meta_file in entries:
         folder = meta_file.parent
         if folder.name.endswith(".partial") or not (folder / DIGESTS_FILE).is_file():
@@ -199,7 +199,7 @@ def store_outputs(cfg: Config, key: str, inputs: pd.DataFrame, shard_logits: lis
         raise ValueError(f"teacher produced logits of shape {logits.shape}, expected {(len(inputs), len(labels))}: "
                          f"does the teacher's label set match the snapshot's?")
     df = build_outputs(inputs["id"].tolist(), inputs["split"].tolist(), inputs["label_id"].tolist(), logits, labels)
-    final = cfg.path(cfg.labelling.cache_dir) / key
+    final = cfg.work.teacher_outputs / key
     partial = final.with_name(key + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -225,7 +225,7 @@ def validate_outputs(cfg: Config, outputs_path: str, expected_rows: int, run_id:
     df = read_outputs(outputs_path)
     labels = json.loads((Path(outputs_path).parent / META_FILE).read_text())["labels"]
     rows, classes = validation_tables(df, labels)
-    docs = cfg.workdir / "data-docs" / run_id
+    docs = cfg.work.data_docs / run_id
     report = validate_teacher_outputs(rows, classes, labels, expected_rows, cfg.validation, docs,
                                       run_name=f"{teacher.name} v{teacher.version} on data snapshot {snapshot.md5}")
     with registry.open_run(cfg, run_id):

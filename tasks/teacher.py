@@ -73,7 +73,7 @@ def fine_tune_teacher(cfg: Config, snapshot: SnapshotRef, run_id: str) -> tuple[
     """
     logger = get_run_logger()
     splits, labels = read_snapshot(Path(snapshot.path))
-    base = resolve_base_model(model_name(cfg, cfg.teacher.base_model), cfg.workdir / "pretrained")
+    base = resolve_base_model(model_name(cfg, cfg.teacher.base_model), cfg.work.pretrained)
     settings = settings_from(cfg.teacher)
     with seeded(settings.seed):  # the new classification head is drawn from the seeded generator
         tokenizer = load_tokenizer(base)
@@ -88,7 +88,7 @@ def fine_tune_teacher(cfg: Config, snapshot: SnapshotRef, run_id: str) -> tuple[
         start = time.perf_counter()
         result = train_model(
             model, CrossEntropyObjective(), train, val, settings, tokenizer.pad_token_id,
-            checkpoint_dir=cfg.workdir / "checkpoints" / f"teacher-{key}",
+            checkpoint_dir=cfg.work.checkpoints / f"teacher-{key}",
             on_epoch_end=epoch_callback(registry.curve_logger()), desc="teacher",
         )
         logits = predict_logits(model, val, tokenizer.pad_token_id, batch_size=128)
@@ -97,7 +97,7 @@ def fine_tune_teacher(cfg: Config, snapshot: SnapshotRef, run_id: str) -> tuple[
                    "train_seconds": time.perf_counter() - start, "best_epoch": result.best_epoch,
                    "resumed_from_epoch": result.resumed_from_epoch}
         mlflow.log_metrics(summary)
-    folder = save_classifier(model, tokenizer, cfg.workdir / "teachers" / run_id)
+    folder = save_classifier(model, tokenizer, cfg.work.teachers / run_id)
     logger.info("teacher fine-tuned: validation accuracy %.4f, macro-F1 %.4f (best epoch %d%s)",
                 summary["val_accuracy"], summary["val_macro_f1"], result.best_epoch,
                 f", resumed after epoch {result.resumed_from_epoch}" if result.resumed_from_epoch else "")
@@ -116,8 +116,8 @@ def check_imported_teacher(cfg: Config, snapshot: SnapshotRef, source: str) -> t
     splits, labels = read_snapshot(Path(snapshot.path))
     if not source.startswith(registry.MODEL_URI_SCHEMES):
         source = str(cfg.path(source))  # a folder in the config is relative to the config's folder
-    (cfg.workdir / "imports").mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cfg.workdir / "imports", prefix=".fetch-") as tmp:
+    (cfg.work.imports).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cfg.work.imports, prefix=".fetch-") as tmp:
         fetched = registry.fetch_classifier(source, Path(tmp) / "model", cfg.teacher.max_parameters)
         source_hash = store.tree_sha256(fetched)
         model = load_classifier(fetched, max_parameters=cfg.teacher.max_parameters).eval()
@@ -144,7 +144,7 @@ def check_imported_teacher(cfg: Config, snapshot: SnapshotRef, source: str) -> t
            if metrics[key] < floor]
     if low:
         raise ModelError(f"teacher {source} refused, nothing registered: {'; '.join(low)}")
-    folder = save_classifier(model, tokenizer, cfg.workdir / "imports" / source_hash[:16])
+    folder = save_classifier(model, tokenizer, cfg.work.imports / source_hash[:16])
     provenance = {"teacher.source": source, "teacher.source_sha256": source_hash, "teacher.imported": "true",
                   "teacher.labels_reordered": str(reordered).lower()}
     return str(folder), metrics, provenance
@@ -179,7 +179,7 @@ def resolve_teacher(cfg: Config, version: str | None = None) -> TeacherRef:
     registry.configure_tracking(cfg)
     name = cfg.teacher.registered_name
     mv = registry.Registry.from_config(cfg).resolve(name, version or cfg.teacher.alias)
-    folder = registry.download_classifier(mv, cfg.workdir / "registry")
+    folder = registry.download_classifier(mv, cfg.work.registry)
     return TeacherRef.from_version(name, str(mv.version), mv.run_id, mv.tags, str(folder))
 
 

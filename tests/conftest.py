@@ -17,6 +17,19 @@ def pytest_configure(config: pytest.Config) -> None:
     environment_defaults()  # the same offline, quiet defaults as the CLI
 
 
+TIERS = ("slow", "integration", "faults")  # marked by hand; the rest are unit or flow tests, marked here
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test without a tier of its own is a flow test when it needs the Prefect harness (a real flow run on tiny
+    models), else a unit test: ``pytest -m unit`` runs the pure code's tests alone."""
+    for item in items:
+        if any(item.get_closest_marker(tier) for tier in TIERS):
+            continue
+        flow = "prefect_harness" in getattr(item, "fixturenames", ())
+        item.add_marker(pytest.mark.flow if flow else pytest.mark.unit)
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # noqa: ANN001 - pytest's hook
     """The fault-injection table, when that tier ran."""
     from tests.helpers import FAULT_ROWS

@@ -237,16 +237,19 @@ def test_gc_keeps_what_the_champion_and_latest_runs_need(teacher_project: Path):
     import time
 
     from distillery.flows.admin import collect_garbage, lineage_of, verify_lineage
+    from distillery.paths import COLLECTED, KEPT
 
     cfg_path = teacher_project / "distillery.yaml"
     overrides = {"gate.champion_tolerance": 1.0}
     run_command(cfg_path, overrides=overrides, force=True)
     cfg = load_config(cfg_path, overrides)
     work = cfg.workdir
+    # whatever a run leaves in the work folder is of a kind the catalog names (a new kind must be added there)
+    assert {p.name for p in work.iterdir()} <= set(COLLECTED) | set(KEPT), sorted(p.name for p in work.iterdir())
     old = time.time() - 7 * 86400
-    for kind in ("checkpoints", "students", "data-docs"):
+    for kind in COLLECTED:
         for i in range(3):
-            stale = work / kind / f"stale-{i}"
+            stale = cfg.work.kind(kind) / f"stale-{i}"
             stale.mkdir(parents=True, exist_ok=True)
             (stale / "blob").write_bytes(b"x" * 1000)
             os.utime(stale, (old - i, old - i))
@@ -256,6 +259,9 @@ def test_gc_keeps_what_the_champion_and_latest_runs_need(teacher_project: Path):
 
     report = collect_garbage(cfg, keep_runs=1)
     assert {f"checkpoints/stale-{i}" for i in range(3)} <= set(report["deleted"])
+    for kind in COLLECTED:  # every kind is collected: two older entries than the one kept
+        assert {f"{kind}/stale-1", f"{kind}/stale-2"} <= set(report["deleted"]), kind
+        assert not (cfg.work.kind(kind) / "stale-2").exists()
     assert not (work / "registry" / "student-v999.partial").exists()
     for kind in ("checkpoints", "students", "data-docs"):
         assert len(list((work / kind).iterdir())) == 1  # the latest run's

@@ -47,7 +47,7 @@ def _project_imports(path: Path) -> set[str]:
 
 # The layers, bottom to top: each may import only from layers below it (and from its own).
 LAYERS = [
-    {"distillery.config", "distillery.records", "distillery.faults", "distillery.processes"},
+    {"distillery.errors", "distillery.config", "distillery.records", "distillery.faults", "distillery.processes"},
     {"distillery.models"},
     {"distillery.integrations"},
     {"distillery.tasks"},
@@ -154,3 +154,47 @@ def test_served_model_loader_imports_nothing_of_distillery():
                "transformers", "tokenizers",  # tokenizers: a dependency of transformers (its fast tokenizers)
                "onnxruntime"}  # onnxruntime: only for the onnx-int8 form, in its requirements then
     assert _imports(path) <= allowed, _imports(path) - allowed
+
+
+def test_every_error_a_user_sees_is_a_distillery_error():
+    """One base class (with its exit status): the CLI reports any of them in one line without knowing each."""
+    import importlib
+    import inspect
+
+    from distillery.errors import DistilleryError
+
+    # not the user's errors: an injected test fault, the guard's internal refusal (answered as HTTP), the served
+    # loader's (it imports nothing of distillery), and the SIGTERM signal
+    exempt = {"InjectedFault", "Refused", "InputError", "Terminated"}
+    found = []
+    for folder in ("distillery", "distillery/integrations", "models", "tasks", "flows"):
+        for path in sorted((ROOT / folder).glob("*.py")):
+            if path.name == "__main__.py":  # importing it runs the CLI
+                continue
+            module = importlib.import_module(_module_name(path))
+            for name, cls in inspect.getmembers(module, inspect.isclass):
+                if cls.__module__ == module.__name__ and issubclass(cls, BaseException) and name not in exempt:
+                    found.append(name)
+                    assert issubclass(cls, DistilleryError), f"{module.__name__}.{name} is not a DistilleryError"
+    assert {"ConfigError", "DataError", "ModelError", "GateError", "TrackingError"} <= set(found), found
+
+
+def test_the_work_folder_is_named_in_one_place():
+    """Every path under the work folder comes from distillery/paths.py: no module spells ``workdir / "..."``, and
+    every kind is either collected by gc or kept with a reason."""
+    import re
+
+    from distillery.paths import COLLECTED, KEPT, WorkFolder
+
+    spelled = re.compile(r"workdir\s*/\s*[\"'A-Z]")
+    for path in sorted(ROOT.glob("*/*.py")) + sorted(ROOT.glob("distillery/integrations/*.py")):
+        if path.parts[-2] in ("tests", ".venv") or path.name == "paths.py":
+            continue
+        assert not spelled.search(path.read_text()), f"{path.relative_to(ROOT)} names a work folder: use cfg.work"
+    assert not set(COLLECTED) & set(KEPT)
+    work = WorkFolder(Path("/w"), Path("/cache"))
+    assert work.teacher_outputs == Path("/cache") and work.onnx == Path("/w/onnx")
+    import pytest
+
+    with pytest.raises(KeyError, match="paths.py"):
+        work.kind("new-kind")

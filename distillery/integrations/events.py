@@ -9,13 +9,14 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from prefect.events import emit_event
+from distillery.errors import DistilleryError
 
 REDISTILL_EVENT = "distillery.redistill.requested"
 GATE_PASSED_EVENT = "distillery.gate.passed"
 GATE_REJECTED_EVENT = "distillery.gate.rejected"
 
 
-class PrefectUnavailable(RuntimeError):
+class PrefectUnavailable(DistilleryError, RuntimeError):
     """The Prefect API (a configured server, or the temporary one) cannot be reached; the message says what to do."""
 
 

@@ -17,13 +17,14 @@ from pathlib import Path
 import pandas as pd
 
 from distillery.config import ValidationConfig
+from distillery.errors import DistilleryError
 
 ROW_COLUMNS = ["id", "split", "predicted_label", "all_finite", "prob_min", "prob_max", "prob_sum", "max_prob",
                "entropy_fraction", "val_correct"]
 DOCS_SITE = "distillery_teacher_outputs"
 
 
-class ValidationFailed(RuntimeError):
+class ValidationFailed(DistilleryError, RuntimeError):
     """Teacher outputs failed the suite: nothing may train on them."""
 
     def __init__(self, report: "ValidationReport"):

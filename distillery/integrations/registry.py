@@ -37,13 +37,14 @@ from distillery.integrations.guard import Guard, ServingLimits
 from distillery.models.modeling import MAX_PARAMETERS, check_classifier_folder, refuse_custom_code
 from distillery.integrations.served_model import CLASSIFIER_ARTIFACT, ONNX_INT8_FILE, SERVING_FILE
 from distillery.records import SnapshotRef
+from distillery.errors import DistilleryError
 
 logger = logging.getLogger(__name__)
 
 PER_CLASS_FILE = "per_class_f1.json"
 
 
-class TrackingError(RuntimeError):
+class TrackingError(DistilleryError, RuntimeError):
     """MLflow is unreachable or the registry lacks what was asked for; the message says what to do."""
 
 

@@ -16,9 +16,10 @@ import tempfile
 from pathlib import Path
 
 import yaml
+from distillery.errors import DistilleryError
 
 
-class VersioningError(RuntimeError):
+class VersioningError(DistilleryError, RuntimeError):
     """A DVC or git operation failed; the message says which and what to do."""
 
 

@@ -87,7 +87,7 @@ def main() -> int:
     result = {
         "profile": args.name, "evaluation_run": run_id, "served": served,
         "setting": {k: params.get(k) for k in sorted(params) if k.startswith("oos.")},
-        "candidates": {k: {kk: v for kk, v in m.items() if kk.startswith(("oos.", "abstain", "temperature",
+        "candidates": {k: {kk: v for kk, v in m.items() if kk.startswith(("oos.", "abstain", "calibration_temperature",
                                                                              "accuracy", "ece"))}
                        for k, m in metrics.items()},
         "ratios": ratios,

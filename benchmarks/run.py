@@ -69,17 +69,17 @@ def main() -> int:
     from distillery.config import load_config
     from distillery.models.data import read_snapshot
     from distillery.models.evaluation import (TimingSettings, encode_per_folder, evaluate_model, harness_candidates,
-                                              paired_latency_ratio)
+                                              paired_latency_ratio, served_path_latency)
     from distillery.models.labelling import teacher_logits
-    from distillery.models.modeling import count_parameters, load_classifier, load_tokenizer
+    from distillery.models.modeling import load_classifier, load_tokenizer
     from distillery.models.report import frontier_table, headline_ratios, pareto, plot_frontier, results_table
     from distillery.models.training import DistillationObjective, encode, train_model
     from distillery.integrations import registry
     from distillery.records import Candidate, Lineage, TeacherRef, served_candidate
-    from distillery.tasks.evaluate import onnx_teacher_folder, served_path_latency
+    from distillery.tasks.evaluate import onnx_teacher_folder, served_predictor
     from distillery.tasks.data import freeze
     from distillery.tasks.labelling import rows_to_label
-    from distillery.tasks.teacher import settings_from
+    from distillery.models.students import settings_from
 
     from distillery.config import parse_override_args
 
@@ -144,7 +144,8 @@ def main() -> int:
     for name in contenders:  # each student against the reference in interleaved pairs: p50s taken minutes apart
         model, _, folder = candidates[name]  # drift with the machine, the paired ratios do not
         metrics[name].update(paired_latency_ratio(model, *encoded[folder], r_model, *encoded[r_folder], timing))
-    metrics[served].update(served_path_latency(str(student_dir), form, cfg.distill.max_length, texts_test, timing))
+    metrics[served].update(served_path_latency(served_predictor(form, cfg.distill.max_length, timing.threads)(
+        str(student_dir)), texts_test, timing))
     results["served"], results["reference"] = served, reference
     results["models"] = metrics
     results["ratios"] = headline_ratios(metrics, served, reference)
@@ -205,7 +206,8 @@ def main() -> int:
     # 4. orchestration + tracking overhead on the same short distillation
     from prefect import flow
 
-    from distillery.tasks.distill import make_student, train_student
+    from distillery.models.students import make_student
+    from distillery.tasks.distill import train_student
 
     overrides = {**probe, "distill.epochs": 1, "distill.max_steps": args.overhead_steps}
     probe_cfg = load_config(args.config, {**overrides, "runtime.workdir": f"{scratch.name}/work"})

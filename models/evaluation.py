@@ -7,13 +7,17 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
+import pandas as pd
 import torch
 from transformers import PreTrainedModel
 
+from distillery.config import EvaluationConfig
 from distillery.records import PRIMARY, served_candidate
-from distillery.models.metrics import classification_metrics
+from distillery.models.calibration import abstention, calibrated, fit_temperature
+from distillery.models.metrics import classification_metrics, expected_calibration_error
 from distillery.models.modeling import count_parameters, load_classifier, load_tokenizer, quantize_int8, size_on_disk
 from distillery.models.training import Encoded, collate, encode, predict_logits
 
@@ -182,3 +186,105 @@ def encode_per_folder(folders: set[str], texts: list[str], labels: list[int],
         tokenizer = load_tokenizer(Path(folder))
         out[folder] = (encode(tokenizer, texts, max_length, labels), tokenizer.pad_token_id)
     return out
+
+
+def timing_settings(e: EvaluationConfig) -> TimingSettings:
+    """The harness's timing settings from the ``evaluation`` section."""
+    return TimingSettings(threads=e.threads, warmup=e.warmup, repeats=e.repeats,
+                          throughput_batches=e.throughput_batches)
+
+
+HARNESS_SPLITS = ("test", "validation", "oos_validation", "oos_test")
+
+
+def encode_harness_rows(folders: set[str], splits: dict[str, pd.DataFrame], oos: dict[str, pd.DataFrame] | None,
+                        max_length: int) -> dict[str, dict[str, tuple[Encoded, int]]]:
+    """``{split: {folder: (encoded, pad id)}}`` for test and validation, and the out-of-scope validation and test
+    rows when ``oos`` is given (abstention is measured; a missing split encodes as no rows)."""
+    frames = {"test": splits["test"], "validation": splits["validation"]}
+    if oos is not None:
+        frames |= {k: oos.get(k, splits["test"].iloc[:0]) for k in ("oos_validation", "oos_test")}
+    return {name: encode_per_folder(folders, df["text"].tolist(), [max(i, 0) for i in df["label_id"]], max_length)
+            for name, df in frames.items()}
+
+
+@dataclass
+class Measured:
+    """What the harness measured: per candidate its metrics, its test logits and (with abstention) the out-of-scope
+    trade-off curve."""
+
+    metrics: dict[str, dict]
+    logits: dict[str, np.ndarray]
+    curves: dict[str, tuple]
+
+
+def measure_candidates(candidates: dict[str, tuple], encoded: dict[str, dict], num_classes: int,
+                       e: EvaluationConfig, timing: TimingSettings) -> Measured:
+    """Every candidate on the test split (quality, speed, size; agreement with the FP32 teacher, measured first),
+    its validation accuracy (which chooses the gate's reference), a calibration temperature fitted on validation
+    and measured on test, and, when ``encoded`` holds out-of-scope rows, an abstention threshold chosen on
+    validation and measured on test."""
+    measured = Measured({}, {}, {})
+    reference_pred = None
+    for name, (model, params, folder) in candidates.items():
+        data, pad = encoded["test"][folder]
+        size = model.size_bytes() if hasattr(model, "size_bytes") else None  # an ONNX file's bytes
+        m, out = evaluate_model(model, data, pad, num_classes, reference_pred, timing, params, e.ece_bins,
+                                size_bytes=size)
+        if name == "teacher_fp32":
+            reference_pred = out.argmax(1)
+        gold = data.labels.numpy()
+        val_data, val_pad = encoded["validation"][folder]
+        val_logits, val_labels = predict_logits(model, val_data, val_pad), val_data.labels.numpy()
+        m["val_accuracy"] = float((val_logits.argmax(1) == val_labels).mean())
+        if e.calibrate:
+            m["calibration_temperature"] = fit_temperature(val_logits, val_labels)
+            m["ece_calibrated"] = expected_calibration_error(calibrated(out, m["calibration_temperature"]), gold,
+                                                             e.ece_bins)
+        if "oos_test" in encoded:
+            oos_logits = {k: predict_logits(model, *encoded[k][folder]) for k in ("oos_validation", "oos_test")}
+            threshold, om, measured.curves[name] = abstention(
+                val_logits, val_labels, oos_logits["oos_validation"], out, gold, oos_logits["oos_test"],
+                m.get("calibration_temperature", 1.0), e.abstain_target, e.abstain_value, e.abstain_score)
+            m.update({"abstain_threshold": threshold, **om.to_dict()})
+        measured.metrics[name], measured.logits[name] = m, out
+        logger.info("%s: accuracy %.4f, macro-F1 %.4f, p50 %.2f ms, %.1f MB", name, m["accuracy"], m["macro_f1"],
+                    m["latency_p50_ms"], m["size_mb"])
+    return measured
+
+
+def served_path_latency(predict: Callable[[list[str]], object], texts: list[str],
+                        timing: TimingSettings) -> dict[str, float]:
+    """Batch-1 latency of a served code path end to end (``predict``: the registered model's own loader tokenising,
+    running its form and post-processing), one text at a time."""
+    rows = np.random.default_rng(timing.seed).choice(len(texts), size=timing.warmup + timing.repeats, replace=True)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(timing.threads)
+    samples = []
+    try:
+        for k, i in enumerate(rows):
+            start = time.perf_counter()
+            predict([texts[int(i)]])
+            if k >= timing.warmup:
+                samples.append((time.perf_counter() - start) * 1000.0)
+    finally:
+        torch.set_num_threads(previous)
+    return {"served_latency_p50_ms": float(np.percentile(samples, 50)),
+            "served_latency_p95_ms": float(np.percentile(samples, 95))}
+
+
+def time_served_forms(candidates: dict[str, tuple], metrics: dict[str, dict], encoded: dict[str, tuple],
+                      students: dict[str, str], form: str, reference: str, texts: list[str],
+                      served_predictor: Callable[[str], Callable[[list[str]], object]],
+                      timing: TimingSettings) -> list[str]:
+    """Each student (``{shape: folder}``) in its served ``form``, timed against the gate's ``reference`` in
+    interleaved pairs (``paired_latency_ratio``) and through its served code path end to end
+    (``served_predictor(folder)``); adds both to ``metrics`` and returns the served candidates' names."""
+    contenders = [served_candidate(form, name) for name in students]
+    r_model, _, r_folder = candidates[reference]
+    for name, contender in zip(students, contenders):
+        model, _, folder = candidates[contender]
+        paired = paired_latency_ratio(model, *encoded[folder], r_model, *encoded[r_folder], timing)
+        paired.update(served_path_latency(served_predictor(students[name]), texts, timing))
+        metrics[contender].update(paired)
+    return contenders

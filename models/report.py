@@ -10,6 +10,7 @@ matplotlib.use("Agg")  # headless: never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from distillery.config import EvaluationConfig  # noqa: E402
 from distillery.models.calibration import accuracy_cost, tradeoff_curve  # noqa: E402
 from distillery.models.metrics import reliability_curve, softmax  # noqa: E402
 
@@ -29,7 +30,7 @@ def results_table(metrics: dict[str, dict]) -> str:
         lines.append(f"{name:<{w}}{m['accuracy']:>9.4f}{m['macro_f1']:>9.4f}{m['ece']:>7.3f}{m['agreement']:>7.3f}"
                      f"{m['latency_p50_ms']:>8.2f}{m['latency_p95_ms']:>8.2f}{m['throughput_rps']:>8.0f}"
                      f"{m['parameters'] / 1e6:>9.1f}{m['size_mb']:>7.1f}"
-                     + (f"{m['temperature']:>6.2f}{m['ece_calibrated']:>7.3f}" if calibrated else ""))
+                     + (f"{m['calibration_temperature']:>6.2f}{m['ece_calibrated']:>7.3f}" if calibrated else ""))
     return "\n".join(lines)
 
 
@@ -274,7 +275,7 @@ def _oos_section(metrics: dict[str, dict], served: str | None, score: str = "con
     what = ("its energy score T * logsumexp(logits / T)" if score == "energy" else "its calibrated confidence")
     lines = ["## Out-of-scope inputs", "",
              f"The served model answers the out-of-scope label when {what} (temperature "
-             f"{m.get('temperature', 1.0):.3f}) is below **{m['abstain_threshold']:.4f}** (chosen on the validation "
+             f"{m.get('calibration_temperature', 1.0):.3f}) is below **{m['abstain_threshold']:.4f}** (chosen on the validation "
              f"split)."]
     if "oos.recall" in m:
         cost = accuracy_cost(m)
@@ -313,3 +314,50 @@ def model_card(name: str, version: str, lineage: dict, metrics: dict[str, dict],
         "model.predict([\"my card has not arrived yet\"])", "```", "",
     ]
     return "\n".join(lines)
+
+
+def write_evaluation(folder: Path, metrics: dict[str, dict], logits: dict[str, np.ndarray], curves: dict[str, tuple],
+                     gold: np.ndarray, labels: list[str], served: str, reference: str, contenders: tuple[str, ...],
+                     ece_bins: int, oos_rows: int = 0) -> str:
+    """The evaluation's files in ``folder``: ``results.txt`` (the results table, the frontier and, with abstention,
+    the out-of-scope table), ``frontier.txt`` and the plots of the form the gate judges and that is served
+    (confusion, reliability, frontier, per-class F1 difference, and the out-of-scope trade-off when abstention was
+    measured, ``curves``, on ``oos_rows`` out-of-scope test rows); returns the table."""
+    frontier_text = frontier_table(metrics, contenders, reference)
+    table = results_table(metrics) + "\n\nFrontier (smallest first; * = no other candidate is as accurate, as fast and " \
+        "as small):\n" + frontier_text
+    if curves:
+        table += "\n\nOut of scope (each candidate at its own threshold):\n" + oos_table(metrics)
+    shown = tuple(dict.fromkeys(("teacher_fp32", reference, served, "baseline_fp32")))
+    plot_confusion(logits[served], gold, labels, folder / "confusion_student.png",
+                   f"Confusion of the served student ({served})")
+    plot_reliability({k: (logits[k], gold) for k in shown}, folder / "reliability.png", ece_bins)
+    plot_frontier(metrics, folder / "frontier.png", served=served, reference=reference)
+    plot_f1_difference(metrics["teacher_fp32"]["per_class_f1"], metrics[served]["per_class_f1"], labels,
+                       folder / "per_class_f1_student_minus_teacher.png", student=served)
+    if curves and oos_rows:
+        plot_oos_tradeoff({k: curves[k] for k in shown}, metrics, folder / "oos_tradeoff.png")
+    (folder / "results.txt").write_text(table + "\n")
+    (folder / "frontier.txt").write_text(frontier_text + "\n")
+    return table
+
+
+def harness_summary(metrics: dict[str, dict], contenders: list[str], reference: str, references: tuple[str, ...],
+                    e: EvaluationConfig, abstained: bool) -> list[str]:
+    """The lines the evaluation logs after measuring: how the reference was chosen, each served student's paired
+    latency and served path, the out-of-scope table and the calibration temperatures."""
+    lines = ["gate reference: %s (validation accuracy %s)" % (reference, ", ".join(
+        f"{k} {metrics[k]['val_accuracy']:.4f}" for k in references))]
+    for c in contenders:
+        m = metrics[c]
+        lines.append(f"{c} / {reference} batch-1 latency, interleaved pairs: median {m['latency_ratio_paired']:.3f}, "
+                     f"p90 {m['latency_ratio_paired_p90']:.3f}; served path end to end p50 "
+                     f"{m['served_latency_p50_ms']:.2f} ms (bare forward {m['latency_p50_ms']:.2f} ms)")
+    if abstained:
+        lines.append(f"out of scope (threshold on {e.abstain_score} chosen on validation for {e.abstain_target}="
+                     f"{e.abstain_value}):\n{oos_table(metrics)}")
+    if e.calibrate:
+        lines.append("temperature scaling (fitted on validation): " + ", ".join(
+            f"{k} T={m['calibration_temperature']:.2f} ECE {m['ece']:.3f} -> {m['ece_calibrated']:.3f}"
+            for k, m in metrics.items()))
+    return lines

@@ -7,7 +7,6 @@ import dataclasses
 import json
 from pathlib import Path
 
-import mlflow
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -116,8 +115,8 @@ def judge(cfg: Config, run_id: str, evaluation: Evaluation) -> tuple[Decision, d
     with registry.open_run(cfg, run_id):
         registry.log_json({**decision.to_dict(), "judged": {n: d.to_dict() for n, d in decisions.items()}},
                           "gate/decision.json")
-        mlflow.log_metric("gate.passed", float(decision.passed))
-        mlflow.set_tags({DECISION_TAG: PROMOTED if decision.passed else REJECTED,
+        registry.log_metrics({"gate.passed": float(decision.passed)})
+        registry.set_tags({DECISION_TAG: PROMOTED if decision.passed else REJECTED,
                          "gate.failed": ",".join(decision.failed_names()) or "none",
                          "gate.student": served[chosen], "gate.reference": evaluation.reference,
                          "git.revision": store.git_revision(Path(cfg.root))})
@@ -140,7 +139,7 @@ def scope_tags(snapshot: SnapshotRef) -> dict[str, str]:
 def served_calibration(cfg: Config, metrics: dict) -> dict | None:
     """What the registered model applies to its confidences, from what the harness fitted on validation: the
     temperature, and the abstention threshold with the label it answers below it."""
-    calibration = {k: metrics[k] for k in ("temperature",) if k in metrics}
+    calibration = {k: metrics[k] for k in ("calibration_temperature",) if k in metrics}
     if "abstain_threshold" in metrics:
         calibration.update(abstain_below=metrics["abstain_threshold"], abstain_score=cfg.evaluation.abstain_score,
                            oos_label=cfg.data.oos_label or cfg.evaluation.oos_label)
@@ -198,7 +197,7 @@ def promote(cfg: Config, run_id: str, snapshot: SnapshotRef, teacher: TeacherRef
                           {**student.candidate.to_dict(), "student": student_cfg.model_dump_json()}, served=deployed,
                           abstain_score=cfg.evaluation.abstain_score, reference=evaluation.reference)
         with registry.open_run(cfg, run_id):
-            mlflow.log_text(card, "model_card.md")
+            registry.log_text(card, "model_card.md")
         reg.describe(name, version, card)
         reg.set_alias(name, alias, version)
     except Exception as exc:

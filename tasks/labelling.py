@@ -10,7 +10,6 @@ import shutil
 import threading
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 from prefect import get_run_logger, task
@@ -231,9 +230,9 @@ def validate_outputs(cfg: Config, outputs_path: str, expected_rows: int, run_id:
     with registry.open_run(cfg, run_id):
         registry.log_folder(docs, "data_docs")
         registry.log_json(report.summary(), "validation/teacher_outputs.json")
-        mlflow.log_metrics({f"gx.{k}": v for k, v in report.statistics.items()} |
+        registry.log_metrics({f"gx.{k}": v for k, v in report.statistics.items()} |
                            {"gx.evaluated": report.evaluated, "gx.failed": len(report.failed)})
-        mlflow.set_tags({"gx.success": str(report.success).lower(), "gx.failed": len(report.failed)})
+        registry.set_tags({"gx.success": str(report.success).lower(), "gx.failed": len(report.failed)})
     if not report.success:
         registry.finish_run(run_id, "FAILED")
         raise ValidationFailed(report)
@@ -261,11 +260,11 @@ def log_labelling(cfg: Config, run_id: str, teacher: TeacherRef, snapshot: Snaps
     with registry.open_run(cfg, run_id):
         registry.log_params({**teacher.to_tags(), **snapshot.to_tags(), "labelling.cache_key": key,
                              "labelling.shards": cfg.labelling.shards, **augment_tags(cfg, inputs)})
-        mlflow.set_tags({"teacher_outputs.cache_hit": str(cache_hit).lower(),
+        registry.set_tags({"teacher_outputs.cache_hit": str(cache_hit).lower(),
                          "teacher_outputs.source_run": meta["run_id"], "teacher_outputs.path": outputs_path})
-        mlflow.log_metric("labelling_seconds", seconds)
+        registry.log_metrics({"labelling_seconds": seconds})
         if not cache_hit and "reused_rows" in meta:  # this run's own labelling: how much of it was reused
-            mlflow.log_metrics({"labelling_labelled_rows": meta["labelled_rows"],
+            registry.log_metrics({"labelling_labelled_rows": meta["labelled_rows"],
                                 "labelling_reused_rows": meta["reused_rows"]})
 
 

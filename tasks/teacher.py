@@ -3,26 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
-import mlflow
 import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from distillery.config import Config, DistillConfig, TeacherConfig
-from distillery.faults import fault_point
+from distillery.config import Config
 from distillery.integrations import registry, store
 from distillery.records import SnapshotRef, TeacherRef
 from distillery.models.data import read_snapshot
 from distillery.models.metrics import classification_metrics
 from distillery.models.modeling import (
-    PACKAGED_BASE_MODELS,
     ModelError,
     align_labels,
     count_parameters,
@@ -32,36 +26,8 @@ from distillery.models.modeling import (
     save_classifier,
 )
 from distillery.models.randomness import seeded
-from distillery.models.training import CrossEntropyObjective, TrainSettings, encode, predict_logits, train_model
-
-
-def model_name(cfg: Config, name: str) -> str:
-    """A packaged base model's name as it is, a folder resolved against the config root."""
-    return name if name in PACKAGED_BASE_MODELS else str(cfg.path(name))
-
-
-def settings_from(section: TeacherConfig | DistillConfig) -> TrainSettings:
-    return TrainSettings(
-        epochs=section.epochs, batch_size=section.batch_size, learning_rate=section.learning_rate,
-        weight_decay=section.weight_decay, warmup_fraction=section.warmup_fraction, max_length=section.max_length,
-        patience=getattr(section, "patience", section.epochs), seed=section.seed, max_steps=section.max_steps,
-        group_by_length=section.group_by_length,
-    )
-
-
-def epoch_callback(run_logger: Callable[[int, dict], None]) -> Callable[[int, dict], None]:
-    """The MLflow curve logger, then the ``train.epoch_end`` fault point (before that epoch's checkpoint)."""
-
-    def on_epoch_end(epoch: int, row: dict) -> None:
-        run_logger(epoch, row)
-        fault_point("train.epoch_end")
-
-    return on_epoch_end
-
-
-def checkpoint_key(*parts: object) -> str:
-    """A checkpoint folder name from everything that shapes the training: a re-run after a crash finds it again."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+from distillery.models.students import checkpoint_key, epoch_callback, model_name, settings_from
+from distillery.models.training import CrossEntropyObjective, encode, predict_logits, train_model
 
 
 @task(name="fine-tune-teacher", cache_policy=NO_CACHE)
@@ -96,7 +62,7 @@ def fine_tune_teacher(cfg: Config, snapshot: SnapshotRef, run_id: str) -> tuple[
         summary = {"val_accuracy": metrics["accuracy"], "val_macro_f1": metrics["macro_f1"], "val_ece": metrics["ece"],
                    "train_seconds": time.perf_counter() - start, "best_epoch": result.best_epoch,
                    "resumed_from_epoch": result.resumed_from_epoch}
-        mlflow.log_metrics(summary)
+        registry.log_metrics(summary)
     folder = save_classifier(model, tokenizer, cfg.work.teachers / run_id)
     logger.info("teacher fine-tuned: validation accuracy %.4f, macro-F1 %.4f (best epoch %d%s)",
                 summary["val_accuracy"], summary["val_macro_f1"], result.best_epoch,
@@ -158,9 +124,9 @@ def register_teacher(cfg: Config, snapshot: SnapshotRef, run_id: str, folder: st
     revision = store.git_revision(Path(cfg.root))
     with registry.open_run(cfg, run_id):
         info = registry.log_classifier(Path(folder), max_length=cfg.teacher.max_length)
-        mlflow.set_tags({**snapshot.to_tags(), "git.revision": revision, **(provenance or {})})
+        registry.set_tags({**snapshot.to_tags(), "git.revision": revision, **(provenance or {})})
         if provenance:  # an imported teacher's measurements (a fine-tuned one logged them while training)
-            mlflow.log_metrics(metrics)
+            registry.log_metrics(metrics)
     name = cfg.teacher.registered_name
     base = (provenance or {}).get("teacher.source", cfg.teacher.base_model)
     draft = TeacherRef(name=name, version="", run_id=run_id, folder=folder, base_model=base,

@@ -65,8 +65,8 @@ def test_good_student_is_promoted_then_a_crippled_one_is_refused(teacher_project
     assert "DynamicQuantizedLinear" in repr(served.unwrap_python_model().classifier.model)  # served as gated: INT8
     # calibrated as measured: the served form's temperature, fitted on validation, travels with the model
     int8_run = next(r for r in nested if r.data.tags["candidate"] == "student_int8")
-    assert served.unwrap_python_model().classifier.settings["temperature"] == pytest.approx(
-        int8_run.data.metrics["temperature"], rel=1e-6)
+    assert served.unwrap_python_model().classifier.settings["calibration_temperature"] == pytest.approx(
+        int8_run.data.metrics["calibration_temperature"], rel=1e-6)
     assert "ece_calibrated" in int8_run.data.metrics
 
     # the baseline holds no teacher knowledge: its layers came from the teacher's base model before fine-tuning
@@ -281,7 +281,7 @@ def test_baseline_is_cut_from_the_base_model_or_says_why_not(teacher_project: Pa
     import torch
 
     from distillery.models.modeling import build_tiny_model, encoder_layers, load_classifier
-    from distillery.tasks.distill import baseline_source
+    from distillery.models.students import baseline_source
     from distillery.tasks.teacher import resolve_teacher
     from tests.helpers import LABELS, make_frames
 

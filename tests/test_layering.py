@@ -92,6 +92,7 @@ def test_cli_calls_flows_only():
 
 
 def test_tasks_define_tasks_and_integrations_live_in_one_home():
+    """tasks/ included: a task logs through the registry adapter, never MLflow itself."""
     for path in sorted((ROOT / "tasks").glob("*.py")):
         if path.stem != "__init__":
             assert "@task(" in path.read_text(), f"tasks/{path.name} defines no Prefect task"
@@ -102,7 +103,7 @@ def test_tasks_define_tasks_and_integrations_live_in_one_home():
         if path.parts[-2] in ("tests", "benchmarks", ".venv"):
             continue
         for library, home in homes.items():
-            if library in _imports(path) and path.name not in home and path.parent.name != "tasks":
+            if library in _imports(path) and path.name not in home:
                 raise AssertionError(f"{path.relative_to(ROOT)} imports {library}: its home is {home}")
 
 

@@ -179,7 +179,7 @@ def test_out_of_scope_through_the_pipeline(oos_project: Path):
     served = model.unwrap_python_model().classifier
     assert served.settings["abstain_score"] == "energy" and served.settings["abstain_below"] == threshold
     scaled = served.scaled_logits(texts)
-    score = in_scope_score(scaled * served.settings["temperature"], served.settings["temperature"], "energy")
+    score = in_scope_score(scaled * served.settings["calibration_temperature"], served.settings["calibration_temperature"], "energy")
     below = score < threshold
     assert list(out["abstained"]) == list(below)
     assert set(out.loc[below, "label"]) <= {"oos"} and "oos" not in set(out.loc[~below, "label"])

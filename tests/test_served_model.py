@@ -84,7 +84,7 @@ def test_calibration_travels_with_the_model_and_low_confidence_abstains(logged, 
     threshold = float((ranked[1] + ranked[2]) / 2)  # two texts below it, three above
     with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("served").experiment_id):
         info = registry.log_classifier(tiny_teacher_dir, max_length=16, calibration={
-            "temperature": 2.0, "abstain_below": threshold, "oos_label": "oos"})
+            "calibration_temperature": 2.0, "abstain_below": threshold, "oos_label": "oos"})
     out = mlflow.pyfunc.load_model(info.model_uri).predict(TEXTS, params={"top_k": 2})
     np.testing.assert_allclose(out["confidence"].to_numpy(), probs.max(1), atol=1e-6)
     below = probs.max(1) < threshold
@@ -113,7 +113,7 @@ def test_energy_score_abstention_matches_the_harness(logged, tiny_teacher_dir):
     threshold = float((ranked[2] + ranked[3]) / 2)  # three texts below it
     with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("served").experiment_id):
         info = registry.log_classifier(tiny_teacher_dir, max_length=16, calibration={
-            "temperature": 1.5, "abstain_below": threshold, "abstain_score": "energy", "oos_label": "none"})
+            "calibration_temperature": 1.5, "abstain_below": threshold, "abstain_score": "energy", "oos_label": "none"})
     out = mlflow.pyfunc.load_model(info.model_uri).predict(TEXTS)
     assert list(out["abstained"]) == list(energy < threshold) and out["abstained"].sum() == 3
     assert set(out.loc[out["abstained"], "label"]) == {"none"}

@@ -202,7 +202,7 @@ def test_a_narrow_student_can_start_from_the_teachers_weights(tiny_teacher_dir):
 
 def test_checkpoint_keys_ignore_the_served_form_and_unset_later_keys():
     from distillery.config import StudentConfig
-    from distillery.tasks.distill import training_shape
+    from distillery.models.students import training_shape
 
     base = StudentConfig()
     before = {"init": "cut", "base_model": "minilm", "layers": (0, 5), "num_layers": 2, "hidden_size": 256,

@@ -247,7 +247,7 @@ def log_classifier(folder: Path, name: str = "model", quantize: str = "fp32", ma
 
     The loader is ``served_model.py`` (models-from-code), so the model loads wherever its requirements are installed;
     ``quantize`` and ``max_length`` are the served form and tokenizer settings the harness measured;
-    ``calibration`` (``temperature``, ``abstain_below``, ``oos_label``) how confidences are scaled and when to abstain.
+    ``calibration`` (``calibration_temperature``, ``abstain_below``, ``oos_label``) how confidences are scaled and when to abstain.
     """
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
@@ -390,6 +390,21 @@ def log_params(params: dict[str, Any]) -> None:
     mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
 
 
+def log_metrics(metrics: dict[str, float]) -> None:
+    """Log metrics to the active run (tasks log through this adapter, never MLflow itself)."""
+    mlflow.log_metrics(metrics)
+
+
+def set_tags(tags: dict[str, Any]) -> None:
+    """Tag the active run."""
+    mlflow.set_tags(tags)
+
+
+def log_text(text: str, artifact_file: str) -> None:
+    """A text artifact on the active run."""
+    mlflow.log_text(text, artifact_file)
+
+
 def log_json(data: Any, artifact_file: str) -> None:
     mlflow.log_dict(data, artifact_file)
 
@@ -517,6 +532,31 @@ def open_run(cfg: Config, run_id: str) -> Iterator[mlflow.ActiveRun]:
         mlflow.end_run("FAILED" if isinstance(exc, Exception) else "KILLED")
         raise
     mlflow.end_run("FINISHED")
+
+
+def log_to_run(cfg: Config, run_id: str, params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
+               tags: dict[str, Any] | None = None, folder: Path | None = None, artifact_path: str | None = None) -> None:
+    """Log to a run by id, in one reopening: params, metrics, tags and a folder of files (as ``artifact_path``)."""
+    with open_run(cfg, run_id):
+        if params:
+            log_params(params)
+        if metrics:
+            mlflow.log_metrics(metrics)
+        if tags:
+            mlflow.set_tags({k: tag_value(v) for k, v in tags.items()})
+        if folder is not None:
+            log_folder(folder, artifact_path)
+
+
+def log_candidate_runs(cfg: Config, eval_run_id: str, metrics: dict[str, dict], labels: list[str],
+                       tags: dict[str, dict[str, Any]]) -> None:
+    """One nested run per measured candidate under the evaluation run: its metrics, its per-class F1 (by label, what
+    the gate reads back) and its ``tags`` (the measured files' hash among them)."""
+    for name, m in metrics.items():
+        run_id = create_run(cfg, name, {"stage": "evaluate", "candidate": name, **tags.get(name, {})}, eval_run_id)
+        with open_run(cfg, run_id):
+            mlflow.log_metrics({k: v for k, v in m.items() if k != "per_class_f1"})
+            log_json(dict(zip(labels, m["per_class_f1"])), PER_CLASS_FILE)
 
 
 def finish_run(run_id: str, status: str = "FINISHED") -> None:

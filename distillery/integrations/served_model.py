@@ -73,7 +73,7 @@ def read_serving(folder: Path) -> dict:
     """The serving settings written beside the weights (form and tokenizer settings)."""
     path = Path(folder) / SERVING_FILE
     settings = json.loads(path.read_text()) if path.is_file() else {}
-    defaults = {"quantize": "fp32", "max_length": 128, "truncation": True, "temperature": 1.0, "abstain_below": None,
+    defaults = {"quantize": "fp32", "max_length": 128, "truncation": True, "calibration_temperature": 1.0, "abstain_below": None,
                 "abstain_score": "confidence", "oos_label": DEFAULT_OOS_LABEL}
     return {**defaults, **settings}
 
@@ -149,7 +149,7 @@ class ServedClassifier:
         out = []
         for start in range(0, len(texts), BATCH_SIZE):
             out.append(self._forward(self.encode(texts[start:start + BATCH_SIZE]))
-                       / float(self.settings["temperature"]))
+                       / float(self.settings["calibration_temperature"]))
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)
 
     def _forward(self, enc: dict[str, np.ndarray]) -> np.ndarray:
@@ -171,7 +171,7 @@ class ServedClassifier:
         if self.settings["abstain_score"] == "energy":
             top = scaled.max(axis=1, keepdims=True)
             lse = top[:, 0] + np.log(np.exp(scaled - top).sum(axis=1))
-            return float(self.settings["temperature"]) * lse
+            return float(self.settings["calibration_temperature"]) * lse
         return probs.max(axis=1)
 
     def predict(self, texts: list[str], top_k: int = 1) -> pd.DataFrame:

@@ -1,0 +1,226 @@
+"""How a student (or the teacher) is made and trained from the config: the student's model and tokenizer, where its
+weights come from, the training settings and the checkpoint key (pure: no orchestration, no tracking)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from distillery.config import Config, DistillConfig, StudentConfig, TeacherConfig
+from distillery.faults import fault_point
+from distillery.records import Candidate, TeacherRef, TrainedStudent
+from distillery.models.losses import IGNORE_INDEX
+from distillery.models.modeling import (
+    PACKAGED_BASE_MODELS,
+    ModelError,
+    build_student,
+    count_parameters,
+    cut_student,
+    load_classifier,
+    load_tokenizer,
+    resolve_base_model,
+)
+from distillery.models.randomness import seeded
+from distillery.models.training import (
+    CrossEntropyObjective,
+    DistillationObjective,
+    Encoded,
+    TrainSettings,
+    encode,
+    train_model,
+)
+from distillery.models.vocabulary import prune_vocabulary
+
+
+def model_name(cfg: Config, name: str) -> str:
+    """A packaged base model's name as it is, a folder resolved against the config root."""
+    return name if name in PACKAGED_BASE_MODELS else str(cfg.path(name))
+
+
+def settings_from(section: TeacherConfig | DistillConfig) -> TrainSettings:
+    return TrainSettings(
+        epochs=section.epochs, batch_size=section.batch_size, learning_rate=section.learning_rate,
+        weight_decay=section.weight_decay, warmup_fraction=section.warmup_fraction, max_length=section.max_length,
+        patience=getattr(section, "patience", section.epochs), seed=section.seed, max_steps=section.max_steps,
+        group_by_length=section.group_by_length,
+    )
+
+
+def epoch_callback(run_logger: Callable[[int, dict], None]) -> Callable[[int, dict], None]:
+    """The MLflow curve logger, then the ``train.epoch_end`` fault point (before that epoch's checkpoint)."""
+
+    def on_epoch_end(epoch: int, row: dict) -> None:
+        run_logger(epoch, row)
+        fault_point("train.epoch_end")
+
+    return on_epoch_end
+
+
+def checkpoint_key(*parts: object) -> str:
+    """A checkpoint folder name from everything that shapes the training: a re-run after a crash finds it again."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def make_student(cfg: Config, teacher_model: PreTrainedModel, teacher_folder: Path, labels: list[str],
+                 vocab_texts: list[str] | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The configured student and the tokenizer it reads with (the teacher's, unless it is a pretrained model);
+    with ``student.prune_vocab`` both keep only the word pieces of ``vocab_texts``.
+
+    ``teacher_model`` is what a cut student is cut from (the teacher, or its base model for a baseline)."""
+    s = cfg.student
+    if s.init == "pretrained":  # e.g. MiniLM under an MPNet teacher: the student keeps its own tokenizer
+        folder = resolve_base_model(model_name(cfg, s.base_model), cfg.work.pretrained)
+        student, tokenizer = load_classifier(folder, labels), load_tokenizer(folder)
+        if s.pretrained_layers:  # a cut of the pretrained model (its embeddings, head and the chosen layers)
+            student = cut_student(student, list(s.pretrained_layers))
+    else:
+        student = build_student(teacher_model, s.init, list(s.layers), s.num_layers, s.hidden_size,
+                                s.num_attention_heads, s.intermediate_size, cfg.distill.seed, s.select_weights)
+        tokenizer = load_tokenizer(teacher_folder)
+    if s.prune_vocab:
+        student, tokenizer = prune_vocabulary(student, tokenizer, vocab_texts or [], s.vocab_reserve,
+                                              cfg.distill.max_length)
+    return student, tokenizer
+
+
+_SAME_SHAPE = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+
+
+def weights_from(cfg: Config) -> str:
+    """Where a student's initial weights come from, in words (recorded on its run)."""
+    s = cfg.student
+    kept = f", layers {list(s.pretrained_layers)}" if s.pretrained_layers else ""
+    return {"cut": f"teacher (layers {list(s.layers)})",
+            "config": "teacher's weights by selection" if s.select_weights else "random init",
+            "pretrained": f"pretrained ({s.base_model}{kept})"}[s.init]
+
+
+def baseline_source(cfg: Config, teacher_model: PreTrainedModel, teacher: TeacherRef,
+                    labels: list[str]) -> tuple[PreTrainedModel, str]:
+    """What a cut baseline is cut from, and why: with ``distill.baseline_init: base`` the teacher's pretrained base
+    model (the same layers before fine-tuning, so the baseline holds no knowledge of the teacher), else the teacher.
+
+    A base model that cannot be found or does not have the teacher's shape (a teacher registered from elsewhere)
+    falls back to the teacher's weights, and the reason is recorded on the baseline's run.
+    """
+    if cfg.student.init != "cut" or cfg.distill.baseline_init == "teacher":
+        return teacher_model, weights_from(cfg)
+    base = teacher.base_model or cfg.teacher.base_model
+    try:
+        folder = resolve_base_model(model_name(cfg, base), cfg.work.pretrained)
+        model = load_classifier(folder, labels)
+    except ModelError as exc:
+        return teacher_model, f"{weights_from(cfg)}: base model {base!r} unavailable: {exc}"
+    differs = [k for k in _SAME_SHAPE if getattr(model.config, k, None) != getattr(teacher_model.config, k, None)]
+    if differs:
+        return teacher_model, f"{weights_from(cfg)}: base model {base!r} differs from the teacher in {', '.join(differs)}"
+    return model, f"base model {base} (layers {list(cfg.student.layers)}, before fine-tuning)"
+
+
+LATER_DEFAULTS = {("pretrained_layers", None), ("select_weights", False)}
+
+
+def training_shape(student: StudentConfig) -> dict:
+    """The student settings that shape its training, as its checkpoint key sees them: not the served form or the
+    frontier (another form reuses the checkpoints), and keys added later only when set (checkpoints made before
+    them are found again)."""
+    return {k: v for k, v in student.model_dump(exclude={"deploy", "frontier"}).items()
+            if (k, v) not in LATER_DEFAULTS}
+
+
+# the baseline learns from hard labels alone; KD also from the teacher's soft labels on transfer, augmented and
+# out-of-scope rows
+KD_SPLITS = ("train", "transfer", "augmented", "oos")
+
+
+@dataclass(frozen=True)
+class StudentTraining:
+    """Everything one candidate's training needs, assembled from the config: the student and its tokenizer, the
+    objective, the encoded train and validation rows, the settings, the checkpoint key (everything that shapes the
+    training) and what to record about it."""
+
+    student: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    objective: object
+    train: Encoded
+    val: Encoded
+    settings: TrainSettings
+    key: str
+    weights_from: str
+    params: dict
+
+
+def prepare_student(cfg: Config, candidate: Candidate, teacher: TeacherRef, outputs_key: str, labels: list[str],
+                    rows: pd.DataFrame, validation: pd.DataFrame,
+                    features_for: Callable[[list[str], list[str], PreTrainedModel], np.ndarray]) -> StudentTraining:
+    """Assemble ``candidate``'s training: ``rows`` are the teacher's outputs with their texts (``split``, ``id``,
+    ``text``, ``label_id``, ``logits``); a baseline trains on the train rows' hard labels, a distilled student on
+    every KD split with the teacher's soft labels (and, for pooled feature KD, ``features_for(ids, texts, teacher
+    model)``)."""
+    baseline = candidate.kind == "baseline"
+    train_rows = rows[rows["split"].isin(["train"] if baseline else KD_SPLITS)]
+    teacher_folder = Path(teacher.folder)
+    teacher_model = load_classifier(teacher_folder).eval()
+    source, init_note = (baseline_source(cfg, teacher_model, teacher, labels) if baseline
+                         else (teacher_model, weights_from(cfg)))
+    settings = settings_from(cfg.distill)
+    if candidate.learning_rate is not None or candidate.epochs is not None:  # a search trial's own recipe
+        settings = dataclasses.replace(settings, learning_rate=candidate.learning_rate or settings.learning_rate,
+                                       epochs=candidate.epochs or settings.epochs)
+    with seeded(settings.seed):  # a new head (pretrained students) is drawn from the seeded generator
+        # both students prune to the pieces of every row KD may see, so they compare like for like
+        student, tokenizer = make_student(cfg, source, teacher_folder, labels,
+                                          rows.loc[rows["split"] != "validation", "text"].tolist())
+    hard = np.where(train_rows["label_id"] >= 0, train_rows["label_id"], IGNORE_INDEX)
+    feature_target = cfg.feature_target if not baseline and candidate.feature_weight > 0 else None
+    features = (features_for(train_rows["id"].tolist(), train_rows["text"].tolist(), teacher_model)
+                if feature_target == "pooled" else None)
+    train = encode(tokenizer, train_rows["text"].tolist(), settings.max_length, hard.tolist(),
+                   np.stack(train_rows["logits"].to_list()), features)
+    val = encode(tokenizer, validation["text"].tolist(), settings.max_length, validation["label_id"].tolist())
+    objective = CrossEntropyObjective() if baseline else DistillationObjective(
+        candidate.temperature, candidate.kd_weight, candidate.ce_weight, candidate.feature_weight,
+        cfg.distill.feature_loss, teacher=teacher_model, student=student,
+        layer_map={int(k): int(v) for k, v in (cfg.distill.layer_map or {}).items()} or None,
+        feature_target=feature_target or "hidden")
+    # what feature KD aligns shapes the training; keys without feature KD stay as they were
+    shape = {**training_shape(cfg.student), **({"feature_target": feature_target} if feature_target else {})}
+    key = checkpoint_key(outputs_key, candidate.to_dict(), shape, vars(settings), init_note)
+    params = {**{f"candidate.{k}": v for k, v in candidate.to_dict().items()},
+              **{f"student.{k}": v for k, v in cfg.student.model_dump(exclude={"frontier"}).items()},
+              "student.shape": cfg.student.label, **{f"distill.{k}": v for k, v in vars(settings).items()},
+              "student.parameters": count_parameters(student), "train_rows": len(train_rows),
+              "distill.feature_target": feature_target or "none", "student.weights_from": init_note[:250],
+              "student.checkpoint": key, **teacher.to_tags()}
+    return StudentTraining(student, tokenizer, objective, train, val, settings, key, init_note, params)
+
+
+def run_training(job: StudentTraining, candidate: Candidate, run_id: str, checkpoints: Path,
+                 on_epoch_end: Callable[[int, dict], None], prune_below: tuple = ()) -> tuple[TrainedStudent, dict]:
+    """Train ``job`` (resuming from its checkpoint folder under ``checkpoints``): the trained student's record
+    (without its folder) and the metrics to log."""
+    start = time.perf_counter()
+    result = train_model(job.student, job.objective, job.train, job.val, job.settings, job.tokenizer.pad_token_id,
+                         checkpoint_dir=checkpoints / job.key, on_epoch_end=epoch_callback(on_epoch_end),
+                         desc=candidate.name, prune_below=prune_below)
+    best = result.history[result.best_epoch - 1] if result.best_epoch else {}
+    trained = TrainedStudent(
+        run_id=run_id, folder="", candidate=candidate,
+        val_accuracy=best.get("val_accuracy", float("nan")), val_macro_f1=best.get("val_macro_f1", float("nan")),
+        best_epoch=result.best_epoch, train_seconds=time.perf_counter() - start,
+        resumed_from_epoch=result.resumed_from_epoch, weights_from=job.weights_from,
+        curve=tuple(row["val_macro_f1"] for row in result.history), pruned=result.pruned)
+    metrics = {"val_accuracy": trained.val_accuracy, "val_macro_f1": trained.val_macro_f1,
+               "best_epoch": trained.best_epoch, "train_seconds": trained.train_seconds,
+               "stopped_early": float(result.stopped_early), "pruned": float(result.pruned),
+               "resumed_from_epoch": trained.resumed_from_epoch}
+    return trained, metrics

@@ -1,9 +1,14 @@
 """One typed configuration for the whole pipeline.
 
 Frozen pydantic models, loaded from one YAML file, overridable by dotted keys (``distill.temperature=2.0``) from the
-CLI and from flow parameters. Types are checked by pydantic; ranges and cross-field rules live in ``validate_config``.
+CLI and from flow parameters. The defaults here are the default profile (``distillery.yaml`` shows each with why;
+a profile such as ``configs/fast.yaml`` lists only what differs). A check on one field sits on the field (``Field``
+bounds, ``Literal`` choices, ``Share`` for a value in [0, 1]); only rules across fields are in ``validate_config``.
 A bad value ends in one ``ConfigError`` that names the key and says what is allowed. Load it once at an entry point
 and hand it (or the section a step needs) down.
+
+Layering (``extends:``) and the section-by-section merge are the ~30 lines of ``_read_layered``: smaller than the
+glue a config library (OmegaConf, Hydra) would need to keep these frozen pydantic models and their one-line errors.
 """
 
 from __future__ import annotations
@@ -12,10 +17,10 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
 from distillery.errors import DistilleryError
 from distillery.paths import WorkFolder
 
@@ -27,6 +32,19 @@ class ConfigError(DistilleryError, ValueError):
     """A configuration value is missing, unknown or out of range."""
 
 
+def _in_unit_interval(value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError("must be in [0, 1]")
+    return value
+
+
+Share = Annotated[float, AfterValidator(_in_unit_interval)]  # a share of accuracy, recall, probability...
+Fraction = Annotated[float, Field(gt=0.0, lt=0.5)]  # a split carved from the data
+Positive = Annotated[int, Field(ge=1)]
+Length = Annotated[int, Field(ge=8, le=512)]  # tokens a model reads
+Layers = tuple[Annotated[int, Field(ge=0)], ...]
+
+
 class Section(BaseModel):
     """A frozen config section: unknown keys are errors, YAML numbers are accepted where text is expected."""
 
@@ -36,12 +54,13 @@ class Section(BaseModel):
 class AugmentConfig(Section):
     """Augmented variants of the training texts, labelled by the teacher as a transfer set (models.augment)."""
 
-    multiple: float = 0.0  # variants per training text; 0 makes none
-    methods: tuple[str, ...] = ("mask", "drop", "swap", "ngram")  # of mask | drop | swap | ngram | vocab
-    p_mask: float = 0.1
-    p_drop: float = 0.1
-    p_swap: float = 0.1
-    p_vocab: float = 0.1
+    multiple: float = Field(1.0, ge=0.0)  # variants per training text; 0 makes none
+    methods: tuple[Literal["mask", "drop", "swap", "ngram", "vocab"], ...] = Field(("mask", "drop", "swap", "ngram"),
+                                                                                  min_length=1)
+    p_mask: Share = 0.1
+    p_drop: Share = 0.1
+    p_swap: Share = 0.1
+    p_vocab: Share = 0.1
     seed: int | None = None  # null: data.seed
     # no variant (nor data.transfer_set text) within this many word edits of a validation or test text: a near copy
     # would teach the distilled student a held-out text (models.augment); 0 drops exact copies only. 0 until its
@@ -51,20 +70,20 @@ class AugmentConfig(Section):
 
 class DataConfig(Section):
     source: str = "../shared/data/banking77"
-    text_column: str = "text"
-    label_column: str = "category"
+    text_column: str = Field("text", min_length=1)
+    label_column: str = Field("category", min_length=1)
     split_column: str = "split"  # in a single-table source: train/test/validation per row (else test is carved)
     snapshot_dir: str = "data"
-    validation_fraction: float = 0.1
-    test_fraction: float = 0.1  # the test split carved from a source that has none
+    validation_fraction: Fraction = 0.1
+    test_fraction: Fraction = 0.1  # the test split carved from a source that has none
     seed: int = 13
-    max_drop_fraction: float = 0.02
+    max_drop_fraction: float = Field(0.02, ge=0.0, lt=1.0)
     transfer_set: str | None = None
     # out-of-scope inputs: rows labelled `oos_label` belong to no intent (not a class: the models learn to abstain);
     # for data without such rows, `holdout_intents` intents (a seeded choice, recorded in the snapshot) are held out
     # of training and count as out of scope at evaluation
     oos_label: str | None = None
-    holdout_intents: int = 0
+    holdout_intents: int = Field(0, ge=0)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
 
@@ -73,63 +92,94 @@ class DvcConfig(Section):
     remote_url: str = ".distillery/dvc-remote"
 
 
-class TeacherConfig(Section):
-    base_model: str = "minilm"
+class TrainingSection(Section):
+    """What the teacher's fine-tune and the students' training share."""
+
+    epochs: Positive = 4
+    batch_size: Positive = 32
+    learning_rate: float = Field(1e-4, gt=0.0)
+    weight_decay: float = 0.01
+    warmup_fraction: float = Field(0.06, ge=0.0, lt=1.0)
+    max_length: Length = 64
+    seed: int = 13
+    max_steps: Positive | None = None
+    group_by_length: StrictBool = True
+
+
+class TeacherConfig(TrainingSection):
+    base_model: str = "mpnet"
     # an existing fine-tuned classifier to import instead of fine-tuning base_model (a transformers folder or an
     # MLflow model URI); `distillery run` imports it when no teacher is registered yet
     source: str | None = None
-    registered_name: str = "teacher"
-    alias: str = "production"
-    epochs: int = 8
-    batch_size: int = 32
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.01
-    warmup_fraction: float = 0.06
-    max_length: int = 64
-    seed: int = 13
-    max_steps: int | None = None
-    group_by_length: StrictBool = True
+    registered_name: str = "teacher-large"
+    alias: str = Field("production", min_length=1)
     # a model folder whose config describes more parameters is refused before anything is allocated
     max_parameters: int = Field(2_000_000_000, gt=0)
 
 
 class LabellingConfig(Section):
-    batch_size: int = 64
-    shards: int = 2
+    batch_size: Positive = 64
+    shards: Positive = 2
     cache_dir: str = ".distillery/teacher-outputs"
     reuse_rows: bool = True
 
 
 class ValidationConfig(Section):
-    min_predictions_per_class: int = 1
-    prob_sum_tolerance: float = 1e-3
-    min_mean_confidence: float = 0.2
-    max_mean_confidence: float = 1.0
-    max_mean_entropy_fraction: float = 0.8
-    min_teacher_accuracy: float = 0.5
-    min_teacher_macro_f1: float = 0.45
+    min_predictions_per_class: int = Field(1, ge=0)
+    prob_sum_tolerance: float = Field(1e-3, gt=0.0, lt=0.5)
+    min_mean_confidence: Share = 0.2
+    max_mean_confidence: Share = 1.0
+    max_mean_entropy_fraction: float = Field(0.8, gt=0.0, le=1.0)
+    min_teacher_accuracy: Share = 0.5
+    min_teacher_macro_f1: Share = 0.45
 
 
 class StudentConfig(Section):
-    init: str = "cut"
+    init: Literal["cut", "config", "pretrained"] = "pretrained"
     base_model: str = "minilm"
-    layers: tuple[int, ...] = (0, 5)
-    num_layers: int = 2
+    layers: Layers = (0, 5)
+    num_layers: Positive = 2
     hidden_size: int = 256
     num_attention_heads: int = 4
     intermediate_size: int = 1024
     # init=config: start from the teacher's weights by selection (leading slices, layers spread) instead of random
     select_weights: StrictBool = False
-    pretrained_layers: tuple[int, ...] | None = None  # init=pretrained: keep only these layers of it (null: all)
-    deploy: str = "int8"
+    pretrained_layers: Layers | None = None  # init=pretrained: keep only these layers of it (null: all)
+    deploy: Literal["fp32", "int8", "onnx-int8"] = "onnx-int8"
     # keep only the word pieces the training texts (and transfer/oos rows) use, plus special tokens and the
     # `vocab_reserve` shortest pieces; unseen pieces read as [UNK] (WordPiece tokenizers)
-    prune_vocab: StrictBool = False
-    vocab_reserve: int = 0
+    prune_vocab: StrictBool = True
+    vocab_reserve: int = Field(0, ge=0)
     # more student shapes, each distilled with the recipe chosen for this one and measured in the served form: the
     # accuracy / latency / size frontier; entries override keys above, e.g. {layers: [0]} or {init: config,
     # hidden_size: 192}
+    # The one default that is not the default profile's: its frontier (cuts of the pretrained MiniLM, the unpruned
+    # student; distillery.yaml) is made of shapes of that student, which mean nothing for another one
     frontier: tuple[dict[str, Any], ...] = ()
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> "StudentConfig":
+        """The student's own shape (layers, width against heads) and each frontier entry's: known keys, a valid
+        shape, a label no other student has."""
+        problems = _shape_problems(self)
+        labels = [self.label]
+        for i, shape in enumerate(self.frontier):
+            bad = set(shape) - (set(StudentConfig.model_fields) - {"deploy", "frontier"})
+            if bad:
+                problems.append(f"student.frontier[{i}]: unknown or fixed key(s) {sorted(bad)} (every student is "
+                                f"served in student.deploy)")
+                continue
+            try:
+                shaped = self.shaped(shape)
+            except ValidationError as exc:
+                problems.append(f"student.frontier[{i}]: {_describe(exc)}")
+                continue
+            if shaped.label in labels:
+                problems.append(f"student.frontier[{i}]: shape {shaped.label} is already a student")
+            labels.append(shaped.label)
+        if problems:
+            raise ValueError("\n  - ".join(problems))
+        return self
 
     def shaped(self, shape: Mapping[str, Any]) -> "StudentConfig":
         """This student with a frontier entry's keys in place (no frontier of its own)."""
@@ -155,17 +205,18 @@ class StudentConfig(Section):
 
 
 class SweepConfig(Section):
-    temperature: tuple[float, ...] = ()
-    kd_weight: tuple[float, ...] = ()
-    feature_weight: tuple[float, ...] = ()  # e.g. [0.0, 0.5]: feature KD kept only when it wins on validation
+    temperature: tuple[Annotated[float, Field(gt=0.0)], ...] = ()
+    kd_weight: tuple[Annotated[float, Field(ge=0.0)], ...] = ()
+    feature_weight: tuple[Annotated[float, Field(ge=0.0)], ...] = ()  # e.g. [0.0, 0.5]: feature KD kept only when
+                                                                      # it wins on validation
 
 
 class SearchConfig(Section):
     """An Optuna search over the distillation recipe on the validation split (instead of the grid when trials > 0)."""
 
-    trials: int = 0  # 0: no search (the sweep grid, or the configured recipe)
+    trials: int = Field(0, ge=0)  # 0: no search (the sweep grid, or the configured recipe)
     timeout_s: float | None = None  # stop starting new trials after this many seconds
-    parallel: int = 2  # trials trained at once, mapped over the task runner
+    parallel: Positive = 2  # trials trained at once, mapped over the task runner
     seed: int | None = None  # null: distill.seed
     startup_trials: int = Field(10, ge=1)  # TPE samples these first trials at random (Optuna's default)
     start_configured: StrictBool = True  # trial 0 is the configured recipe (clamped to the ranges below)
@@ -177,42 +228,34 @@ class SearchConfig(Section):
     # median pruning: a trial stops after an epoch whose validation macro-F1 is below the median of the finished
     # trials' at that epoch, once `prune_startup` trials have finished and after `prune_warmup` epochs
     prune: StrictBool = True
-    prune_startup: int = 2
-    prune_warmup: int = 1
+    prune_startup: Positive = 2
+    prune_warmup: int = Field(1, ge=0)
 
 
-class DistillConfig(Section):
-    temperature: float = 4.0
-    kd_weight: float = 0.8
-    ce_weight: float = 0.2
-    feature_weight: float = 0.0
-    feature_loss: str = "mse"
+class DistillConfig(TrainingSection):
+    temperature: float = Field(4.0, gt=0.0)
+    kd_weight: float = Field(0.8, ge=0.0)
+    ce_weight: float = Field(0.2, ge=0.0)
+    feature_weight: float = Field(0.0, ge=0.0)
+    feature_loss: Literal["mse", "cosine"] = "mse"
     # what feature KD aligns: hidden = mapped hidden states token by token (the student reads with the teacher's
     # tokenizer) | pooled = mean-pooled last hidden states per text, through a learned projection (any tokenizer)
     # | auto = pooled for a pretrained student with its own tokenizer, else hidden
     feature_target: Literal["auto", "hidden", "pooled"] = "auto"
     layer_map: dict[int, int] | None = None
-    epochs: int = 8
-    batch_size: int = 32
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.01
-    warmup_fraction: float = 0.06
-    max_length: int = 64
-    patience: int = 2
-    seed: int = 13
-    max_steps: int | None = None
-    group_by_length: StrictBool = True
-    baseline_init: str = "base"
+    learning_rate: float = Field(2e-4, gt=0.0)
+    patience: Positive = 2
+    baseline_init: Literal["base", "teacher"] = "base"
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
 
 
 class EvaluationConfig(Section):
-    threads: int = 1
-    warmup: int = 5
-    repeats: int = 50
-    throughput_batches: int = 5
-    ece_bins: int = 15
+    threads: Positive = 1
+    warmup: int = Field(5, ge=0)
+    repeats: Positive = 50
+    throughput_batches: Positive = 5
+    ece_bins: int = Field(15, ge=2)
     # fit a temperature per candidate on the validation split (temperature scaling); the registered student applies
     # its served form's, so its confidences are calibrated
     calibrate: StrictBool = True
@@ -222,22 +265,22 @@ class EvaluationConfig(Section):
     abstain: Literal["auto", "on", "off"] = "auto"
     abstain_target: Literal["max_accuracy_cost", "oos_recall", "max_inscope_rejection"] = "max_accuracy_cost"
     abstain_score: Literal["confidence", "energy"] = "energy"  # what the threshold is on (see README)
-    abstain_value: float = 0.01  # in-scope accuracy given up / out-of-scope recall reached / in-scope share rejected
+    abstain_value: Share = 0.01  # in-scope accuracy given up / out-of-scope recall reached / in-scope share rejected
     oos_label: str = "out_of_scope"  # what the served model answers when it abstains (data.oos_label when set)
 
 
 class GateConfig(Section):
-    accuracy_tolerance: float = 0.03
-    macro_f1_tolerance: float = 0.03
-    max_latency_ratio: float = 0.5
-    max_class_f1_drop: float = 0.25
-    champion_tolerance: float = 0.005
+    accuracy_tolerance: Share = 0.01
+    macro_f1_tolerance: Share = 0.01
+    max_latency_ratio: float = Field(0.5, gt=0.0)
+    max_class_f1_drop: Share = 0.25
+    champion_tolerance: Share = 0.005
     # with out-of-scope data: the student's OOS recall and AUROC may fall at most this far below the FP32 teacher's
-    oos_recall_tolerance: float = 0.05
-    oos_auroc_tolerance: float = 0.02
+    oos_recall_tolerance: Share = 0.05
+    oos_auroc_tolerance: Share = 0.02
     # best: judge the student chosen on validation | smallest: judge it and every frontier student, promote the
     # smallest (on disk) that passes
-    policy: str = "best"
+    policy: Literal["best", "smallest"] = "smallest"
     # the student trained without the teacher, judged like the others in its served form. fallback: promoted only when
     # no distilled student passes (never end with nothing when something passes) | compete: also when it passes and
     # beats the distilled student of its shape on validation accuracy | off: never judged
@@ -248,20 +291,20 @@ class TrackingConfig(Section):
     uri: str | None = None
     artifact_location: str = "mlartifacts"
     experiment: str = "distillery"
-    student_name: str = "student"
-    champion_alias: str = "champion"
-    retries: int = 3                   # attempts at a registry call that could not reach the store
-    retry_backoff_s: float = 1.0       # first wait between attempts; doubles each time
+    student_name: str = Field("student-large", min_length=1)
+    champion_alias: str = Field("champion", min_length=1)
+    retries: Positive = 3              # attempts at a registry call that could not reach the store
+    retry_backoff_s: float = Field(1.0, ge=0.0)  # first wait between attempts; doubles each time
 
 
 class RuntimeConfig(Section):
-    task_runner: str = "threads"
+    task_runner: Literal["threads", "dask"] = "threads"
     dask_address: str | None = None
-    dask_workers: int = 2
+    dask_workers: Positive = 2
     workdir: str = ".distillery"
-    lock: str = "file"                 # file: runs on this machine wait for each other; prefect: a global
+    lock: Literal["file", "prefect"] = "file"  # file: runs on this machine wait for each other; prefect: a global
                                        # concurrency limit on the Prefect server (workers on several machines)
-    keep_runs: int = 3                 # `distillery gc` keeps the files of this many latest runs (and the champion's)
+    keep_runs: Positive = 3  # `distillery gc` keeps the files of this many latest runs (and the champion's)
 
 
 class ServingConfig(Section):
@@ -350,15 +393,34 @@ class Config(Section):
         return out
 
 
+_BOUNDS = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="), "less_than": ("lt", "<"),
+           "less_than_equal": ("le", "<=")}
+
+
 def _describe(exc: ValidationError) -> str:
-    """pydantic's errors as one message that names each key."""
+    """pydantic's errors as one message that names each key and says what is allowed."""
     unknown, other = [], []
     for err in exc.errors():
         key = ".".join(str(part) for part in err["loc"])
+        got = f"(got {err.get('input')!r})"
         if err["type"] == "extra_forbidden":
             unknown.append(key)
+        elif err["type"] in _BOUNDS:
+            bound, sign = _BOUNDS[err["type"]]
+            other.append(f"{key} must be {sign} {err['ctx'][bound]} {got}")
+        elif err["type"] == "value_error":  # a field's own rule (Share), or a section's (StudentConfig's shapes)
+            text = err["msg"].removeprefix("Value error, ")
+            whole = isinstance(err.get("input"), dict)
+            if not key or text.startswith(f"{key}."):
+                other.append(text)
+            else:
+                other.append(f"{key}: {text}" if whole else f"{key} {text} {got}")
+        elif err["type"] == "literal_error":
+            other.append(f"{key} must be {err['ctx']['expected']} {got}")
+        elif err["type"] == "too_short":
+            other.append(f"{key} must be set {got}")
         else:
-            other.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+            other.append(f"{key}: {err['msg']} {got}")
     lines = ([f"unknown configuration key(s): {', '.join(unknown)}"] if unknown else []) + other
     return "\n  - ".join(lines)
 
@@ -399,127 +461,50 @@ def parse_override_args(items: list[str]) -> dict[str, str]:
 
 
 def validate_config(cfg: Config) -> Config:
-    """Check ranges and choices. Returns the config unchanged, or raises ConfigError naming the key."""
+    """The rules across fields (each field's own range or choice is on the field). Returns the config unchanged, or
+    raises ConfigError naming the keys."""
     problems: list[str] = []
 
     def need(ok: bool, message: str) -> None:
         if not ok:
             problems.append(message)
 
-    d = cfg.data
-    snapshot = cfg.path(d.snapshot_dir)
+    snapshot = cfg.path(cfg.data.snapshot_dir)
     need(snapshot != Path(cfg.root) and Path(cfg.root) in snapshot.parents,
          f"data.snapshot_dir must be a folder inside the project ({cfg.root}): DVC versions it there, got {snapshot}")
-    need(0.0 < d.validation_fraction < 0.5, "data.validation_fraction must be in (0, 0.5)")
-    need(0.0 < d.test_fraction < 0.5, "data.test_fraction must be in (0, 0.5)")
-    need(0.0 <= d.max_drop_fraction < 1.0, "data.max_drop_fraction must be in [0, 1)")
-    need(bool(d.text_column) and bool(d.label_column), "data.text_column and data.label_column must be set")
-    need(d.holdout_intents >= 0, "data.holdout_intents must be >= 0")
-    a = d.augment
-    need(a.multiple >= 0, "data.augment.multiple must be >= 0")
-    need(all(0.0 <= v <= 1.0 for v in (a.p_mask, a.p_drop, a.p_swap, a.p_vocab)),
-         "data.augment.p_mask/p_drop/p_swap/p_vocab must be in [0, 1]")
-    known = ("mask", "drop", "swap", "ngram", "vocab")
-    need(bool(a.methods) and set(a.methods) <= set(known),
-         f"data.augment.methods must be a non-empty list of {list(known)}")
-    e = cfg.evaluation
-    need(0.0 <= e.abstain_value <= 1.0, "evaluation.abstain_value must be in [0, 1]")
     q = cfg.distill.search
-    need(q.trials >= 0 and q.parallel >= 1, "distill.search.trials must be >= 0 and distill.search.parallel >= 1")
     need(all(lo <= hi for lo, hi in (q.temperature, q.kd_weight, q.learning_rate, q.epochs)),
          "each distill.search range must be [low, high] with low <= high")
     need(q.temperature[0] > 0 and q.learning_rate[0] > 0 and q.epochs[0] >= 1
          and 0 <= q.kd_weight[0] <= q.kd_weight[1] <= 1,
          "distill.search ranges: temperature and learning_rate > 0, epochs >= 1, kd_weight within [0, 1]")
-    for name, section in (("teacher", cfg.teacher), ("distill", cfg.distill)):
-        need(section.epochs >= 1, f"{name}.epochs must be >= 1")
-        need(section.batch_size >= 1, f"{name}.batch_size must be >= 1")
-        need(section.learning_rate > 0, f"{name}.learning_rate must be > 0")
-        need(0.0 <= section.warmup_fraction < 1.0, f"{name}.warmup_fraction must be in [0, 1)")
-        need(8 <= section.max_length <= 512, f"{name}.max_length must be in [8, 512]")
-        need(section.max_steps is None or section.max_steps >= 1, f"{name}.max_steps must be >= 1 or null")
-    need(bool(cfg.teacher.alias), "teacher.alias must be set")
-    need(cfg.labelling.batch_size >= 1, "labelling.batch_size must be >= 1")
-    need(cfg.labelling.shards >= 1, "labelling.shards must be >= 1")
+    fw = q.feature_weight
+    need(fw is None or 0 <= fw[0] <= fw[1], "distill.search.feature_weight must be null or [low, high] with 0 <= low <= high")
     v = cfg.validation
-    need(v.min_predictions_per_class >= 0, "validation.min_predictions_per_class must be >= 0")
-    need(0 < v.prob_sum_tolerance < 0.5, "validation.prob_sum_tolerance must be in (0, 0.5)")
-    need(0 <= v.min_mean_confidence <= v.max_mean_confidence <= 1,
+    need(v.min_mean_confidence <= v.max_mean_confidence,
          "validation needs 0 <= min_mean_confidence <= max_mean_confidence <= 1")
-    need(0 < v.max_mean_entropy_fraction <= 1, "validation.max_mean_entropy_fraction must be in (0, 1]")
-    need(0 <= v.min_teacher_accuracy <= 1, "validation.min_teacher_accuracy must be in [0, 1]")
-    need(0 <= v.min_teacher_macro_f1 <= 1, "validation.min_teacher_macro_f1 must be in [0, 1]")
     s = cfg.student
-    need(s.init in ("cut", "config", "pretrained"), "student.init must be 'cut', 'config' or 'pretrained'")
     need(s.init != "pretrained" or cfg.distill.feature_target != "hidden",
          "distill.feature_target: hidden aligns tokens, so it needs a student that reads with the teacher's tokenizer "
          "(init cut/config); a pretrained student takes pooled (or auto)")
-    if s.init == "cut":
-        need(len(s.layers) >= 1, "student.layers must keep at least one layer")
-        need(len(set(s.layers)) == len(s.layers) and all(i >= 0 for i in s.layers),
-             "student.layers must be distinct non-negative layer indices")
-    else:
-        need(s.num_layers >= 1, "student.num_layers must be >= 1")
-        need(s.hidden_size % max(s.num_attention_heads, 1) == 0,
-             "student.hidden_size must be divisible by student.num_attention_heads")
-    need(s.deploy in ("fp32", "int8", "onnx-int8"), "student.deploy must be 'fp32', 'int8' or 'onnx-int8'")
-    kept = s.pretrained_layers
-    need(kept is None or (len(kept) >= 1 and len(set(kept)) == len(kept) and all(i >= 0 for i in kept)),
-         "student.pretrained_layers must be null or distinct non-negative layer indices")
-    labels = [s.label]
-    for i, shape in enumerate(s.frontier):
-        bad = set(shape) - (set(StudentConfig.model_fields) - {"deploy", "frontier"})
-        if bad:
-            problems.append(f"student.frontier[{i}]: unknown or fixed key(s) {sorted(bad)} (every student is served "
-                            f"in student.deploy)")
-            continue
-        try:
-            shaped = s.shaped(shape)
-        except ValidationError as exc:
-            problems.append(f"student.frontier[{i}]: {_describe(exc)}")
-            continue
-        need(not (shaped.init == "cut" and not shaped.layers), f"student.frontier[{i}]: a cut keeps at least one layer")
-        need(shaped.init == "cut" or shaped.hidden_size % max(shaped.num_attention_heads, 1) == 0,
-             f"student.frontier[{i}]: hidden_size must be divisible by num_attention_heads")
-        need(shaped.label not in labels, f"student.frontier[{i}]: shape {shaped.label} is already a student")
-        labels.append(shaped.label)
     k = cfg.distill
-    need(k.temperature > 0, "distill.temperature must be > 0")
-    need(k.kd_weight >= 0 and k.ce_weight >= 0 and k.feature_weight >= 0, "distill loss weights must be >= 0")
     need(k.kd_weight + k.ce_weight + k.feature_weight > 0, "distill loss weights must not all be 0")
-    need(k.feature_loss in ("mse", "cosine"), "distill.feature_loss must be 'mse' or 'cosine'")
-    need(k.patience >= 1, "distill.patience must be >= 1")
-    need(k.baseline_init in ("base", "teacher"), "distill.baseline_init must be 'base' or 'teacher'")
-    need(all(t > 0 for t in k.sweep.temperature), "distill.sweep.temperature values must be > 0")
-    need(all(w >= 0 for w in k.sweep.kd_weight), "distill.sweep.kd_weight values must be >= 0")
-    need(all(w >= 0 for w in k.sweep.feature_weight), "distill.sweep.feature_weight values must be >= 0")
-    fw = k.search.feature_weight
-    need(fw is None or 0 <= fw[0] <= fw[1], "distill.search.feature_weight must be null or [low, high] with 0 <= low <= high")
-    need(k.search.prune_startup >= 1 and k.search.prune_warmup >= 0,
-         "distill.search.prune_startup must be >= 1 and prune_warmup >= 0")
-    e = cfg.evaluation
-    need(e.threads >= 1 and e.repeats >= 1 and e.warmup >= 0 and e.throughput_batches >= 1,
-         "evaluation.threads/repeats/throughput_batches must be >= 1 and warmup >= 0")
-    need(e.ece_bins >= 2, "evaluation.ece_bins must be >= 2")
-    g = cfg.gate
-    for key in ("accuracy_tolerance", "macro_f1_tolerance", "champion_tolerance", "oos_recall_tolerance",
-                "oos_auroc_tolerance"):
-        need(0 <= getattr(g, key) <= 1, f"gate.{key} must be in [0, 1] (a share of accuracy, macro-F1 or recall; "
-                                        f"got {getattr(g, key)})")
-    need(0 < g.max_latency_ratio, "gate.max_latency_ratio must be > 0")
-    need(0 <= g.max_class_f1_drop <= 1, "gate.max_class_f1_drop must be in [0, 1]")
-    need(g.policy in ("best", "smallest"), "gate.policy must be 'best' or 'smallest'")
-    need(bool(cfg.tracking.student_name) and bool(cfg.tracking.champion_alias),
-         "tracking.student_name and tracking.champion_alias must be set")
-    need(cfg.runtime.task_runner in ("threads", "dask"), "runtime.task_runner must be 'threads' or 'dask'")
-    need(cfg.runtime.dask_workers >= 1, "runtime.dask_workers must be >= 1")
-    need(cfg.runtime.lock in ("file", "prefect"), "runtime.lock must be 'file' or 'prefect'")
-    need(cfg.runtime.keep_runs >= 1, "runtime.keep_runs must be >= 1")
-    need(cfg.tracking.retries >= 1 and cfg.tracking.retry_backoff_s >= 0,
-         "tracking.retries must be >= 1 and tracking.retry_backoff_s >= 0")
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return cfg
+
+
+def _shape_problems(s: StudentConfig) -> list[str]:
+    """What is wrong with one student shape: the layers it keeps, or its width against its heads."""
+    problems = []
+    if not s.layers or len(set(s.layers)) != len(s.layers):  # a cut keeps them; checked for every init
+        problems.append("layers must keep at least one layer, as distinct non-negative layer indices")
+    if s.init != "cut" and s.hidden_size % max(s.num_attention_heads, 1):
+        problems.append("hidden_size must be divisible by num_attention_heads")
+    kept = s.pretrained_layers
+    if kept is not None and (not kept or len(set(kept)) != len(kept)):
+        problems.append("pretrained_layers must be null or distinct non-negative layer indices")
+    return problems
 
 
 def find_config_file(path: str | os.PathLike[str] | None = None) -> Path:

@@ -351,3 +351,10 @@ class RunResult:
     @property
     def skipped(self) -> bool:
         return self.up_to_date is not None
+
+
+def scope_tags(oos_label: str | None, held_out: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """The out-of-scope setting a student was trained and measured under, as version tags (none without one)."""
+    if oos_label is None and not held_out:
+        return {}
+    return {"data.oos_label": oos_label or "", "data.held_out_intents": ",".join(held_out)[:5000]}

@@ -36,7 +36,7 @@ from distillery.records import (
 from distillery.flows.runners import run_lock
 from distillery.models.gate import GateError, judge_logged
 from distillery.models.retention import Entry, plan_retention
-from distillery.tasks.gate import champion_metrics, reconcile
+from distillery.integrations.promotion import champion_metrics, reconcile
 from distillery.errors import DistilleryError
 
 logger = logging.getLogger(__name__)

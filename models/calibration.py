@@ -14,6 +14,7 @@ from scipy.optimize import minimize_scalar
 from scipy.special import logsumexp
 from sklearn.metrics import roc_auc_score
 
+from distillery.config import EvaluationConfig
 from distillery.models.metrics import expected_calibration_error, softmax
 
 TARGETS = ("max_accuracy_cost", "oos_recall", "max_inscope_rejection")
@@ -168,3 +169,14 @@ def abstention(val_logits: np.ndarray, val_labels: np.ndarray, val_oos_logits: n
     threshold = choose_threshold(scores, is_oos, target, value, probs.argmax(1) == gold)
     test = stack(test_logits, test_labels, test_oos_logits)
     return threshold, oos_metrics(*test[:3], threshold, test[3]), test
+
+
+def served_calibration(e: EvaluationConfig, oos_label: str | None, metrics: dict) -> dict | None:
+    """What the registered model applies to its confidences, from what the harness fitted on validation: the
+    calibration temperature, and the abstention threshold with the label it answers below it (``oos_label``, else
+    ``evaluation.oos_label``)."""
+    calibration = {k: metrics[k] for k in ("calibration_temperature",) if k in metrics}
+    if "abstain_threshold" in metrics:
+        calibration.update(abstain_below=metrics["abstain_threshold"], abstain_score=e.abstain_score,
+                           oos_label=oos_label or e.oos_label)
+    return calibration or None

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from distillery.models.calibration import held_out_intents
+from distillery.config import DataConfig
 from distillery.errors import DistilleryError
 
 logger = logging.getLogger(__name__)
@@ -543,3 +544,33 @@ def read_transfer_set(path: Path) -> pd.DataFrame:
     texts = texts[texts.str.strip() != ""]
     out = pd.DataFrame({"id": texts.map(row_id), "text": texts}).drop_duplicates("id")
     return out.sort_values("id", kind="stable").reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """A source read, checked and split: the in-scope splits, the out-of-scope ones (``oos_*``), the labels, the
+    check report and the out-of-scope setting."""
+
+    splits: dict[str, pd.DataFrame]
+    oos: dict[str, pd.DataFrame]
+    labels: list[str]
+    report: CheckReport
+    scope: Scope
+
+    @property
+    def rows(self) -> dict[str, int]:
+        return {name: len(df) for name, df in {**self.splits, **self.oos}.items()}
+
+
+def prepare_data(source: Path, d: DataConfig) -> PreparedData:
+    """Read ``source`` as ``data`` configures, choose the out-of-scope setting, drop and report bad rows (or fail
+    above ``max_drop_fraction``), separate out-of-scope rows and split the rest (stratified, seeded)."""
+    raw = read_source(source, d.text_column, d.label_column, d.split_column, d.test_fraction, d.seed)
+    scope = choose_scope(raw.labels, d.oos_label, d.holdout_intents, d.seed)
+    raw = scoped(raw, scope)
+    cleaned, report = check_data(raw, d.max_drop_fraction, scope.names)
+    labels = [name for name in raw.labels if name not in scope.names]
+    oos: dict = {}
+    if scope.active:
+        cleaned, oos = split_out_of_scope(cleaned, scope, d.validation_fraction, d.seed)
+    return PreparedData(split_snapshot(cleaned, labels, d.validation_fraction, d.seed), oos, labels, report, scope)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import json
+import shlex
+from dataclasses import asdict, dataclass, field, replace
 
-from distillery.config import GateConfig
-from distillery.records import QUANTISED_TEACHERS, Decision, reference_candidate
+from distillery.config import GateConfig, StudentConfig
+from distillery.records import QUANTISED_TEACHERS, Decision, reference_candidate, served_candidate
 from distillery.errors import DistilleryError
 
 
@@ -127,6 +129,8 @@ def choose_smallest(decisions: dict[str, Decision], sizes: dict[str, float]) -> 
     return min(passing, key=lambda name: (sizes[name], list(decisions).index(name)))
 
 
+# what every evaluation measures besides the students' served forms (the gate needs them all)
+HARNESS = {"teacher_fp32", "teacher_int8", "student_fp32", "baseline_fp32"}
 BASELINE_STUDENT = "baseline"  # the harness name of the student trained without the teacher, when the gate judges it
 
 
@@ -229,3 +233,46 @@ def plan_reconcile(versions: list[tuple[str, str | None, bool]], pending: str, p
         if state == pending:
             actions.append((version, "finish" if holds_alias else "delete"))
     return actions
+
+
+def shape_knob(student: StudentConfig, shape: StudentConfig) -> str:
+    """The overrides that make a frontier shape the configured student (``--set student.prune_vocab=false``), quoted
+    for a shell."""
+    mine, theirs = student.model_dump(exclude={"frontier"}), shape.model_dump(exclude={"frontier"})
+    changed = [f"--set student.{k}={shlex.quote(json.dumps(v) if not isinstance(v, str) else v)}"
+               for k, v in theirs.items() if mine.get(k) != v]
+    return f"make it the student: {' '.join(changed)}" if changed else ""
+
+
+def judge_students(gate: GateConfig, student: StudentConfig, logged: dict[str, dict], students: tuple[str, ...],
+                   reference: str, champion: dict | None, champion_version: str | None) -> tuple[Decision, dict]:
+    """The gate over an evaluation's logged metrics: each judged student in its served form against the teacher's
+    ``reference`` form and the champion; the one chosen (``choose_candidate`` under ``gate.policy`` and
+    ``gate.baseline``) with notes on the choice, on the baseline, and, when none passes, on the closest miss over
+    every measured student. Returns (decision, every judged student's decision)."""
+    judged_names = students if gate.policy == "smallest" else \
+        students[:1] + tuple(s for s in students if s == BASELINE_STUDENT)
+    served = {name: served_candidate(student.deploy, name) for name in students}
+
+    def judged(name: str) -> Decision:
+        return replace(judge_logged(gate, logged, served[name], champion, champion_version, reference=reference),
+                       student=name)
+
+    decisions = {name: judged(name) for name in judged_names}
+    chosen = choose_candidate(decisions, {n: logged[served[n]]["size_mb"] for n in judged_names},
+                              {n: logged[served[n]].get("val_accuracy", float("nan")) for n in judged_names},
+                              gate.policy, gate.baseline)
+    notes = []
+    if len(decisions) > 1:
+        summary = "; ".join(f"{served[n]} {logged[served[n]]['size_mb']:.1f} MB "
+                            f"{'passed' if d.passed else 'failed ' + ','.join(d.failed_names())}"
+                            for n, d in decisions.items())
+        notes.append(f"policy {gate.policy}, baseline {gate.baseline}: {served[chosen]} of [{summary}]")
+    served_judged = {n: served[n] for n in judged_names}
+    notes += [note] if (note := baseline_note(chosen, decisions, logged, served_judged, judged_names[0])) else []
+    if not any(d.passed for d in decisions.values()):  # which measured student came closest, judged or not
+        everyone = {**decisions, **{n: judged(n) for n in students if n not in decisions}}
+        shapes = student.frontier_shapes()
+        knobs = {name: shape_knob(student, shapes[name]) for name in everyone if name in shapes}
+        notes.append(closest_miss(everyone, {n: served[n] for n in everyone}, knobs))
+    return replace(decisions[chosen], reasons=(*decisions[chosen].reasons, *notes)), decisions

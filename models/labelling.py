@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,6 +15,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distillery.models.metrics import entropy, per_class_f1, softmax
 from distillery.models.training import encode, predict_logits, predict_pooled
+
+# a cache entry of teacher outputs: its files
+OUTPUTS_FILE = "outputs.parquet"
+META_FILE = "meta.json"
+FEATURES_FILE = "pooled-features.npz"  # the teacher's sentence features, beside the soft labels they go with
+DIGESTS_FILE = "text-digests.npz"  # a digest of each row's exact text, in row order: lets other row sets reuse them
 
 OUTPUT_COLUMNS = ["id", "split", "label_id", "logits", "probs", "predicted_label", "max_prob", "entropy"]
 
@@ -138,3 +147,53 @@ def validation_tables(df: pd.DataFrame, labels: list[str]) -> tuple[pd.DataFrame
         "val_f1": f1,
     })
     return rows, classes
+
+
+@dataclasses.dataclass(frozen=True)
+class ReusedLogits:
+    """What an earlier labelling of this teacher already answers for a set of rows: the digests of the rows' texts,
+    the logits found per digest, the cache entries they came from, and the texts still to label (in row order)."""
+
+    digests: np.ndarray
+    found: dict[str, np.ndarray]
+    sources: tuple[str, ...]
+    missing_texts: tuple[str, ...]
+
+    @property
+    def rows(self) -> int:
+        """How many of the rows are answered by earlier outputs."""
+        return len(self.digests) - len(self.missing_texts)
+
+
+def reusable_logits(cache_dir: Path | None, texts: list[str], teacher: dict, max_length: int,
+                    labels: list[str]) -> ReusedLogits:
+    """What complete cache entries in ``cache_dir`` already answer for ``texts``: entries of the same ``teacher``
+    (name, version, run), max length and labels, matched by a digest of each exact text. ``cache_dir`` None looks
+    nowhere (every text is missing); an unreadable or partial entry is skipped, never trusted."""
+    digests = text_digests(texts)
+    wanted, found, sources = set(digests.tolist()), {}, []
+    for meta_file in sorted(Path(cache_dir).glob(f"*/{META_FILE}")) if cache_dir is not None else []:
+        folder = meta_file.parent
+        if folder.name.endswith(".partial") or not (folder / DIGESTS_FILE).is_file():
+            continue
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (OSError, ValueError):
+            continue
+        same = {k: meta.get("teacher", {}).get(k) for k in ("name", "version", "run_id")} == teacher
+        if not same or meta.get("max_length") != max_length or meta.get("labels") != list(labels):
+            continue
+        with np.load(folder / DIGESTS_FILE, allow_pickle=False) as stored:
+            theirs = stored["digests"].tolist()
+        hits = [n for n, d in enumerate(theirs) if d in wanted and d not in found]
+        if not hits:
+            continue
+        logits = np.stack(read_outputs(folder / OUTPUTS_FILE)["logits"].to_numpy())
+        if logits.shape != (len(theirs), len(labels)):
+            continue
+        found.update({theirs[n]: logits[n] for n in hits})
+        sources.append(folder.name)
+        if len(found) == len(wanted):
+            break
+    missing = tuple(t for t, d in zip(texts, digests.tolist()) if d not in found)
+    return ReusedLogits(digests=digests, found=found, sources=tuple(sources), missing_texts=missing)

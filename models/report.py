@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from distillery.config import EvaluationConfig  # noqa: E402
+from distillery.records import METRIC_PREFIX, Decision  # noqa: E402
 from distillery.models.calibration import accuracy_cost, tradeoff_curve  # noqa: E402
 from distillery.models.metrics import reliability_curve, softmax  # noqa: E402
 
@@ -361,3 +362,15 @@ def harness_summary(metrics: dict[str, dict], contenders: list[str], reference: 
             f"{k} T={m['calibration_temperature']:.2f} ECE {m['ece']:.3f} -> {m['ece_calibrated']:.3f}"
             for k, m in metrics.items()))
     return lines
+
+
+def gated_model_card(name: str, version: str, lineage_tags: dict[str, str], logged: dict[str, dict],
+                     decision: Decision, recipe: dict, served: str, abstain_score: str, reference: str) -> str:
+    """The model card of a version the gate promotes: its lineage (without the metrics, gate and GX keys the card
+    shows in tables), the gate's criteria and notes, the recipe."""
+    card_lineage = {k: v for k, v in lineage_tags.items()
+                    if not k.startswith((METRIC_PREFIX, "gate.", "gx.", "candidate"))}
+    notes = [r for r in decision.reasons if not r.startswith(("PASS ", "FAIL "))]
+    return model_card(name, version, card_lineage, logged,
+                      {"passed": decision.passed, "criteria": list(decision.criteria), "notes": notes}, recipe,
+                      served=served, abstain_score=abstain_score, reference=reference)

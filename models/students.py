@@ -15,10 +15,11 @@ import numpy as np
 import pandas as pd
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from distillery.config import Config, DistillConfig, StudentConfig, TeacherConfig
+from distillery.config import Config, DistillConfig, StudentConfig, TeacherConfig, TrainingSection, ValidationConfig
 from distillery.faults import fault_point
 from distillery.records import Candidate, TeacherRef, TrainedStudent
 from distillery.models.losses import IGNORE_INDEX
+from distillery.models.metrics import classification_metrics
 from distillery.models.modeling import (
     PACKAGED_BASE_MODELS,
     ModelError,
@@ -34,8 +35,10 @@ from distillery.models.training import (
     CrossEntropyObjective,
     DistillationObjective,
     Encoded,
+    TrainResult,
     TrainSettings,
     encode,
+    predict_logits,
     train_model,
 )
 from distillery.models.vocabulary import prune_vocabulary
@@ -47,12 +50,10 @@ def model_name(cfg: Config, name: str) -> str:
 
 
 def settings_from(section: TeacherConfig | DistillConfig) -> TrainSettings:
-    return TrainSettings(
-        epochs=section.epochs, batch_size=section.batch_size, learning_rate=section.learning_rate,
-        weight_decay=section.weight_decay, warmup_fraction=section.warmup_fraction, max_length=section.max_length,
-        patience=getattr(section, "patience", section.epochs), seed=section.seed, max_steps=section.max_steps,
-        group_by_length=section.group_by_length,
-    )
+    """The training loop's settings from the teacher's or the distillation's section (the fields they share); the
+    teacher has no early stopping, so its patience is its epochs."""
+    patience = section.patience if isinstance(section, DistillConfig) else section.epochs
+    return TrainSettings(**section.model_dump(include=set(TrainingSection.model_fields)), patience=patience)
 
 
 def epoch_callback(run_logger: Callable[[int, dict], None]) -> Callable[[int, dict], None]:
@@ -224,3 +225,73 @@ def run_training(job: StudentTraining, candidate: Candidate, run_id: str, checkp
                "stopped_early": float(result.stopped_early), "pruned": float(result.pruned),
                "resumed_from_epoch": trained.resumed_from_epoch}
     return trained, metrics
+
+
+@dataclass(frozen=True)
+class TeacherTraining:
+    """A teacher fine-tune, assembled from the config: the model (a new head on the base model), its tokenizer, the
+    encoded train and validation splits, the settings and the checkpoint key, and what to record about it."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    train: Encoded
+    val: Encoded
+    settings: TrainSettings
+    key: str
+    params: dict
+
+
+def prepare_teacher(cfg: Config, splits: dict[str, pd.DataFrame], labels: list[str], snapshot_md5: str) -> TeacherTraining:
+    """The configured base model with a seeded new head for ``labels``, and the snapshot's splits encoded for it;
+    checkpoints are keyed by the base model, the snapshot and the teacher settings."""
+    base = resolve_base_model(model_name(cfg, cfg.teacher.base_model), cfg.work.pretrained)
+    settings = settings_from(cfg.teacher)
+    with seeded(settings.seed):  # the new classification head is drawn from the seeded generator
+        tokenizer = load_tokenizer(base)
+        model = load_classifier(base, labels)
+    train = encode(tokenizer, splits["train"]["text"], settings.max_length, splits["train"]["label_id"])
+    val = encode(tokenizer, splits["validation"]["text"], settings.max_length, splits["validation"]["label_id"])
+    key = checkpoint_key("teacher", str(base), snapshot_md5, cfg.teacher.model_dump())
+    params = {**{f"teacher.{k}": v for k, v in cfg.teacher.model_dump().items()}, "teacher.base_folder": str(base),
+              "teacher.parameters": count_parameters(model), "teacher.checkpoint": key}
+    return TeacherTraining(model, tokenizer, train, val, settings, key, params)
+
+
+def run_teacher_training(job: TeacherTraining, checkpoints: Path, on_epoch_end: Callable[[int, dict], None],
+                         num_classes: int) -> tuple[dict, TrainResult]:
+    """Fine-tune ``job`` (resuming from ``checkpoints/teacher-<key>``), keep the best validation epoch: (summary
+    metrics on validation, the training result)."""
+    start = time.perf_counter()
+    result = train_model(job.model, CrossEntropyObjective(), job.train, job.val, job.settings,
+                         job.tokenizer.pad_token_id, checkpoint_dir=checkpoints / f"teacher-{job.key}",
+                         on_epoch_end=epoch_callback(on_epoch_end), desc="teacher")
+    logits = predict_logits(job.model, job.val, job.tokenizer.pad_token_id, batch_size=128)
+    metrics = classification_metrics(logits, job.val.labels.numpy(), num_classes)
+    return {"val_accuracy": metrics["accuracy"], "val_macro_f1": metrics["macro_f1"], "val_ece": metrics["ece"],
+            "train_seconds": time.perf_counter() - start, "best_epoch": result.best_epoch,
+            "resumed_from_epoch": result.resumed_from_epoch}, result
+
+
+def measure_classifier(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, splits: dict[str, pd.DataFrame],
+                       num_classes: int, max_length: int, what: str) -> dict[str, float]:
+    """An existing classifier's accuracy, macro-F1 and ECE on the validation and test splits (``val_*``,
+    ``test_*``); a ModelError naming ``what`` when it gives non-finite logits."""
+    metrics: dict[str, float] = {}
+    for split, prefix in (("validation", "val"), ("test", "test")):
+        data = encode(tokenizer, splits[split]["text"], max_length, splits[split]["label_id"])
+        logits = predict_logits(model, data, tokenizer.pad_token_id, batch_size=128)
+        if not np.isfinite(logits).all():
+            raise ModelError(f"{what} gives non-finite logits on the {split} split: refused")
+        m = classification_metrics(logits, data.labels.numpy(), num_classes)
+        metrics.update({f"{prefix}_accuracy": m["accuracy"], f"{prefix}_macro_f1": m["macro_f1"],
+                        f"{prefix}_ece": m["ece"]})
+    return metrics
+
+
+def below_floors(metrics: dict[str, float], v: ValidationConfig) -> list[str]:
+    """Which of the teacher floors (``validation.min_teacher_accuracy`` / ``min_teacher_macro_f1``, the ones the
+    Great Expectations suite holds teacher outputs to) a teacher's validation scores miss, in words."""
+    floors = (("accuracy", "val_accuracy", v.min_teacher_accuracy, "min_teacher_accuracy"),
+              ("macro-F1", "val_macro_f1", v.min_teacher_macro_f1, "min_teacher_macro_f1"))
+    return [f"validation {name} {metrics[key]:.4f} < {floor} (validation.{setting})"
+            for name, key, floor, setting in floors if metrics[key] < floor]

@@ -23,21 +23,22 @@ from distillery.records import SnapshotRef, TeacherOutputs, TeacherRef, Validati
 from distillery.models.augment import NearCopies, Recipe, content_hash, make_transfer_set
 from distillery.models.data import read_out_of_scope, read_snapshot, read_transfer_set
 from distillery.models.labelling import (
+    DIGESTS_FILE,
+    FEATURES_FILE,
+    META_FILE,
+    OUTPUTS_FILE,
+    ReusedLogits,
     build_outputs,
     merge_logits,
     read_outputs,
+    reusable_logits,
     teacher_logits,
     teacher_pooled,
-    text_digests,
     validation_tables,
     write_outputs,
 )
 from distillery.models.modeling import ModelError, load_classifier, load_tokenizer
 
-OUTPUTS_FILE = "outputs.parquet"
-META_FILE = "meta.json"
-FEATURES_FILE = "pooled-features.npz"  # the teacher's sentence features, beside the soft labels they go with
-DIGESTS_FILE = "text-digests.npz"  # a digest of each row's exact text, in row order: lets other row sets reuse them
 
 
 def labelling_inputs(snapshot: SnapshotRef, transfer_set: Path | None, recipe: Recipe | None = None,
@@ -120,57 +121,14 @@ def lookup_cache(cache_dir: Path, key: str) -> str | None:
     return None
 
 
-@dataclasses.dataclass(frozen=True)
-class ReusedLogits:
-    """What an earlier labelling of this teacher already answers for a set of rows: the digests of the rows' texts,
-    the logits found per digest, the cache entries they came from, and the texts still to label (in row order)."""
-
-    digests: np.ndarray
-    found: dict[str, np.ndarray]
-    sources: tuple[str, ...]
-    missing_texts: tuple[str, ...]
-
-    @property
-    def rows(self) -> int:
-        """How many of the rows are answered by earlier outputs."""
-        return len(self.digests) - len(self.missing_texts)
-
-
 @task(name="reuse-teacher-outputs", cache_policy=NO_CACHE)
 def reuse_outputs(cfg: Config, teacher: TeacherRef, labels: list[str], inputs: pd.DataFrame) -> ReusedLogits:
     """Logits this teacher version already gave for some of these texts, from complete cache entries of other row
-    sets (same teacher run, max_length and labels; ``labelling.reuse_rows``): a changed transfer set or a new data
+    sets (``labelling.reuse_rows``; see ``models.labelling.reusable_logits``): a changed transfer set or a new data
     version then labels only its new texts."""
-    texts = inputs["text"].tolist()
-    digests = text_digests(texts)
-    wanted, found, sources = set(digests.tolist()), {}, []
-    entries = sorted(cfg.work.teacher_outputs.glob(f"*/{META_FILE}")) if cfg.labelling.reuse_rows else []
-    for meta_file in entries:
-        folder = meta_file.parent
-        if folder.name.endswith(".partial") or not (folder / DIGESTS_FILE).is_file():
-            continue
-        try:
-            meta = json.loads(meta_file.read_text())
-        except (OSError, ValueError):
-            continue  # an unreadable entry is skipped, never trusted
-        same = {k: meta.get("teacher", {}).get(k) for k in ("name", "version", "run_id")} == {
-            "name": teacher.name, "version": teacher.version, "run_id": teacher.run_id}
-        if not same or meta.get("max_length") != cfg.teacher.max_length or meta.get("labels") != list(labels):
-            continue
-        with np.load(folder / DIGESTS_FILE, allow_pickle=False) as stored:
-            theirs = stored["digests"].tolist()
-        hits = [n for n, d in enumerate(theirs) if d in wanted and d not in found]
-        if not hits:
-            continue
-        logits = np.stack(read_outputs(folder / OUTPUTS_FILE)["logits"].to_numpy())
-        if logits.shape != (len(theirs), len(labels)):
-            continue
-        found.update({theirs[n]: logits[n] for n in hits})
-        sources.append(folder.name)
-        if len(found) == len(wanted):
-            break
-    missing = tuple(t for t, d in zip(texts, digests.tolist()) if d not in found)
-    return ReusedLogits(digests=digests, found=found, sources=tuple(sources), missing_texts=missing)
+    cache = cfg.work.teacher_outputs if cfg.labelling.reuse_rows else None
+    identity = {"name": teacher.name, "version": teacher.version, "run_id": teacher.run_id}
+    return reusable_logits(cache, inputs["text"].tolist(), identity, cfg.teacher.max_length, labels)
 
 
 @task(name="label-shard", cache_policy=NO_CACHE, retries=1)

@@ -116,14 +116,15 @@ def test_profiles_extend_the_project_config(tmp_path):
 
 
 def test_frontier_shapes_are_checked_and_named():
-    cfg = config_from_dict({"student": {"frontier": [
+    cut = {"init": "cut", "prune_vocab": False}  # a cut of the teacher, full vocabulary (not the default student)
+    cfg = config_from_dict({"student": {**cut, "frontier": [
         {"layers": [0]}, {"init": "config", "hidden_size": 192, "num_attention_heads": 4}]}})
     shapes = cfg.student.frontier_shapes()
     assert list(shapes) == ["cut0", "h192x2"] and cfg.student.label == "cut0-5"
     assert shapes["h192x2"].deploy == cfg.student.deploy and shapes["h192x2"].frontier == ()
     assert cfg.for_student({"layers": [0]}).student.layers == (0,) and cfg.student.layers == (0, 5)
     with pytest.raises(ConfigError) as err:
-        config_from_dict({"student": {"frontier": [{"deploy": "fp32"}, {"layers": [0, 5]}, {"layers": "x"},
+        config_from_dict({"student": {**cut, "frontier": [{"deploy": "fp32"}, {"layers": [0, 5]}, {"layers": "x"},
                                                    {"init": "config", "hidden_size": 102}]},
                           "gate": {"policy": "cheapest"}})
     text = str(err.value)
@@ -134,7 +135,7 @@ def test_frontier_shapes_are_checked_and_named():
 
 
 def test_feature_target_auto_follows_the_tokenizer():
-    assert config_from_dict({}).feature_target == "hidden"  # a cut reads with the teacher's tokenizer
+    assert config_from_dict({"student": {"init": "cut"}}).feature_target == "hidden"  # reads with the teacher's tokenizer
     assert config_from_dict({"student": {"init": "config"}}).feature_target == "hidden"
     assert config_from_dict({"student": {"init": "pretrained"}}).feature_target == "pooled"
     assert config_from_dict({"distill": {"feature_target": "pooled"}}).feature_target == "pooled"

@@ -39,7 +39,7 @@ def test_unreachable_registry_is_an_error_never_an_empty_registry(monkeypatch):
 
 def test_the_gate_never_drops_the_champion_criterion_on_a_fault(monkeypatch, tmp_path):
     """champion_metrics answers "no champion" only when the registry says so; a dead store raises."""
-    from distillery.tasks.gate import champion_metrics
+    from distillery.integrations.promotion import champion_metrics
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     cfg = load_config(ROOT / "distillery.yaml", {"tracking.retries": 1})

@@ -17,7 +17,7 @@ from distillery.integrations import provenance
 from distillery.integrations.registry import Registry
 from distillery.models.gate import GateError
 from distillery.records import DECISION_TAG, PENDING, PROMOTED, SIGNATURE_TAG
-from distillery.tasks.gate import reconcile
+from distillery.integrations.promotion import reconcile
 from tests.helpers import fault_row, run_command
 
 TOLERANT = {"gate.champion_tolerance": 1.0}

@@ -204,7 +204,7 @@ def test_checkpoint_keys_ignore_the_served_form_and_unset_later_keys():
     from distillery.config import StudentConfig
     from distillery.models.students import training_shape
 
-    base = StudentConfig()
+    base = StudentConfig(init="cut", prune_vocab=False)  # a cut of the teacher, as checkpoints before them were
     before = {"init": "cut", "base_model": "minilm", "layers": (0, 5), "num_layers": 2, "hidden_size": 256,
               "num_attention_heads": 4, "intermediate_size": 1024, "prune_vocab": False, "vocab_reserve": 0}
     assert training_shape(base) == before  # the keys of checkpoints made before frontiers, selection, cuts

@@ -535,9 +535,13 @@ def open_run(cfg: Config, run_id: str) -> Iterator[mlflow.ActiveRun]:
 
 
 def log_to_run(cfg: Config, run_id: str, params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
-               tags: dict[str, Any] | None = None, folder: Path | None = None, artifact_path: str | None = None) -> None:
-    """Log to a run by id, in one reopening: params, metrics, tags and a folder of files (as ``artifact_path``)."""
+               tags: dict[str, Any] | None = None, folder: Path | None = None, artifact_path: str | None = None,
+               json_files: dict[str, Any] | None = None) -> None:
+    """Log to a run by id, in one reopening: params, metrics, tags, JSON artifacts (``{artifact file: data}``) and a
+    folder of files (as ``artifact_path``)."""
     with open_run(cfg, run_id):
+        for artifact_file, data in (json_files or {}).items():
+            log_json(data, artifact_file)
         if params:
             log_params(params)
         if metrics:

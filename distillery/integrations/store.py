@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 from distillery.errors import DistilleryError
+from distillery.models.data import PreparedData, write_snapshot
 
 
 class VersioningError(DistilleryError, RuntimeError):
@@ -239,3 +240,21 @@ def git_revision(path: Path) -> str:
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=path,
                            capture_output=True, text=True)
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def version_snapshot(repo: Path, folder: Path, prepared: PreparedData, remote_name: str,
+                     remote_url: str) -> tuple[str, bool]:
+    """Write ``prepared`` as the snapshot in ``folder``, track it with DVC and push it, all or nothing: (md5, whether
+    it changed). An unchanged snapshot whose ``folder`` is in place is only pushed (the remote must hold it); one
+    that is missing (a fresh clone) is put back without counting as a change."""
+    ensure_dvc_repo(repo, remote_name, remote_url)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".staging-") as tmp:
+        staged = Path(tmp) / "snapshot"
+        write_snapshot({**prepared.splits, **prepared.oos}, prepared.labels, prepared.report, staged, prepared.scope)
+        dvc_file = dvc_file_for(repo, folder)
+        staged_md5 = dir_md5(staged)
+        changed = (snapshot_md5(dvc_file) if dvc_file.is_file() else None) != staged_md5
+        if not changed and folder.is_dir() and dir_md5(folder) == staged_md5:
+            return push_snapshot(repo, folder, remote_name), changed
+        return publish_snapshot(repo, staged, folder, remote_name), changed

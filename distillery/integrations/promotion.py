@@ -1,0 +1,115 @@
+"""Promotion in the registry: the only code that moves the champion alias. The two-phase promotion (register as
+``pending``, move the alias, mark ``promoted``), the champion's metrics the gate compares with, and the
+reconciliation that finishes or deletes what an interrupted promotion left."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from distillery.config import Config
+from distillery.faults import fault_point
+from distillery.integrations import provenance, registry, store
+from distillery.integrations.served_model import SERVING_FILE
+from distillery.records import DECISION_TAG, MODEL_SHA_TAG, PENDING, PROMOTED, Lineage, decision_of
+from distillery.models.gate import GateError, plan_reconcile
+
+
+def champion_metrics(cfg: Config, reg: registry.Registry) -> tuple[str | None, dict | None]:
+    """The current champion's version and the metrics of its served form, from the evaluation that promoted it.
+
+    (None, None) only when the registry answers that there is no champion; an unreachable registry raises.
+    """
+    version = reg.alias_version(cfg.tracking.student_name, cfg.tracking.champion_alias)
+    if version is None:
+        return None, None
+    try:
+        lineage = Lineage.from_tags(version.tags)
+    except KeyError:
+        raise GateError(f"champion {cfg.tracking.student_name} v{version.version} carries no lineage tags") from None
+    if not lineage.evaluation_run_id:
+        raise GateError(f"champion {cfg.tracking.student_name} v{version.version} has no evaluation.run_id tag")
+    logged = registry.logged_candidate_metrics(reg, lineage.evaluation_run_id)
+    return str(version.version), logged[lineage.measured_as]
+
+
+def measured_files(reg: registry.Registry, folder: str, evaluation_run_id: str, candidate: str, ref: str) -> str:
+    """The hash of ``folder``'s files, which must be those the evaluation measured as ``candidate`` (a GateError
+    naming both, with nothing registered, when they changed since)."""
+    files = store.tree_sha256(folder, exclude=(SERVING_FILE,))
+    measured = registry.candidate_tags(reg, evaluation_run_id).get(candidate, {}).get(MODEL_SHA_TAG)
+    if files != measured:
+        raise GateError(f"{folder} no longer holds the files the evaluation measured as {candidate} (sha256 "
+                        f"{files[:16]}…, measured {str(measured)[:16]}…): nothing registered, {ref} unchanged")
+    return files
+
+
+def promote_two_phase(cfg: Config, reg: registry.Registry, run_id: str, eval_run_id: str, model_uri: str,
+                      tags: dict[str, str], card_for: Callable[[str], str], logger: logging.Logger) -> str:
+    """Register ``model_uri`` (logged on the distill run ``run_id``) with ``tags`` as ``pending``, seal and check it,
+    describe it with ``card_for(version)``, move the champion alias to it, then mark it ``promoted``.
+
+    A crash before the alias moves leaves the alias where it was and a ``pending`` version that never served (the
+    next run's reconciliation deletes it, or this function does at once); a crash after leaves the alias on a
+    ``pending`` version, which reconciliation marks ``promoted``. No version ever claims to have served without
+    having held the alias."""
+    name, alias = cfg.tracking.student_name, cfg.tracking.champion_alias
+    version = str(reg.register(model_uri, name, {**tags, DECISION_TAG: PENDING}).version)
+    fault_point("promote.registered")
+    try:
+        provenance.seal_version(reg, name, version, (run_id, eval_run_id))
+        failed = [f"{check}: {detail}" for check, ok, detail in
+                  provenance.promotable_checks(reg, name, version, reg.version(name, version).tags) if not ok]
+        if failed:
+            raise GateError("the registered version fails its integrity checks: " + "; ".join(failed))
+        card = card_for(version)
+        with registry.open_run(cfg, run_id):
+            registry.log_text(card, "model_card.md")
+        reg.describe(name, version, card)
+        reg.set_alias(name, alias, version)
+    except Exception as exc:
+        try:
+            reg.delete_version(name, version)
+            undone = "the new version was deleted again"
+        except registry.TrackingError:
+            undone = (f"v{version} is left marked {PENDING} (it never served); the next run or `distillery gc` "
+                      f"deletes it")
+        raise GateError(f"promotion of {name} v{version} failed before {name}@{alias} moved ({exc}); the alias is "
+                        f"unchanged and {undone}") from exc
+    fault_point("promote.alias_moved")
+    try:
+        reg.set_tags(name, version, {DECISION_TAG: PROMOTED})
+    except registry.TrackingError as exc:
+        logger.warning("%s@%s now serves v%s, but marking it %s failed (%s): the next run marks it", name, alias,
+                       version, PROMOTED, exc)
+    logger.info("promoted %s v%s to @%s", name, version, alias)
+    return version
+def reconcile(cfg: Config, reg: registry.Registry, logger, apply: bool = True) -> list[tuple[str, str]]:  # noqa: ANN001
+    name, alias = cfg.tracking.student_name, cfg.tracking.champion_alias
+    versions = reg.versions(name)
+    # who holds the alias is read from the alias itself: search results do not reliably carry aliases
+    holder = reg.alias_version(name, alias) if any(decision_of(v.tags) == PENDING for v in versions) else None
+    serving = str(holder.version) if holder is not None else None
+    actions = plan_reconcile([(str(v.version), decision_of(v.tags), str(v.version) == serving) for v in versions],
+                             PENDING, PROMOTED)
+    for version, action in actions:
+        if not apply:
+            logger.warning("%s v%s was left %s by an interrupted promotion: the next run will %s it", name, version,
+                           PENDING, action)
+            continue
+        if action == "finish":
+            failed = [f"{check}: {detail}" for check, ok, detail in provenance.promotable_checks(
+                reg, name, version, reg.version(name, version).tags) if not ok]
+            if failed:  # it holds the alias, but nothing vouches for it: never mark it as gated
+                logger.error("%s v%s holds @%s and was left %s, but fails its promotion checks (%s): not marked %s; "
+                             "move the alias back with `distillery promote --rollback` or `--version N`", name,
+                             version, alias, PENDING, "; ".join(failed), PROMOTED)
+                continue
+            reg.set_tags(name, version, {DECISION_TAG: PROMOTED})
+            logger.warning("%s v%s holds @%s but was left %s by an interrupted promotion: marked %s", name, version,
+                           alias, PENDING, PROMOTED)
+        else:
+            reg.delete_version(name, version)
+            logger.warning("%s v%s was left %s by an interrupted promotion and never served: deleted", name, version,
+                           PENDING)
+    return actions

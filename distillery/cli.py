@@ -122,7 +122,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
-    from distillery.flows.admin import lineage_of, verify_lineage
+    from distillery.commands.admin import lineage_of, verify_lineage
 
     cfg = _config(args)
     info = lineage_of(cfg, args.ref)
@@ -162,7 +162,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from distillery.flows.admin import status_of
+    from distillery.commands.admin import status_of
 
     cfg = _config(args)
     state = status_of(cfg)
@@ -188,7 +188,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from distillery.flows.admin import promote_version, rollback_champion
+    from distillery.commands.admin import promote_version, rollback_champion
     from distillery.models.gate import GateError
 
     if args.rollback == bool(args.version):
@@ -210,7 +210,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from distillery.flows.admin import collect_garbage
+    from distillery.commands.admin import collect_garbage
 
     report = collect_garbage(_config(args), keep_runs=args.keep, dry_run=args.dry_run)
     if args.json:
@@ -230,7 +230,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_webhook(args: argparse.Namespace) -> int:
-    from distillery.flows.admin import register_webhook, serve_webhook
+    from distillery.commands.admin import register_webhook, serve_webhook
 
     cfg = _config(args)
     if args.action == "register":
@@ -243,7 +243,7 @@ def cmd_webhook(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from distillery.flows.serving import predict
+    from distillery.commands.serving import predict
     from distillery.models.data import read_texts
 
     cfg = _config(args)
@@ -261,7 +261,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from distillery.flows.serving import serve
+    from distillery.commands.serving import serve
 
     cfg = _config(args)
     s = cfg.serving

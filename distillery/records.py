@@ -73,10 +73,6 @@ class SnapshotRef:
     def to_tags(self) -> dict[str, str]:
         return {"data.snapshot_md5": self.md5}
 
-    @staticmethod
-    def md5_from_tags(tags: Mapping[str, str]) -> str:
-        return tags.get("data.snapshot_md5", "")
-
 
 @dataclass(frozen=True)
 class TeacherRef:

@@ -15,7 +15,7 @@ from scipy.special import logsumexp
 from sklearn.metrics import roc_auc_score
 
 from distillery.config import EvaluationConfig
-from distillery.models.metrics import expected_calibration_error, softmax
+from distillery.models.metrics import softmax
 
 TARGETS = ("max_accuracy_cost", "oos_recall", "max_inscope_rejection")
 SCORES = ("confidence", "energy")
@@ -138,12 +138,6 @@ def oos_metrics(probs: np.ndarray, labels: np.ndarray, is_oos: np.ndarray, thres
         auroc=float(roc_auc_score(is_oos, -confidence)) if both else float("nan"),
         abstention_rate=float(abstain.mean()) if len(abstain) else float("nan"),
     )
-
-
-def ece_before_after(logits: np.ndarray, labels: np.ndarray, temperature: float) -> tuple[float, float]:
-    """ECE of the raw and of the temperature-scaled probabilities (in-scope rows)."""
-    return (expected_calibration_error(softmax(np.asarray(logits, dtype=np.float64)), labels),
-            expected_calibration_error(calibrated(logits, temperature), labels))
 
 
 def held_out_intents(labels: list[str], count: int, seed: int) -> list[str]:

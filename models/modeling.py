@@ -15,18 +15,13 @@ import sys
 import threading
 import warnings
 import zipfile
-from collections import Counter
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from torch import nn
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    BertConfig,
-    BertForSequenceClassification,
-    BertTokenizerFast,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -325,26 +320,6 @@ def align_labels(model: PreTrainedModel, labels: list[str], what: str = "the tea
     model.config.id2label = dict(enumerate(labels))
     model.config.label2id = {name: i for i, name in enumerate(labels)}
     return order
-
-
-def build_tiny_model(folder: Path, texts: Iterable[str], labels: list[str], vocab_words: int = 100,
-                     hidden_size: int = 32, num_layers: int = 2, seed: int = 0) -> Path:
-    """A tiny random-init BERT classifier with a WordPiece vocabulary drawn from ``texts`` (for tests/smoke runs)."""
-    counts = Counter(w for t in texts for w in str(t).lower().replace("?", " ").replace(".", " ").split())
-    words = [w for w, _ in counts.most_common(vocab_words) if w not in SPECIAL_TOKENS]
-    letters = sorted({c for w in words for c in w})
-    vocab = SPECIAL_TOKENS + words + [c for c in letters if c not in words] + [f"##{c}" for c in letters]
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True)
-    config = BertConfig(
-        vocab_size=len(vocab), hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=2,
-        intermediate_size=hidden_size * 2, max_position_embeddings=128, num_labels=len(labels),
-        id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)},
-    )
-    with seeded(seed):
-        model = BertForSequenceClassification(config)
-    return save_classifier(model, tokenizer, folder)
 
 
 def encoder_layers(model: PreTrainedModel) -> nn.ModuleList:

@@ -55,7 +55,7 @@ def prefect_harness():
 @pytest.fixture(scope="session")
 def tiny_teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random-init BERT (vocab from the fixture texts, hidden 32, 2 layers) saved as safetensors."""
-    from distillery.models.modeling import build_tiny_model
+    from tests.helpers import build_tiny_model
 
     train, test = make_frames()
     folder = tmp_path_factory.mktemp("models") / "tiny-teacher"

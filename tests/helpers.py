@@ -9,6 +9,7 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
+from typing import Iterable
 
 import pandas as pd
 import yaml
@@ -124,3 +125,30 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def build_tiny_model(folder: Path, texts: Iterable[str], labels: list[str], vocab_words: int = 100,
+                     hidden_size: int = 32, num_layers: int = 2, seed: int = 0) -> Path:
+    """A tiny random-init BERT classifier with a WordPiece vocabulary drawn from ``texts``, saved as safetensors."""
+    from collections import Counter
+
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    from distillery.models.modeling import SPECIAL_TOKENS, save_classifier
+    from distillery.models.randomness import seeded
+
+    counts = Counter(w for t in texts for w in str(t).lower().replace("?", " ").replace(".", " ").split())
+    words = [w for w, _ in counts.most_common(vocab_words) if w not in SPECIAL_TOKENS]
+    letters = sorted({c for w in words for c in w})
+    vocab = SPECIAL_TOKENS + words + [c for c in letters if c not in words] + [f"##{c}" for c in letters]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True)
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=2,
+        intermediate_size=hidden_size * 2, max_position_embeddings=128, num_labels=len(labels),
+        id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)},
+    )
+    with seeded(seed):
+        model = BertForSequenceClassification(config)
+    return save_classifier(model, tokenizer, folder)

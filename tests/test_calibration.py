@@ -5,16 +5,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from distillery.models.metrics import expected_calibration_error, softmax
 from distillery.models.calibration import (
     abstention,
     calibrated,
     choose_threshold,
-    ece_before_after,
     fit_temperature,
     held_out_intents,
     in_scope_score,
     oos_metrics,
 )
+
+
+def ece_before_after(logits: np.ndarray, labels: np.ndarray, temperature: float) -> tuple[float, float]:
+    """ECE of the raw and of the temperature-scaled probabilities."""
+    return (expected_calibration_error(softmax(np.asarray(logits, dtype=np.float64)), labels),
+            expected_calibration_error(calibrated(logits, temperature), labels))
 
 
 def _overconfident(n: int = 4000, classes: int = 5, seed: int = 0):

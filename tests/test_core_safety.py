@@ -89,7 +89,7 @@ def test_reconcile_plan_finishes_what_served_and_deletes_what_never_did():
 
 @pytest.mark.usefixtures("prefect_harness")
 def test_a_crash_inside_promotion_leaves_the_alias_and_is_reconciled(teacher_project: Path, monkeypatch):
-    from distillery.flows.admin import collect_garbage, status_of
+    from distillery.commands.admin import collect_garbage, status_of
 
     cfg_path = teacher_project / "distillery.yaml"
     overrides = {"gate.champion_tolerance": 1.0, "distill.epochs": 2}
@@ -236,7 +236,7 @@ def test_gc_keeps_what_the_champion_and_latest_runs_need(teacher_project: Path):
     import os
     import time
 
-    from distillery.flows.admin import collect_garbage, lineage_of, verify_lineage
+    from distillery.commands.admin import collect_garbage, lineage_of, verify_lineage
     from distillery.paths import COLLECTED, KEPT
 
     cfg_path = teacher_project / "distillery.yaml"

@@ -130,7 +130,7 @@ def test_sweep_runs_on_dask_and_picks_the_best(teacher_project: Path):
 
 def test_lineage_skip_watch_and_rollback(teacher_project: Path):
     from distillery.integrations.store import snapshot_md5
-    from distillery.flows.admin import lineage_of, rollback_champion, verify_lineage
+    from distillery.commands.admin import lineage_of, rollback_champion, verify_lineage
     from distillery.flows.pipeline import watch_flow
 
     cfg_path = str(teacher_project / "distillery.yaml")
@@ -188,7 +188,7 @@ def test_lineage_skip_watch_and_rollback(teacher_project: Path):
     assert client.get_model_version("student", retired).tags["rollback.reason"] == "bad canary"
 
     # promoting a version by hand makes the gate's checks again: a failing criterion moves nothing
-    from distillery.flows.admin import promote_version
+    from distillery.commands.admin import promote_version
     from distillery.models.gate import GateError
 
     strict = load_config(cfg_path, {"gate.max_latency_ratio": 1e-6})
@@ -202,7 +202,8 @@ def test_lineage_skip_watch_and_rollback(teacher_project: Path):
 
 
 def test_pretrained_student_reads_with_its_own_tokenizer(teacher_project: Path, tmp_path: Path):
-    from distillery.models.modeling import build_tiny_model, load_tokenizer
+    from distillery.models.modeling import load_tokenizer
+    from tests.helpers import build_tiny_model
     from tests.helpers import LABELS, make_frames
 
     train, _ = make_frames()
@@ -239,7 +240,7 @@ def test_pooled_feature_kd_across_tokenizers_through_the_flow(teacher_project: P
     and the sweep keeps feature KD only when it wins on validation."""
     import numpy as np
 
-    from distillery.models.modeling import build_tiny_model
+    from tests.helpers import build_tiny_model
     from tests.helpers import LABELS, make_frames
 
     train, _ = make_frames()
@@ -280,7 +281,8 @@ def test_overlapping_runs_are_serialised_and_promote_once(teacher_project: Path)
 def test_baseline_is_cut_from_the_base_model_or_says_why_not(teacher_project: Path, tmp_path: Path):
     import torch
 
-    from distillery.models.modeling import build_tiny_model, encoder_layers, load_classifier
+    from distillery.models.modeling import encoder_layers, load_classifier
+    from tests.helpers import build_tiny_model
     from distillery.models.students import baseline_source
     from distillery.tasks.teacher import resolve_teacher
     from tests.helpers import LABELS, make_frames

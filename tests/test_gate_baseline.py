@@ -9,7 +9,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from distillery.config import load_config
-from distillery.flows.admin import lineage_of, verify_lineage
+from distillery.commands.admin import lineage_of, verify_lineage
 from tests.helpers import run_command
 
 # a teacher that guesses (the random-init tiny model) gets through the output suites only with their floors lowered

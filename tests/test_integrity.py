@@ -12,7 +12,7 @@ import pytest
 from mlflow import MlflowClient
 
 from distillery.config import load_config
-from distillery.flows.admin import SNAPSHOT_CHECK, lineage_of, promote_version, status_of, verify_lineage
+from distillery.commands.admin import SNAPSHOT_CHECK, lineage_of, promote_version, status_of, verify_lineage
 from distillery.integrations import provenance
 from distillery.integrations.registry import Registry
 from distillery.models.gate import GateError

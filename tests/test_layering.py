@@ -52,6 +52,7 @@ LAYERS = [
     {"distillery.integrations"},
     {"distillery.tasks"},
     {"distillery.flows"},
+    {"distillery.commands"},
     {"distillery.cli", "distillery.__main__"},
 ]
 
@@ -74,7 +75,7 @@ def _module_name(path: Path) -> str:
 def test_imports_go_one_way():
     """config/records at the bottom, then models, integrations, tasks, flows, and the CLI at the top."""
     problems = []
-    for folder in ("distillery", "distillery/integrations", "models", "tasks", "flows"):
+    for folder in ("distillery", "distillery/integrations", "distillery/commands", "models", "tasks", "flows"):
         for path in sorted((ROOT / folder).glob("*.py")):
             module = _module_name(path)
             own = _layer_of(module)
@@ -99,7 +100,7 @@ def test_tasks_define_tasks_and_integrations_live_in_one_home():
     # served_model.py is the loader that travels inside every logged model (MLflow models-from-code): it must import
     # mlflow itself and nothing of distillery
     homes = {"mlflow": ("registry.py", "served_model.py"), "great_expectations": ("expectations.py",)}
-    for path in sorted(ROOT.glob("*/*.py")) + sorted(ROOT.glob("distillery/integrations/*.py")):
+    for path in sorted(ROOT.glob("*/*.py")) + sorted(ROOT.glob("distillery/*/*.py")):
         if path.parts[-2] in ("tests", "benchmarks", ".venv"):
             continue
         for library, home in homes.items():
@@ -122,7 +123,7 @@ def test_no_side_effects_at_import(tmp_path):
     home.mkdir()
     work.mkdir()
     modules = [_module_name(p)
-               for d in ("models", "tasks", "flows", "distillery", "distillery/integrations")
+               for d in ("models", "tasks", "flows", "distillery", "distillery/integrations", "distillery/commands")
                for p in sorted((ROOT / d).glob("*.py")) if p.stem not in ("__init__", "__main__")]
     code = "import importlib, sys; [importlib.import_module(m) for m in sys.argv[1:]]"
     subprocess.run([sys.executable, "-c", code, *modules], cwd=work, check=True,
@@ -131,7 +132,7 @@ def test_no_side_effects_at_import(tmp_path):
 
 
 def test_no_remote_code_or_pickle_weights():
-    for path in [p for d in ("models", "tasks", "flows", "distillery", "distillery/integrations")
+    for path in [p for d in ("models", "tasks", "flows", "distillery", "distillery/integrations", "distillery/commands")
                  for p in (ROOT / d).glob("*.py")]:
         text = path.read_text()
         assert "trust_remote_code=True" not in text, path
@@ -168,7 +169,7 @@ def test_every_error_a_user_sees_is_a_distillery_error():
     # loader's (it imports nothing of distillery), and the SIGTERM signal
     exempt = {"InjectedFault", "Refused", "InputError", "Terminated"}
     found = []
-    for folder in ("distillery", "distillery/integrations", "models", "tasks", "flows"):
+    for folder in ("distillery", "distillery/integrations", "distillery/commands", "models", "tasks", "flows"):
         for path in sorted((ROOT / folder).glob("*.py")):
             if path.name == "__main__.py":  # importing it runs the CLI
                 continue
@@ -188,7 +189,7 @@ def test_the_work_folder_is_named_in_one_place():
     from distillery.paths import COLLECTED, KEPT, WorkFolder
 
     spelled = re.compile(r"workdir\s*/\s*[\"'A-Z]")
-    for path in sorted(ROOT.glob("*/*.py")) + sorted(ROOT.glob("distillery/integrations/*.py")):
+    for path in sorted(ROOT.glob("*/*.py")) + sorted(ROOT.glob("distillery/*/*.py")):
         if path.parts[-2] in ("tests", ".venv") or path.name == "paths.py":
             continue
         assert not spelled.search(path.read_text()), f"{path.relative_to(ROOT)} names a work folder: use cfg.work"

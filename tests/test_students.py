@@ -117,7 +117,7 @@ def test_pooled_feature_kd_trains_the_projection_with_cached_teacher_features(ti
     import numpy as np
 
     from distillery.models.labelling import teacher_pooled
-    from distillery.models.modeling import build_tiny_model
+    from tests.helpers import build_tiny_model
     from tests.helpers import make_frames
 
     teacher, teacher_tok = load_classifier(tiny_teacher_dir).eval(), load_tokenizer(tiny_teacher_dir)

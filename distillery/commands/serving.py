@@ -18,7 +18,7 @@ import pandas as pd
 from distillery.config import Config
 from distillery.integrations import registry
 from distillery.integrations.guard import ServingLimits
-from distillery.flows.admin import parse_ref
+from distillery.commands.admin import parse_ref
 
 LOCAL_MODEL_PREFIXES = ("/", "./", "../")  # an MLflow model folder on disk
 
@@ -78,5 +78,5 @@ def serve(cfg: Config, ref: str | None, host: str, port: int, workers: int = 1,
         uvicorn.run(registry.scoring_app(uri, limits), host=host, port=port, log_level="info", access_log=True)
         return
     os.environ[SERVE_ENV] = json.dumps({"model_uri": uri, "limits": dataclasses.asdict(limits)})
-    uvicorn.run("distillery.flows.serving:app_from_environment", factory=True, host=host, port=port,
+    uvicorn.run("distillery.commands.serving:app_from_environment", factory=True, host=host, port=port,
                 workers=workers, log_level="info", access_log=True)

@@ -257,56 +257,16 @@ def _train(model: PreTrainedModel, objective: nn.Module, train: Encoded, validat
     if settings.max_steps:
         total = min(total, settings.max_steps)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(total * settings.warmup_fraction), max(total, 1))
-    result = TrainResult()
-    best_state: dict | None = None
-    bad_epochs, start_epoch = 0, 1
     fingerprint = _fingerprint(settings, {"rows": len(train), **(fingerprint_extra or {})})
     ckpt = Path(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir else None
-    if ckpt is not None and ckpt.is_file():
-        state = torch.load(ckpt, weights_only=True)
-        if state.get("fingerprint") == fingerprint:
-            model.load_state_dict(state["model"])
-            objective.load_state_dict(state["objective"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            torch.set_rng_state(state["rng"])
-            result = TrainResult(**state["result"])
-            best_state, bad_epochs = state["best_state"], state["bad_epochs"]
-            start_epoch = result.history[-1]["epoch"] + 1 if result.history else 1
-            result.resumed_from_epoch = start_epoch - 1
-            logger.info("%s: resuming after epoch %d from %s", desc, start_epoch - 1, ckpt)
-        else:
-            logger.info("%s: ignoring checkpoint %s made with other settings", desc, ckpt)
-
+    parts = {"model": model, "objective": objective, "optimizer": optimizer, "scheduler": scheduler}
+    result, best_state, bad_epochs, start_epoch = _resume(ckpt, fingerprint, parts, desc)
     finished = result.stopped_early or (settings.max_steps is not None and result.steps >= settings.max_steps)
     for epoch in range(start_epoch, settings.epochs + 1):
         if finished:
             break
-        model.train()
-        objective.train()
-        generator = torch.Generator().manual_seed(settings.seed * 1000 + epoch)
-        batches = epoch_batches(train, settings.batch_size, generator, settings.group_by_length)
-        losses = []
-        left = settings.max_steps - result.steps if settings.max_steps is not None else len(batches)
-        bar = tqdm(batches, desc=f"{desc} epoch {epoch}/{settings.epochs}", disable=not progress, leave=False,
-                   total=min(len(batches), left))  # its real length when max_steps stops the epoch early
-        for index in bar:
-            batch = collate(train, index, pad_id)
-            loss = objective(model, batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{desc}: loss became {loss.item()} at step {result.steps}: "
-                                         "lower the learning rate or check the teacher logits")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
-            result.steps += 1
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-            if settings.max_steps is not None and result.steps >= settings.max_steps:
-                finished = True
-                break
+        losses, finished = _train_epoch(model, objective, optimizer, scheduler, params, train, settings, pad_id,
+                                        epoch, result, progress, desc)
         logits = predict_logits(model, validation, pad_id, batch_size=max(settings.batch_size, 64))
         m = classification_metrics(logits, validation.labels.numpy(), model.config.num_labels)
         row = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
@@ -331,11 +291,62 @@ def _train(model: PreTrainedModel, objective: nn.Module, train: Encoded, validat
             on_epoch_end(epoch, row)
         if ckpt is not None:
             ckpt.parent.mkdir(parents=True, exist_ok=True)
-            _save_atomic({"fingerprint": fingerprint, "model": model.state_dict(), "objective": objective.state_dict(),
-                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            _save_atomic({"fingerprint": fingerprint, **{k: v.state_dict() for k, v in parts.items()},
                           "rng": torch.get_rng_state(), "result": asdict(result), "best_state": best_state,
                           "bad_epochs": bad_epochs}, ckpt)
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
     return result
+
+
+def _resume(ckpt: Path | None, fingerprint: str, parts: dict[str, object],
+            desc: str) -> tuple[TrainResult, dict | None, int, int]:
+    """The state to go on from: a fresh start, or the checkpoint's when it was made with the same settings (its
+    ``parts``' states and the RNG restored): (result so far, best weights, epochs without improvement, next epoch)."""
+    if ckpt is None or not ckpt.is_file():
+        return TrainResult(), None, 0, 1
+    state = torch.load(ckpt, weights_only=True)
+    if state.get("fingerprint") != fingerprint:
+        logger.info("%s: ignoring checkpoint %s made with other settings", desc, ckpt)
+        return TrainResult(), None, 0, 1
+    for name, part in parts.items():
+        part.load_state_dict(state[name])
+    torch.set_rng_state(state["rng"])
+    result = TrainResult(**state["result"])
+    start_epoch = result.history[-1]["epoch"] + 1 if result.history else 1
+    result.resumed_from_epoch = start_epoch - 1
+    logger.info("%s: resuming after epoch %d from %s", desc, start_epoch - 1, ckpt)
+    return result, state["best_state"], state["bad_epochs"], start_epoch
+
+
+def _train_epoch(model: PreTrainedModel, objective: nn.Module, optimizer, scheduler, params: list,  # noqa: ANN001
+                 train: Encoded, settings: TrainSettings, pad_id: int, epoch: int, result: TrainResult,
+                 progress: bool, desc: str) -> tuple[list[float], bool]:
+    """One epoch of optimiser steps over seeded batches (``result.steps`` counts them): (the batch losses, whether
+    ``max_steps`` was reached)."""
+    model.train()
+    objective.train()
+    generator = torch.Generator().manual_seed(settings.seed * 1000 + epoch)
+    batches = epoch_batches(train, settings.batch_size, generator, settings.group_by_length)
+    losses: list[float] = []
+    left = settings.max_steps - result.steps if settings.max_steps is not None else len(batches)
+    bar = tqdm(batches, desc=f"{desc} epoch {epoch}/{settings.epochs}", disable=not progress, leave=False,
+               total=min(len(batches), left))  # its real length when max_steps stops the epoch early
+    for index in bar:
+        batch = collate(train, index, pad_id)
+        loss = objective(model, batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{desc}: loss became {loss.item()} at step {result.steps}: "
+                                     "lower the learning rate or check the teacher logits")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        result.steps += 1
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        if settings.max_steps is not None and result.steps >= settings.max_steps:
+            return losses, True
+    return losses, False

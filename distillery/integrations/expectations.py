@@ -139,14 +139,30 @@ def validate_teacher_outputs(rows: pd.DataFrame, classes: pd.DataFrame, labels: 
                 if not result.success:
                     report.success = False
                     report.failed.append(entry)
-    for failure in report.failed:  # name the classes behind a class-level failure, not just their values
+    _name_classes(report.failed, classes, cfg)
+    report.statistics = _statistics(rows, classes)
+    report.docs_dir = str(docs_dir)
+    report.docs_index = str(docs_dir / "index.html")
+    docs_dir.mkdir(parents=True, exist_ok=True)
+    (docs_dir / "summary.html").write_text(summary_html(report, run_name))
+    (docs_dir / "summary.md").write_text(summary_markdown(report, run_name))
+    return report
+
+
+def _name_classes(failed: list[dict], classes: pd.DataFrame, cfg: ValidationConfig) -> None:
+    """Name the classes behind a class-level failure, not just their values (in place)."""
+    for failure in failed:
         if failure["target"] == "predicted_count":
             low = classes.loc[classes["predicted_count"] < cfg.min_predictions_per_class, "label"].tolist()
             failure["observed"] += f"; classes predicted too rarely: {low[:10]}"
         elif failure["target"] == "val_f1":
             worst = classes.nsmallest(5, "val_f1")[["label", "val_f1"]].round(3).values.tolist()
             failure["observed"] += f"; weakest classes: {worst}"
-    report.statistics = {
+
+
+def _statistics(rows: pd.DataFrame, classes: pd.DataFrame) -> dict[str, float]:
+    """What the suites looked at, as numbers logged beside the verdict."""
+    return {
         "rows": float(len(rows)),
         "mean_confidence": float(rows["max_prob"].mean()) if len(rows) else math.nan,
         "mean_entropy_fraction": float(rows["entropy_fraction"].mean()) if len(rows) else math.nan,
@@ -154,12 +170,6 @@ def validate_teacher_outputs(rows: pd.DataFrame, classes: pd.DataFrame, labels: 
         "teacher_val_macro_f1": float(classes["val_f1"].mean()),
         "min_predictions_per_class": float(classes["predicted_count"].min()),
     }
-    report.docs_dir = str(docs_dir)
-    report.docs_index = str(docs_dir / "index.html")
-    docs_dir.mkdir(parents=True, exist_ok=True)
-    (docs_dir / "summary.html").write_text(summary_html(report, run_name))
-    (docs_dir / "summary.md").write_text(summary_markdown(report, run_name))
-    return report
 
 
 def summary_markdown(report: ValidationReport, run_name: str) -> str:

@@ -28,6 +28,15 @@ SIGNATURE_TAG = "lineage.signature"
 CONFIG_HASH_TAG = "config.hash"
 GIT_REVISION_TAG = "git.revision"
 OUTPUTS_RUN_TAG = "teacher_outputs.run_id"
+SNAPSHOT_TAG = "data.snapshot_md5"
+GATE_REFERENCE_TAG = "gate.reference"     # the teacher form the gate compared with
+GATE_CRITERIA_TAG = "gate.criteria"
+GATE_FAILED_TAG = "gate.failed"           # on a distill run: the criteria that failed ("none")
+GATE_STUDENT_TAG = "gate.student"         # on a distill run: the candidate the gate decided on
+MODEL_CARD_TAG = "model_card"
+EVALUATION_SERVED_TAG = "evaluation.served"
+EVALUATION_CONTENDERS_TAG = "evaluation.contenders"
+TEACHER_SOURCE_TAG = "teacher.source"     # an imported teacher's source, and a hash of its files
 # tags that change after registration by design (promotion state, rollbacks, manual promotions): never signed
 MUTABLE_TAG_PREFIXES = (DECISION_TAG, ROLLBACK_PREFIX, PROMOTION_PREFIX, SIGNATURE_TAG, "mlflow.")
 
@@ -71,7 +80,7 @@ class SnapshotRef:
     path: str
 
     def to_tags(self) -> dict[str, str]:
-        return {"data.snapshot_md5": self.md5}
+        return {SNAPSHOT_TAG: self.md5}
 
 
 @dataclass(frozen=True)
@@ -96,14 +105,14 @@ class TeacherRef:
 
     def version_tags(self, git_revision: str, config_hash: str, metrics: Mapping[str, float]) -> dict[str, str]:
         """The tags of the teacher's own registry version."""
-        return {"data.snapshot_md5": self.snapshot_md5, "git.revision": git_revision, "run_id": self.run_id,
+        return {SNAPSHOT_TAG: self.snapshot_md5, GIT_REVISION_TAG: git_revision, "run_id": self.run_id,
                 "base_model": self.base_model, "config.hash": config_hash,
                 **{f"{METRIC_PREFIX}{k}": f"{v:.6g}" for k, v in metrics.items()}}
 
     @classmethod
     def from_version(cls, name: str, version: str, run_id: str, tags: Mapping[str, str], folder: str = "") -> "TeacherRef":
         return cls(name=name, version=str(version), run_id=run_id or "", folder=folder,
-                   base_model=tags.get("base_model", ""), snapshot_md5=tags.get("data.snapshot_md5", ""))
+                   base_model=tags.get("base_model", ""), snapshot_md5=tags.get(SNAPSHOT_TAG, ""))
 
 
 @dataclass(frozen=True)
@@ -246,13 +255,13 @@ class Lineage:
     RUN_KEYS = ("distill.run_id", "student.run_id", "evaluation.run_id")
 
     def to_tags(self) -> dict[str, str]:
-        return {**self.teacher.to_tags(), "data.snapshot_md5": self.snapshot_md5, GIT_REVISION_TAG: self.git_revision,
+        return {**self.teacher.to_tags(), SNAPSHOT_TAG: self.snapshot_md5, GIT_REVISION_TAG: self.git_revision,
                 CONFIG_HASH_TAG: self.config_hash, MODEL_SHA_TAG: self.model_sha256, "distill.run_id": self.distill_run_id,
                 "student.run_id": self.student_run_id, "evaluation.run_id": self.evaluation_run_id,
                 "deploy.form": self.deploy_form, "evaluation.candidate": self.measured_as,
-                "gate.reference": self.judged_against,
+                GATE_REFERENCE_TAG: self.judged_against,
                 "candidate": _json(dict(self.candidate)),
-                "gate.criteria": _json(list(self.criteria)), **{k: _json(v) for k, v in self.validation.items()},
+                GATE_CRITERIA_TAG: _json(list(self.criteria)), **{k: _json(v) for k, v in self.validation.items()},
                 **{f"{METRIC_PREFIX}{k}": f"{v:.6g}" for k, v in self.metrics.items()}}
 
     @classmethod
@@ -260,15 +269,15 @@ class Lineage:
         if "teacher.version" not in tags:
             raise KeyError("teacher.version")
         return cls(
-            teacher=TeacherRef.from_tags(tags), snapshot_md5=tags.get("data.snapshot_md5", ""),
+            teacher=TeacherRef.from_tags(tags), snapshot_md5=tags.get(SNAPSHOT_TAG, ""),
             git_revision=tags.get(GIT_REVISION_TAG, ""), config_hash=tags.get(CONFIG_HASH_TAG, ""),
             model_sha256=tags.get(MODEL_SHA_TAG, ""),
             distill_run_id=tags.get("distill.run_id", ""), student_run_id=tags.get("student.run_id", ""),
             evaluation_run_id=tags.get("evaluation.run_id", ""), deploy_form=tags.get("deploy.form", "fp32"),
-            served_as=tags.get("evaluation.candidate", ""), reference=tags.get("gate.reference", ""),
+            served_as=tags.get("evaluation.candidate", ""), reference=tags.get(GATE_REFERENCE_TAG, ""),
             candidate=_loads(tags.get("candidate")) or {},
             validation={"gx.success": tags.get("gx.success"), "gx.summary": _loads(tags.get("gx.summary"))},
-            criteria=tuple(_loads(tags.get("gate.criteria")) or ()),
+            criteria=tuple(_loads(tags.get(GATE_CRITERIA_TAG)) or ()),
             metrics={k.removeprefix(METRIC_PREFIX): float(v) for k, v in tags.items() if k.startswith(METRIC_PREFIX)},
         )
 
@@ -354,3 +363,10 @@ def scope_tags(oos_label: str | None, held_out: tuple[str, ...] | list[str]) -> 
     if oos_label is None and not held_out:
         return {}
     return {"data.oos_label": oos_label or "", "data.held_out_intents": ",".join(held_out)[:5000]}
+
+
+def import_provenance(source: str, sha256: str, labels_reordered: bool) -> dict[str, str]:
+    """The tags of a teacher registered from elsewhere: where it came from, a hash of its files, whether its labels
+    were put in the data's order."""
+    return {TEACHER_SOURCE_TAG: source, f"{TEACHER_SOURCE_TAG}_sha256": sha256, "teacher.imported": "true",
+            "teacher.labels_reordered": str(labels_reordered).lower()}

@@ -12,6 +12,9 @@ from distillery.config import Config, EvaluationConfig
 from distillery.integrations import registry, store
 from distillery.integrations.served_model import SERVING_FILE
 from distillery.records import (
+    EVALUATION_CONTENDERS_TAG,
+    EVALUATION_SERVED_TAG,
+    GATE_REFERENCE_TAG,
     MODEL_SHA_TAG,
     PRIMARY,
     QUANTISED_TEACHERS,
@@ -71,7 +74,8 @@ def evaluate_candidates(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef,
                                  splits["test"]["label_id"].to_numpy(), labels, contenders[0], reference,
                                  tuple(contenders), e.ece_bins, len(oos.get("oos_test", ())))
         registry.log_to_run(cfg, eval_run, metrics=ratios, folder=Path(tmp), artifact_path="evaluation", tags={
-            "gate.reference": reference, "evaluation.served": contenders[0], "evaluation.contenders": ",".join(contenders)})
+            GATE_REFERENCE_TAG: reference, EVALUATION_SERVED_TAG: contenders[0],
+            EVALUATION_CONTENDERS_TAG: ",".join(contenders)})
     for line in harness_summary(measured.metrics, contenders, reference, QUANTISED_TEACHERS, e, abstain):
         get_run_logger().info(line)
     return Evaluation(run_id=eval_run, table=table, ratios=ratios, reference=reference, students=(PRIMARY, *frontier),

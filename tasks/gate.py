@@ -15,6 +15,11 @@ from distillery.faults import fault_point
 from distillery.integrations import promotion, registry, store
 from distillery.records import (
     DECISION_TAG,
+    GATE_FAILED_TAG,
+    GATE_REFERENCE_TAG,
+    GATE_STUDENT_TAG,
+    GIT_REVISION_TAG,
+    MODEL_CARD_TAG,
     PROMOTED,
     REJECTED,
     Decision,
@@ -50,9 +55,9 @@ def judge(cfg: Config, run_id: str, evaluation: Evaluation) -> tuple[Decision, d
                                       champion, champion_version)
     registry.log_to_run(cfg, run_id, metrics={"gate.passed": float(decision.passed)}, json_files={
         "gate/decision.json": {**decision.to_dict(), "judged": {n: d.to_dict() for n, d in judged.items()}}}, tags={
-        DECISION_TAG: PROMOTED if decision.passed else REJECTED, "gate.failed": ",".join(decision.failed_names())
-        or "none", "gate.student": served_candidate(cfg.student.deploy, decision.student),
-        "gate.reference": evaluation.reference, "git.revision": store.git_revision(Path(cfg.root))})
+        DECISION_TAG: PROMOTED if decision.passed else REJECTED, GATE_FAILED_TAG: ",".join(decision.failed_names())
+        or "none", GATE_STUDENT_TAG: served_candidate(cfg.student.deploy, decision.student),
+        GATE_REFERENCE_TAG: evaluation.reference, GIT_REVISION_TAG: store.git_revision(Path(cfg.root))})
     for line in decision.reasons:
         logger.info("gate: %s", line)
     if not decision.passed:
@@ -85,7 +90,7 @@ def promote(cfg: Config, run_id: str, snapshot: SnapshotRef, teacher: TeacherRef
     # lean version tags: the lineage keys; the full config is the run's config.json, the card the description
     scope, _ = read_out_of_scope(Path(snapshot.path))
     tags = {**lineage.to_tags(), **scope_tags(scope.oos_label, scope.held_out),
-            "model_card": f"runs:/{run_id}/model_card.md"}
+            MODEL_CARD_TAG: f"runs:/{run_id}/model_card.md"}
     recipe = {**student.candidate.to_dict(),
               "student": cfg.student.frontier_shapes().get(decision.student, cfg.student).model_dump_json()}
     version = promotion.promote_two_phase(cfg, reg, run_id, evaluation.run_id, info.model_uri, tags, lambda v: (

@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 from distillery.config import Config
 from distillery.integrations import registry, store
-from distillery.records import SnapshotRef, TeacherRef
+from distillery.records import GIT_REVISION_TAG, TEACHER_SOURCE_TAG, SnapshotRef, TeacherRef, import_provenance
 from distillery.models.data import read_snapshot
 from distillery.models.modeling import ModelError, align_labels, load_classifier, load_tokenizer, save_classifier
 from distillery.models.students import below_floors, measure_classifier, prepare_teacher, run_teacher_training
@@ -63,8 +63,7 @@ def check_imported_teacher(cfg: Config, snapshot: SnapshotRef, source: str) -> t
     if low := below_floors(metrics, cfg.validation):
         raise ModelError(f"teacher {source} refused, nothing registered: {'; '.join(low)}")
     folder = save_classifier(model, tokenizer, cfg.work.imports / source_hash[:16])
-    return str(folder), metrics, {"teacher.source": source, "teacher.source_sha256": source_hash,
-                                  "teacher.imported": "true", "teacher.labels_reordered": str(reordered).lower()}
+    return str(folder), metrics, import_provenance(source, source_hash, reordered)
 
 
 @task(name="register-teacher", cache_policy=NO_CACHE)
@@ -75,11 +74,11 @@ def register_teacher(cfg: Config, snapshot: SnapshotRef, run_id: str, folder: st
     revision = store.git_revision(Path(cfg.root))
     with registry.open_run(cfg, run_id):
         info = registry.log_classifier(Path(folder), max_length=cfg.teacher.max_length)
-        registry.set_tags({**snapshot.to_tags(), "git.revision": revision, **(provenance or {})})
+        registry.set_tags({**snapshot.to_tags(), GIT_REVISION_TAG: revision, **(provenance or {})})
         if provenance:  # an imported teacher's measurements (a fine-tuned one logged them while training)
             registry.log_metrics(metrics)
     name = cfg.teacher.registered_name
-    base = (provenance or {}).get("teacher.source", cfg.teacher.base_model)
+    base = (provenance or {}).get(TEACHER_SOURCE_TAG, cfg.teacher.base_model)
     draft = TeacherRef(name=name, version="", run_id=run_id, folder=folder, base_model=base,
                        snapshot_md5=snapshot.md5)
     reg = registry.Registry.from_config(cfg)

@@ -19,6 +19,7 @@ from distillery.config import Config, ConfigError
 from distillery.integrations import provenance, registry, store
 from distillery.records import (
     METRIC_PREFIX,
+    MODEL_CARD_TAG,
     OUTPUTS_RUN_TAG,
     SIGNATURE_TAG,
     Decision,
@@ -99,7 +100,7 @@ def lineage_of(cfg: Config, ref: str) -> dict:
         "metrics": dict(lineage.metrics),
         "gate": {"decision": decision_of(tags), "criteria": list(lineage.criteria)},
         "runs": lineage.runs(),
-        "model_card": tags.get("model_card"),
+        "model_card": tags.get(MODEL_CARD_TAG),
         "rollback": rollback_tags(tags),
     }
 

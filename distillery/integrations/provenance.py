@@ -23,11 +23,13 @@ from typing import Mapping
 from distillery.integrations import registry
 from distillery.records import (
     CONFIG_HASH_TAG,
+    GATE_CRITERIA_TAG,
     GIT_REVISION_TAG,
     MODEL_SHA_TAG,
     OUTPUTS_RUN_TAG,
     REGISTERED_TAG,
     SIGNATURE_TAG,
+    SNAPSHOT_TAG,
     Lineage,
     registered_ref,
     signed_tags,
@@ -134,9 +136,9 @@ def consistency_checks(reg: registry.Registry, name: str, version: str, tags: Ma
     if distill is None:
         return [("distill run agrees with the version's tags", False, f"run {lineage.distill_run_id!r} not found")]
     run_tags = distill.data.tags
-    wanted = {"stage": "distill", "teacher.name": lineage.teacher.name, "teacher.version": lineage.teacher.version,
-              "teacher.run_id": lineage.teacher.run_id, "data.snapshot_md5": lineage.snapshot_md5,
-              CONFIG_HASH_TAG: lineage.config_hash, GIT_REVISION_TAG: lineage.git_revision}
+    made_from = {**lineage.teacher.to_tags(), SNAPSHOT_TAG: lineage.snapshot_md5}
+    wanted = {"stage": "distill", **made_from, CONFIG_HASH_TAG: lineage.config_hash,
+              GIT_REVISION_TAG: lineage.git_revision}
     differ = [f"{k}: run {run_tags.get(k)!r}, version {v!r}" for k, v in wanted.items() if run_tags.get(k) != v]
     checks.append(("distill run agrees with the version's tags (teacher, snapshot, config, code revision)",
                    not differ, "; ".join(differ) or lineage.distill_run_id))
@@ -148,7 +150,7 @@ def consistency_checks(reg: registry.Registry, name: str, version: str, tags: Ma
     else:
         o = outputs.data.tags
         differ = [f"{k}: {o.get(k)!r} vs {v!r}" for k, v in wanted.items()
-                  if k in ("teacher.version", "teacher.run_id", "data.snapshot_md5") and o.get(k) != v]
+                  if k in made_from and k != "teacher.name" and o.get(k) != v]
         checks.append(("teacher outputs run belongs to this teacher and snapshot", not differ,
                        "; ".join(differ) or outputs_id))
     evaluation = reg.run(lineage.evaluation_run_id) if lineage.evaluation_run_id else None
@@ -175,7 +177,7 @@ def consistency_checks(reg: registry.Registry, name: str, version: str, tags: Ma
             ok, detail = False, str(exc)
         checks.append((metrics_check, ok, detail))
     decision = registry.load_run_json(lineage.distill_run_id, "gate/decision.json")
-    criteria_tag = tags.get("gate.criteria")
+    criteria_tag = tags.get(GATE_CRITERIA_TAG)
     same = decision is not None and criteria_tag == registry.tag_value(list(decision.get("criteria", [])))
     checks.append(("gate criteria on the version equal the run's gate decision", same,
                    "gate/decision.json not logged" if decision is None else

@@ -54,8 +54,8 @@ def evaluate_candidates(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef,
     students = {PRIMARY: student.folder, **{k: v.folder for k, v in frontier.items()}}
     candidates = harness_candidates(teacher.folder, student.folder, baseline.folder, onnx_teacher_folder(cfg, teacher),
                                     {k: v.folder for k, v in frontier.items()}, form)
-    encoded = encode_harness_rows({c[2] for c in candidates.values()}, splits, oos if abstain else None,
-                                  cfg.distill.max_length)
+    folders = {c[2] for c in candidates.values()}
+    encoded = encode_harness_rows(folders, splits, oos if abstain else None, cfg.distill.max_length)
     eval_run = registry.create_run(cfg, "evaluation", {"stage": "evaluate", **teacher.to_tags(), **run_tags(
         student, baseline, frontier)}, parent_run_id, snapshot=snapshot, split="test",
         params=oos_params(scope, oos, e) if abstain else None)
@@ -65,7 +65,7 @@ def evaluate_candidates(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef,
     texts = splits["test"]["text"].tolist()
     contenders = time_served_forms(candidates, measured.metrics, encoded["test"], students, form, reference, texts,
                                    served_predictor(form, cfg.distill.max_length, timing.threads), timing)
-    hashes = {folder: store.tree_sha256(folder, exclude=(SERVING_FILE,)) for folder in {c[2] for c in candidates.values()}}
+    hashes = {folder: store.tree_sha256(folder, exclude=(SERVING_FILE,)) for folder in folders}
     registry.log_candidate_runs(cfg, eval_run, measured.metrics, labels,
                                 {name: {MODEL_SHA_TAG: hashes[c[2]]} for name, c in candidates.items()})
     ratios = headline_ratios(measured.metrics, contenders[0], reference)

@@ -84,7 +84,11 @@ def promote_two_phase(cfg: Config, reg: registry.Registry, run_id: str, eval_run
                        version, PROMOTED, exc)
     logger.info("promoted %s v%s to @%s", name, version, alias)
     return version
+
+
 def reconcile(cfg: Config, reg: registry.Registry, logger, apply: bool = True) -> list[tuple[str, str]]:  # noqa: ANN001
+    """Finish (alias holder that passes the promotion checks) or delete (never served) every version an interrupted
+    promotion left ``pending`` (``models.gate.plan_reconcile``); with ``apply`` False only say what would be done."""
     name, alias = cfg.tracking.student_name, cfg.tracking.champion_alias
     versions = reg.versions(name)
     # who holds the alias is read from the alias itself: search results do not reliably carry aliases

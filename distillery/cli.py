@@ -28,6 +28,9 @@ def environment_defaults() -> None:
     """Offline, quiet defaults for this process (the user's own settings win)."""
     for key, value in {
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # the temporary server's first start in a fresh PREFECT_HOME migrates its database: 20-35 s on 2 cores,
+        # over Prefect's own 20 s limit
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
         "DVC_NO_ANALYTICS": "1",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",

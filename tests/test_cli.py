@@ -72,3 +72,23 @@ def test_prefect_server_down_is_a_clear_error(tmp_path):
     assert out.returncode == 2
     assert f"Prefect server at http://127.0.0.1:{port}/api is not reachable" in out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "data.dvc").exists()
+
+
+def test_a_temporary_server_that_does_not_start_in_time_is_a_clear_error(tmp_path, monkeypatch):
+    """The first start in a fresh PREFECT_HOME migrates a database (20-35 s on 2 cores): distillery waits 120 s by
+    default, and a limit the user set that is too short ends in one line naming the setting."""
+    import os
+
+    write_source(tmp_path / "source")
+    write_config(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="1")
+    out = subprocess.run([*CLI, "ingest"], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "did not start in time" in out.stderr and "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "data.dvc").exists()
+    from distillery.cli import environment_defaults
+
+    monkeypatch.setattr(os, "environ", {})  # an empty environment, restored after the test
+    environment_defaults()
+    assert int(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]) >= 60

@@ -47,8 +47,8 @@ def prefect_errors() -> Iterator[None]:
             raise
         raise PrefectUnavailable(
             f"the temporary Prefect server did not start in time ({exc}). On a loaded machine give it longer "
-            f"(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120), or run one (`prefect server start`) and set "
-            f"PREFECT_API_URL."
+            f"(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, 120 s by default here), or run one "
+            f"(`prefect server start`) and set PREFECT_API_URL."
         ) from None
 
 

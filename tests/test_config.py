@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_project_config_loads_and_resolves_paths_against_its_folder():
     cfg = load_config(ROOT / "distillery.yaml")
     assert cfg.path(cfg.data.snapshot_dir) == ROOT / "data"
-    assert cfg.student.base_model == "minilm" and len(cfg.student.frontier) == 3
+    assert cfg.student.base_model == "minilm" and not cfg.student.prune_vocab
+    assert list(cfg.student.frontier_shapes()) == ["minilm-cut0-2-4-pv", "minilm-cut0-5-pv"]
     assert cfg.distill.sweep.temperature == () and cfg.distill.sweep.kd_weight == ()
 
 
@@ -90,7 +91,7 @@ def test_profiles_extend_the_project_config(tmp_path):
     assert fast == load_config(root / "distillery.yaml", {
         "teacher.base_model": "minilm", "teacher.registered_name": "teacher", "teacher.epochs": 8,
         "teacher.learning_rate": 1.5e-4, "tracking.student_name": "student", "student.init": "cut",
-        "student.layers": [0, 5], "student.frontier": [], "distill.epochs": 8,
+        "student.layers": [0, 5], "student.prune_vocab": True, "student.frontier": [], "distill.epochs": 8,
         "distill.search.trials": 10, "distill.search.parallel": 1, "distill.search.timeout_s": 1800,
         "distill.search.start_configured": False,
         "gate.policy": "best", "data.augment.multiple": 0,

@@ -469,8 +469,8 @@ class Terminated(BaseException):
     """SIGTERM, raised in the main thread so that the command ends through its cleanup (not caught as an error)."""
 
 
-def _raise_terminated(signum: int, frame) -> None:  # noqa: ANN001 - a signal handler's frame
-    raise Terminated()
+_STOPPING = threading.Lock()  # one cleanup: the main thread's or the watchdog's, whichever comes first
+STOP_GRACE_S = 10.0  # how long the command may unwind (Prefect marking its runs) before it is stopped from outside
 
 
 def _interrupted(command: str, signal_name: str, code: int) -> int:
@@ -479,8 +479,10 @@ def _interrupted(command: str, signal_name: str, code: int) -> int:
     from distillery import processes
     from distillery.integrations.registry import mark_interrupted_runs
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _STOPPING.acquire()  # a second caller waits here until the first one has ended the process
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     marked = mark_interrupted_runs("KILLED")
     import psutil
 
@@ -495,6 +497,24 @@ def _interrupted(command: str, signal_name: str, code: int) -> int:
     os._exit(code)
 
 
+def _stop_on_signals(command: str) -> None:
+    """SIGINT and SIGTERM raise in the main thread, so the command unwinds through Prefect (which marks its runs);
+    a watchdog ends it the same way after STOP_GRACE_S if unwinding waits on something (a task thread still
+    training, a task runner shutting down)."""
+
+    def handler(signum: int, frame) -> None:  # noqa: ANN001 - a signal handler's frame
+        name, code = ("Ctrl-C (SIGINT)", 130) if signum == signal.SIGINT else ("SIGTERM", 143)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        watchdog = threading.Timer(STOP_GRACE_S, _interrupted, (command, name, code))
+        watchdog.daemon = True
+        watchdog.start()
+        raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     environment_defaults()
     args = build_parser().parse_args(argv)
@@ -503,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ[processes.COMMAND_ENV] = processes.this_process()  # inherited by the helpers this command starts
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_terminated)
+        _stop_on_signals(args.command)
     try:
         return args.func(args)
     except _known_errors() as exc:

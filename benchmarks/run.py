@@ -138,7 +138,7 @@ def main() -> int:
         reference_pred = logits.argmax(1) if reference_pred is None else reference_pred
         metrics[name] = {k: v for k, v in m.items() if k != "per_class_f1"}
         print(f"  measured {name}", flush=True)
-    served, reference = served_candidate(form), lineage.judged_against
+    served, reference = served_candidate(form), lineage.reference
     contenders = (served, *(served_candidate(form, k) for k in others))
     r_model, _, r_folder = candidates[reference]
     for name in contenders:  # each student against the reference in interleaved pairs: p50s taken minutes apart
@@ -227,7 +227,7 @@ def main() -> int:
     from distillery.models.labelling import read_outputs
 
     start = time.perf_counter()
-    outputs = read_outputs(out.path).merge(inputs[["id", "text"]], on="id")
+    outputs = read_outputs(out.path)
     rows = outputs[outputs["split"].isin(["train", "transfer"])]
     bare_student, student_tokenizer = make_student(probe_cfg, load_classifier(teacher_dir).eval(), teacher_dir,
                                                    labels)

@@ -140,14 +140,6 @@ def oos_metrics(probs: np.ndarray, labels: np.ndarray, is_oos: np.ndarray, thres
     )
 
 
-def held_out_intents(labels: list[str], count: int, seed: int) -> list[str]:
-    """A seeded choice of ``count`` intents to hold out as unseen (out-of-scope at test time), in label order."""
-    if not 0 < count < len(labels) - 1:
-        raise ValueError(f"can hold out 1..{len(labels) - 2} of {len(labels)} intents, not {count}")
-    picked = set(np.random.default_rng(seed).choice(len(labels), size=count, replace=False).tolist())
-    return [name for i, name in enumerate(labels) if i in picked]
-
-
 def abstention(val_logits: np.ndarray, val_labels: np.ndarray, val_oos_logits: np.ndarray, test_logits: np.ndarray,
                test_labels: np.ndarray, test_oos_logits: np.ndarray, temperature: float, target: str,
                value: float, score: str = "confidence") -> tuple[float, OosMetrics, tuple]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -11,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from distillery.models.calibration import held_out_intents
 from distillery.config import DataConfig
 from distillery.errors import DistilleryError
 
@@ -511,6 +511,14 @@ def write_snapshot(splits: dict[str, pd.DataFrame], labels: list[str], report: C
         (folder / SCOPE_FILE).write_text(json.dumps(scope.to_dict(), indent=1) + "\n")
 
 
+def held_out_intents(labels: list[str], count: int, seed: int) -> list[str]:
+    """A seeded choice of ``count`` intents to hold out as unseen (out-of-scope at test time), in label order."""
+    if not 0 < count < len(labels) - 1:
+        raise ValueError(f"can hold out 1..{len(labels) - 2} of {len(labels)} intents, not {count}")
+    picked = set(np.random.default_rng(seed).choice(len(labels), size=count, replace=False).tolist())
+    return [name for i, name in enumerate(labels) if i in picked]
+
+
 def read_out_of_scope(folder: Path) -> tuple[Scope, dict[str, pd.DataFrame]]:
     """The snapshot's out-of-scope setting and rows (``oos_train``/``oos_validation``/``oos_test``); an inactive
     setting and no frames for a snapshot without them."""
@@ -518,7 +526,7 @@ def read_out_of_scope(folder: Path) -> tuple[Scope, dict[str, pd.DataFrame]]:
     if not (folder / SCOPE_FILE).is_file():
         return Scope(), {}
     scope = Scope.from_dict(json.loads((folder / SCOPE_FILE).read_text()))
-    return scope, {name: pd.read_parquet(folder / f"{name}.parquet") for name in OOS_SPLITS.values()
+    return scope, {name: _read_frame(folder / f"{name}.parquet") for name in OOS_SPLITS.values()
                    if (folder / f"{name}.parquet").is_file()}
 
 
@@ -529,7 +537,19 @@ def read_snapshot(folder: Path) -> tuple[dict[str, pd.DataFrame], list[str]]:
     if missing or not (folder / "labels.json").is_file():
         raise DataError(f"no complete data snapshot in {folder} (missing {missing or ['labels.json']}): run `distillery ingest`")
     labels = json.loads((folder / "labels.json").read_text())
-    return {s: pd.read_parquet(folder / f"{s}.parquet") for s in SPLITS}, labels
+    return {s: _read_frame(folder / f"{s}.parquet") for s in SPLITS}, labels
+
+
+def _read_frame(path: Path) -> pd.DataFrame:
+    """A snapshot file, read once per process while its bytes stay the same (every task of a run reads the
+    snapshot; a re-ingest writes new files, which are read afresh); each caller gets its own copy."""
+    stat = path.stat()
+    return _cached_frame(str(path), stat.st_mtime_ns, stat.st_size).copy()
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_frame(path: str, mtime_ns: int, size: int) -> pd.DataFrame:  # noqa: ARG001 - the stat is the key
+    return pd.read_parquet(path)
 
 
 def read_transfer_set(path: Path) -> pd.DataFrame:

@@ -22,7 +22,8 @@ META_FILE = "meta.json"
 FEATURES_FILE = "pooled-features.npz"  # the teacher's sentence features, beside the soft labels they go with
 DIGESTS_FILE = "text-digests.npz"  # a digest of each row's exact text, in row order: lets other row sets reuse them
 
-OUTPUT_COLUMNS = ["id", "split", "label_id", "logits", "probs", "predicted_label", "max_prob", "entropy"]
+OUTPUT_COLUMNS = ["id", "text", "split", "label_id", "logits", "probs", "predicted_label", "max_prob", "entropy"]
+OUTPUTS_FORMAT = 2  # 2: each row carries its text (what the students train on); part of the cache key
 
 
 def shard_bounds(rows: int, shards: int) -> list[tuple[int, int]]:
@@ -67,13 +68,15 @@ def teacher_pooled(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, t
     return predict_pooled(model, data, tokenizer.pad_token_id, batch_size=batch_size, progress=progress, desc=desc)
 
 
-def build_outputs(ids: list[str], splits: list[str], label_ids: list[int], logits: np.ndarray,
+def build_outputs(ids: list[str], texts: list[str], splits: list[str], label_ids: list[int], logits: np.ndarray,
                   labels: list[str]) -> pd.DataFrame:
-    """The teacher-outputs table: row id, split, gold label id (-1 when unlabelled), logits, probs and summaries."""
+    """The teacher-outputs table: row id, its text, split, gold label id (-1 when unlabelled), logits, probs and
+    summaries: everything a student trains on, so no later step rebuilds the rows the teacher labelled."""
     probs = softmax(logits).astype(np.float32)
     pred = probs.argmax(axis=1)
     return pd.DataFrame({
         "id": list(ids),
+        "text": list(texts),
         "split": list(splits),
         "label_id": np.asarray(label_ids, dtype=np.int64),
         "logits": list(np.asarray(logits, dtype=np.float32)),
@@ -89,6 +92,7 @@ def write_outputs(df: pd.DataFrame, path) -> None:  # noqa: ANN001 - str or Path
     classes = len(df["logits"].iloc[0]) if len(df) else 0
     table = pa.table({
         "id": pa.array(df["id"], pa.string()),
+        "text": pa.array(df["text"], pa.string()),
         "split": pa.array(df["split"], pa.string()),
         "label_id": pa.array(df["label_id"], pa.int64()),
         "logits": pa.FixedSizeListArray.from_arrays(

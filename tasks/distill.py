@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import pandas as pd
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -16,13 +15,7 @@ from distillery.models.data import read_snapshot
 from distillery.models.labelling import read_outputs
 from distillery.models.modeling import save_classifier
 from distillery.models.students import KD_SPLITS, prepare_student, run_training
-from distillery.tasks.labelling import rows_to_label, teacher_features
-
-
-def labelled_rows(cfg: Config, snapshot: SnapshotRef, outputs: TeacherOutputs) -> pd.DataFrame:
-    """The teacher's outputs with the text of each row (one row per labelled text)."""
-    inputs, _ = rows_to_label(cfg, snapshot)
-    return read_outputs(outputs.path).merge(inputs[["id", "text"]], on="id", how="inner", validate="one_to_one")
+from distillery.tasks.labelling import teacher_features
 
 
 def uses_pooled_features(cfg: Config) -> bool:
@@ -37,7 +30,7 @@ def uses_pooled_features(cfg: Config) -> bool:
 def cache_teacher_features(cfg: Config, teacher: TeacherRef, snapshot: SnapshotRef, outputs: TeacherOutputs) -> None:
     """Compute (or find) the teacher's sentence features for every row KD trains on, once, before trials that
     read them run side by side (their shape is logged)."""
-    rows = labelled_rows(cfg, snapshot, outputs)
+    rows = read_outputs(outputs.path)
     rows = rows[rows["split"].isin(KD_SPLITS)]
     features = teacher_features(cfg, teacher, outputs, rows["id"].tolist(), rows["text"].tolist())
     get_run_logger().info("teacher sentence features: %d rows x %d (cached beside its soft labels)", *features.shape)
@@ -51,7 +44,7 @@ def train_student(cfg: Config, teacher: TeacherRef, snapshot: SnapshotRef, outpu
     search's per-epoch bars (``models.selection.median_bars``); a trial below one stops there, marked pruned."""
     logger = get_run_logger()
     splits, labels = read_snapshot(Path(snapshot.path))
-    job = prepare_student(cfg, candidate, teacher, outputs.key, labels, labelled_rows(cfg, snapshot, outputs),
+    job = prepare_student(cfg, candidate, teacher, outputs.key, labels, read_outputs(outputs.path),
                           splits["validation"], lambda ids, texts, model: teacher_features(cfg, teacher, outputs, ids,
                                                                                            texts, model))
     if candidate.kind == "baseline" and ": base model" in job.weights_from:

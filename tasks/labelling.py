@@ -27,6 +27,7 @@ from distillery.models.labelling import (
     FEATURES_FILE,
     META_FILE,
     OUTPUTS_FILE,
+    OUTPUTS_FORMAT,
     ReusedLogits,
     build_outputs,
     merge_logits,
@@ -105,10 +106,11 @@ def transfer_path(cfg: Config) -> Path | None:
 
 
 def cache_key(teacher: TeacherRef, snapshot: SnapshotRef, inputs: pd.DataFrame, max_length: int) -> str:
-    """Keyed by teacher version (and its run), data snapshot, the exact rows, and what shapes the logits."""
+    """Keyed by teacher version (and its run), data snapshot, the exact rows, what shapes the logits and the
+    outputs' format (an entry of an older format is relabelled from its logits, by text digest: no teacher call)."""
     rows = hashlib.sha256("\n".join(inputs["id"] + ":" + inputs["split"]).encode()).hexdigest()
     blob = json.dumps({"teacher": [teacher.name, teacher.version, teacher.run_id], "data": snapshot.md5,
-                       "rows": rows, "max_length": max_length}, sort_keys=True)
+                       "rows": rows, "max_length": max_length, "format": OUTPUTS_FORMAT}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -155,7 +157,8 @@ def store_outputs(cfg: Config, key: str, inputs: pd.DataFrame, shard_logits: lis
     if logits.shape != (len(inputs), len(labels)):
         raise ValueError(f"teacher produced logits of shape {logits.shape}, expected {(len(inputs), len(labels))}: "
                          f"does the teacher's label set match the snapshot's?")
-    df = build_outputs(inputs["id"].tolist(), inputs["split"].tolist(), inputs["label_id"].tolist(), logits, labels)
+    df = build_outputs(inputs["id"].tolist(), inputs["text"].tolist(), inputs["split"].tolist(),
+                       inputs["label_id"].tolist(), logits, labels)
     final = cfg.work.teacher_outputs / key
     partial = final.with_name(key + ".partial")
     shutil.rmtree(partial, ignore_errors=True)

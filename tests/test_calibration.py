@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from distillery.models.metrics import expected_calibration_error, softmax
+from distillery.models.data import held_out_intents
 from distillery.models.calibration import (
     abstention,
     calibrated,
     choose_threshold,
     fit_temperature,
-    held_out_intents,
     in_scope_score,
     oos_metrics,
 )

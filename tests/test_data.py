@@ -113,6 +113,23 @@ def test_snapshot_files_are_byte_identical_on_rewrite(tmp_path):
     assert labels == LABELS and len(frames["test"]) == len(cleaned["test"])
 
 
+def test_a_snapshot_is_read_once_until_its_files_change(tmp_path):
+    from distillery.models.data import _cached_frame
+
+    cleaned, report = check_data(_raw(tmp_path), 0.0)
+    splits = split_snapshot(cleaned, LABELS, 0.2, seed=3)
+    write_snapshot(splits, LABELS, report, tmp_path / "s")
+    first, _ = read_snapshot(tmp_path / "s")
+    first["train"].loc[:, "text"] = "changed by a caller"  # each caller has its own copy
+    misses = _cached_frame.cache_info().misses
+    again, _ = read_snapshot(tmp_path / "s")
+    assert _cached_frame.cache_info().misses == misses  # every split came from memory
+    assert again["train"]["text"].tolist() == splits["train"]["text"].tolist()
+    write_snapshot(split_snapshot(cleaned, LABELS, 0.3, seed=4), LABELS, report, tmp_path / "s")  # re-ingested
+    fresh, _ = read_snapshot(tmp_path / "s")
+    assert _cached_frame.cache_info().misses > misses and len(fresh["validation"]) != len(again["validation"])
+
+
 def test_missing_snapshot_tells_to_ingest(tmp_path):
     with pytest.raises(DataError, match="distillery ingest"):
         read_snapshot(tmp_path)

@@ -269,6 +269,35 @@ def test_lineage_of_the_survivor_verifies_as_json(proj: Project):
     assert info["verification"]["passed"] and "champion" in info["aliases"]
 
 
+def test_a_stop_that_waits_on_a_training_thread_still_ends(proj: Project):
+    """Ctrl-C while students train on the task runner's threads, one of them held at an epoch end for 300 s: the
+    unwinding waits for that thread (the task runner's shutdown joins it), so the command's watchdog ends it after its
+    grace period (STOP_GRACE_S), with the same one line and exit 130, its runs KILLED and the registry untouched."""
+    from distillery.cli import STOP_GRACE_S
+
+    before = proj.registry()
+    experiment = proj.client().get_experiment_by_name("distillery").experiment_id
+    running = lambda: {r.info.run_id for r in proj.client().search_runs([experiment])  # noqa: E731
+                       if r.info.status == "RUNNING"}
+    left_before = running()  # an earlier case's kill -9 leaves its run for gc
+    (proj.marks / "train.epoch_end").unlink(missing_ok=True)  # an earlier case's mark
+    run = proj.popen("distill", "--force", faults="train.epoch_end=pause:300")
+    proj.wait_mark("train.epoch_end", 300)
+    started = time.monotonic()
+    os.kill(run.pid, signal.SIGINT)
+    out = run.communicate(timeout=150)[0]
+    took = time.monotonic() - started
+    last = ([line for line in out.strip().splitlines() if line.strip()] or [""])[-1]
+    left = running() - left_before
+    ended = run.returncode == 130 and "stopped by Ctrl-C" in last and "Traceback" not in out
+    _row("Ctrl-C while a training thread is held (unwinding waits on it)",
+         f"exit {run.returncode} after {took:.0f} s (grace {STOP_GRACE_S:.0f} s, the thread held 300 s), one line, "
+         f"{len(left)} run(s) left RUNNING", proj.consistent(before, moved=0) and not left, ended)
+    assert ended, out[-3000:]
+    assert took < 120, f"the command took {took:.0f} s to end: the watchdog did not stop it"
+    assert not left and proj.consistent(before, moved=0)
+
+
 def test_tracking_server_stopped_mid_run(tmp_path: Path, tiny_teacher_dir: Path, server_env: dict):
     """With MLflow behind a real server: the server dies before the gate reads the champion; the run stops with
     a clear error instead of deciding without it, and a re-run after the restart promotes once."""

@@ -209,7 +209,7 @@ def test_a_config_far_larger_than_its_weights_or_the_limit_is_refused(reordered,
     allocate it first), or one over teacher.max_parameters."""
     import json
 
-    from distillery.models.modeling import check_classifier_folder
+    from distillery.models.folders import check_classifier_folder
 
     folder = tmp_path / "wide"
     shutil.copytree(reordered, folder)

@@ -7,12 +7,14 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from mlflow import MlflowClient
 
 from distillery.config import ValidationConfig, load_config
 from distillery.models.labelling import build_outputs, read_outputs, shard_bounds, teacher_logits, validation_tables, write_outputs
+from distillery.models.data import read_snapshot
 from distillery.models.modeling import load_classifier, load_tokenizer
 from distillery.integrations.expectations import ValidationFailed, validate_teacher_outputs
 from tests.helpers import run_command, LABELS, make_frames
@@ -26,7 +28,7 @@ def _good_outputs(rows: int = 80, seed: int = 0):
     logits = rng.normal(size=(rows, len(LABELS))).astype(np.float32)
     logits[np.arange(rows), y] += 4.0  # a confident, mostly right teacher
     splits = ["validation" if (i // len(LABELS)) % 2 else "train" for i in range(rows)]
-    return build_outputs([f"r{i}" for i in range(rows)], splits, y, logits, LABELS)
+    return build_outputs([f"r{i}" for i in range(rows)], [f"text {i}" for i in range(rows)], splits, y, logits, LABELS)
 
 
 def _validate(df, tmp_path, expected_rows=80, **thresholds):
@@ -97,6 +99,7 @@ def test_outputs_parquet_round_trips(tmp_path):
     np.testing.assert_array_equal(np.stack(back["logits"]), np.stack(df["logits"]))
     assert back["logits"].iloc[0].dtype == np.float32
     assert list(back["predicted_label"]) == list(df["predicted_label"])
+    assert list(back["text"]) == list(df["text"])  # the students train on the outputs alone
 
 
 def test_merge_logits_takes_earlier_rows_by_text_and_fresh_ones_in_order():
@@ -134,11 +137,16 @@ def test_shards_give_the_same_outputs_as_one_pass(tiny_teacher_dir):
 class TestLabelFlow:
     def test_first_run_labels_second_is_a_cache_hit(self, teacher_project: Path):
         cfg_path = str(teacher_project / "distillery.yaml")
-        first = run_command(cfg_path, "label").outputs
+        labelled = run_command(cfg_path, "label")
+        first = labelled.outputs
         assert first.cache_hit is False
         assert first.validation.success is True
         df = read_outputs(first.path)
         assert len(df) == 160 and set(df["split"]) == {"train", "validation"}
+        # each row carries the text the teacher answered: the snapshot's own, row for row
+        splits, _ = read_snapshot(Path(labelled.snapshot.path))
+        rows = pd.concat([splits["train"], splits["validation"]]).set_index("id")["text"]
+        assert df.set_index("id")["text"].sort_index().equals(rows.sort_index())
         meta = json.loads((Path(first.path).parent / "meta.json").read_text())
         assert meta["teacher"]["version"] == "1" and meta["run_id"] == first.run_id
 

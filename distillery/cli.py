@@ -49,7 +49,11 @@ def environment_defaults() -> None:
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    """What ends a command in one line: distillery's own errors and MLflow's (a store that answered with an error)."""
+    """What ends a command in one line: distillery's own errors and MLflow's (a store that answered with an error).
+    MLflow's are looked up only when MLflow was loaded (nothing else raises them): a configuration error ends the
+    command in well under a second, before torch, transformers, MLflow or Prefect are imported."""
+    if "mlflow" not in sys.modules:
+        return (DistilleryError,)
     from distillery.integrations.registry import KNOWN_ERRORS  # MLflow's own, from its one home
 
     return (DistilleryError, *KNOWN_ERRORS)
@@ -65,15 +69,15 @@ def _config(args: argparse.Namespace):  # noqa: ANN202 - Config
 
 def _pipeline(args: argparse.Namespace, command: str, **params: Any) -> int:
     """Run one pipeline command; exit 3 when the gate rejected the student (a scheduler can tell it from a crash)."""
-    from distillery.integrations.events import check_prefect_server, prefect_errors
-    from distillery.flows.pipeline import pipeline_flow
-
     cfg = _config(args)  # validate before any flow (and its server) starts: a bad key fails in a second
     if command in ("run", "ingest"):
         from distillery.models.data import locate_source
 
         d = cfg.data  # a missing file, an unknown format or a wrong column fails here, in one line
         locate_source(cfg.path(d.source), d.text_column, d.label_column, d.split_column)
+    from distillery.integrations.events import check_prefect_server, prefect_errors
+    from distillery.flows.pipeline import pipeline_flow
+
     check_prefect_server()
     if not args.verbose:
         hide_console_tracebacks()
@@ -112,10 +116,10 @@ def cmd_label(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
+    _config(args)
     from distillery.integrations.events import check_prefect_server, prefect_errors
     from distillery.flows.pipeline import watch_flow
 
-    _config(args)
     check_prefect_server()
     if not args.verbose:
         hide_console_tracebacks()
@@ -125,9 +129,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
+    cfg = _config(args)
     from distillery.commands.admin import lineage_of, verify_lineage
 
-    cfg = _config(args)
     info = lineage_of(cfg, args.ref)
     checks = verify_lineage(cfg, info) if args.verify else []
     failed = [name for name, ok, _ in checks if not ok]
@@ -165,9 +169,9 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    cfg = _config(args)
     from distillery.commands.admin import status_of
 
-    cfg = _config(args)
     state = status_of(cfg)
     if args.json:
         print(json.dumps(state, indent=1, default=str))
@@ -191,13 +195,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from distillery.commands.admin import promote_version, rollback_champion
-    from distillery.models.gate import GateError
-
     if args.rollback == bool(args.version):
         print("say either --rollback or --version N (with --reason TEXT)", file=sys.stderr)
         return 2
     cfg = _config(args)
+    from distillery.commands.admin import promote_version, rollback_champion
+    from distillery.models.gate import GateError
+
     ref = f"{cfg.tracking.student_name}@{cfg.tracking.champion_alias}"
     if args.rollback:
         retired, restored = rollback_champion(cfg, args.reason)
@@ -212,10 +216,31 @@ def cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_history(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    from distillery.commands.admin import alias_moves
+
+    state = alias_moves(cfg)
+    if args.json:
+        print(json.dumps(state, indent=1))
+        return 0
+    if not state["moves"]:
+        print(f"{state['ref']}: no move recorded")
+    for m in state["moves"]:
+        made = "" if m["took_effect"] else "  [not made: recorded, then the alias stayed]"
+        print(f"{m['at']}  {m['kind']:<8} v{m['from_version'] or '-'} -> v{m['to_version']}  by {m['by']}{made}\n"
+              f"    {m['reason']}")
+    print(f"{state['ref']} -> {'v' + state['holder'] if state['holder'] else 'none'}")
+    if state["note"]:
+        print(f"WARNING   {state['note']}")
+    return 0
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
+    cfg = _config(args)
     from distillery.commands.admin import collect_garbage
 
-    report = collect_garbage(_config(args), keep_runs=args.keep, dry_run=args.dry_run)
+    report = collect_garbage(cfg, keep_runs=args.keep, dry_run=args.dry_run)
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
@@ -233,9 +258,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_webhook(args: argparse.Namespace) -> int:
+    cfg = _config(args)
     from distillery.commands.admin import register_webhook, serve_webhook
 
-    cfg = _config(args)
     if args.action == "register":
         print(register_webhook(cfg, args.url))
         return 0
@@ -246,10 +271,10 @@ def cmd_webhook(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    cfg = _config(args)
     from distillery.commands.serving import predict
     from distillery.models.data import read_texts
 
-    cfg = _config(args)
     texts: list[str] = []
     for source in args.inputs or ["-"]:
         texts += read_texts(None if source == "-" else source, args.column,
@@ -264,9 +289,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    cfg = _config(args)
     from distillery.commands.serving import serve
 
-    cfg = _config(args)
     s = cfg.serving
     serve(cfg, args.model, args.host, args.port, args.workers, lambda uri: print(
         f"serving {uri} on http://{args.host}:{args.port}/invocations (MLflow scoring protocol; GET /ping); at most "
@@ -289,6 +314,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "lineage": (cmd_lineage, "show (and --verify) the lineage of a registered student, e.g. student@champion"),
     "status": (cmd_status, "current teacher, champion and the last runs"),
     "promote": (cmd_promote, "--rollback, or --version N: move the champion alias by hand (N after the gate's checks)"),
+    "history": (cmd_history, "every move of the champion alias: when, from and to which version, by the gate, by hand "
+                             "or a rollback, by whom and why"),
     "webhook": (cmd_webhook, "serve: MLflow registry webhook receiver; register: point an MLflow webhook at it"),
     "label": (cmd_label, "teacher soft labels on the snapshot (cached), checked by the Great Expectations suites"),
     "gc": (cmd_gc, "delete work files no run needs (keeps the champion's and the latest runs'); clean the registry"),
@@ -391,6 +418,7 @@ EXTRA_ARGUMENTS: dict[str, list[Callable[[argparse.ArgumentParser], None]]] = {
     "webhook": [_webhook_args],
     "gc": [_gc_args],
     "status": [_json_arg],
+    "history": [_json_arg],
     "predict": [_predict_args],
     "serve": [_serve_args],
 }

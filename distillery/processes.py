@@ -17,6 +17,18 @@ def this_process() -> str:
     return f"{socket.gethostname()} {os.getpid()} {psutil.Process().create_time():.2f}"
 
 
+def who() -> str:
+    """``"user@host"`` of this command, for the records of what a person did by hand (the environment's
+    ``DISTILLERY_USER`` first: the name a shared service account stands for)."""
+    import getpass
+
+    try:
+        user = os.environ.get("DISTILLERY_USER") or getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry for this uid (containers)
+        user = f"uid {os.getuid()}"
+    return f"{user}@{socket.gethostname()}"
+
+
 def process_alive(process: str) -> bool | None:
     """Whether the process that ``this_process`` described still runs; None when that cannot be told from here
     (another host, or no such description)."""

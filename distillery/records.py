@@ -244,8 +244,8 @@ class Lineage:
     student_run_id: str
     evaluation_run_id: str
     deploy_form: str = "fp32"
-    served_as: str = ""  # the harness candidate measured as this model (empty: the chosen student in deploy_form)
-    reference: str = ""  # the teacher's quantised form it was judged against (empty: the one in its runtime)
+    served_as: str = ""  # the harness candidate measured as this model
+    reference: str = ""  # the teacher's quantised form it was judged against
     candidate: Mapping[str, Any] = field(default_factory=dict)
     validation: Mapping[str, Any] = field(default_factory=dict)
     criteria: tuple[dict, ...] = ()
@@ -258,8 +258,8 @@ class Lineage:
         return {**self.teacher.to_tags(), SNAPSHOT_TAG: self.snapshot_md5, GIT_REVISION_TAG: self.git_revision,
                 CONFIG_HASH_TAG: self.config_hash, MODEL_SHA_TAG: self.model_sha256, "distill.run_id": self.distill_run_id,
                 "student.run_id": self.student_run_id, "evaluation.run_id": self.evaluation_run_id,
-                "deploy.form": self.deploy_form, "evaluation.candidate": self.measured_as,
-                GATE_REFERENCE_TAG: self.judged_against,
+                "deploy.form": self.deploy_form, "evaluation.candidate": self.served_as,
+                GATE_REFERENCE_TAG: self.reference,
                 "candidate": _json(dict(self.candidate)),
                 GATE_CRITERIA_TAG: _json(list(self.criteria)), **{k: _json(v) for k, v in self.validation.items()},
                 **{f"{METRIC_PREFIX}{k}": f"{v:.6g}" for k, v in self.metrics.items()}}
@@ -280,17 +280,6 @@ class Lineage:
             criteria=tuple(_loads(tags.get(GATE_CRITERIA_TAG)) or ()),
             metrics={k.removeprefix(METRIC_PREFIX): float(v) for k, v in tags.items() if k.startswith(METRIC_PREFIX)},
         )
-
-    @property
-    def measured_as(self) -> str:
-        """The harness candidate whose metrics are this model's (versions registered before frontiers: the chosen
-        student in its form)."""
-        return self.served_as or served_candidate(self.deploy_form)
-
-    @property
-    def judged_against(self) -> str:
-        """The teacher's quantised form the gate compared it with (older versions: the one in its runtime)."""
-        return self.reference or reference_candidate(self.deploy_form)
 
     def runs(self) -> dict[str, str]:
         return dict(zip(self.RUN_KEYS, (self.distill_run_id, self.student_run_id, self.evaluation_run_id)))
@@ -333,6 +322,64 @@ def registered_ref(name: str, version: str) -> str:
 
 def is_retired(tags: Mapping[str, str]) -> bool:
     return f"{ROLLBACK_PREFIX}retired" in tags
+
+
+ALIAS_MOVE_PREFIX = "alias_move."  # a registered-model tag per move of its champion alias (MLflow keeps no history)
+MOVE_KINDS = ("gate", "manual", "rollback")
+
+
+@dataclass(frozen=True)
+class AliasMove:
+    """One move of a champion alias, written on the registered model just before the alias moves: when, from which
+    version to which, how (the gate's promotion, a promotion by hand, a rollback), by whom (the distill run, or the
+    user and host of a command) and why. A move recorded but never made (a crash in between) is told from one made
+    by the next move's ``from_version`` (or, for the last, by the alias itself): see ``alias_history``."""
+
+    at: str  # UTC, ISO 8601 with microseconds: the tag's key, so the history sorts by it
+    alias: str
+    from_version: str  # "" when the alias did not exist
+    to_version: str
+    kind: str  # one of MOVE_KINDS
+    by: str
+    reason: str
+    made: bool = False  # written again once the alias has moved
+
+    MAX_REASON = 2000  # a tag value holds 5,000 characters; the rest of the reason stays in the run or the card
+
+    def to_tag(self) -> tuple[str, str]:
+        body = {k: v for k, v in asdict(self).items() if k != "at"}
+        body["reason"] = body["reason"][: self.MAX_REASON]
+        return f"{ALIAS_MOVE_PREFIX}{self.at}", json.dumps(body, sort_keys=True)
+
+    @classmethod
+    def from_tag(cls, key: str, value: str) -> "AliasMove":
+        body = json.loads(value)
+        return cls(at=key.removeprefix(ALIAS_MOVE_PREFIX), made=body.get("made") is True,
+                   **{k: str(body.get(k, "")) for k in ("alias", "from_version", "to_version", "kind", "by", "reason")})
+
+
+def alias_history(moves: list[AliasMove], alias: str, holder: str | None) -> tuple[list[tuple[AliasMove, bool]], str]:
+    """Each recorded move of ``alias`` (oldest first) with whether it took effect, and a note ("" when the alias's
+    holder now, ``holder``, is where the last move that took effect put it). A move took effect when it says so
+    (``made``, written after the alias moved), or, when a crash came before that, when the next move starts from its
+    target (the last one: when the alias holds its target)."""
+    moves = sorted((m for m in moves if m.alias == alias), key=lambda m: m.at)
+    out = []
+    for n, move in enumerate(moves):
+        later = moves[n + 1:]
+        took = move.made or ((later[0].from_version == move.to_version) if later else holder == move.to_version)
+        out.append((move, took))
+    effective = [m for m, took in out if took]
+    expected = effective[-1].to_version if effective else None
+    if holder is None and expected is None:
+        return out, ""
+    if holder == expected:
+        return out, ""
+    if not moves:
+        return out, (f"@{alias} is on v{holder} and no move of it is recorded: made before distillery kept a "
+                     f"history, or outside distillery")
+    return out, (f"@{alias} is on {'v' + holder if holder else 'nothing'}, but the last move distillery made put it "
+                 f"on v{expected}: it was moved outside distillery since")
 
 
 @dataclass(frozen=True)

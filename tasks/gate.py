@@ -95,7 +95,8 @@ def promote(cfg: Config, run_id: str, snapshot: SnapshotRef, teacher: TeacherRef
               "student": cfg.student.frontier_shapes().get(decision.student, cfg.student).model_dump_json()}
     version = promotion.promote_two_phase(cfg, reg, run_id, evaluation.run_id, info.model_uri, tags, lambda v: (
         gated_model_card(name, v, lineage.to_tags(), logged, decision, recipe, deployed, cfg.evaluation.abstain_score,
-                         evaluation.reference)), get_run_logger())
+                         evaluation.reference)), get_run_logger(),
+        reason=f"{deployed} passed the gate: " + "; ".join(decision.reasons))
     return dataclasses.replace(decision, version=version)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+
+import pytest
 from pathlib import Path
 
 from tests.helpers import free_port, write_config, write_source
@@ -18,7 +20,8 @@ def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_help_lists_every_command(tmp_path):
     out = _run("--help", cwd=tmp_path)
     assert out.returncode == 0
-    for command in ("run", "ingest", "teacher", "label", "distill", "watch", "lineage", "status", "promote", "webhook"):
+    for command in ("run", "ingest", "teacher", "label", "distill", "watch", "lineage", "status", "promote", "history",
+                    "webhook"):
         assert command in out.stdout
 
 
@@ -32,6 +35,20 @@ def test_bad_override_is_a_clear_error(tmp_path):
 def test_missing_config_is_a_clear_error(tmp_path):
     out = _run("status", cwd=tmp_path)
     assert out.returncode == 2 and "--config" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("argv", [["status"], ["run", "--set", "distill.temperature=-1"],
+                                  ["lineage", "--set", "gate.policy=any"], ["gc", "--set", "labelling.shards=0"]])
+def test_a_configuration_error_ends_before_the_heavy_stack_loads(tmp_path, argv):
+    """A missing file or a bad key is told before torch, transformers, MLflow or Prefect are imported (seconds of
+    start-up otherwise, on every mistyped command)."""
+    if argv[0] != "status":
+        write_config(tmp_path)
+    code = ("import sys; from distillery.cli import main; rc = main(%r); "
+            "print(rc, [m for m in ('torch', 'transformers', 'mlflow', 'prefect') if m in sys.modules])" % argv)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "2 []", out.stdout + out.stderr
+    assert "Error" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_mlflow_server_down_is_a_clear_error(tmp_path):

@@ -187,3 +187,47 @@ def test_signed_lineage_detects_any_edit(promoted: dict, monkeypatch):
     monkeypatch.setenv(provenance.LINEAGE_KEY_ENV, "a test key")
     assert client.get_model_version("student", signed["version"]).tags[DECISION_TAG] == PROMOTED
     assert _verify(signed) == {}
+
+
+def test_every_alias_move_is_in_the_history(promoted: dict, monkeypatch):
+    """Each move of the champion alias (the gate's, by hand, a rollback) is recorded on the registered model with
+    when, from and to, by whom and why; a move recorded but never made (a crash in between) and a move made with a
+    plain MLflow client are told as such (MLflow itself keeps no history of aliases)."""
+    import sys
+
+    from distillery.commands.admin import alias_moves, rollback_champion
+    from distillery.faults import FAULTS_ENV, InjectedFault
+
+    root, cfg = promoted["root"], promoted["cfg"]
+    out = run_command(root / "distillery.yaml", overrides=TOLERANT, force=True)
+    assert out.decision.passed
+    gated = out.decision.version
+    restored = rollback_champion(cfg, "test: back to the one before")[1]
+    monkeypatch.setenv(FAULTS_ENV, "alias.recorded=raise")  # dies between the record and the move
+    with pytest.raises(InjectedFault):
+        promote_version(cfg, gated, "test: interrupted")
+    monkeypatch.delenv(FAULTS_ENV)
+    assert str(_client(root).get_model_version_by_alias("student", "champion").version) == restored
+    promote_version(cfg, gated, "test: forward again")
+    state = alias_moves(cfg)
+    last = state["moves"][-4:]
+    assert [(m["kind"], m["from_version"], m["to_version"], m["took_effect"]) for m in last] == [
+        ("gate", last[0]["from_version"], gated, True), ("rollback", gated, restored, True),
+        ("manual", restored, gated, False), ("manual", restored, gated, True)]
+    assert last[0]["by"] == f"distill run {out.run_id}" and "passed the gate" in last[0]["reason"]
+    assert last[1]["reason"] == "test: back to the one before" and "@" in last[1]["by"]
+    assert [m["at"] for m in last] == sorted(m["at"] for m in last)
+    assert (state["holder"], state["note"]) == (gated, "")
+    _client(root).set_registered_model_alias("student", "champion", restored)  # outside distillery
+    try:
+        state = alias_moves(cfg)
+        assert state["holder"] == restored and "moved outside distillery" in state["note"]
+        shown = subprocess.run([str(Path(sys.executable).parent / "distillery"), "history"], cwd=root,
+                               capture_output=True, text=True, timeout=120)
+        assert shown.returncode == 0, shown.stderr[-2000:]
+        assert "[not made" in shown.stdout and "WARNING" in shown.stdout and "test: forward again" in shown.stdout
+    finally:
+        _client(root).set_registered_model_alias("student", "champion", gated)
+    fault_row("champion alias moved by the gate, a rollback, by hand (once interrupted between record and move), and "
+              "with a plain MLflow client", "history lists each move with who and why; the interrupted one as not "
+              "made; the outside move as a warning", True, True)

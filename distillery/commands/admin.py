@@ -6,6 +6,7 @@ server, so they are plain functions over the integrations rather than Prefect fl
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -37,7 +38,7 @@ from distillery.records import (
 from distillery.flows.runners import run_lock
 from distillery.models.gate import GateError, judge_logged
 from distillery.models.retention import Entry, plan_retention
-from distillery.integrations.promotion import champion_metrics, reconcile
+from distillery.integrations.promotion import champion_metrics, history, move_alias, reconcile
 from distillery.errors import DistilleryError
 
 logger = logging.getLogger(__name__)
@@ -204,6 +205,15 @@ def _when(ms: int | None) -> str | None:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else None
 
 
+def alias_moves(cfg: Config) -> dict:
+    """The champion alias's history (``integrations.promotion.history``) as plain data, for the CLI."""
+    reg = _registry(cfg)
+    name, alias = cfg.tracking.student_name, cfg.tracking.champion_alias
+    moves, holder, note = history(reg, name, alias)
+    return {"ref": f"{name}@{alias}", "holder": holder, "note": note,
+            "moves": [{**dataclasses.asdict(m), "took_effect": took} for m, took in moves]}
+
+
 def rollback_champion(cfg: Config, reason: str) -> tuple[str, str]:
     """Move the champion alias back to the previous promoted version; record why on both versions."""
     reg = _registry(cfg)
@@ -218,7 +228,7 @@ def rollback_champion(cfg: Config, reason: str) -> tuple[str, str]:
     previous = promoted[-1]
     reg.set_tags(name, str(current.version), retired_tags(reason, str(previous.version)))
     reg.set_tags(name, str(previous.version), restored_tags(reason, str(current.version)))
-    reg.set_alias(name, alias, str(previous.version))  # last
+    move_alias(reg, name, alias, str(previous.version), "rollback", processes.who(), reason)  # last
     return str(current.version), str(previous.version)
 
 
@@ -246,13 +256,13 @@ def promote_version(cfg: Config, version: str, reason: str) -> tuple[str | None,
         if previous == str(version):
             champion = None  # it is the champion already: nothing to be no worse than
         logged = registry.logged_candidate_metrics(reg, lineage.evaluation_run_id)
-        decision = judge_logged(cfg.gate, logged, lineage.measured_as, champion, previous, str(version),
-                                reference=lineage.judged_against)
+        decision = judge_logged(cfg.gate, logged, lineage.served_as, champion, previous, str(version),
+                                reference=lineage.reference)
         if not decision.passed:
             raise GateError(f"{name} v{version} fails the gate, {name}@{alias} unchanged:\n  "
                             + "\n  ".join(decision.reasons))
         reg.set_tags(name, str(version), manual_promotion_tags(reason, previous))
-        reg.set_alias(name, alias, str(version))  # last
+        move_alias(reg, name, alias, str(version), "manual", processes.who(), reason)  # last
     return previous, decision
 
 

@@ -4,14 +4,17 @@ reconciliation that finishes or deletes what an interrupted promotion left."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from datetime import datetime, timezone
 from typing import Callable
 
 from distillery.config import Config
 from distillery.faults import fault_point
 from distillery.integrations import provenance, registry, store
 from distillery.integrations.served_model import SERVING_FILE
-from distillery.records import DECISION_TAG, MODEL_SHA_TAG, PENDING, PROMOTED, Lineage, decision_of
+from distillery.records import (ALIAS_MOVE_PREFIX, DECISION_TAG, MODEL_SHA_TAG, PENDING, PROMOTED, AliasMove, Lineage,
+                                alias_history, decision_of)
 from distillery.models.gate import GateError, plan_reconcile
 
 
@@ -30,7 +33,7 @@ def champion_metrics(cfg: Config, reg: registry.Registry) -> tuple[str | None, d
     if not lineage.evaluation_run_id:
         raise GateError(f"champion {cfg.tracking.student_name} v{version.version} has no evaluation.run_id tag")
     logged = registry.logged_candidate_metrics(reg, lineage.evaluation_run_id)
-    return str(version.version), logged[lineage.measured_as]
+    return str(version.version), logged[lineage.served_as]
 
 
 def measured_files(reg: registry.Registry, folder: str, evaluation_run_id: str, candidate: str, ref: str) -> str:
@@ -44,8 +47,43 @@ def measured_files(reg: registry.Registry, folder: str, evaluation_run_id: str, 
     return files
 
 
+def move_alias(reg: registry.Registry, name: str, alias: str, version: str, kind: str, by: str,
+               reason: str) -> str | None:
+    """Move ``name@alias`` to ``version``, the move first recorded on the registered model (``AliasMove``: MLflow
+    keeps no history of aliases). Every move of a champion alias goes through here. Returns the version it left."""
+    current = reg.alias_version(name, alias)
+    previous = str(current.version) if current is not None else ""
+    at = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    move = AliasMove(at, alias, previous, str(version), kind, by, reason)
+    reg.set_model_tag(name, *move.to_tag())
+    fault_point("alias.recorded")
+    reg.set_alias(name, alias, str(version))
+    try:
+        reg.set_model_tag(name, *dataclasses.replace(move, made=True).to_tag())
+    except registry.TrackingError as exc:  # the history still tells it from the alias and the next move
+        logging.getLogger(__name__).warning("%s@%s moved to v%s; recording that it did failed (%s)", name, alias,
+                                            version, exc)
+    return previous or None
+
+
+def history(reg: registry.Registry, name: str, alias: str) -> tuple[list[tuple[AliasMove, bool]], str | None, str]:
+    """Every recorded move of ``name@alias``, oldest first, with whether it took effect; the version the alias is on
+    now; and a note when that is not where the last move put it (``records.alias_history``). No moves and no
+    holder when the model does not exist (an unreachable registry raises)."""
+    try:
+        tags = reg.model_tags(name)
+    except registry.NotFound:
+        return [], None, ""
+    moves = [AliasMove.from_tag(k, v) for k, v in tags.items() if k.startswith(ALIAS_MOVE_PREFIX)]
+    current = reg.alias_version(name, alias)
+    holder = str(current.version) if current is not None else None
+    checked, note = alias_history(moves, alias, holder)
+    return checked, holder, note
+
+
 def promote_two_phase(cfg: Config, reg: registry.Registry, run_id: str, eval_run_id: str, model_uri: str,
-                      tags: dict[str, str], card_for: Callable[[str], str], logger: logging.Logger) -> str:
+                      tags: dict[str, str], card_for: Callable[[str], str], logger: logging.Logger,
+                      reason: str = "passed the gate") -> str:
     """Register ``model_uri`` (logged on the distill run ``run_id``) with ``tags`` as ``pending``, seal and check it,
     describe it with ``card_for(version)``, move the champion alias to it, then mark it ``promoted``.
 
@@ -66,7 +104,7 @@ def promote_two_phase(cfg: Config, reg: registry.Registry, run_id: str, eval_run
         with registry.open_run(cfg, run_id):
             registry.log_text(card, "model_card.md")
         reg.describe(name, version, card)
-        reg.set_alias(name, alias, version)
+        move_alias(reg, name, alias, version, "gate", f"distill run {run_id}", reason)
     except Exception as exc:
         try:
             reg.delete_version(name, version)

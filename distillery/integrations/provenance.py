@@ -73,18 +73,18 @@ def files_check(reg: registry.Registry, name: str, version: str, lineage: Lineag
         return FILES_CHECK, False, "no evaluation.run_id tag"
     if reg.run(lineage.evaluation_run_id) is None:
         return FILES_CHECK, False, f"evaluation run {lineage.evaluation_run_id} does not exist"
-    measured = registry.candidate_tags(reg, lineage.evaluation_run_id).get(lineage.measured_as, {}).get(MODEL_SHA_TAG)
+    measured = registry.candidate_tags(reg, lineage.evaluation_run_id).get(lineage.served_as, {}).get(MODEL_SHA_TAG)
     if not measured:
         return FILES_CHECK, False, (f"evaluation run {lineage.evaluation_run_id} logged no {MODEL_SHA_TAG} for "
-                                    f"{lineage.measured_as}")
+                                    f"{lineage.served_as}")
     try:
         served = registry.registered_files_sha256(reg, name, version)
     except registry.NotFound as exc:
         return FILES_CHECK, False, str(exc)
     if served != measured:
         return FILES_CHECK, False, (f"{name} v{version} files hash to {served[:16]}…, the evaluation measured "
-                                    f"{measured[:16]}… ({lineage.measured_as})")
-    return FILES_CHECK, True, f"sha256 {served[:16]}… ({lineage.measured_as})"
+                                    f"{measured[:16]}… ({lineage.served_as})")
+    return FILES_CHECK, True, f"sha256 {served[:16]}… ({lineage.served_as})"
 
 
 def names_check(reg: registry.Registry, name: str, version: str, lineage: Lineage) -> Check:
@@ -167,11 +167,11 @@ def consistency_checks(reg: registry.Registry, name: str, version: str, tags: Ma
             (f"it measured no student run {lineage.student_run_id}", lineage.student_run_id not in students)) if bad]
         checks.append(("evaluation run belongs to the distill run and measured this student", not problems,
                        "; ".join(problems) or lineage.evaluation_run_id))
-        metrics_check = f"metrics on the version equal the evaluation's ({lineage.measured_as})"
+        metrics_check = f"metrics on the version equal the evaluation's ({lineage.served_as})"
         try:
-            logged = registry.logged_candidate_metrics(reg, lineage.evaluation_run_id).get(lineage.measured_as) \
+            logged = registry.logged_candidate_metrics(reg, lineage.evaluation_run_id).get(lineage.served_as) \
                 if e.get("stage") == "evaluate" else None
-            ok, detail = (False, f"no candidate {lineage.measured_as}") if logged is None else \
+            ok, detail = (False, f"no candidate {lineage.served_as}") if logged is None else \
                 _metrics_agree(lineage.metrics, logged)
         except registry.NotFound as exc:
             ok, detail = False, str(exc)

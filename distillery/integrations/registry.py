@@ -34,7 +34,7 @@ from mlflow.exceptions import MlflowException
 from distillery import processes
 from distillery.config import Config
 from distillery.integrations.guard import Guard, ServingLimits
-from distillery.models.modeling import MAX_PARAMETERS, check_classifier_folder, refuse_custom_code
+from distillery.models.folders import MAX_PARAMETERS, check_classifier_folder, refuse_custom_code
 from distillery.integrations.served_model import CLASSIFIER_ARTIFACT, ONNX_INT8_FILE, SERVING_FILE
 from distillery.records import SnapshotRef
 from distillery.errors import DistilleryError
@@ -164,6 +164,13 @@ class Registry:
     def set_alias(self, name: str, alias: str, version: str) -> None:
         self._call(f"moving {name}@{alias} to v{version}",
                    lambda: self.client.set_registered_model_alias(name, alias, str(version)))
+
+    def model_tags(self, name: str) -> dict[str, str]:
+        """The registered model's own tags (not a version's)."""
+        return dict(self._call(f"reading {name}", lambda: self.client.get_registered_model(name)).tags)
+
+    def set_model_tag(self, name: str, key: str, value: str) -> None:
+        self._call(f"tagging {name}", lambda: self.client.set_registered_model_tag(name, key, value))
 
     def delete_version(self, name: str, version: str) -> None:
         try:

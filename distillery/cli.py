@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import textwrap
 import threading
 import traceback
 from typing import Any, Callable
@@ -228,8 +229,9 @@ def cmd_history(args: argparse.Namespace) -> int:
         print(f"{state['ref']}: no move recorded")
     for m in state["moves"]:
         made = "" if m["took_effect"] else "  [not made: recorded, then the alias stayed]"
+        why = textwrap.shorten(m["reason"], 200, placeholder=" … (--json: all of it)")
         print(f"{m['at']}  {m['kind']:<8} v{m['from_version'] or '-'} -> v{m['to_version']}  by {m['by']}{made}\n"
-              f"    {m['reason']}")
+              f"    {why}")
     print(f"{state['ref']} -> {'v' + state['holder'] if state['holder'] else 'none'}")
     if state["note"]:
         print(f"WARNING   {state['note']}")

@@ -221,6 +221,14 @@ def closest_miss(decisions: dict[str, Decision], served: dict[str, str], shape_k
     return ". ".join(parts)
 
 
+def promotion_reason(decision: Decision, served: str) -> str:
+    """Why the gate moved the alias, for the alias history: the served form, how many criteria it passed, the notes
+    (policy, the baseline's note when it ships), then each criterion; the short form reads first."""
+    passed = [r for r in decision.reasons if r.startswith("PASS ")]
+    notes = [r for r in decision.reasons if not r.startswith(("PASS ", "FAIL "))]
+    return "; ".join([f"{served} passed the gate ({len(passed)} criteria)", *notes, *passed])
+
+
 def plan_reconcile(versions: list[tuple[str, str | None, bool]], pending: str, promoted: str) -> list[tuple[str, str]]:
     """What to do with versions a crashed promotion left behind.
 

@@ -34,7 +34,7 @@ from distillery.records import (
 )
 from distillery.models.calibration import served_calibration
 from distillery.models.data import read_out_of_scope
-from distillery.models.gate import HARNESS, GateError, judge_students
+from distillery.models.gate import HARNESS, GateError, judge_students, promotion_reason
 from distillery.models.report import gated_model_card
 
 
@@ -96,7 +96,7 @@ def promote(cfg: Config, run_id: str, snapshot: SnapshotRef, teacher: TeacherRef
     version = promotion.promote_two_phase(cfg, reg, run_id, evaluation.run_id, info.model_uri, tags, lambda v: (
         gated_model_card(name, v, lineage.to_tags(), logged, decision, recipe, deployed, cfg.evaluation.abstain_score,
                          evaluation.reference)), get_run_logger(),
-        reason=f"{deployed} passed the gate: " + "; ".join(decision.reasons))
+        reason=promotion_reason(decision, deployed))
     return dataclasses.replace(decision, version=version)
 
 

@@ -174,3 +174,16 @@ def test_when_everything_fails_the_closest_one_and_its_knobs_are_named():
     message = closest_miss(weaker, served, {})
     assert message.startswith("closest to passing: baseline_int8_onnx") and "distillation is not" not in message
     assert "the best distilled student is more accurate (0.8214 against 0.7847)" in message
+
+
+def test_the_promotion_reason_reads_short_first():
+    """The alias history shows the start of the reason: what was served, how many criteria, then the notes (the
+    baseline's note when it ships), then each criterion."""
+    from distillery.models.gate import promotion_reason
+    from distillery.records import Decision
+
+    criteria = decide(student(), INT8, TEACHER, None, **RULES).reasons()
+    note = "the hard-label baseline is promoted: distillation did not beat training the student alone"
+    reason = promotion_reason(Decision(passed=True, reasons=(*criteria, "policy smallest", note)), "baseline_int8_onnx")
+    assert reason.startswith("baseline_int8_onnx passed the gate (4 criteria); policy smallest; " + note)
+    assert reason.endswith(criteria[-1]) and all(c in reason for c in criteria)

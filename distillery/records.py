@@ -325,21 +325,21 @@ def is_retired(tags: Mapping[str, str]) -> bool:
 
 
 ALIAS_MOVE_PREFIX = "alias_move."  # a registered-model tag per move of its champion alias (MLflow keeps no history)
-MOVE_KINDS = ("gate", "manual", "rollback")
 
 
 @dataclass(frozen=True)
 class AliasMove:
     """One move of a champion alias, written on the registered model just before the alias moves: when, from which
     version to which, how (the gate's promotion, a promotion by hand, a rollback), by whom (the distill run, or the
-    user and host of a command) and why. A move recorded but never made (a crash in between) is told from one made
-    by the next move's ``from_version`` (or, for the last, by the alias itself): see ``alias_history``."""
+    user and host of a command) and why; ``made`` is written once the alias has moved. A move recorded but never
+    marked made (a crash in between) is told by the next move's ``from_version`` (for the last, by the alias
+    itself): see ``alias_history``."""
 
     at: str  # UTC, ISO 8601 with microseconds: the tag's key, so the history sorts by it
     alias: str
     from_version: str  # "" when the alias did not exist
     to_version: str
-    kind: str  # one of MOVE_KINDS
+    kind: str  # gate | manual | rollback
     by: str
     reason: str
     made: bool = False  # written again once the alias has moved

@@ -349,7 +349,8 @@ class AliasMove:
     def to_tag(self) -> tuple[str, str]:
         body = {k: v for k, v in asdict(self).items() if k != "at"}
         body["reason"] = body["reason"][: self.MAX_REASON]
-        return f"{ALIAS_MOVE_PREFIX}{self.at}", json.dumps(body, sort_keys=True)
+        # characters as they are: escaped, a reason in another script could grow past the tag's 5,000 characters
+        return f"{ALIAS_MOVE_PREFIX}{self.at}", json.dumps(body, sort_keys=True, ensure_ascii=False)
 
     @classmethod
     def from_tag(cls, key: str, value: str) -> "AliasMove":
@@ -371,8 +372,6 @@ def alias_history(moves: list[AliasMove], alias: str, holder: str | None) -> tup
         out.append((move, took))
     effective = [m for m, took in out if took]
     expected = effective[-1].to_version if effective else None
-    if holder is None and expected is None:
-        return out, ""
     if holder == expected:
         return out, ""
     if not moves:

@@ -187,3 +187,13 @@ def test_the_promotion_reason_reads_short_first():
     reason = promotion_reason(Decision(passed=True, reasons=(*criteria, "policy smallest", note)), "baseline_int8_onnx")
     assert reason.startswith("baseline_int8_onnx passed the gate (4 criteria); policy smallest; " + note)
     assert reason.endswith(criteria[-1]) and all(c in reason for c in criteria)
+
+
+def test_an_alias_move_fits_its_tag_whatever_the_script_of_its_reason():
+    """A reason is cut at 2,000 characters and stored as written: escaped, 2,000 characters of another script would
+    be 12,000 and MLflow refuses a tag value over 5,000, which would stop the move."""
+    from distillery.records import AliasMove
+
+    move = AliasMove("2026-12-03T07:00:00.000000Z", "champion", "1", "2", "rollback", "a@b", "カナリア" * 1000)
+    key, value = move.to_tag()
+    assert len(value) <= 5000 and AliasMove.from_tag(key, value).reason == ("カナリア" * 1000)[:2000]

@@ -113,7 +113,17 @@ def cmd_teacher(args: argparse.Namespace) -> int:
 
 
 def cmd_label(args: argparse.Namespace) -> int:
-    return _pipeline(args, "label")
+    if not args.dry_run:
+        return _pipeline(args, "label")
+    cfg = _config(args)
+    from distillery.flows.label import plan_labelling
+
+    plan = plan_labelling(cfg)
+    if args.json:
+        print(json.dumps(plan, indent=1))
+    else:
+        print("\n".join(f"{k}: {v}" for k, v in plan.items()))
+    return 0 if not plan.get("over_budget") else 3
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
@@ -384,6 +394,11 @@ def _json_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON only")
 
 
+def _label_dry_run_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dry-run", action="store_true", help="say how many texts the teacher would be asked, in how "
+                        "many requests, at what estimated cost (nothing is asked; exit 3 when over the budget)")
+
+
 def _gc_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", type=int, metavar="N", help="latest entries of each kind to keep (runtime.keep_runs)")
     parser.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
@@ -410,7 +425,7 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
 
 
 EXTRA_ARGUMENTS: dict[str, list[Callable[[argparse.ArgumentParser], None]]] = {
-    "label": [_teacher_version_arg, _json_arg],
+    "label": [_teacher_version_arg, _json_arg, _label_dry_run_arg],
     "distill": [_teacher_version_arg, _force_arg, _json_arg],
     "run": [_teacher_version_arg, _force_arg, _json_arg],
     "ingest": [_json_arg],

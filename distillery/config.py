@@ -106,7 +106,41 @@ class TrainingSection(Section):
     group_by_length: StrictBool = True
 
 
+class EndpointConfig(Section):
+    """A black-box teacher behind HTTP (``teacher.kind: endpoint``): any model server that speaks MLflow's scoring
+    protocol (``POST {url}/invocations``, as ``mlflow models serve`` and ``distillery serve`` answer), returning
+    per-label probabilities, its top k or only a label. Only its answers are used, each asked once (cached)."""
+
+    url: str | None = None  # e.g. http://127.0.0.1:5001 (the /invocations path is added when missing)
+    name: str = Field("endpoint-teacher", min_length=1)  # how the teacher is named in runs and the lineage
+    # sent with every request as MLflow's `params`, e.g. {top_k: 77} to get every label's probability from a
+    # distillery-served classifier (part of the teacher's identity: other params are another teacher)
+    params: dict[str, Any] = Field(default_factory=dict)
+    api_key_env: str | None = None  # the environment variable holding a bearer token (never the token itself)
+    texts_per_request: Positive = 16
+    concurrency: Positive = 4  # requests in flight at once
+    requests_per_second: float | None = Field(None, gt=0.0)  # a rate limit across all of them
+    timeout_s: float = Field(30.0, gt=0.0)  # per request
+    retries: int = Field(4, ge=0)  # on 429, 5xx, timeouts and refused connections, with exponential backoff
+    backoff_s: float = Field(0.5, ge=0.0)  # first wait; doubles each retry (a 429's Retry-After is honoured)
+    max_failure_rate: Share = 0.05  # requests that still fail after retries: over this share the run stops
+    # the budget, checked before the first request: a labelling that would exceed it asks nothing
+    max_requests: int | None = Field(None, ge=0)
+    max_cost: float | None = Field(None, ge=0.0)
+    price_per_request: float = Field(0.0, ge=0.0)
+    price_per_1k_texts: float = Field(0.0, ge=0.0)
+    # over the budget: stop (ask nothing), or select: ask the train, validation and test texts and, of the generated
+    # and transfer texts not answered yet, as many as the budget allows, chosen by `selection` (the rest go unlabelled)
+    over_budget: Literal["stop", "select"] = "stop"
+    selection: Literal["diverse", "random"] = "diverse"  # diverse: one text per cluster of their TF-IDF vectors
+    hard_label_smoothing: Share = 0.1  # a label answered alone: 1 - this on it, the rest spread over the others
+    recheck: int = Field(16, ge=0)  # cached texts re-asked each labelling: the agreement says if its answers drift
+
+
 class TeacherConfig(TrainingSection):
+    # registered: a classifier in the MLflow registry (fine-tuned here, or imported); endpoint: a model behind HTTP
+    kind: Literal["registered", "endpoint"] = "registered"
+    endpoint: EndpointConfig = Field(default_factory=EndpointConfig)
     base_model: str = "mpnet"
     # an existing fine-tuned classifier to import instead of fine-tuning base_model (a transformers folder or an
     # MLflow model URI); `distillery run` imports it when no teacher is registered yet
@@ -132,6 +166,8 @@ class ValidationConfig(Section):
     max_mean_entropy_fraction: float = Field(0.8, gt=0.0, le=1.0)
     min_teacher_accuracy: Share = 0.5
     min_teacher_macro_f1: Share = 0.45
+    # a black-box teacher (teacher.kind: endpoint): the share of rows whose answer names a label of the data
+    min_answered_share: Share = 0.95
 
 
 class StudentConfig(Section):
@@ -317,7 +353,12 @@ class ServingConfig(Section):
 
 
 # safety limits that never change what a run produces: outside the digest (changing them re-distils nothing)
-OPERATIONAL = {"serving": None, "teacher": ("max_parameters",)}
+OPERATIONAL = {"serving": None, "teacher": ("max_parameters", "endpoint.api_key_env", "endpoint.texts_per_request",
+                                           "endpoint.concurrency", "endpoint.requests_per_second",
+                                           "endpoint.timeout_s", "endpoint.retries", "endpoint.backoff_s",
+                                           "endpoint.max_failure_rate", "endpoint.max_requests", "endpoint.max_cost",
+                                           "endpoint.price_per_request", "endpoint.price_per_1k_texts",
+                                           "endpoint.recheck")}
 
 
 class Config(Section):
@@ -375,7 +416,15 @@ class Config(Section):
                 shaping.pop(section, None)
             else:
                 for key in keys:
-                    shaping[section].pop(key, None)
+                    *parents, last = key.split(".")
+                    node = shaping[section]
+                    for part in parents:
+                        node = node.get(part, {})
+                    node.pop(last, None)
+        if self.teacher.kind == "registered":  # a white box answers every row: the black-box keys shape nothing
+            for key in ("kind", "endpoint"):    # (and digests made before they existed still match)
+                shaping["teacher"].pop(key, None)
+            shaping["validation"].pop("min_answered_share", None)
         blob = json.dumps(shaping, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -490,6 +539,15 @@ def validate_config(cfg: Config) -> Config:
          "(init cut/config); a pretrained student takes pooled (or auto)")
     k = cfg.distill
     need(k.kd_weight + k.ce_weight + k.feature_weight > 0, "distill loss weights must not all be 0")
+    if cfg.teacher.kind == "endpoint":  # a black box: only its answers exist, no weights or hidden states
+        need(bool(cfg.teacher.endpoint.url), "teacher.kind: endpoint needs teacher.endpoint.url")
+        shapes = [s, *s.frontier_shapes().values()]
+        need(all(shape.init == "pretrained" for shape in shapes),
+             "teacher.kind: endpoint is a black box: every student (and student.frontier shape) must be "
+             "student.init: pretrained (cut and config students start from the teacher's weights)")
+        need(k.feature_weight == 0 and not any(k.sweep.feature_weight) and k.search.feature_weight is None,
+             "teacher.kind: endpoint is a black box: feature KD needs its hidden states (set distill.feature_weight: "
+             "0, no distill.sweep.feature_weight or distill.search.feature_weight)")
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return cfg

@@ -27,6 +27,8 @@ COLLECTED = (
 KEPT = {
     "locks": "held by running commands: deleting a lock file would let a second distillation in",
     "dvc-remote": "the default local DVC remote (dvc.remote_url): every data version pushed, the only copy of some",
+    "teacher-answers": "a black-box teacher's answers (teacher.kind: endpoint), each paid for once: asking again "
+                       "costs money, so only a person deletes them",
 }
 
 
@@ -83,6 +85,10 @@ class WorkFolder:
     @property
     def pretrained(self) -> Path:
         return self.kind("pretrained")
+
+    @property
+    def teacher_answers(self) -> Path:
+        return self.kind("teacher-answers")
 
     @property
     def locks(self) -> Path:

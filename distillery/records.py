@@ -60,6 +60,14 @@ FORM_SUFFIX = {"fp32": "fp32", "int8": "int8", "onnx-int8": "int8_onnx"}
 # the teacher's quantised forms the harness measures; the gate compares with the best of them on validation accuracy
 QUANTISED_TEACHERS = ("teacher_int8", "teacher_int8_onnx")
 PRIMARY = "student"  # the harness name of the student chosen on validation (frontier students go by their shape)
+TEACHER_FP32 = "teacher_fp32"
+# a black-box teacher's one form, measured through its endpoint: the teacher and the gate's reference at once
+ENDPOINT_TEACHER = "teacher_endpoint"
+
+
+def teacher_row(metrics: Mapping[str, object]) -> str:
+    """The harness row of the teacher itself: its FP32 form, or a black box as served."""
+    return TEACHER_FP32 if TEACHER_FP32 in metrics else ENDPOINT_TEACHER
 
 
 def served_candidate(form: str, student: str = PRIMARY) -> str:
@@ -93,15 +101,28 @@ class TeacherRef:
     folder: str = ""
     base_model: str = ""
     snapshot_md5: str = ""
+    # registered: a classifier in the MLflow registry (``folder`` holds it); endpoint: a black box behind HTTP, whose
+    # ``version`` is the digest of its ``identity`` (URL and request params, as JSON) and which has no run or folder
+    kind: str = "registered"
+    identity: str = ""
+
+    @property
+    def black_box(self) -> bool:
+        """Only its answers exist: no weights, hidden states or quantised forms."""
+        return self.kind != "registered"
 
     def to_tags(self) -> dict[str, str]:
         """What a student records about its teacher."""
-        return {"teacher.name": self.name, "teacher.version": self.version, "teacher.run_id": self.run_id}
+        tags = {"teacher.name": self.name, "teacher.version": self.version, "teacher.run_id": self.run_id}
+        if self.black_box:
+            tags |= {"teacher.kind": self.kind, "teacher.identity": self.identity}
+        return tags
 
     @classmethod
     def from_tags(cls, tags: Mapping[str, str]) -> "TeacherRef":
         return cls(name=tags.get("teacher.name", ""), version=tags.get("teacher.version", ""),
-                   run_id=tags.get("teacher.run_id", ""))
+                   run_id=tags.get("teacher.run_id", ""), kind=tags.get("teacher.kind", "registered"),
+                   identity=tags.get("teacher.identity", ""))
 
     def version_tags(self, git_revision: str, config_hash: str, metrics: Mapping[str, float]) -> dict[str, str]:
         """The tags of the teacher's own registry version."""

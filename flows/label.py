@@ -10,16 +10,22 @@ from distillery.config import Config
 from distillery.records import SnapshotRef, TeacherOutputs, TeacherRef
 from distillery.models.labelling import shard_bounds
 from distillery.tasks.labelling import (
+    ask_endpoint,
     cache_key,
+    labelling_dry_run,
+    endpoint_soft_labels,
+    endpoint_texts,
     check_teacher_labels,
     label_shard,
     log_labelling,
     lookup_cache,
     reuse_outputs,
     rows_to_label,
+    select_within_budget,
     store_outputs,
     validate_outputs,
 )
+from distillery.tasks.data import freeze
 from distillery.tasks.teacher import start_run
 
 
@@ -29,6 +35,8 @@ def label_flow(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef,
                parent_run_id: str | None = None) -> TeacherOutputs:
     """Label train/validation (+ transfer set) with the teacher, reuse the cache when the key matches, validate."""
     inputs, labels = rows_to_label(cfg, snapshot)
+    if teacher.black_box:  # a budget too small for every generated or transfer text asks a chosen part of them
+        inputs = select_within_budget(cfg, teacher, snapshot, inputs)
     check_teacher_labels(teacher, labels)
     key = cache_key(teacher, snapshot, inputs, cfg.teacher.max_length)
     run_id = start_run(cfg, "teacher-outputs", {"stage": "label", **teacher.to_tags(), **snapshot.to_tags()},
@@ -37,7 +45,13 @@ def label_flow(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef,
     path = lookup_cache(cfg.work.teacher_outputs, key)
     cache_hit = path is not None
     reused = None
-    if not cache_hit:
+    if not cache_hit and teacher.black_box:  # answers asked once (cached by text), within the budget
+        ask_endpoint(cfg, teacher, endpoint_texts(snapshot, inputs), run_id)
+        soft = endpoint_soft_labels(cfg, teacher, inputs["text"].tolist(), labels)
+        meta = {"teacher": teacher.__dict__, "snapshot_md5": snapshot.md5, "answers": soft.kind,
+                "max_length": cfg.teacher.max_length}
+        path = store_outputs(cfg, key, inputs, [soft.logits], labels, meta, run_id, answered=soft.answered)
+    elif not cache_hit:
         reused = reuse_outputs(cfg, teacher, labels, inputs)
         texts = list(reused.missing_texts)
         bounds = shard_bounds(len(texts), cfg.labelling.shards) if texts else []
@@ -48,9 +62,15 @@ def label_flow(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef,
         path = store_outputs(cfg, key, inputs, [f.result() for f in futures], labels, meta, run_id, reused)
     seconds = time.perf_counter() - start
     log_labelling(cfg, run_id, teacher, snapshot, key, cache_hit, seconds, path, inputs)
-    how = "cache hit" if cache_hit else (f"labelled {len(inputs) - reused.rows}, reused {reused.rows} from earlier "
+    how = "cache hit" if cache_hit else "asked the endpoint" if teacher.black_box else (f"labelled {len(inputs) - reused.rows}, reused {reused.rows} from earlier "
                                          f"outputs of this teacher," if reused.rows else "labelled")
     print(f"teacher {teacher.name} v{teacher.version} outputs for {len(inputs)} rows: {how} in {seconds:.1f} s")
     validation = validate_outputs(cfg, path, len(inputs), run_id, teacher, snapshot)
     return TeacherOutputs(path=path, key=key, cache_hit=cache_hit, seconds=seconds, run_id=run_id,
                           validation=validation)
+
+
+def plan_labelling(cfg: Config) -> dict:
+    """What ``label_flow`` would ask on the verified snapshot, asking nothing (``distillery label --dry-run``): no
+    flow run, no Prefect server, no MLflow run."""
+    return labelling_dry_run(cfg, freeze(cfg))

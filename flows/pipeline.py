@@ -58,6 +58,9 @@ def _bootstrap_teacher(cfg: Config, snapshot, source: str | None):  # noqa: ANN0
 def run_command(cfg: Config, command: str, teacher_version: str | None = None, force: bool = False,
                 teacher_source: str | None = None) -> RunResult:
     """The pipeline's wiring for one command, on a configuration loaded once."""
+    if command in ("teacher", "import-teacher") and cfg.teacher.kind == "endpoint":
+        raise ConfigError(f"teacher.kind is endpoint ({cfg.teacher.endpoint.url}): there is no teacher to "
+                          f"{'fine-tune' if command == 'teacher' else 'import'}; set teacher.kind: registered")
     if command == "teacher":
         snapshot = verify_snapshot(cfg)
         return RunResult(command=command, snapshot=snapshot, teacher=teacher_flow(cfg, snapshot))

@@ -154,7 +154,7 @@ def served_form(model: PreTrainedModel, form: str, folder: Path) -> object:
 FORMS = ("fp32", "int8", "onnx-int8")
 
 
-def harness_candidates(teacher_dir: str, student_dir: str, baseline_dir: str, onnx_teacher_dir: Path,
+def harness_candidates(teacher_dir: str | None, student_dir: str, baseline_dir: str, onnx_teacher_dir: Path,
                        frontier: dict[str, str] | None = None, form: str = "int8") -> dict[str, tuple]:
     """The candidates every evaluation compares, as ``name: (model, parameters or None, model folder)``: teacher and
     chosen student in every form (FP32, torch INT8, ONNX Runtime INT8), the baseline, and each ``frontier`` student
@@ -165,8 +165,8 @@ def harness_candidates(teacher_dir: str, student_dir: str, baseline_dir: str, on
     which tokenizer reads the texts for that candidate.
     """
     candidates: dict[str, tuple] = {}
-    for name, folder, forms, weights in (("teacher", str(teacher_dir), FORMS, onnx_teacher_dir),
-                                         (PRIMARY, str(student_dir), FORMS, Path(student_dir)),
+    teachers = [("teacher", str(teacher_dir), FORMS, onnx_teacher_dir)] if teacher_dir else []  # None: a black box
+    for name, folder, forms, weights in (*teachers, (PRIMARY, str(student_dir), FORMS, Path(student_dir)),
                                          *((label, str(f), (form,), Path(f)) for label, f in (frontier or {}).items())):
         model = load_classifier(Path(folder)).eval()
         for f in forms:
@@ -219,13 +219,13 @@ class Measured:
 
 
 def measure_candidates(candidates: dict[str, tuple], encoded: dict[str, dict], num_classes: int,
-                       e: EvaluationConfig, timing: TimingSettings) -> Measured:
-    """Every candidate on the test split (quality, speed, size; agreement with the FP32 teacher, measured first),
-    its validation accuracy (which chooses the gate's reference), a calibration temperature fitted on validation
-    and measured on test, and, when ``encoded`` holds out-of-scope rows, an abstention threshold chosen on
-    validation and measured on test."""
+                       e: EvaluationConfig, timing: TimingSettings,
+                       reference_pred: np.ndarray | None = None) -> Measured:
+    """Every candidate on the test split (quality, speed, size; agreement with the FP32 teacher, measured first,
+    or with ``reference_pred``, a black-box teacher's test predictions), its validation accuracy (which chooses the
+    gate's reference), a calibration temperature fitted on validation and measured on test, and, when ``encoded``
+    holds out-of-scope rows, an abstention threshold chosen on validation and measured on test."""
     measured = Measured({}, {}, {})
-    reference_pred = None
     for name, (model, params, folder) in candidates.items():
         data, pad = encoded["test"][folder]
         size = model.size_bytes() if hasattr(model, "size_bytes") else None  # an ONNX file's bytes
@@ -233,24 +233,54 @@ def measure_candidates(candidates: dict[str, tuple], encoded: dict[str, dict], n
                                 size_bytes=size)
         if name == "teacher_fp32":
             reference_pred = out.argmax(1)
-        gold = data.labels.numpy()
         val_data, val_pad = encoded["validation"][folder]
-        val_logits, val_labels = predict_logits(model, val_data, val_pad), val_data.labels.numpy()
-        m["val_accuracy"] = float((val_logits.argmax(1) == val_labels).mean())
-        if e.calibrate:
-            m["calibration_temperature"] = fit_temperature(val_logits, val_labels)
-            m["ece_calibrated"] = expected_calibration_error(calibrated(out, m["calibration_temperature"]), gold,
-                                                             e.ece_bins)
+        logits = {"test": out, "validation": predict_logits(model, val_data, val_pad)}
         if "oos_test" in encoded:
-            oos_logits = {k: predict_logits(model, *encoded[k][folder]) for k in ("oos_validation", "oos_test")}
-            threshold, om, measured.curves[name] = abstention(
-                val_logits, val_labels, oos_logits["oos_validation"], out, gold, oos_logits["oos_test"],
-                m.get("calibration_temperature", 1.0), e.abstain_target, e.abstain_value, e.abstain_score)
-            m.update({"abstain_threshold": threshold, **om.to_dict()})
+            logits |= {k: predict_logits(model, *encoded[k][folder]) for k in ("oos_validation", "oos_test")}
+        curve = held_out_metrics(m, logits, data.labels.numpy(), val_data.labels.numpy(), e)
+        if curve is not None:
+            measured.curves[name] = curve
         measured.metrics[name], measured.logits[name] = m, out
         logger.info("%s: accuracy %.4f, macro-F1 %.4f, p50 %.2f ms, %.1f MB", name, m["accuracy"], m["macro_f1"],
                     m["latency_p50_ms"], m["size_mb"])
     return measured
+
+
+def held_out_metrics(m: dict, logits: dict[str, np.ndarray], gold: np.ndarray, val_labels: np.ndarray,
+                     e: EvaluationConfig) -> tuple | None:
+    """Add to ``m`` what validation says about a candidate (``logits`` per split: test, validation and, when
+    abstention is measured, oos_validation and oos_test): its validation accuracy, a temperature fitted there and
+    the test ECE under it, and an abstention threshold chosen there with its test metrics. Returns the out-of-scope
+    trade-off curve (None without out-of-scope rows)."""
+    out, val_logits = logits["test"], logits["validation"]
+    m["val_accuracy"] = float((val_logits.argmax(1) == val_labels).mean())
+    if e.calibrate:
+        m["calibration_temperature"] = fit_temperature(val_logits, val_labels)
+        m["ece_calibrated"] = expected_calibration_error(calibrated(out, m["calibration_temperature"]), gold,
+                                                         e.ece_bins)
+    if "oos_test" not in logits:
+        return None
+    threshold, om, curve = abstention(val_logits, val_labels, logits["oos_validation"], out, gold, logits["oos_test"],
+                                      m.get("calibration_temperature", 1.0), e.abstain_target, e.abstain_value,
+                                      e.abstain_score)
+    m.update({"abstain_threshold": threshold, **om.to_dict()})
+    return curve
+
+
+def measure_answers(logits: dict[str, np.ndarray], gold: np.ndarray, val_labels: np.ndarray, num_classes: int,
+                    e: EvaluationConfig, request_ms: np.ndarray, request_texts: np.ndarray) -> tuple[dict, tuple | None]:
+    """A black-box teacher measured from its answers (``logits`` per split, as ``held_out_metrics`` reads them):
+    quality on test, what validation says, and its speed as served: latency per request (``request_ms`` of the
+    requests that answered the test texts, each carrying ``request_texts``) and texts per second. It has no size or
+    parameters here (NaN). Returns (metrics, the out-of-scope curve or None)."""
+    quality = classification_metrics(logits["test"], gold, num_classes, None, e.ece_bins)
+    m = {**{k: v for k, v in quality.items() if k != "per_class_f1"}, "agreement": 1.0,
+         "latency_p50_ms": float(np.percentile(request_ms, 50)) if len(request_ms) else float("nan"),
+         "latency_p95_ms": float(np.percentile(request_ms, 95)) if len(request_ms) else float("nan"),
+         "throughput_rps": float(np.median(request_texts / request_ms) * 1000.0) if len(request_ms) else float("nan"),
+         "parameters": float("nan"), "size_mb": float("nan"), "per_class_f1": quality["per_class_f1"].tolist()}
+    curve = held_out_metrics(m, logits, gold, val_labels, e)
+    return m, curve
 
 
 def served_path_latency(predict: Callable[[list[str]], object], texts: list[str],
@@ -281,10 +311,11 @@ def time_served_forms(candidates: dict[str, tuple], metrics: dict[str, dict], en
     interleaved pairs (``paired_latency_ratio``) and through its served code path end to end
     (``served_predictor(folder)``); adds both to ``metrics`` and returns the served candidates' names."""
     contenders = [served_candidate(form, name) for name in students]
-    r_model, _, r_folder = candidates[reference]
     for name, contender in zip(students, contenders):
         model, _, folder = candidates[contender]
-        paired = paired_latency_ratio(model, *encoded[folder], r_model, *encoded[r_folder], timing)
-        paired.update(served_path_latency(served_predictor(students[name]), texts, timing))
-        metrics[contender].update(paired)
+        timed = served_path_latency(served_predictor(students[name]), texts, timing)
+        if reference in candidates:  # a black-box reference is timed by its requests: nothing to pair with
+            r_model, _, r_folder = candidates[reference]
+            timed |= paired_latency_ratio(model, *encoded[folder], r_model, *encoded[r_folder], timing)
+        metrics[contender].update(timed)
     return contenders

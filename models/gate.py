@@ -7,7 +7,8 @@ import shlex
 from dataclasses import asdict, dataclass, field, replace
 
 from distillery.config import GateConfig, StudentConfig
-from distillery.records import QUANTISED_TEACHERS, Decision, reference_candidate, served_candidate
+from distillery.records import (ENDPOINT_TEACHER, QUANTISED_TEACHERS, Decision, reference_candidate,
+                                served_candidate, teacher_row)
 from distillery.errors import DistilleryError
 
 
@@ -99,14 +100,21 @@ def judge_logged(gate: GateConfig, logged: dict[str, dict], served: str, champio
     """The gate's decision for the ``served`` form of an evaluation's logged metrics, under ``gate``'s settings,
     against the ``reference`` form of the teacher (its INT8 form in the student's runtime)."""
     student = logged[served]
-    verdict = decide(student, logged[reference], logged["teacher_fp32"], champion,
+    verdict = decide(student, logged[reference], logged[teacher_row(logged)], champion,
                      accuracy_tolerance=gate.accuracy_tolerance, macro_f1_tolerance=gate.macro_f1_tolerance,
                      max_latency_ratio=gate.max_latency_ratio, max_class_f1_drop=gate.max_class_f1_drop,
                      champion_tolerance=gate.champion_tolerance, labels=student["labels"],
                      oos_recall_tolerance=gate.oos_recall_tolerance, oos_auroc_tolerance=gate.oos_auroc_tolerance,
-                     reference_name="INT8 teacher" if reference == "teacher_int8" else f"INT8 teacher ({reference})")
+                     reference_name=reference_name(reference))
     return Decision(passed=verdict.passed, reasons=tuple(verdict.reasons()),
                     criteria=tuple(verdict.to_dict()["criteria"]), version=version, champion_version=champion_version)
+
+
+def reference_name(reference: str) -> str:
+    """How the gate's reasons name the reference."""
+    if reference == ENDPOINT_TEACHER:
+        return "endpoint teacher"
+    return "INT8 teacher" if reference == "teacher_int8" else f"INT8 teacher ({reference})"
 
 
 def best_reference(metrics: dict[str, dict], form: str) -> str:
@@ -131,6 +139,7 @@ def choose_smallest(decisions: dict[str, Decision], sizes: dict[str, float]) -> 
 
 # what every evaluation measures besides the students' served forms (the gate needs them all)
 HARNESS = {"teacher_fp32", "teacher_int8", "student_fp32", "baseline_fp32"}
+BLACK_BOX_HARNESS = {ENDPOINT_TEACHER, "student_fp32", "baseline_fp32"}  # a black-box teacher has one form
 BASELINE_STUDENT = "baseline"  # the harness name of the student trained without the teacher, when the gate judges it
 
 

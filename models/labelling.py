@@ -22,8 +22,11 @@ META_FILE = "meta.json"
 FEATURES_FILE = "pooled-features.npz"  # the teacher's sentence features, beside the soft labels they go with
 DIGESTS_FILE = "text-digests.npz"  # a digest of each row's exact text, in row order: lets other row sets reuse them
 
-OUTPUT_COLUMNS = ["id", "text", "split", "label_id", "logits", "probs", "predicted_label", "max_prob", "entropy"]
-OUTPUTS_FORMAT = 2  # 2: each row carries its text (what the students train on); part of the cache key
+OUTPUT_COLUMNS = ["id", "text", "split", "label_id", "logits", "probs", "predicted_label", "max_prob", "entropy",
+                  "answered"]
+# 2: each row carries its text (what the students train on); 3: and whether the teacher answered it (a black box may
+# not, or name a label outside the set: such a row is uniform and no student learns from it). Part of the cache key
+OUTPUTS_FORMAT = 3
 
 
 def shard_bounds(rows: int, shards: int) -> list[tuple[int, int]]:
@@ -69,10 +72,12 @@ def teacher_pooled(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, t
 
 
 def build_outputs(ids: list[str], texts: list[str], splits: list[str], label_ids: list[int], logits: np.ndarray,
-                  labels: list[str]) -> pd.DataFrame:
-    """The teacher-outputs table: row id, its text, split, gold label id (-1 when unlabelled), logits, probs and
-    summaries: everything a student trains on, so no later step rebuilds the rows the teacher labelled."""
+                  labels: list[str], answered: np.ndarray | None = None) -> pd.DataFrame:
+    """The teacher-outputs table: row id, its text, split, gold label id (-1 when unlabelled), logits, probs,
+    summaries and whether the teacher answered the row (always, for a white box): everything a student trains on,
+    so no later step rebuilds the rows the teacher labelled."""
     probs = softmax(logits).astype(np.float32)
+    answered = np.ones(len(ids), dtype=bool) if answered is None else np.asarray(answered, dtype=bool)
     pred = probs.argmax(axis=1)
     return pd.DataFrame({
         "id": list(ids),
@@ -84,6 +89,7 @@ def build_outputs(ids: list[str], texts: list[str], splits: list[str], label_ids
         "predicted_label": [labels[i] for i in pred],
         "max_prob": probs.max(axis=1).astype(np.float64),
         "entropy": entropy(probs),
+        "answered": answered,
     })
 
 
@@ -102,6 +108,7 @@ def write_outputs(df: pd.DataFrame, path) -> None:  # noqa: ANN001 - str or Path
         "predicted_label": pa.array(df["predicted_label"], pa.string()),
         "max_prob": pa.array(df["max_prob"], pa.float64()),
         "entropy": pa.array(df["entropy"], pa.float64()),
+        "answered": pa.array(df["answered"] if "answered" in df else [True] * len(df), pa.bool_()),
     })
     pq.write_table(table, path, compression="zstd")
 
@@ -110,14 +117,17 @@ def read_outputs(path) -> pd.DataFrame:  # noqa: ANN001 - str or Path
     df = pq.read_table(path).to_pandas()
     for col in ("logits", "probs"):
         df[col] = [np.asarray(v, dtype=np.float32) for v in df[col]]
+    if "answered" not in df:  # an entry of format 2 (a white-box teacher answers every row)
+        df["answered"] = True
     return df
 
 
 def validation_tables(df: pd.DataFrame, labels: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Scalar views of the outputs for Great Expectations.
 
-    rows: one row per output with its finiteness, probability range and sum, and ``val_correct`` (1/0 on
-    labelled validation rows, NaN elsewhere, so its mean is the teacher's validation accuracy).
+    rows: one row per output with its finiteness, probability range and sum, ``val_correct`` (1/0 on labelled
+    validation rows, NaN elsewhere, so its mean is the teacher's validation accuracy) and ``answered`` (1/0: its
+    mean is the share of rows a black-box teacher answered with a label of the set).
     classes: one row per class with how often it is predicted and its validation F1 (mean = macro-F1).
     """
     logits = np.stack(df["logits"].to_list()) if len(df) else np.zeros((0, len(labels)))
@@ -137,6 +147,7 @@ def validation_tables(df: pd.DataFrame, labels: list[str]) -> tuple[pd.DataFrame
         "max_prob": df["max_prob"].to_numpy(),
         "entropy_fraction": df["entropy"].to_numpy() / np.log(len(labels)),
         "val_correct": correct,
+        "answered": df["answered"].to_numpy(dtype=float) if "answered" in df else np.ones(len(df)),
     })
     counts = pd.Series(df["predicted_label"]).value_counts()
     val = df[is_val]

@@ -11,13 +11,20 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from distillery.config import EvaluationConfig  # noqa: E402
-from distillery.records import METRIC_PREFIX, Decision  # noqa: E402
+from distillery.records import METRIC_PREFIX, Decision, teacher_row  # noqa: E402
 from distillery.models.calibration import accuracy_cost, tradeoff_curve  # noqa: E402
 from distillery.models.metrics import reliability_curve, softmax  # noqa: E402
 
 def _name_width(metrics: dict) -> int:
     """The name column: the longest candidate name (frontier students have long ones) and two spaces."""
     return max([19, *(len(k) + 2 for k in metrics)])
+
+
+def _cell(value: float, spec: str) -> str:
+    """``value`` formatted by ``spec`` (e.g. ``>9.1f``), or a dash of that width when it is not measured (NaN: a
+    black-box teacher has no size or parameter count here)."""
+    width = int("".join(c for c in spec.split(".")[0] if c.isdigit()) or 0)
+    return format(value, spec) if np.isfinite(value) else format("-", f">{width}")
 
 
 def results_table(metrics: dict[str, dict]) -> str:
@@ -30,7 +37,7 @@ def results_table(metrics: dict[str, dict]) -> str:
     for name, m in metrics.items():
         lines.append(f"{name:<{w}}{m['accuracy']:>9.4f}{m['macro_f1']:>9.4f}{m['ece']:>7.3f}{m['agreement']:>7.3f}"
                      f"{m['latency_p50_ms']:>8.2f}{m['latency_p95_ms']:>8.2f}{m['throughput_rps']:>8.0f}"
-                     f"{m['parameters'] / 1e6:>9.1f}{m['size_mb']:>7.1f}"
+                     f"{_cell(m['parameters'] / 1e6, '>9.1f')}{_cell(m['size_mb'], '>7.1f')}"
                      + (f"{m['calibration_temperature']:>6.2f}{m['ece_calibrated']:>7.3f}" if calibrated else ""))
     return "\n".join(lines)
 
@@ -80,7 +87,7 @@ def headline_ratios(metrics: dict[str, dict], served: str = "student_int8",
     """The comparisons the README and the benchmarks report, from one evaluation's metrics: the ``served`` student
     against the FP32 teacher and the ``reference`` (the teacher's best quantised form), the served path against the
     bare forward, the distilled student against the baseline."""
-    t, s, b = (metrics[k] for k in ("teacher_fp32", "student_fp32", "baseline_fp32"))
+    t, s, b = (metrics[k] for k in (teacher_row(metrics), "student_fp32", "baseline_fp32"))
     q, d = metrics[reference], metrics[served]
     ratios = {
         "served_over_teacher_accuracy": d["accuracy"] / t["accuracy"],
@@ -94,6 +101,8 @@ def headline_ratios(metrics: dict[str, dict], served: str = "student_int8",
     }
     if "latency_ratio_paired" in d:  # interleaved pairs: the figure the gate uses
         ratios["best_int8_teacher_over_served_latency_paired"] = 1.0 / d["latency_ratio_paired"]
+    if "cost_per_1k_texts" in q:  # a paid black-box teacher: what 1,000 of its answers cost
+        ratios["reference_cost_per_1k_texts"] = q["cost_per_1k_texts"]
     if "served_latency_p50_ms" in d:  # the served form's code path end to end against its bare forward
         ratios["served_path_over_bare_forward_latency"] = d["served_latency_p50_ms"] / d["latency_p50_ms"]
     return ratios
@@ -173,7 +182,8 @@ def frontier_table(metrics: dict[str, dict], served: tuple[str, ...] = (), refer
         val = f"{m['val_accuracy']:>9.4f}" if "val_accuracy" in m else f"{'-':>9}"
         paired = f"{m['latency_ratio_paired']:>7.3f}" if "latency_ratio_paired" in m else f"{'-':>7}"
         lines.append(f"{name:<{w}}{m['accuracy']:>9.4f}{val}{m['latency_p50_ms']:>8.2f}{m['latency_p95_ms']:>8.2f}"
-                     f"{paired}{m['throughput_rps']:>8.0f}{m['size_mb']:>8.1f}{m['parameters'] / 1e6:>9.1f}  {' '.join(note)}")
+                     f"{paired}{m['throughput_rps']:>8.0f}{_cell(m['size_mb'], '>8.1f')}{_cell(m['parameters'] / 1e6, '>9.1f')}"
+                     f"  {' '.join(note)}")
     return "\n".join(lines)
 
 
@@ -220,10 +230,14 @@ def plot_frontier(metrics: dict[str, dict], path: Path, served: str | None = Non
     are marked."""
     front = pareto(metrics)
     fig, ax = plt.subplots(figsize=(8, 5.2))
-    largest = max(m["size_mb"] for m in metrics.values())
+    sizes = [m["size_mb"] for m in metrics.values() if np.isfinite(m["size_mb"])]
+    largest = max(sizes) if sizes else 1.0
 
-    def area(m: dict) -> float:
-        return 30 + 600 * m["size_mb"] / largest
+    def area(m: dict) -> float:  # a black-box teacher has no size here: the smallest marker
+        return 30 + 600 * (m["size_mb"] / largest if np.isfinite(m["size_mb"]) else 0.0)
+
+    def size(m: dict) -> str:
+        return f"{m['size_mb']:.1f} MB" if np.isfinite(m["size_mb"]) else "behind an endpoint"
 
     for name, m in metrics.items():
         x, y = m["latency_p50_ms"], m["accuracy"]
@@ -244,7 +258,7 @@ def plot_frontier(metrics: dict[str, dict], path: Path, served: str | None = Non
     fig.tight_layout()
     _place_labels(fig, ax, [
         (f"{name}{' (served)' if name == served else ' (reference)' if name == reference else ''}\n"
-         f"{m['size_mb']:.1f} MB", m["latency_p50_ms"], m["accuracy"], area(m))
+         f"{size(m)}", m["latency_p50_ms"], m["accuracy"], area(m))
         for name, m in sorted(metrics.items(), key=lambda kv: (kv[1]["latency_p50_ms"], -kv[1]["accuracy"]))])
     return _save(fig, path)
 
@@ -329,12 +343,12 @@ def write_evaluation(folder: Path, metrics: dict[str, dict], logits: dict[str, n
         "as small):\n" + frontier_text
     if curves:
         table += "\n\nOut of scope (each candidate at its own threshold):\n" + oos_table(metrics)
-    shown = tuple(dict.fromkeys(("teacher_fp32", reference, served, "baseline_fp32")))
+    shown = tuple(dict.fromkeys((teacher_row(metrics), reference, served, "baseline_fp32")))
     plot_confusion(logits[served], gold, labels, folder / "confusion_student.png",
                    f"Confusion of the served student ({served})")
     plot_reliability({k: (logits[k], gold) for k in shown}, folder / "reliability.png", ece_bins)
     plot_frontier(metrics, folder / "frontier.png", served=served, reference=reference)
-    plot_f1_difference(metrics["teacher_fp32"]["per_class_f1"], metrics[served]["per_class_f1"], labels,
+    plot_f1_difference(metrics[teacher_row(metrics)]["per_class_f1"], metrics[served]["per_class_f1"], labels,
                        folder / "per_class_f1_student_minus_teacher.png", student=served)
     if curves and oos_rows:
         plot_oos_tradeoff({k: curves[k] for k in shown}, metrics, folder / "oos_tradeoff.png")
@@ -347,10 +361,19 @@ def harness_summary(metrics: dict[str, dict], contenders: list[str], reference: 
                     e: EvaluationConfig, abstained: bool) -> list[str]:
     """The lines the evaluation logs after measuring: how the reference was chosen, each served student's paired
     latency and served path, the out-of-scope table and the calibration temperatures."""
-    lines = ["gate reference: %s (validation accuracy %s)" % (reference, ", ".join(
-        f"{k} {metrics[k]['val_accuracy']:.4f}" for k in references))]
+    if reference in references:
+        lines = ["gate reference: %s (validation accuracy %s)" % (reference, ", ".join(
+            f"{k} {metrics[k]['val_accuracy']:.4f}" for k in references if k in metrics))]
+    else:  # a black-box teacher: its one form, as served
+        lines = [f"gate reference: {reference}, the teacher as served (validation accuracy "
+                 f"{metrics[reference]['val_accuracy']:.4f}, test accuracy {metrics[reference]['accuracy']:.4f})"]
     for c in contenders:
         m = metrics[c]
+        if "latency_ratio_paired" not in m:  # a black-box reference: its latency is per request
+            lines.append(f"{c} batch-1 p50 {m['latency_p50_ms']:.2f} ms, served path end to end p50 "
+                         f"{m['served_latency_p50_ms']:.2f} ms; {reference} p50 {metrics[reference]['latency_p50_ms']:.1f}"
+                         f" ms per request")
+            continue
         lines.append(f"{c} / {reference} batch-1 latency, interleaved pairs: median {m['latency_ratio_paired']:.3f}, "
                      f"p90 {m['latency_ratio_paired_p90']:.3f}; served path end to end p50 "
                      f"{m['served_latency_p50_ms']:.2f} ms (bare forward {m['latency_p50_ms']:.2f} ms)")

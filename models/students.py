@@ -71,7 +71,7 @@ def checkpoint_key(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def make_student(cfg: Config, teacher_model: PreTrainedModel, teacher_folder: Path, labels: list[str],
+def make_student(cfg: Config, teacher_model: PreTrainedModel | None, teacher_folder: Path | None, labels: list[str],
                  vocab_texts: list[str] | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The configured student and the tokenizer it reads with (the teacher's, unless it is a pretrained model);
     with ``student.prune_vocab`` both keep only the word pieces of ``vocab_texts``.
@@ -169,8 +169,11 @@ def prepare_student(cfg: Config, candidate: Candidate, teacher: TeacherRef, outp
     model)``)."""
     baseline = candidate.kind == "baseline"
     train_rows = rows[rows["split"].isin(["train"] if baseline else KD_SPLITS)]
-    teacher_folder = Path(teacher.folder)
-    teacher_model = load_classifier(teacher_folder).eval()
+    if not baseline and "answered" in train_rows:  # a row a black box did not answer has no soft label to learn
+        train_rows = train_rows[train_rows["answered"].astype(bool)]
+    # a black-box teacher has no weights: its students are pretrained models of their own (config.validate_config)
+    teacher_folder = Path(teacher.folder) if teacher.folder else None
+    teacher_model = load_classifier(teacher_folder).eval() if teacher_folder else None
     source, init_note = (baseline_source(cfg, teacher_model, teacher, labels) if baseline
                          else (teacher_model, weights_from(cfg)))
     settings = settings_from(cfg.distill)

@@ -12,6 +12,7 @@ from distillery.config import Config, EvaluationConfig
 from distillery.integrations import registry, store
 from distillery.integrations.served_model import SERVING_FILE
 from distillery.records import (
+    ENDPOINT_TEACHER,
     EVALUATION_CONTENDERS_TAG,
     EVALUATION_SERVED_TAG,
     GATE_REFERENCE_TAG,
@@ -25,14 +26,17 @@ from distillery.records import (
 )
 from distillery.models.data import Scope, read_out_of_scope, read_snapshot
 from distillery.models.evaluation import (
+    Measured,
     encode_harness_rows,
     harness_candidates,
+    measure_answers,
     measure_candidates,
     time_served_forms,
     timing_settings,
 )
 from distillery.models.gate import best_reference
 from distillery.models.report import harness_summary, headline_ratios, write_evaluation
+from distillery.tasks.labelling import endpoint_measurements
 
 
 def onnx_teacher_folder(cfg: Config, teacher: TeacherRef) -> Path:
@@ -52,16 +56,15 @@ def evaluate_candidates(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef,
     scope, oos = read_out_of_scope(Path(snapshot.path))
     abstain = e.abstain == "on" or (e.abstain == "auto" and scope.active)
     students = {PRIMARY: student.folder, **{k: v.folder for k, v in frontier.items()}}
-    candidates = harness_candidates(teacher.folder, student.folder, baseline.folder, onnx_teacher_folder(cfg, teacher),
-                                    {k: v.folder for k, v in frontier.items()}, form)
+    candidates = harness_candidates(teacher.folder or None, student.folder, baseline.folder,
+                                    onnx_teacher_folder(cfg, teacher), {k: v.folder for k, v in frontier.items()}, form)
     folders = {c[2] for c in candidates.values()}
     encoded = encode_harness_rows(folders, splits, oos if abstain else None, cfg.distill.max_length)
     eval_run = registry.create_run(cfg, "evaluation", {"stage": "evaluate", **teacher.to_tags(), **run_tags(
         student, baseline, frontier)}, parent_run_id, snapshot=snapshot, split="test",
         params=oos_params(scope, oos, e) if abstain else None)
     timing = timing_settings(e)
-    measured = measure_candidates(candidates, encoded, len(labels), e, timing)
-    reference = best_reference(measured.metrics, form)
+    measured, reference = measure(cfg, teacher, candidates, encoded, splits, oos if abstain else None, labels)
     texts = splits["test"]["text"].tolist()
     contenders = time_served_forms(candidates, measured.metrics, encoded["test"], students, form, reference, texts,
                                    served_predictor(form, cfg.distill.max_length, timing.threads), timing)
@@ -81,6 +84,33 @@ def evaluate_candidates(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef,
     return Evaluation(run_id=eval_run, table=table, ratios=ratios, reference=reference, students=(PRIMARY, *frontier),
                       metrics={k: {kk: vv for kk, vv in v.items() if kk != "per_class_f1"}
                                for k, v in measured.metrics.items()})
+
+
+def measure(cfg: Config, teacher: TeacherRef, candidates: dict, encoded: dict, splits: dict, oos: dict | None,
+            labels: list[str]) -> tuple[Measured, str]:
+    """Every candidate measured, and the gate's reference: the teacher's best quantised form, or a black-box teacher
+    as served, measured from its cached answers (first in the table: quality on the same rows, latency per request,
+    what 1,000 of its answers cost)."""
+    e = cfg.evaluation
+    if not teacher.black_box:
+        measured = measure_candidates(candidates, encoded, len(labels), e, timing_settings(e))
+        return measured, best_reference(measured.metrics, cfg.student.deploy)
+    frames = {"test": splits["test"], "validation": splits["validation"]}
+    if oos is not None:
+        frames |= {k: oos.get(k, splits["test"].iloc[:0]) for k in ("oos_validation", "oos_test")}
+    answers = endpoint_measurements(cfg, teacher, frames, labels)
+    measured = measure_candidates(candidates, encoded, len(labels), e, timing_settings(e),
+                                  reference_pred=answers.logits["test"].argmax(1))
+    m, curve = measure_answers(answers.logits, splits["test"]["label_id"].to_numpy(),
+                               splits["validation"]["label_id"].to_numpy(), len(labels), e, answers.request_ms,
+                               answers.request_texts)
+    p = cfg.teacher.endpoint
+    m["cost_per_1k_texts"] = 1000.0 * p.price_per_request / p.texts_per_request + p.price_per_1k_texts
+    measured.metrics = {ENDPOINT_TEACHER: m, **measured.metrics}
+    measured.logits[ENDPOINT_TEACHER] = answers.logits["test"]
+    if curve is not None:
+        measured.curves[ENDPOINT_TEACHER] = curve
+    return measured, ENDPOINT_TEACHER
 
 
 def run_tags(student: TrainedStudent, baseline: TrainedStudent, frontier: dict[str, TrainedStudent]) -> dict[str, str]:

@@ -10,6 +10,7 @@ from distillery.config import Config
 from distillery.integrations import registry
 from distillery.integrations.events import REDISTILL_EVENT, emit_gate_decision, emit_redistill
 from distillery.records import Decision, Evaluation, Lineage, SnapshotRef, TeacherRef
+from distillery.tasks.teacher import endpoint_teacher
 
 
 @task(name="check-for-changes", cache_policy=NO_CACHE)
@@ -20,11 +21,14 @@ def check_for_changes(cfg: Config, snapshot: SnapshotRef) -> dict:
     """
     registry.configure_tracking(cfg)
     reg = registry.Registry.from_config(cfg)
-    teacher = reg.alias_version(cfg.teacher.registered_name, cfg.teacher.alias)
-    if teacher is None:
-        return {"changed": False, "reason": f"no {cfg.teacher.registered_name}@{cfg.teacher.alias} registered"}
+    if cfg.teacher.kind == "endpoint":  # a black box changes when its identity (URL, params) does
+        version = endpoint_teacher(cfg).version
+    else:
+        teacher = reg.alias_version(cfg.teacher.registered_name, cfg.teacher.alias)
+        if teacher is None:
+            return {"changed": False, "reason": f"no {cfg.teacher.registered_name}@{cfg.teacher.alias} registered"}
+        version = str(teacher.version)
     champion = reg.alias_version(cfg.tracking.student_name, cfg.tracking.champion_alias)
-    version = str(teacher.version)
     if champion is None:
         return {"changed": True, "teacher_version": version, "reason": "no champion yet"}
     made = Lineage.from_tags(champion.tags)

@@ -39,6 +39,10 @@ from distillery.models.labelling import (
     write_outputs,
 )
 from distillery.models.modeling import ModelError, load_classifier, load_tokenizer
+from distillery.integrations.endpoint import AnswerCache, BudgetExceeded, EndpointClient, ask_texts
+from distillery.models.answers import (RequestPlan, SoftLabels, affordable_texts, choose_texts, plan_requests,
+                                       soft_labels)
+from distillery.models.labelling import text_digests
 
 
 
@@ -71,9 +75,12 @@ def labelling_inputs(snapshot: SnapshotRef, transfer_set: Path | None, recipe: R
 
 
 def check_teacher_labels(teacher: TeacherRef, labels: list[str]) -> None:
-    """The teacher must answer exactly the snapshot's labels, in its order; a ModelError that says what differs."""
+    """The teacher must answer exactly the snapshot's labels, in its order; a ModelError that says what differs.
+    (A black box's answers are checked one by one: one naming another label is not a soft label.)"""
     from transformers import AutoConfig
 
+    if teacher.black_box:
+        return
     config = AutoConfig.from_pretrained(teacher.folder, local_files_only=True)
     names = [str(config.id2label[i]) for i in range(config.num_labels)]
     if names == list(labels):
@@ -148,9 +155,11 @@ def label_shard(teacher_folder: str, texts: list[str], max_length: int, batch_si
 
 @task(name="store-teacher-outputs", cache_policy=NO_CACHE)
 def store_outputs(cfg: Config, key: str, inputs: pd.DataFrame, shard_logits: list[np.ndarray], labels: list[str],
-                  meta: dict, run_id: str, reused: ReusedLogits | None = None) -> str:
+                  meta: dict, run_id: str, reused: ReusedLogits | None = None,
+                  answered: np.ndarray | None = None) -> str:
     """Write the outputs parquet + meta (+ the texts' digests, for reuse) atomically into the cache and log them to
-    the MLflow run. ``shard_logits`` answer the rows ``reused`` lacks (all rows without it), in row order."""
+    the MLflow run. ``shard_logits`` answer the rows ``reused`` lacks (all rows without it), in row order;
+    ``answered`` marks the rows a black-box teacher answered (all, when None)."""
     fresh = (np.concatenate(shard_logits, axis=0) if shard_logits
              else np.zeros((0, len(labels)), dtype=np.float32))
     logits = fresh if reused is None else merge_logits(reused.digests, fresh, reused.found, len(labels))
@@ -158,7 +167,7 @@ def store_outputs(cfg: Config, key: str, inputs: pd.DataFrame, shard_logits: lis
         raise ValueError(f"teacher produced logits of shape {logits.shape}, expected {(len(inputs), len(labels))}: "
                          f"does the teacher's label set match the snapshot's?")
     df = build_outputs(inputs["id"].tolist(), inputs["text"].tolist(), inputs["split"].tolist(),
-                       inputs["label_id"].tolist(), logits, labels)
+                       inputs["label_id"].tolist(), logits, labels, answered)
     final = cfg.work.teacher_outputs / key
     partial = final.with_name(key + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -255,3 +264,175 @@ def teacher_features(cfg: Config, teacher: TeacherRef, outputs: TeacherOutputs, 
     np.savez(tmp, ids=np.asarray(ids, dtype=str), features=features)
     os.replace(tmp, path)  # concurrent trials may both compute; readers only ever see a whole file
     return features
+
+
+def endpoint_texts(snapshot: SnapshotRef, inputs: pd.DataFrame) -> list[str]:
+    """Every text a black-box teacher is asked for a run: the rows to label, then the test split and the
+    out-of-scope validation and test rows (the harness measures the teacher on them), each distinct text once."""
+    splits, _ = read_snapshot(Path(snapshot.path))
+    _, oos = read_out_of_scope(Path(snapshot.path))
+    held = [splits["test"]["text"], *[oos[k]["text"] for k in ("oos_validation", "oos_test") if k in oos]]
+    return list(dict.fromkeys([*inputs["text"].tolist(), *pd.concat(held).tolist()]))
+
+
+def endpoint_plan(cfg: Config, teacher: TeacherRef, texts: list[str]) -> RequestPlan:
+    """What asking ``texts`` costs now: those not cached, in requests, plus the re-check of cached answers."""
+    e = cfg.teacher.endpoint
+    cache = AnswerCache(cfg.work.teacher_answers, json.loads(teacher.identity))
+    cached = len(cache.lookup(text_digests(texts).tolist()))
+    plan = plan_requests(len(texts), cached, e.texts_per_request, e.price_per_request, e.price_per_1k_texts)
+    recheck = min(e.recheck, cached)
+    extra = plan_requests(recheck, 0, e.texts_per_request, e.price_per_request, e.price_per_1k_texts)
+    return dataclasses.replace(plan, requests=plan.requests + extra.requests, cost=plan.cost + extra.cost)
+
+
+@task(name="ask-endpoint-teacher", cache_policy=NO_CACHE)
+def ask_endpoint(cfg: Config, teacher: TeacherRef, texts: list[str], run_id: str) -> dict:
+    """Ask the endpoint teacher every text it has not answered yet (within the budget, checked before the first
+    request), then re-ask a seeded sample of earlier answers and record how often it still agrees (a server whose
+    answers change between runs); log the counts to the run. Returns them."""
+    logger = get_run_logger()
+    e = cfg.teacher.endpoint
+    plan = endpoint_plan(cfg, teacher, texts)
+    if why := plan.over_budget(e.max_requests, e.max_cost):
+        raise BudgetExceeded(f"endpoint teacher {teacher.name}: {plan.describe()}; {why}. Nothing was asked: raise "
+                             f"the budget, or label fewer texts (data.augment.multiple, data.transfer_set)")
+    cache = AnswerCache(cfg.work.teacher_answers, json.loads(teacher.identity))
+    digests = text_digests(texts).tolist()
+    earlier = cache.lookup(digests)
+    missing = [t for t, d in zip(texts, digests) if d not in earlier]
+    client = EndpointClient(e)
+    try:
+        logger.info("endpoint teacher %s: %s", client.shown, plan.describe())
+        report = ask_texts(client, cache, missing) if missing else None
+        agreement = recheck_answers(client, texts, digests, earlier, e.recheck, cfg.data.seed)
+    finally:
+        client.close()
+    counts = {"endpoint.requests": (report.requests if report else 0) + agreement[2],
+              "endpoint.failed_requests": report.failed if report else 0,
+              "endpoint.asked_texts": len(missing), "endpoint.cached_texts": len(earlier),
+              "endpoint.estimated_cost": plan.cost}
+    if report is not None and report.latencies_ms:
+        counts["endpoint.request_p50_ms"] = float(np.median(report.latencies_ms))
+    if agreement[1]:
+        counts |= {"endpoint.recheck_agreement": agreement[0], "endpoint.rechecked_texts": agreement[1]}
+        logger.info("endpoint teacher re-asked %d earlier texts: %.1f%% answered the same label", agreement[1],
+                    100 * agreement[0])
+    with registry.open_run(cfg, run_id):
+        registry.log_metrics(counts)
+    return counts
+
+
+def recheck_answers(client: EndpointClient, texts: list[str], digests: list[str], earlier: dict, sample: int,
+                    seed: int) -> tuple[float, int, int]:
+    """Re-ask up to ``sample`` texts answered in earlier runs (a seeded choice) and compare the top labels:
+    (agreement, texts re-asked, requests). The cache keeps the first answers: students learn from what was paid for."""
+    if not sample or not earlier:
+        return float("nan"), 0, 0
+    known = [(t, d) for t, d in zip(texts, digests) if d in earlier]
+    chosen = np.random.default_rng(seed).choice(len(known), size=min(sample, len(known)), replace=False)
+    picked = [known[int(i)] for i in sorted(chosen)]
+    same, requests = 0, 0
+    for start in range(0, len(picked), client.cfg.texts_per_request):
+        batch = picked[start:start + client.cfg.texts_per_request]
+        answers, _ = client.ask([t for t, _ in batch])
+        requests += 1
+        same += sum(a.top == earlier[d].answer.top for a, (_, d) in zip(answers, batch))
+    return same / len(picked), len(picked), requests
+
+
+@task(name="endpoint-soft-labels", cache_policy=NO_CACHE)
+def endpoint_soft_labels(cfg: Config, teacher: TeacherRef, texts: list[str], labels: list[str]) -> SoftLabels:
+    """The cached answers for ``texts`` as soft labels over ``labels`` (a text never answered: a uniform row marked
+    unanswered)."""
+    cache = AnswerCache(cfg.work.teacher_answers, json.loads(teacher.identity))
+    digests = text_digests(texts).tolist()
+    found = cache.lookup(digests)
+    answers = [found[d].answer if d in found else None for d in digests]
+    return soft_labels(answers, labels, cfg.teacher.endpoint.hard_label_smoothing)
+
+
+@dataclasses.dataclass(frozen=True)
+class EndpointAnswers:
+    """A black-box teacher's cached answers on held-out splits: log-probabilities per split, and the latency (ms)
+    and size (texts) of the requests that answered the test split."""
+
+    logits: dict[str, np.ndarray]
+    request_ms: np.ndarray
+    request_texts: np.ndarray
+
+
+def endpoint_measurements(cfg: Config, teacher: TeacherRef, frames: dict[str, pd.DataFrame],
+                          labels: list[str]) -> EndpointAnswers:
+    """What the harness measures a black-box teacher on: its cached answers for each split of ``frames`` (the
+    label flow asked them, within the budget; nothing is asked here)."""
+    cache = AnswerCache(cfg.work.teacher_answers, json.loads(teacher.identity))
+    logits = {}
+    for split, frame in frames.items():
+        digests = text_digests(frame["text"].tolist()).tolist()
+        found = cache.lookup(digests)
+        if split == "test":
+            timed = [found[d] for d in digests if d in found]
+        answers = [found[d].answer if d in found else None for d in digests]
+        logits[split] = soft_labels(answers, labels, cfg.teacher.endpoint.hard_label_smoothing).logits
+    return EndpointAnswers(logits=logits, request_ms=np.asarray([c.request_ms for c in timed], dtype=float),
+                           request_texts=np.asarray([c.request_texts for c in timed], dtype=float))
+
+
+def labelling_dry_run(cfg: Config, snapshot: SnapshotRef) -> dict:
+    """What labelling this configuration would ask, without asking: rows to label and, for an endpoint teacher, the
+    texts it has not answered yet, the requests and the estimated cost against the budget (``distillery label
+    --dry-run``)."""
+    inputs, labels = rows_to_label(cfg, snapshot)
+    out = {"snapshot": snapshot.md5, "rows": len(inputs), "labels": len(labels), "teacher": cfg.teacher.kind}
+    if cfg.teacher.kind != "endpoint":
+        return out | {"note": "a registered teacher labels on this machine: no requests, no cost"}
+    from distillery.tasks.teacher import endpoint_teacher
+
+    teacher = endpoint_teacher(cfg)
+    e = cfg.teacher.endpoint
+    inputs, note = budget_choice(cfg, teacher, snapshot, inputs)
+    out["rows"] = len(inputs)
+    plan = endpoint_plan(cfg, teacher, endpoint_texts(snapshot, inputs))
+    return out | {"endpoint": teacher.identity, "texts": plan.texts, "cached": plan.cached, "to_ask": plan.to_ask,
+                  "requests": plan.requests, "estimated_cost": round(plan.cost, 6),
+                  "max_requests": e.max_requests, "max_cost": e.max_cost,
+                  "over_budget": plan.over_budget(e.max_requests, e.max_cost), "selection": note}
+
+
+OPTIONAL_SPLITS = ("augmented", "transfer")  # rows an endpoint teacher may leave unasked when the budget is short
+
+
+def budget_choice(cfg: Config, teacher: TeacherRef, snapshot: SnapshotRef,
+                  inputs: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
+    """The rows an endpoint teacher labels, and what was left out, in words (None: nothing): all rows when they fit
+    the budget (or with ``over_budget: stop``, which stops before asking); else every train, validation and test
+    text, and of the generated and transfer texts not answered yet as many as the budget allows, chosen by
+    ``teacher.endpoint.selection``."""
+    e = cfg.teacher.endpoint
+    texts = endpoint_texts(snapshot, inputs)
+    plan = endpoint_plan(cfg, teacher, texts)
+    if e.over_budget == "stop" or plan.over_budget(e.max_requests, e.max_cost) is None:
+        return inputs, None
+    cached = set(AnswerCache(cfg.work.teacher_answers, json.loads(teacher.identity)).lookup(text_digests(texts)))
+    new = ~np.isin(text_digests(inputs["text"].tolist()), list(cached))
+    optional = inputs["split"].isin(OPTIONAL_SPLITS).to_numpy() & new
+    candidates = list(dict.fromkeys(inputs.loc[optional, "text"]))
+    required = len(texts) - len(candidates) - plan.cached
+    k = affordable_texts(required, len(candidates), min(e.recheck, plan.cached), e.texts_per_request,
+                         e.price_per_request, e.price_per_1k_texts, e.max_requests, e.max_cost)
+    if k < 0:  # the texts every run needs do not fit: ask_endpoint stops with the plan
+        return inputs, None
+    keep = {candidates[i] for i in choose_texts(candidates, k, e.selection, cfg.data.seed)}
+    chosen = inputs[~optional | inputs["text"].isin(keep).to_numpy()].reset_index(drop=True)
+    return chosen, (f"over budget ({plan.describe()}): asking {k} of the {len(candidates)} generated and transfer "
+                    f"texts not answered yet, chosen {e.selection}; {len(inputs) - len(chosen)} rows left unlabelled")
+
+
+@task(name="select-within-budget", cache_policy=NO_CACHE)
+def select_within_budget(cfg: Config, teacher: TeacherRef, snapshot: SnapshotRef, inputs: pd.DataFrame) -> pd.DataFrame:
+    """``budget_choice``'s rows, with what it left out in the log."""
+    chosen, note = budget_choice(cfg, teacher, snapshot, inputs)
+    if note:
+        get_run_logger().info("endpoint teacher %s", note)
+    return chosen

@@ -45,7 +45,7 @@ def _failed(report) -> set[tuple[str, str]]:
 def test_suite_passes_good_outputs_and_builds_data_docs(tmp_path):
     report = _validate(_good_outputs(), tmp_path)
     assert report.success, report.failed
-    assert report.evaluated == 15
+    assert report.evaluated == 16
     assert (tmp_path / "docs" / "index.html").is_file()
     assert report.statistics["teacher_val_accuracy"] > 0.9
 
@@ -56,11 +56,22 @@ def test_nan_row_fails_finiteness(tmp_path):
     assert _failed(_validate(df, tmp_path)) == {("expect_column_values_to_be_in_set", "all_finite")}
     # the self-contained summary names the run and the failure, and loads nothing from the network
     page = (tmp_path / "docs" / "summary.html").read_text()
-    assert "FAILED: 1 of 15" in page and "teacher v7 on data snapshot abc123.dir" in page and "all_finite" in page
+    assert "FAILED: 1 of 16" in page and "teacher v7 on data snapshot abc123.dir" in page and "all_finite" in page
     assert "http://" not in page and "https://" not in page and "<script" not in page
     assert "**FAIL**" in (tmp_path / "docs" / "summary.md").read_text()
     docs = "".join(p.read_text() for p in (tmp_path / "docs").rglob("*.html") if p.name != "summary.html")
     assert "teacher v7 on data snapshot abc123.dir" in docs and "__none__" not in docs
+
+
+def test_a_black_box_that_leaves_too_many_rows_unanswered_fails(tmp_path):
+    """Rows a black-box teacher answered with no label of the set (``answered`` False) bound by
+    ``min_answered_share``; at the threshold the suite passes, below it only that expectation fails."""
+    df = _good_outputs()
+    df["answered"] = np.arange(len(df)) >= 8  # 10% unanswered
+    assert _validate(df, tmp_path / "a", min_answered_share=0.9).success
+    report = _validate(df, tmp_path / "b", min_answered_share=0.95)
+    assert _failed(report) == {("expect_column_mean_to_be_between", "answered")}
+    assert "observed 0.9" in str(ValidationFailed(report))
 
 
 def test_unnormalised_probabilities_fail_the_sum(tmp_path):

@@ -7,6 +7,7 @@ server, so they are plain functions over the integrations rather than Prefect fl
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -90,7 +91,9 @@ def lineage_of(cfg: Config, ref: str) -> dict:
     md5 = lineage.snapshot_md5
     return {
         "model": name, "version": str(version.version), "aliases": list(version.aliases),
-        "teacher": {"name": lineage.teacher.name, "version": lineage.teacher.version, "run_id": lineage.teacher.run_id},
+        "teacher": {"name": lineage.teacher.name, "version": lineage.teacher.version, "run_id": lineage.teacher.run_id,
+                    "kind": lineage.teacher.kind, **({"identity": json.loads(lineage.teacher.identity)}
+                                                     if lineage.teacher.black_box else {})},
         "data": {"snapshot_md5": md5, "dvc_remote": cfg.dvc.remote_name,
                  "git_commit_with_data_dvc": dvc_commit_for(Path(cfg.root), md5) if md5 else None},
         "git_revision": lineage.git_revision, "config_hash": lineage.config_hash,
@@ -125,12 +128,19 @@ def verify_lineage(cfg: Config, info: dict) -> list[tuple[str, bool, str]]:
         checks.append((SNAPSHOT_CHECK, False, str(exc)))
     reg = _registry(cfg)
     teacher = info["teacher"]
-    try:
-        mv = reg.version(teacher["name"], teacher["version"])
-        checks.append(("teacher version still registered (same run)", mv.run_id == teacher["run_id"],
-                       f"{teacher['name']} v{teacher['version']} run {mv.run_id}"))
-    except registry.NotFound as exc:
-        checks.append(("teacher version still registered (same run)", False, str(exc)))
+    if teacher.get("kind", "registered") != "registered":  # a black box: its version is its identity's digest
+        from distillery.integrations.endpoint import identity_digest
+
+        digest = identity_digest(teacher["identity"])
+        checks.append(("black-box teacher's identity hashes to its version", digest == teacher["version"],
+                       f"{teacher['name']} {teacher['identity']['url']} -> {digest}"))
+    else:
+        try:
+            mv = reg.version(teacher["name"], teacher["version"])
+            checks.append(("teacher version still registered (same run)", mv.run_id == teacher["run_id"],
+                           f"{teacher['name']} v{teacher['version']} run {mv.run_id}"))
+        except registry.NotFound as exc:
+            checks.append(("teacher version still registered (same run)", False, str(exc)))
     for key, run_id in info["runs"].items():
         found = reg.run(run_id) if run_id else None
         checks.append((f"{key} exists in tracking", found is not None, str(run_id)))

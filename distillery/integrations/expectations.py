@@ -20,7 +20,7 @@ from distillery.config import ValidationConfig
 from distillery.errors import DistilleryError
 
 ROW_COLUMNS = ["id", "split", "predicted_label", "all_finite", "prob_min", "prob_max", "prob_sum", "max_prob",
-               "entropy_fraction", "val_correct"]
+               "entropy_fraction", "val_correct", "answered"]
 DOCS_SITE = "distillery_teacher_outputs"
 
 
@@ -71,6 +71,7 @@ def _expectations(cfg: ValidationConfig, expected_rows: int, labels: list[str]) 
         gxe.ExpectColumnMeanToBeBetween(column="entropy_fraction", min_value=0.0,
                                         max_value=cfg.max_mean_entropy_fraction),
         gxe.ExpectColumnMeanToBeBetween(column="val_correct", min_value=cfg.min_teacher_accuracy, max_value=1.0),
+        gxe.ExpectColumnMeanToBeBetween(column="answered", min_value=cfg.min_answered_share, max_value=1.0),
     ]
     classes = [
         gxe.ExpectTableRowCountToEqual(value=len(labels)),

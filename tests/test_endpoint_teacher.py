@@ -196,6 +196,32 @@ def test_a_labelling_stopped_midway_resumes_without_asking_an_answered_text_agai
     assert m["endpoint.asked_texts"] + 48 == answers_cached(project, endpoint("dies", proxy.url))
 
 
+def test_a_labelling_killed_midway_resumes_without_asking_an_answered_text_again(served, tmp_path):
+    """kill -9 after the third answered request of a `distillery label`: those answers are kept; the re-run asks
+    only the texts never answered."""
+    from tests.helpers import fault_row
+
+    project, proxy = served["project"], served["proxy"]
+    overrides = endpoint("killed", proxy.url, **{"teacher.endpoint.concurrency": 1})
+    args = [sys.executable, "-m", "distillery", "label", "--config", str(project / "distillery.yaml")]
+    args += [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
+    from prefect.settings import get_current_settings
+
+    # the tests' Prefect API: a killed command then leaves no temporary server of its own behind
+    env = {**os.environ, "DISTILLERY_FAULTS": "endpoint.answered=kill@3",
+           "PREFECT_API_URL": str(get_current_settings().api.url)}
+    killed = subprocess.run(args, cwd=project, env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    kept, asked = answers_cached(project, overrides), proxy.count("killed")
+    done = run_command(project / "distillery.yaml", "label", overrides)
+    m = run_metrics(project, done.outputs.run_id)
+    total = answers_cached(project, overrides)
+    assert (kept, asked, m["endpoint.cached_texts"]) == (48, 3, 48)
+    assert m["endpoint.asked_texts"] == total - 48 and proxy.count("killed") == 3 + math.ceil((total - 48) / 16)
+    fault_row("kill -9 during an endpoint teacher's labelling, re-run", f"the 48 answers of the 3 requests made were "
+              f"kept; the re-run asked only the {total - 48} other texts", True, None)
+
+
 def test_a_labelling_over_budget_asks_nothing_and_the_dry_run_says_so(served):
     from distillery.integrations.endpoint import BudgetExceeded
 

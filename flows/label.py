@@ -46,7 +46,7 @@ def label_flow(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef,
     cache_hit = path is not None
     reused = None
     if not cache_hit and teacher.black_box:  # answers asked once (cached by text), within the budget
-        ask_endpoint(cfg, teacher, endpoint_texts(snapshot, inputs), run_id)
+        ask_endpoint(cfg, teacher, snapshot, endpoint_texts(snapshot, inputs), run_id)
         soft = endpoint_soft_labels(cfg, teacher, inputs["text"].tolist(), labels)
         meta = {"teacher": teacher.__dict__, "snapshot_md5": snapshot.md5, "answers": soft.kind,
                 "max_length": cfg.teacher.max_length}

@@ -58,8 +58,8 @@ def _bootstrap_teacher(cfg: Config, snapshot, source: str | None):  # noqa: ANN0
 def run_command(cfg: Config, command: str, teacher_version: str | None = None, force: bool = False,
                 teacher_source: str | None = None) -> RunResult:
     """The pipeline's wiring for one command, on a configuration loaded once."""
-    if command in ("teacher", "import-teacher") and cfg.teacher.kind == "endpoint":
-        raise ConfigError(f"teacher.kind is endpoint ({cfg.teacher.endpoint.url}): there is no teacher to "
+    if command in ("teacher", "import-teacher") and cfg.teacher.kind != "registered":
+        raise ConfigError(f"teacher.kind is {cfg.teacher.kind} ({cfg.teacher.endpoint.url}): there is no teacher to "
                           f"{'fine-tune' if command == 'teacher' else 'import'}; set teacher.kind: registered")
     if command == "teacher":
         snapshot = verify_snapshot(cfg)
@@ -71,7 +71,7 @@ def run_command(cfg: Config, command: str, teacher_version: str | None = None, f
         return RunResult(command=command, snapshot=snapshot, teacher=_bootstrap_teacher(cfg, snapshot, teacher_source))
     if command == "label":
         snapshot = verify_snapshot(cfg)
-        teacher = resolve_teacher(cfg, teacher_version)
+        teacher = resolve_teacher(cfg, teacher_version, snapshot)
         outputs = label_flow.with_options(task_runner=task_runner_for(cfg))(cfg, snapshot, teacher)
         return RunResult(command=command, snapshot=snapshot, teacher=teacher, outputs=outputs)
     with run_lock(cfg):
@@ -84,7 +84,7 @@ def run_command(cfg: Config, command: str, teacher_version: str | None = None, f
             snapshot = verify_snapshot(cfg)
         if command == "run" and teacher_version is None and current_teacher_version(cfg) is None:
             teacher_version = _bootstrap_teacher(cfg, snapshot, teacher_source).version
-        teacher = resolve_teacher(cfg, teacher_version)
+        teacher = resolve_teacher(cfg, teacher_version, snapshot)
         result = distill_flow.with_options(task_runner=task_runner_for(cfg))(cfg, snapshot, teacher, force)
     return dataclasses.replace(result, command=command, ingest=report)
 

@@ -217,3 +217,69 @@ def affordable_texts(required: int, optional: int, recheck: int, texts_per_reque
         mid = (low + high + 1) // 2
         low, high = (mid, high) if fits(mid) else (low, mid - 1)
     return low
+
+
+def few_shot_examples(texts: Sequence[str], labels: Sequence[str], label_ids: Sequence[int], n: int,
+                      seed: int) -> list[tuple[str, str]]:
+    """``n`` (text, label) examples for an LLM teacher's prompt, a seeded choice from the training rows spread over
+    the labels (one per label in turn, as far as ``n`` goes)."""
+    if n <= 0 or not len(texts):
+        return []
+    rng = np.random.default_rng(seed)
+    by_label: dict[int, list[int]] = {}
+    for i in rng.permutation(len(texts)).tolist():
+        by_label.setdefault(int(label_ids[i]), []).append(i)
+    order, queues = [], [by_label[k] for k in sorted(by_label)]
+    while len(order) < n and any(queues):
+        for queue in queues:
+            if queue and len(order) < n:
+                order.append(queue.pop())
+    return [(str(texts[i]), str(labels[int(label_ids[i])])) for i in order]
+
+
+def render_messages(text: str, labels: Sequence[str], system_prompt: str | None, prompt: str,
+                    descriptions: Mapping[str, str], examples: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
+    """The chat messages that ask an LLM teacher for ``text``'s label: the system prompt (none when empty), then
+    ``prompt`` with ``{labels}`` (one per line, with a description where given), ``{choices}`` (the names inline:
+    "a, b or c"), ``{examples}`` and ``{text}`` filled in."""
+    listed = "\n".join(f"- {name}" + (f": {descriptions[name]}" if descriptions.get(name) else "") for name in labels)
+    choices = " or ".join([", ".join(labels[:-1]), labels[-1]]) if len(labels) > 1 else "".join(labels)
+    shown = "".join(f"Text: {t}\nLabel: {label}\n\n" for t, label in examples)
+    user = prompt.format(labels=listed, choices=choices, examples=shown, text=text)
+    return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": user}]
+
+
+def _normal(name: str) -> str:
+    return " ".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
+
+
+def parse_label(content: str, labels: Sequence[str]) -> Answer:
+    """An LLM's reply as a label: the reply itself when it is a label (case, punctuation, ``_`` against spaces
+    aside), else the longest label named in it; else the reply as given (a label outside the set: unanswered)."""
+    said = _normal(content)
+    normal = {_normal(name): name for name in labels}
+    if said in normal:
+        return Answer({normal[said]: 1.0}, hard=True)
+    named = [n for n in sorted(normal, key=len, reverse=True) if n and f" {n} " in f" {said} "]
+    if named:
+        return Answer({normal[named[0]]: 1.0}, hard=True)
+    return Answer({content.strip()[:80] or "(empty reply)": 1.0}, hard=True)
+
+
+def logprob_answer(top_logprobs: Sequence[Mapping[str, Any]], labels: Sequence[str]) -> Answer | None:
+    """Soft labels from the log-probabilities of the reply's first token: each alternative token credits the one
+    label whose name starts with it (tokens matching no label, or several, credit none); None when no label is
+    credited. The mass of uncredited tokens is left for ``soft_labels`` to spread."""
+    normal = [(_normal(name), name) for name in labels]
+    probs: dict[str, float] = {}
+    for entry in top_logprobs:
+        token = _normal(str(entry.get("token", "")))
+        if not token:
+            continue
+        matches = [name for n, name in normal if n.startswith(token)]
+        if len(matches) == 1:
+            probs[matches[0]] = probs.get(matches[0], 0.0) + math.exp(float(entry["logprob"]))
+    if not probs:
+        return None
+    total = sum(probs.values())
+    return Answer({k: v / total if total > 1 else v for k, v in probs.items()})

@@ -21,8 +21,8 @@ def check_for_changes(cfg: Config, snapshot: SnapshotRef) -> dict:
     """
     registry.configure_tracking(cfg)
     reg = registry.Registry.from_config(cfg)
-    if cfg.teacher.kind == "endpoint":  # a black box changes when its identity (URL, params) does
-        version = endpoint_teacher(cfg).version
+    if cfg.teacher.kind != "registered":  # a black box changes when its identity (URL, params, prompt) does
+        version = endpoint_teacher(cfg, snapshot).version
     else:
         teacher = reg.alias_version(cfg.teacher.registered_name, cfg.teacher.alias)
         if teacher is None:

@@ -39,9 +39,9 @@ from distillery.models.labelling import (
     write_outputs,
 )
 from distillery.models.modeling import ModelError, load_classifier, load_tokenizer
-from distillery.integrations.endpoint import AnswerCache, BudgetExceeded, EndpointClient, ask_texts
-from distillery.models.answers import (RequestPlan, SoftLabels, affordable_texts, choose_texts, plan_requests,
-                                       soft_labels)
+from distillery.integrations.endpoint import AnswerCache, BudgetExceeded, ChatClient, EndpointClient, ask_texts
+from distillery.models.answers import (RequestPlan, SoftLabels, affordable_texts, choose_texts, few_shot_examples,
+                                       plan_requests, render_messages, soft_labels)
 from distillery.models.labelling import text_digests
 
 
@@ -275,25 +275,63 @@ def endpoint_texts(snapshot: SnapshotRef, inputs: pd.DataFrame) -> list[str]:
     return list(dict.fromkeys([*inputs["text"].tolist(), *pd.concat(held).tolist()]))
 
 
-def endpoint_plan(cfg: Config, teacher: TeacherRef, texts: list[str]) -> RequestPlan:
-    """What asking ``texts`` costs now: those not cached, in requests, plus the re-check of cached answers."""
+@dataclasses.dataclass(frozen=True)
+class Pricing:
+    """How a black-box teacher is asked and charged: texts per request, price per request, and per 1,000 texts (an
+    LLM's token price folded in: its prompt estimated at 4 characters a token, plus ``max_tokens`` of reply)."""
+
+    texts_per_request: int
+    per_request: float
+    per_1k_texts: float
+
+
+def llm_prompt(cfg: Config, snapshot: SnapshotRef) -> tuple[list[str], list[tuple[str, str]]]:
+    """An LLM teacher's label list and few-shot examples (from the training split, with ``data.seed``)."""
+    splits, labels = read_snapshot(Path(snapshot.path))
+    train = splits["train"]
+    return labels, few_shot_examples(train["text"].tolist(), labels, train["label_id"].tolist(),
+                                     cfg.teacher.llm.few_shot, cfg.data.seed)
+
+
+def pricing(cfg: Config, snapshot: SnapshotRef, texts: list[str]) -> Pricing:
     e = cfg.teacher.endpoint
+    if cfg.teacher.kind != "llm":
+        return Pricing(e.texts_per_request, e.price_per_request, e.price_per_1k_texts)
+    llm = cfg.teacher.llm
+    labels, examples = llm_prompt(cfg, snapshot)
+    overhead = sum(len(m["content"]) for m in render_messages("", labels, llm.system_prompt, llm.prompt,
+                                                                 llm.descriptions, examples))
+    mean_chars = float(np.mean([len(t) for t in texts])) if texts else 0.0
+    tokens = (overhead + mean_chars) / 4 + llm.max_tokens
+    return Pricing(1, e.price_per_request, e.price_per_1k_texts + llm.price_per_1k_tokens * tokens)
+
+
+def endpoint_plan(cfg: Config, teacher: TeacherRef, snapshot: SnapshotRef, texts: list[str]) -> RequestPlan:
+    """What asking ``texts`` costs now: those not cached, in requests, plus the re-check of cached answers."""
+    price = pricing(cfg, snapshot, texts)
     cache = AnswerCache(cfg.work.teacher_answers, json.loads(teacher.identity))
     cached = len(cache.lookup(text_digests(texts).tolist()))
-    plan = plan_requests(len(texts), cached, e.texts_per_request, e.price_per_request, e.price_per_1k_texts)
-    recheck = min(e.recheck, cached)
-    extra = plan_requests(recheck, 0, e.texts_per_request, e.price_per_request, e.price_per_1k_texts)
+    plan = plan_requests(len(texts), cached, price.texts_per_request, price.per_request, price.per_1k_texts)
+    recheck = min(cfg.teacher.endpoint.recheck, cached)
+    extra = plan_requests(recheck, 0, price.texts_per_request, price.per_request, price.per_1k_texts)
     return dataclasses.replace(plan, requests=plan.requests + extra.requests, cost=plan.cost + extra.cost)
 
 
+def make_client(cfg: Config, snapshot: SnapshotRef) -> EndpointClient:
+    """The client of the configured black-box teacher."""
+    if cfg.teacher.kind == "llm":
+        return ChatClient(cfg.teacher.endpoint, cfg.teacher.llm, *llm_prompt(cfg, snapshot))
+    return EndpointClient(cfg.teacher.endpoint)
+
+
 @task(name="ask-endpoint-teacher", cache_policy=NO_CACHE)
-def ask_endpoint(cfg: Config, teacher: TeacherRef, texts: list[str], run_id: str) -> dict:
+def ask_endpoint(cfg: Config, teacher: TeacherRef, snapshot: SnapshotRef, texts: list[str], run_id: str) -> dict:
     """Ask the endpoint teacher every text it has not answered yet (within the budget, checked before the first
     request), then re-ask a seeded sample of earlier answers and record how often it still agrees (a server whose
     answers change between runs); log the counts to the run. Returns them."""
     logger = get_run_logger()
     e = cfg.teacher.endpoint
-    plan = endpoint_plan(cfg, teacher, texts)
+    plan = endpoint_plan(cfg, teacher, snapshot, texts)
     if why := plan.over_budget(e.max_requests, e.max_cost):
         raise BudgetExceeded(f"endpoint teacher {teacher.name}: {plan.describe()}; {why}. Nothing was asked: raise "
                              f"the budget, or label fewer texts (data.augment.multiple, data.transfer_set)")
@@ -301,7 +339,7 @@ def ask_endpoint(cfg: Config, teacher: TeacherRef, texts: list[str], run_id: str
     digests = text_digests(texts).tolist()
     earlier = cache.lookup(digests)
     missing = [t for t, d in zip(texts, digests) if d not in earlier]
-    client = EndpointClient(e)
+    client = make_client(cfg, snapshot)
     try:
         logger.info("endpoint teacher %s: %s", client.shown, plan.describe())
         report = ask_texts(client, cache, missing) if missing else None
@@ -333,8 +371,8 @@ def recheck_answers(client: EndpointClient, texts: list[str], digests: list[str]
     chosen = np.random.default_rng(seed).choice(len(known), size=min(sample, len(known)), replace=False)
     picked = [known[int(i)] for i in sorted(chosen)]
     same, requests = 0, 0
-    for start in range(0, len(picked), client.cfg.texts_per_request):
-        batch = picked[start:start + client.cfg.texts_per_request]
+    for start in range(0, len(picked), client.texts_per_request):
+        batch = picked[start:start + client.texts_per_request]
         answers, _ = client.ask([t for t, _ in batch])
         requests += 1
         same += sum(a.top == earlier[d].answer.top for a, (_, d) in zip(answers, batch))
@@ -385,15 +423,15 @@ def labelling_dry_run(cfg: Config, snapshot: SnapshotRef) -> dict:
     --dry-run``)."""
     inputs, labels = rows_to_label(cfg, snapshot)
     out = {"snapshot": snapshot.md5, "rows": len(inputs), "labels": len(labels), "teacher": cfg.teacher.kind}
-    if cfg.teacher.kind != "endpoint":
+    if cfg.teacher.kind == "registered":
         return out | {"note": "a registered teacher labels on this machine: no requests, no cost"}
     from distillery.tasks.teacher import endpoint_teacher
 
-    teacher = endpoint_teacher(cfg)
+    teacher = endpoint_teacher(cfg, snapshot)
     e = cfg.teacher.endpoint
     inputs, note = budget_choice(cfg, teacher, snapshot, inputs)
     out["rows"] = len(inputs)
-    plan = endpoint_plan(cfg, teacher, endpoint_texts(snapshot, inputs))
+    plan = endpoint_plan(cfg, teacher, snapshot, endpoint_texts(snapshot, inputs))
     return out | {"endpoint": teacher.identity, "texts": plan.texts, "cached": plan.cached, "to_ask": plan.to_ask,
                   "requests": plan.requests, "estimated_cost": round(plan.cost, 6),
                   "max_requests": e.max_requests, "max_cost": e.max_cost,
@@ -411,16 +449,17 @@ def budget_choice(cfg: Config, teacher: TeacherRef, snapshot: SnapshotRef,
     ``teacher.endpoint.selection``."""
     e = cfg.teacher.endpoint
     texts = endpoint_texts(snapshot, inputs)
-    plan = endpoint_plan(cfg, teacher, texts)
+    plan = endpoint_plan(cfg, teacher, snapshot, texts)
     if e.over_budget == "stop" or plan.over_budget(e.max_requests, e.max_cost) is None:
         return inputs, None
+    price = pricing(cfg, snapshot, texts)
     cached = set(AnswerCache(cfg.work.teacher_answers, json.loads(teacher.identity)).lookup(text_digests(texts)))
     new = ~np.isin(text_digests(inputs["text"].tolist()), list(cached))
     optional = inputs["split"].isin(OPTIONAL_SPLITS).to_numpy() & new
     candidates = list(dict.fromkeys(inputs.loc[optional, "text"]))
     required = len(texts) - len(candidates) - plan.cached
-    k = affordable_texts(required, len(candidates), min(e.recheck, plan.cached), e.texts_per_request,
-                         e.price_per_request, e.price_per_1k_texts, e.max_requests, e.max_cost)
+    k = affordable_texts(required, len(candidates), min(e.recheck, plan.cached), price.texts_per_request,
+                         price.per_request, price.per_1k_texts, e.max_requests, e.max_cost)
     if k < 0:  # the texts every run needs do not fit: ask_endpoint stops with the plan
         return inputs, None
     keep = {candidates[i] for i in choose_texts(candidates, k, e.selection, cfg.data.seed)}

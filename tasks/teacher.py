@@ -12,7 +12,7 @@ from prefect.cache_policies import NO_CACHE
 
 from distillery.config import Config
 from distillery.integrations import registry, store
-from distillery.integrations.endpoint import endpoint_identity, identity_digest
+from distillery.integrations.endpoint import endpoint_identity, identity_digest, llm_identity
 from distillery.records import GIT_REVISION_TAG, TEACHER_SOURCE_TAG, SnapshotRef, TeacherRef, import_provenance
 from distillery.models.data import read_snapshot
 from distillery.models.modeling import ModelError, align_labels, load_classifier, load_tokenizer, save_classifier
@@ -91,19 +91,27 @@ def register_teacher(cfg: Config, snapshot: SnapshotRef, run_id: str, folder: st
     return dataclasses.replace(draft, version=str(version.version))
 
 
-def endpoint_teacher(cfg: Config) -> TeacherRef:
-    """The black-box teacher of ``teacher.endpoint``: named by the config, versioned by its identity's digest."""
-    identity = endpoint_identity(cfg.teacher.endpoint)
-    return TeacherRef(name=cfg.teacher.endpoint.name, version=identity_digest(identity), run_id="", kind="endpoint",
-                      identity=json.dumps(identity, sort_keys=True))
+def endpoint_teacher(cfg: Config, snapshot: SnapshotRef) -> TeacherRef:
+    """The black-box teacher of ``teacher.endpoint`` (an LLM's with ``teacher.llm``: its prompt holds the snapshot's
+    labels and examples): named by the config, versioned by its identity's digest."""
+    if cfg.teacher.kind == "llm":
+        from distillery.tasks.labelling import llm_prompt
+
+        identity = llm_identity(cfg.teacher.endpoint, cfg.teacher.llm, *llm_prompt(cfg, snapshot))
+    else:
+        identity = endpoint_identity(cfg.teacher.endpoint)
+    return TeacherRef(name=cfg.teacher.endpoint.name, version=identity_digest(identity), run_id="",
+                      kind=cfg.teacher.kind, identity=json.dumps(identity, sort_keys=True))
 
 
 @task(name="resolve-teacher", cache_policy=NO_CACHE)
-def resolve_teacher(cfg: Config, version: str | None = None) -> TeacherRef:
+def resolve_teacher(cfg: Config, version: str | None = None, snapshot: SnapshotRef | None = None) -> TeacherRef:
     """The registered teacher behind ``version`` (or the configured alias), downloaded to a local folder; with
-    ``teacher.kind: endpoint`` the endpoint teacher (nothing to download)."""
-    if cfg.teacher.kind == "endpoint":
-        teacher = endpoint_teacher(cfg)
+    ``teacher.kind: endpoint`` or ``llm`` the black box the config names, for ``snapshot`` (nothing to download)."""
+    if cfg.teacher.kind != "registered":
+        if snapshot is None:
+            raise ValueError("a black-box teacher is resolved for a data snapshot")
+        teacher = endpoint_teacher(cfg, snapshot)
         if version is not None and version != teacher.version:
             raise ModelError(f"the endpoint teacher's version is its identity digest {teacher.version}, not {version}"
                              f": --teacher-version picks a registered teacher (teacher.kind: registered)")
@@ -119,9 +127,9 @@ def resolve_teacher(cfg: Config, version: str | None = None) -> TeacherRef:
 def current_teacher_version(cfg: Config) -> str | None:
     """The version behind ``teacher@alias``; None only when the registry says there is none (an unreachable
     registry is an error, never "no teacher": that would bootstrap a second one). An endpoint teacher is always
-    there: its identity digest."""
-    if cfg.teacher.kind == "endpoint":
-        return endpoint_teacher(cfg).version
+    there (its version is its identity's digest, known once the snapshot is: ``resolve_teacher``)."""
+    if cfg.teacher.kind != "registered":
+        return cfg.teacher.kind
     registry.configure_tracking(cfg)
     version = registry.Registry.from_config(cfg).alias_version(cfg.teacher.registered_name, cfg.teacher.alias)
     return str(version.version) if version else None

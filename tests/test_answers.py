@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -149,3 +150,49 @@ def test_a_diverse_choice_covers_the_rare_kinds_of_text_a_random_one_misses():
     random = choose_texts(texts, 12, "random", seed=0)
     assert len(set(random)) == 12 and random != chosen
     assert choose_texts(texts, 500, "diverse", 0) == list(range(len(texts))) and choose_texts(texts, 0, "random", 0) == []
+
+
+def test_an_llm_reply_is_parsed_into_the_label_set():
+    from distillery.models.answers import parse_label
+
+    labels = ["card_arrival", "exchange_rate", "card"]
+    assert parse_label("Card arrival.", labels) == Answer({"card_arrival": 1.0}, hard=True)
+    assert parse_label("The label is exchange_rate", labels).top == "exchange_rate"
+    assert parse_label("card arrival, not card", labels).top == "card_arrival"  # the longest label named
+    outside = parse_label("  I am not sure  ", labels)
+    assert outside.top == "I am not sure" and soft_labels([outside], labels, 0.1).answered.tolist() == [False]
+
+
+def test_first_token_log_probabilities_become_soft_labels():
+    from distillery.models.answers import logprob_answer
+
+    labels = ["positive", "negative", "neutral"]
+    got = logprob_answer([{"token": "pos", "logprob": math.log(0.6)}, {"token": " neg", "logprob": math.log(0.3)},
+                          {"token": "ne", "logprob": math.log(0.05)}, {"token": "The", "logprob": math.log(0.05)}],
+                         labels)
+    # "ne" starts two labels: credited to neither; the mass left over is spread by soft_labels
+    assert got.probs == pytest.approx({"positive": 0.6, "negative": 0.3}) and not got.hard
+    np.testing.assert_allclose(soft_labels([got], labels, 0.1).probs[0], [0.6, 0.3, 0.1], atol=1e-6)
+    assert logprob_answer([{"token": "The", "logprob": -0.1}], labels) is None
+
+
+def test_an_llm_prompt_lists_the_labels_and_few_shot_examples_spread_over_them():
+    from distillery.models.answers import few_shot_examples, render_messages
+
+    examples = few_shot_examples(["a1", "b1", "a2", "c1", "b2"], ["A", "B", "C"], [0, 1, 0, 2, 1], 4, seed=0)
+    assert [label for _, label in examples[:3]] == ["A", "B", "C"] and len(examples) == 4
+    assert few_shot_examples(["a1"], ["A"], [0], 0, 0) == []
+    messages = render_messages("hi", ["A", "B", "C"], "be brief", "{labels}|{choices}|{examples}|{text}",
+                               {"B": "the second"}, [("x", "A")])
+    assert messages[0] == {"role": "system", "content": "be brief"}
+    assert messages[1]["content"] == "- A\n- B: the second\n- C|A, B or C|Text: x\nLabel: A\n\n|hi"
+    assert [m["role"] for m in render_messages("hi", ["A"], None, "{text}", {}, [])] == ["user"]
+
+
+def test_a_chat_completion_without_choices_is_malformed():
+    from distillery.integrations.endpoint import chat_answer, chat_url
+
+    assert chat_answer({"choices": [{"message": {"content": "negative"}}]}, ["positive", "negative"]).top == "negative"
+    with pytest.raises(MalformedResponse, match="not a chat completion"):
+        chat_answer({"error": "overloaded"}, ["positive"])
+    assert chat_url("http://h:8000/v1/") == "http://h:8000/v1/chat/completions"

@@ -1,4 +1,5 @@
-"""The one home of black-box teachers over HTTP: MLflow's scoring protocol, and the cache of what they answered.
+"""The one home of black-box teachers over HTTP: MLflow's scoring protocol, OpenAI-compatible chat completions (an
+LLM teacher, ``ChatClient``), and the cache of what they answered.
 
 ``EndpointClient`` posts ``{"inputs": [texts], "params": {...}}`` to ``{url}/invocations`` with a bearer token read
 from the environment (``teacher.endpoint.api_key_env``; never logged), retries 429, 5xx, timeouts and refused
@@ -27,10 +28,11 @@ from pathlib import Path
 from typing import Callable, Iterable
 from urllib.parse import urlsplit, urlunsplit
 
-from distillery.config import EndpointConfig
+from distillery.config import EndpointConfig, LlmConfig
 from distillery.errors import DistilleryError
 from distillery.faults import fault_point
-from distillery.models.answers import Answer, MalformedResponse, parse_predictions
+from distillery.models.answers import (Answer, MalformedResponse, logprob_answer, parse_label, parse_predictions,
+                                       render_messages)
 from distillery.models.labelling import text_digests
 
 logger = logging.getLogger(__name__)
@@ -188,16 +190,22 @@ class EndpointClient:
             self.session.headers["Authorization"] = f"Bearer {token}"
         self.rate = _RateLimit(cfg.requests_per_second)
 
+    texts_per_request = property(lambda self: self.cfg.texts_per_request)
+
     def ask(self, texts: list[str]) -> tuple[list[Answer], float]:
         """One request: an answer per text and its latency (ms). EndpointError (refused credentials) ends the
         labelling; any other failure raises a plain exception the caller counts."""
+        body, elapsed = self.post({"inputs": texts, "params": dict(self.cfg.params)})
+        return parse_predictions(body, len(texts)), elapsed
+
+    def post(self, payload: dict) -> tuple[object, float]:
+        """POST ``payload`` as JSON: the parsed reply and its latency (ms)."""
         import requests
 
         self.rate.wait()
         start = time.perf_counter()
         try:
-            response = self.session.post(self.url, json={"inputs": texts, "params": dict(self.cfg.params)},
-                                         timeout=self.cfg.timeout_s)
+            response = self.session.post(self.url, json=payload, timeout=self.cfg.timeout_s)
         except requests.exceptions.RequestException as exc:
             raise ConnectionError(f"{self.shown} did not answer ({_cause(exc)})") from None
         elapsed = (time.perf_counter() - start) * 1000.0
@@ -209,13 +217,75 @@ class EndpointClient:
         if response.status_code != 200:
             raise ConnectionError(f"{self.shown} answered {response.status_code}: {response.text[:200]!r}")
         try:
-            body = response.json()
+            return response.json(), elapsed
         except ValueError:
             raise MalformedResponse(f"{self.shown} answered with malformed JSON: {response.text[:200]!r}") from None
-        return parse_predictions(body, len(texts)), elapsed
 
     def close(self) -> None:
         self.session.close()
+
+
+def chat_url(url: str) -> str:
+    """``url`` (an OpenAI-compatible API's base, e.g. ``http://host:8000/v1``) with ``/chat/completions``."""
+    parts = urlsplit(url)
+    path = parts.path.rstrip("/")
+    path = path if path.endswith("/chat/completions") else path + "/chat/completions"
+    return urlunsplit((parts.scheme, parts.netloc, path, parts.query, parts.fragment))
+
+
+def llm_identity(cfg: EndpointConfig, llm: LlmConfig, labels: list[str], examples: list[tuple[str, str]]) -> dict:
+    """An LLM teacher is its server, model and everything its prompt says: the label list, descriptions, examples
+    and generation settings (hashed)."""
+    prompt = {"system": llm.system_prompt, "prompt": llm.prompt, "descriptions": dict(llm.descriptions),
+              "labels": list(labels), "examples": [list(e) for e in examples], "max_tokens": llm.max_tokens,
+              "temperature": llm.temperature, "logprobs": llm.logprobs, "top_logprobs": llm.top_logprobs}
+    digest = hashlib.sha256(json.dumps(prompt, sort_keys=True).encode()).hexdigest()[:16]
+    return {"kind": "llm", "url": public_url(chat_url(cfg.url or "")), "model": llm.model, "prompt_sha256": digest}
+
+
+class ChatClient(EndpointClient):
+    """Asks a chat model (OpenAI-compatible ``/chat/completions``) for each text's label, one text per request:
+    the reply parsed into ``labels``, or soft labels from the first token's log-probabilities when returned."""
+
+    texts_per_request = 1
+
+    def __init__(self, cfg: EndpointConfig, llm: LlmConfig, labels: list[str], examples: list[tuple[str, str]]):
+        super().__init__(cfg)
+        self.url, self.llm, self.labels, self.examples = chat_url(cfg.url or ""), llm, labels, examples
+        self.shown = public_url(self.url)
+
+    def messages(self, text: str) -> list[dict[str, str]]:
+        return render_messages(text, self.labels, self.llm.system_prompt, self.llm.prompt, self.llm.descriptions,
+                               self.examples)
+
+    def ask(self, texts: list[str]) -> tuple[list[Answer], float]:
+        answers, total = [], 0.0
+        for text in texts:
+            payload = {"model": self.llm.model, "messages": self.messages(text), "max_tokens": self.llm.max_tokens,
+                       "temperature": self.llm.temperature}
+            if self.llm.logprobs:
+                payload |= {"logprobs": True, "top_logprobs": self.llm.top_logprobs}
+            body, elapsed = self.post(payload)
+            answers.append(chat_answer(body, self.labels))
+            total += elapsed
+        return answers, total
+
+
+def chat_answer(body: object, labels: list[str]) -> Answer:
+    """A chat completion's answer: soft labels from the first reply token's top log-probabilities when the server
+    gave them and they name a label, else the reply parsed into the label set. MalformedResponse when the body is
+    not a chat completion."""
+    try:
+        choice = body["choices"][0]  # type: ignore[index]
+        content = choice["message"]["content"] or ""
+    except (KeyError, IndexError, TypeError):
+        raise MalformedResponse(f"not a chat completion (no choices[0].message.content): {str(body)[:200]!r}") from None
+    tokens = ((choice.get("logprobs") or {}).get("content") or [])
+    if tokens and tokens[0].get("top_logprobs"):
+        soft = logprob_answer(tokens[0]["top_logprobs"], labels)
+        if soft is not None:
+            return soft
+    return parse_label(content, labels)
 
 
 def _cause(exc: BaseException) -> str:
@@ -236,8 +306,8 @@ def ask_texts(client: EndpointClient, cache: AnswerCache, texts: list[str],
     the requests so far failed after their retries; what was answered before stays cached."""
     cfg = client.cfg
     digests = text_digests(texts).tolist()
-    batches = [(texts[i:i + cfg.texts_per_request], digests[i:i + cfg.texts_per_request])
-               for i in range(0, len(texts), cfg.texts_per_request)]
+    size = client.texts_per_request
+    batches = [(texts[i:i + size], digests[i:i + size]) for i in range(0, len(texts), size)]
     report = AskReport()
     pending: dict[Future, list[str]] = {}
     queue = iter(batches)

@@ -168,6 +168,7 @@ def _statistics(rows: pd.DataFrame, classes: pd.DataFrame) -> dict[str, float]:
         "mean_confidence": float(rows["max_prob"].mean()) if len(rows) else math.nan,
         "mean_entropy_fraction": float(rows["entropy_fraction"].mean()) if len(rows) else math.nan,
         "teacher_val_accuracy": float(rows["val_correct"].mean()) if len(rows) else math.nan,
+        "answered_share": float(rows["answered"].mean()) if len(rows) else math.nan,
         "teacher_val_macro_f1": float(classes["val_f1"].mean()),
         "min_predictions_per_class": float(classes["predicted_count"].min()),
     }

@@ -165,7 +165,9 @@ def test_an_endpoint_teacher_gives_the_white_box_soft_labels_and_is_asked_each_t
     assert asked["endpoint.failed_requests"] == 0 and asked["endpoint.request_p50_ms"] > 0
 
     shutil.rmtree(Path(black.outputs.path).parent)  # the soft labels go; the answers stay
-    again = run_command(project / "distillery.yaml", "label", endpoint("ok", proxy.url))
+    os.environ.pop("DISTILLERY_UNSET_TOKEN", None)  # answered from the cache alone: no server, nor its token, needed
+    again = run_command(project / "distillery.yaml", "label", endpoint("ok", proxy.url, **{
+        "teacher.endpoint.api_key_env": "DISTILLERY_UNSET_TOKEN"}))
     assert proxy.count("ok") == math.ceil(texts / 16)  # not one request more
     m = run_metrics(project, again.outputs.run_id)
     assert (m["endpoint.asked_texts"], m["endpoint.requests"], m["endpoint.cached_texts"]) == (0, 0, texts)

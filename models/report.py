@@ -101,7 +101,8 @@ def headline_ratios(metrics: dict[str, dict], served: str = "student_int8",
     }
     if "latency_ratio_paired" in d:  # interleaved pairs: the figure the gate uses
         ratios["best_int8_teacher_over_served_latency_paired"] = 1.0 / d["latency_ratio_paired"]
-    if "cost_per_1k_texts" in q:  # a paid black-box teacher: what 1,000 of its answers cost
+    if "cost_per_1k_texts" in q:  # a black-box teacher: what the student saves, per request and per 1,000 texts
+        ratios["endpoint_request_over_served_latency"] = q["latency_p50_ms"] / d["latency_p50_ms"]
         ratios["reference_cost_per_1k_texts"] = q["cost_per_1k_texts"]
     if "served_latency_p50_ms" in d:  # the served form's code path end to end against its bare forward
         ratios["served_path_over_bare_forward_latency"] = d["served_latency_p50_ms"] / d["latency_p50_ms"]

@@ -54,3 +54,27 @@ def test_frontier_plot_names_every_form(tmp_path: Path):
         ("baseline_fp32", 7.5, 0.92, 47.7)]}
     path = plot_frontier(metrics, tmp_path / "frontier.png", served="student_int8_onnx", reference="teacher_int8_onnx")
     assert path.stat().st_size > 10_000
+
+
+def test_a_black_box_teacher_is_tabled_plotted_and_priced_without_a_size(tmp_path: Path):
+    """A black-box teacher has no size or parameter count here: the tables show a dash, the frontier plot draws it
+    as the smallest marker, and the ratios say what the student saves per request and what 1,000 answers cost."""
+    import math
+
+    from distillery.models.report import frontier_table, headline_ratios, results_table
+
+    def row(accuracy: float, p50: float, size: float, **extra) -> dict:
+        return {"accuracy": accuracy, "macro_f1": accuracy, "ece": 0.1, "agreement": 1.0, "latency_p50_ms": p50,
+                "latency_p95_ms": p50 * 1.2, "throughput_rps": 100.0, "parameters": size * 1e6 / 4, "size_mb": size,
+                "val_accuracy": accuracy, **extra}
+
+    metrics = {"teacher_endpoint": row(0.95, 250.0, math.nan, cost_per_1k_texts=2.5),
+               "student_fp32": row(0.93, 5.0, 90.0), "student_int8": row(0.93, 2.5, 23.0),
+               "baseline_fp32": row(0.90, 5.0, 90.0)}
+    table = results_table(metrics)
+    assert "nan" not in table and table.splitlines()[2].split()[-1] == "-"
+    assert "nan" not in frontier_table(metrics, ("student_int8",), "teacher_endpoint")
+    ratios = headline_ratios(metrics, "student_int8", "teacher_endpoint")
+    assert ratios["endpoint_request_over_served_latency"] == 100.0 and ratios["reference_cost_per_1k_texts"] == 2.5
+    assert ratios["served_over_teacher_accuracy"] == 0.93 / 0.95
+    assert plot_frontier(metrics, tmp_path / "frontier.png", served="student_int8", reference="teacher_endpoint").is_file()

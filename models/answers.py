@@ -158,8 +158,8 @@ class RequestPlan:
         return None
 
     def describe(self) -> str:
-        return (f"{self.texts} texts: {self.cached} answered already (cached), {self.to_ask} to ask in "
-                f"{self.requests} requests, estimated cost {self.cost:.4f}")
+        return (f"{self.texts} texts: {self.cached} answered already (cached), {self.to_ask} to ask; "
+                f"{self.requests} requests in all (re-checks included), estimated cost {self.cost:.4f}")
 
 
 def plan_requests(texts: int, cached: int, texts_per_request: int, price_per_request: float,

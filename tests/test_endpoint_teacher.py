@@ -230,7 +230,8 @@ def test_a_labelling_over_budget_asks_nothing_and_the_dry_run_says_so(served):
     project, proxy = served["project"], served["proxy"]
     budget = endpoint("budget", proxy.url, **{"teacher.endpoint.max_requests": 3,
                                               "teacher.endpoint.price_per_request": 0.02})
-    with pytest.raises(BudgetExceeded, match=r"in \d+ requests, estimated cost .*max_requests is 3.*Nothing was asked"):
+    over = r"to ask; \d+ requests in all \(re-checks included\), estimated cost .*max_requests is 3.*Nothing was asked"
+    with pytest.raises(BudgetExceeded, match=over):
         run_command(project / "distillery.yaml", "label", budget)
     assert proxy.count("budget") == 0 and answers_cached(project, budget) == 0
     args = [sys.executable, "-m", "distillery", "label", "--dry-run", "--json", "--config",

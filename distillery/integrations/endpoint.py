@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 from urllib.parse import urlsplit, urlunsplit
 
+from tqdm.auto import tqdm
+
 from distillery.config import EndpointConfig, LlmConfig
 from distillery.errors import DistilleryError
 from distillery.faults import fault_point
@@ -309,6 +311,7 @@ def ask_texts(client: EndpointClient, cache: AnswerCache, texts: list[str],
     size = client.texts_per_request
     batches = [(texts[i:i + size], digests[i:i + size]) for i in range(0, len(texts), size)]
     report = AskReport()
+    bar = tqdm(total=len(batches), desc=f"ask {client.shown}", unit="request", leave=False)
     pending: dict[Future, list[str]] = {}
     queue = iter(batches)
     with ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix="endpoint") as pool:
@@ -342,6 +345,7 @@ def ask_texts(client: EndpointClient, cache: AnswerCache, texts: list[str],
                         report.answered += len(answers)
                         report.latencies_ms.append(ms)
                     on_request()
+                    bar.update(1)
                     check_failures(report, cfg.max_failure_rate, client.shown)
                     submit_next()
             check_failures(report, cfg.max_failure_rate, client.shown, final=True)
@@ -349,6 +353,8 @@ def ask_texts(client: EndpointClient, cache: AnswerCache, texts: list[str],
             for future in pending:
                 future.cancel()
             raise
+        finally:
+            bar.close()
     return report
 
 

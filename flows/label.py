@@ -43,14 +43,15 @@ def label_flow(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef,
                        parent_run_id, snapshot=snapshot)
     start = time.perf_counter()
     path = lookup_cache(cfg.work.teacher_outputs, key)
-    cache_hit = path is not None
-    reused = None
+    cache_hit, how = path is not None, "cache hit"
     if not cache_hit and teacher.black_box:  # answers asked once (cached by text), within the budget
-        ask_endpoint(cfg, teacher, snapshot, endpoint_texts(snapshot, inputs), run_id)
+        asked = ask_endpoint(cfg, teacher, snapshot, endpoint_texts(snapshot, inputs), run_id)
         soft = endpoint_soft_labels(cfg, teacher, inputs["text"].tolist(), labels)
         meta = {"teacher": teacher.__dict__, "snapshot_md5": snapshot.md5, "answers": soft.kind,
                 "max_length": cfg.teacher.max_length}
         path = store_outputs(cfg, key, inputs, [soft.logits], labels, meta, run_id, answered=soft.answered)
+        how = (f"{soft.kind} answers; the endpoint asked {int(asked['endpoint.asked_texts'])} texts, "
+               f"{int(asked['endpoint.cached_texts'])} answered from its cache,")
     elif not cache_hit:
         reused = reuse_outputs(cfg, teacher, labels, inputs)
         texts = list(reused.missing_texts)
@@ -60,10 +61,10 @@ def label_flow(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef,
         meta = {"teacher": teacher.__dict__, "snapshot_md5": snapshot.md5, "shards": len(bounds),
                 "max_length": cfg.teacher.max_length}
         path = store_outputs(cfg, key, inputs, [f.result() for f in futures], labels, meta, run_id, reused)
+        how = (f"labelled {len(inputs) - reused.rows}, reused {reused.rows} from earlier outputs of this teacher,"
+               if reused.rows else "labelled")
     seconds = time.perf_counter() - start
     log_labelling(cfg, run_id, teacher, snapshot, key, cache_hit, seconds, path, inputs)
-    how = "cache hit" if cache_hit else "asked the endpoint" if teacher.black_box else (f"labelled {len(inputs) - reused.rows}, reused {reused.rows} from earlier "
-                                         f"outputs of this teacher," if reused.rows else "labelled")
     print(f"teacher {teacher.name} v{teacher.version} outputs for {len(inputs)} rows: {how} in {seconds:.1f} s")
     validation = validate_outputs(cfg, path, len(inputs), run_id, teacher, snapshot)
     return TeacherOutputs(path=path, key=key, cache_hit=cache_hit, seconds=seconds, run_id=run_id,

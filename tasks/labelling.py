@@ -310,12 +310,26 @@ def pricing(cfg: Config, snapshot: SnapshotRef, texts: list[str]) -> Pricing:
 def endpoint_plan(cfg: Config, teacher: TeacherRef, snapshot: SnapshotRef, texts: list[str]) -> RequestPlan:
     """What asking ``texts`` costs now: those not cached, in requests, plus the re-check of cached answers."""
     price = pricing(cfg, snapshot, texts)
-    cache = AnswerCache(cfg.work.teacher_answers, json.loads(teacher.identity))
+    cache = answer_cache(cfg, teacher)
     cached = len(cache.lookup(text_digests(texts).tolist()))
     plan = plan_requests(len(texts), cached, price.texts_per_request, price.per_request, price.per_1k_texts)
     recheck = min(cfg.teacher.endpoint.recheck, cached)
     extra = plan_requests(recheck, 0, price.texts_per_request, price.per_request, price.per_1k_texts)
     return dataclasses.replace(plan, requests=plan.requests + extra.requests, cost=plan.cost + extra.cost)
+
+
+def answer_cache(cfg: Config, teacher: TeacherRef) -> AnswerCache:
+    """The cache of a black-box teacher's answers (``teacher.identity`` keys its rows)."""
+    return AnswerCache(cfg.work.teacher_answers, json.loads(teacher.identity))
+
+
+def cached_soft_labels(cfg: Config, cache: AnswerCache, texts: list[str], labels: list[str]) -> tuple[SoftLabels, dict]:
+    """The cached answers for ``texts`` as soft labels over ``labels`` (a text never answered: a uniform row marked
+    unanswered), and the cached entries found by text digest."""
+    digests = text_digests(texts).tolist()
+    found = cache.lookup(digests)
+    answers = [found[d].answer if d in found else None for d in digests]
+    return soft_labels(answers, labels, cfg.teacher.endpoint.hard_label_smoothing), found
 
 
 def make_client(cfg: Config, snapshot: SnapshotRef) -> EndpointClient:
@@ -336,7 +350,7 @@ def ask_endpoint(cfg: Config, teacher: TeacherRef, snapshot: SnapshotRef, texts:
     if why := plan.over_budget(e.max_requests, e.max_cost):
         raise BudgetExceeded(f"endpoint teacher {teacher.name}: {plan.describe()}; {why}. Nothing was asked: raise "
                              f"the budget, or label fewer texts (data.augment.multiple, data.transfer_set)")
-    cache = AnswerCache(cfg.work.teacher_answers, json.loads(teacher.identity))
+    cache = answer_cache(cfg, teacher)
     digests = text_digests(texts).tolist()
     earlier = cache.lookup(digests)
     missing = [t for t, d in zip(texts, digests) if d not in earlier]
@@ -393,11 +407,7 @@ def recheck_answers(client: EndpointClient, texts: list[str], digests: list[str]
 def endpoint_soft_labels(cfg: Config, teacher: TeacherRef, texts: list[str], labels: list[str]) -> SoftLabels:
     """The cached answers for ``texts`` as soft labels over ``labels`` (a text never answered: a uniform row marked
     unanswered)."""
-    cache = AnswerCache(cfg.work.teacher_answers, json.loads(teacher.identity))
-    digests = text_digests(texts).tolist()
-    found = cache.lookup(digests)
-    answers = [found[d].answer if d in found else None for d in digests]
-    return soft_labels(answers, labels, cfg.teacher.endpoint.hard_label_smoothing)
+    return cached_soft_labels(cfg, answer_cache(cfg, teacher), texts, labels)[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -414,15 +424,13 @@ def endpoint_measurements(cfg: Config, teacher: TeacherRef, frames: dict[str, pd
                           labels: list[str]) -> EndpointAnswers:
     """What the harness measures a black-box teacher on: its cached answers for each split of ``frames`` (the
     label flow asked them, within the budget; nothing is asked here)."""
-    cache = AnswerCache(cfg.work.teacher_answers, json.loads(teacher.identity))
-    logits = {}
+    cache, logits = answer_cache(cfg, teacher), {}
     for split, frame in frames.items():
-        digests = text_digests(frame["text"].tolist()).tolist()
-        found = cache.lookup(digests)
-        if split == "test":
-            timed = [found[d] for d in digests if d in found]
-        answers = [found[d].answer if d in found else None for d in digests]
-        logits[split] = soft_labels(answers, labels, cfg.teacher.endpoint.hard_label_smoothing).logits
+        texts = frame["text"].tolist()
+        soft, found = cached_soft_labels(cfg, cache, texts, labels)
+        logits[split] = soft.logits
+        if split == "test":  # each answered test text carries its request's latency and size
+            timed = [found[d] for d in text_digests(texts).tolist() if d in found]
     return EndpointAnswers(logits=logits, request_ms=np.asarray([c.request_ms for c in timed], dtype=float),
                            request_texts=np.asarray([c.request_texts for c in timed], dtype=float))
 
@@ -463,7 +471,7 @@ def budget_choice(cfg: Config, teacher: TeacherRef, snapshot: SnapshotRef,
     if e.over_budget == "stop" or plan.over_budget(e.max_requests, e.max_cost) is None:
         return inputs, None
     price = pricing(cfg, snapshot, texts)
-    cached = set(AnswerCache(cfg.work.teacher_answers, json.loads(teacher.identity)).lookup(text_digests(texts)))
+    cached = set(answer_cache(cfg, teacher).lookup(text_digests(texts)))
     new = ~np.isin(text_digests(inputs["text"].tolist()), list(cached))
     optional = inputs["split"].isin(OPTIONAL_SPLITS).to_numpy() & new
     candidates = list(dict.fromkeys(inputs.loc[optional, "text"]))

@@ -126,8 +126,8 @@ def main() -> int:
                 print(f"  {label}: {folder} is gone (distillery gc?): not measured", flush=True)
     teacher_ref = TeacherRef.from_version(teacher_mv.name, str(teacher_mv.version), teacher_mv.run_id, teacher_mv.tags,
                                           str(teacher_dir))
-    candidates = harness_candidates(teacher_dir, student_dir, baseline_dir, onnx_teacher_folder(cfg, teacher_ref),
-                                    others, form)
+    candidates = harness_candidates({"teacher": (str(teacher_dir), onnx_teacher_folder(cfg, teacher_ref))},
+                                    student_dir, baseline_dir, others, form)
     teacher = candidates["teacher_fp32"][0]
     encoded = encode_per_folder({c[2] for c in candidates.values()}, texts_test, gold, cfg.distill.max_length)
     metrics, reference_pred = {}, None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping
@@ -159,10 +160,28 @@ class LlmConfig(Section):
     price_per_1k_tokens: float = Field(0.0, ge=0.0)  # for the budget: prompt tokens estimated as characters / 4
 
 
+# an ensemble member: a registered model as name@alias or name/version
+ENSEMBLE_MEMBER = re.compile(r"^(?P<name>[^@/\s]+)(?:@(?P<alias>[^@/\s]+)|/(?P<version>\d+))$")
+
+
+class EnsembleConfig(Section):
+    """An ensemble teacher (``teacher.kind: ensemble``): registered teachers whose probabilities, each calibrated on
+    validation, are averaged. Each member labels on its own (its outputs cached under its own version, so adding a
+    member labels only that member); the harness measures the ensemble and every member."""
+
+    name: str = Field("ensemble-teacher", min_length=1)  # how the ensemble is named in runs and the lineage
+    members: list[str] = Field(default_factory=list)  # registered models as name@alias or name/version
+    # one per member (normalised to sum to 1); null: chosen on validation, minimising the mixture's log-loss
+    weights: list[float] | None = None
+    calibrate: StrictBool = True  # each member's temperature fitted on validation before averaging
+
+
 class TeacherConfig(TrainingSection):
-    # registered: a classifier in the MLflow registry (fine-tuned here, or imported); endpoint: a model behind HTTP
-    # speaking MLflow's scoring protocol; llm: a chat model behind an OpenAI-compatible API (teacher.llm)
-    kind: Literal["registered", "endpoint", "llm"] = "registered"
+    # registered: a classifier in the MLflow registry (fine-tuned here, or imported); ensemble: several registered
+    # ones (teacher.ensemble); endpoint: a model behind HTTP speaking MLflow's scoring protocol; llm: a chat model
+    # behind an OpenAI-compatible API (teacher.llm)
+    kind: Literal["registered", "ensemble", "endpoint", "llm"] = "registered"
+    ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig)
     endpoint: EndpointConfig = Field(default_factory=EndpointConfig)
     llm: LlmConfig = Field(default_factory=LlmConfig)
     base_model: str = "mpnet"
@@ -445,8 +464,11 @@ class Config(Section):
                     for part in parents:
                         node = node.get(part, {})
                     node.pop(last, None)
-        if self.teacher.kind == "registered":  # a white box answers every row: the black-box keys shape nothing
-            for key in ("kind", "endpoint", "llm"):  # (and digests made before they existed still match)
+        kind = self.teacher.kind
+        if kind != "ensemble":  # (digests made before ensembles existed still match)
+            shaping["teacher"].pop("ensemble", None)
+        if kind in ("registered", "ensemble"):  # white boxes answer every row: the black-box keys shape nothing
+            for key in ("kind", "endpoint", "llm") if kind == "registered" else ("endpoint", "llm"):
                 shaping["teacher"].pop(key, None)
             shaping["validation"].pop("min_answered_share", None)
         blob = json.dumps(shaping, sort_keys=True, default=str).encode()
@@ -564,18 +586,39 @@ def validate_config(cfg: Config) -> Config:
     k = cfg.distill
     need(k.kd_weight + k.ce_weight + k.feature_weight > 0, "distill loss weights must not all be 0")
     kind = cfg.teacher.kind
-    if kind != "registered":  # a black box: only its answers exist, no weights or hidden states
-        need(bool(cfg.teacher.endpoint.url), f"teacher.kind: {kind} needs teacher.endpoint.url")
+    if kind != "registered":  # a black box or an ensemble: no one teacher's weights or hidden states to start from
+        what = "an ensemble of several models" if kind == "ensemble" else "a black box"
+        if kind == "ensemble":
+            problems.extend(_ensemble_problems(cfg.teacher.ensemble))
+        else:
+            need(bool(cfg.teacher.endpoint.url), f"teacher.kind: {kind} needs teacher.endpoint.url")
         shapes = [s, *s.frontier_shapes().values()]
         need(all(shape.init == "pretrained" for shape in shapes),
-             f"teacher.kind: {kind} is a black box: every student (and student.frontier shape) must be "
+             f"teacher.kind: {kind} is {what}: every student (and student.frontier shape) must be "
              "student.init: pretrained (cut and config students start from the teacher's weights)")
         need(k.feature_weight == 0 and not any(k.sweep.feature_weight) and k.search.feature_weight is None,
-             f"teacher.kind: {kind} is a black box: feature KD needs its hidden states (set distill.feature_weight: "
+             f"teacher.kind: {kind} is {what}: feature KD needs its hidden states (set distill.feature_weight: "
              "0, no distill.sweep.feature_weight or distill.search.feature_weight)")
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return cfg
+
+
+def _ensemble_problems(e: EnsembleConfig) -> list[str]:
+    """What is wrong with ``teacher.ensemble``: its member references and weights."""
+    problems = []
+    if len(e.members) < 2:
+        problems.append("teacher.kind: ensemble needs teacher.ensemble.members: at least two registered models, as "
+                        "name@alias or name/version")
+    problems += [f"ensemble member {m!r} is not a registered model as name@alias or name/version (e.g. "
+                 "teacher-large@production, minilm-teacher/3)" for m in e.members if not ENSEMBLE_MEMBER.match(m.strip())]
+    if len(set(e.members)) != len(e.members):
+        problems.append("teacher.ensemble.members names a member twice")
+    w = e.weights
+    if w is not None and (len(w) != len(e.members) or min(w, default=0) < 0 or sum(w) <= 0):
+        problems.append(f"teacher.ensemble.weights must be null (chosen on validation) or one non-negative weight per "
+                        f"member ({len(e.members)}), not all 0")
+    return problems
 
 
 def _shape_problems(s: StudentConfig) -> list[str]:

@@ -63,11 +63,21 @@ PRIMARY = "student"  # the harness name of the student chosen on validation (fro
 TEACHER_FP32 = "teacher_fp32"
 # a black-box teacher's one form, measured through its endpoint: the teacher and the gate's reference at once
 ENDPOINT_TEACHER = "teacher_endpoint"
+# an ensemble teacher: measured from its members' FP32 forms combined; each member ``teacher_m<i>`` in every form
+ENSEMBLE_TEACHER = "teacher_ensemble"
+
+
+def member_row(index: int) -> str:
+    """The harness name of an ensemble's member (1-based, in the config's order): ``teacher_m1``."""
+    return f"teacher_m{index}"
 
 
 def teacher_row(metrics: Mapping[str, object]) -> str:
-    """The harness row of the teacher itself: its FP32 form, or a black box as served."""
-    return TEACHER_FP32 if TEACHER_FP32 in metrics else ENDPOINT_TEACHER
+    """The harness row of the teacher itself: its FP32 form, an ensemble, or a black box as served."""
+    for row in (TEACHER_FP32, ENSEMBLE_TEACHER):
+        if row in metrics:
+            return row
+    return ENDPOINT_TEACHER
 
 
 def served_candidate(form: str, student: str = PRIMARY) -> str:
@@ -101,20 +111,27 @@ class TeacherRef:
     folder: str = ""
     base_model: str = ""
     snapshot_md5: str = ""
-    # registered: a classifier in the MLflow registry (``folder`` holds it); endpoint: a black box behind HTTP, whose
-    # ``version`` is the digest of its ``identity`` (URL and request params, as JSON) and which has no run or folder
+    # registered: a classifier in the MLflow registry (``folder`` holds it); endpoint/llm: a black box behind HTTP;
+    # ensemble: registered ``members``. The last two are versioned by the digest of their ``identity`` (JSON: URL and
+    # request params, prompt; or the members' versions and how they are combined) and have no run or folder
     kind: str = "registered"
     identity: str = ""
+    members: tuple["TeacherRef", ...] = ()
 
     @property
     def black_box(self) -> bool:
         """Only its answers exist: no weights, hidden states or quantised forms."""
+        return self.kind in ("endpoint", "llm")
+
+    @property
+    def composite(self) -> bool:
+        """Not one registered model (a black box or an ensemble): versioned by its identity's digest."""
         return self.kind != "registered"
 
     def to_tags(self) -> dict[str, str]:
         """What a student records about its teacher."""
         tags = {"teacher.name": self.name, "teacher.version": self.version, "teacher.run_id": self.run_id}
-        if self.black_box:
+        if self.composite:
             tags |= {"teacher.kind": self.kind, "teacher.identity": self.identity}
         return tags
 

@@ -100,7 +100,7 @@ def distill_flow(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef, force:
     frontier = {label: f.result() for label, f in futures.items()}
     if cfg.gate.baseline != "off":  # the student trained without the teacher is measured and judged like the others
         frontier[BASELINE_STUDENT] = baseline
-    evaluation = evaluate_candidates(cfg, snapshot, teacher, best, baseline, run_id, frontier)
+    evaluation = evaluate_candidates(cfg, snapshot, teacher, best, baseline, run_id, frontier, outputs)
     decision, logged = judge(cfg, run_id, evaluation)
     if decision.passed:
         chosen = frontier.get(decision.student, best)

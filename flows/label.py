@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from prefect import flow
@@ -12,6 +13,8 @@ from distillery.models.labelling import shard_bounds
 from distillery.tasks.labelling import (
     ask_endpoint,
     cache_key,
+    combine_members,
+    ensemble_key,
     labelling_dry_run,
     endpoint_soft_labels,
     endpoint_texts,
@@ -33,7 +36,11 @@ from distillery.tasks.teacher import start_run
       validate_parameters=False)
 def label_flow(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef,
                parent_run_id: str | None = None) -> TeacherOutputs:
-    """Label train/validation (+ transfer set) with the teacher, reuse the cache when the key matches, validate."""
+    """Label train/validation (+ transfer set) with the teacher, reuse the cache when the key matches, validate.
+    An ensemble's members label first, each as a teacher of its own (cached and validated on its own)."""
+    if teacher.kind == "ensemble":
+        return ensemble_outputs(cfg, snapshot, teacher,
+                                [label_flow(cfg, snapshot, m, parent_run_id) for m in teacher.members], parent_run_id)
     inputs, labels = rows_to_label(cfg, snapshot)
     if teacher.black_box:  # a budget too small for every generated or transfer text asks a chosen part of them
         inputs = select_within_budget(cfg, teacher, snapshot, inputs)
@@ -66,6 +73,32 @@ def label_flow(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef,
     seconds = time.perf_counter() - start
     log_labelling(cfg, run_id, teacher, snapshot, key, cache_hit, seconds, path, inputs)
     print(f"teacher {teacher.name} v{teacher.version} outputs for {len(inputs)} rows: {how} in {seconds:.1f} s")
+    validation = validate_outputs(cfg, path, len(inputs), run_id, teacher, snapshot)
+    return TeacherOutputs(path=path, key=key, cache_hit=cache_hit, seconds=seconds, run_id=run_id,
+                          validation=validation)
+
+
+def ensemble_outputs(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef, members: list[TeacherOutputs],
+                     parent_run_id: str | None) -> TeacherOutputs:
+    """The ensemble's soft labels from its members' validated outputs (cached by theirs), validated in turn."""
+    inputs, labels = rows_to_label(cfg, snapshot)
+    e = cfg.teacher.ensemble
+    key = ensemble_key(teacher, members, e.calibrate, e.weights)
+    run_id = start_run(cfg, "teacher-outputs", {"stage": "label", **teacher.to_tags(), **snapshot.to_tags()},
+                       parent_run_id, snapshot=snapshot)
+    start = time.perf_counter()
+    path = lookup_cache(cfg.work.teacher_outputs, key)
+    cache_hit = path is not None
+    if not cache_hit:
+        logits, combination = combine_members(cfg, teacher, inputs, members, run_id)
+        meta = {"teacher": dataclasses.asdict(teacher), "snapshot_md5": snapshot.md5, "members": [m.key for m in members],
+                "ensemble": combination.to_dict(), "max_length": cfg.teacher.max_length}
+        path = store_outputs(cfg, key, inputs, [logits], labels, meta, run_id)
+    seconds = time.perf_counter() - start
+    log_labelling(cfg, run_id, teacher, snapshot, key, cache_hit, seconds, path, inputs)
+    fresh = sum(not m.cache_hit for m in members)
+    print(f"teacher {teacher.name} (ensemble of {len(members)}, {fresh} labelled afresh) outputs for {len(inputs)} "
+          f"rows: {'cache hit' if cache_hit else 'combined'} in {seconds:.1f} s")
     validation = validate_outputs(cfg, path, len(inputs), run_id, teacher, snapshot)
     return TeacherOutputs(path=path, key=key, cache_hit=cache_hit, seconds=seconds, run_id=run_id,
                           validation=validation)

@@ -59,8 +59,11 @@ def run_command(cfg: Config, command: str, teacher_version: str | None = None, f
                 teacher_source: str | None = None) -> RunResult:
     """The pipeline's wiring for one command, on a configuration loaded once."""
     if command in ("teacher", "import-teacher") and cfg.teacher.kind != "registered":
-        raise ConfigError(f"teacher.kind is {cfg.teacher.kind} ({cfg.teacher.endpoint.url}): there is no teacher to "
-                          f"{'fine-tune' if command == 'teacher' else 'import'}; set teacher.kind: registered")
+        what = (", ".join(cfg.teacher.ensemble.members) if cfg.teacher.kind == "ensemble"
+                else cfg.teacher.endpoint.url)
+        raise ConfigError(f"teacher.kind is {cfg.teacher.kind} ({what}): there is no teacher to "
+                          f"{'fine-tune' if command == 'teacher' else 'import'}; set teacher.kind: registered (an "
+                          f"ensemble's members are registered teachers, each made with teacher.kind: registered)")
     if command == "teacher":
         snapshot = verify_snapshot(cfg)
         return RunResult(command=command, snapshot=snapshot, teacher=teacher_flow(cfg, snapshot))

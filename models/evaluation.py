@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 
 from distillery.config import EvaluationConfig
 from distillery.records import PRIMARY, served_candidate
+from distillery.models.ensemble import Combination, combine
 from distillery.models.calibration import abstention, calibrated, fit_temperature
 from distillery.models.metrics import classification_metrics, expected_calibration_error
 from distillery.models.modeling import count_parameters, load_classifier, load_tokenizer, quantize_int8, size_on_disk
@@ -154,19 +155,20 @@ def served_form(model: PreTrainedModel, form: str, folder: Path) -> object:
 FORMS = ("fp32", "int8", "onnx-int8")
 
 
-def harness_candidates(teacher_dir: str | None, student_dir: str, baseline_dir: str, onnx_teacher_dir: Path,
+def harness_candidates(teachers: dict[str, tuple[str, Path]], student_dir: str, baseline_dir: str,
                        frontier: dict[str, str] | None = None, form: str = "int8") -> dict[str, tuple]:
-    """The candidates every evaluation compares, as ``name: (model, parameters or None, model folder)``: teacher and
-    chosen student in every form (FP32, torch INT8, ONNX Runtime INT8), the baseline, and each ``frontier`` student
-    (``{shape: folder}``) in the served ``form``. The student's ONNX file is kept in its folder (what gets
-    registered), the teacher's in ``onnx_teacher_dir``.
+    """The candidates every evaluation compares, as ``name: (model, parameters or None, model folder)``: each teacher
+    (``{name: (folder, folder for its ONNX file)}``: ``teacher``, an ensemble's members, none for a black box) and
+    the chosen student in every form (FP32, torch INT8, ONNX Runtime INT8), the baseline, and each ``frontier``
+    student (``{shape: folder}``) in the served ``form``. The student's ONNX file is kept in its folder (what gets
+    registered).
 
     Quantised forms carry their FP32 parameter count (quantised weights hide from ``parameters()``); the folder says
     which tokenizer reads the texts for that candidate.
     """
     candidates: dict[str, tuple] = {}
-    teachers = [("teacher", str(teacher_dir), FORMS, onnx_teacher_dir)] if teacher_dir else []  # None: a black box
-    for name, folder, forms, weights in (*teachers, (PRIMARY, str(student_dir), FORMS, Path(student_dir)),
+    teacher_rows = [(name, str(folder), FORMS, onnx) for name, (folder, onnx) in teachers.items()]
+    for name, folder, forms, weights in (*teacher_rows, (PRIMARY, str(student_dir), FORMS, Path(student_dir)),
                                          *((label, str(f), (form,), Path(f)) for label, f in (frontier or {}).items())):
         model = load_classifier(Path(folder)).eval()
         for f in forms:
@@ -216,6 +218,7 @@ class Measured:
     metrics: dict[str, dict]
     logits: dict[str, np.ndarray]
     curves: dict[str, tuple]
+    held_out: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # name -> split -> logits
 
 
 def measure_candidates(candidates: dict[str, tuple], encoded: dict[str, dict], num_classes: int,
@@ -240,7 +243,7 @@ def measure_candidates(candidates: dict[str, tuple], encoded: dict[str, dict], n
         curve = held_out_metrics(m, logits, data.labels.numpy(), val_data.labels.numpy(), e)
         if curve is not None:
             measured.curves[name] = curve
-        measured.metrics[name], measured.logits[name] = m, out
+        measured.metrics[name], measured.logits[name], measured.held_out[name] = m, out, logits
         logger.info("%s: accuracy %.4f, macro-F1 %.4f, p50 %.2f ms, %.1f MB", name, m["accuracy"], m["macro_f1"],
                     m["latency_p50_ms"], m["size_mb"])
     return measured
@@ -281,6 +284,26 @@ def measure_answers(logits: dict[str, np.ndarray], gold: np.ndarray, val_labels:
          "parameters": float("nan"), "size_mb": float("nan"), "per_class_f1": quality["per_class_f1"].tolist()}
     curve = held_out_metrics(m, logits, gold, val_labels, e)
     return m, curve
+
+
+def measure_ensemble(members: list[str], measured: Measured, combination: Combination, gold: np.ndarray,
+                     val_labels: np.ndarray, num_classes: int, e: EvaluationConfig) -> tuple[dict, dict, tuple | None]:
+    """An ensemble teacher measured from its ``members``' FP32 candidates in ``measured``, combined as it labelled
+    (``combination``): quality on test and what validation says, and its cost as served: the members run one after
+    another (latency the sum of theirs, throughput the harmonic sum) and it is the size of them all. Returns
+    (metrics, its logits per split, the out-of-scope curve or None)."""
+    logits = {split: combine([measured.held_out[m][split] for m in members], combination)
+              for split in measured.held_out[members[0]]}
+    quality = classification_metrics(logits["test"], gold, num_classes, None, e.ece_bins)
+    each = [measured.metrics[m] for m in members]
+    m = {**{k: v for k, v in quality.items() if k != "per_class_f1"}, "agreement": 1.0,
+         "latency_p50_ms": sum(x["latency_p50_ms"] for x in each),
+         "latency_p95_ms": sum(x["latency_p95_ms"] for x in each),
+         "throughput_rps": 1.0 / sum(1.0 / x["throughput_rps"] for x in each),
+         "parameters": sum(x["parameters"] for x in each), "size_mb": sum(x["size_mb"] for x in each),
+         "per_class_f1": quality["per_class_f1"].tolist()}
+    curve = held_out_metrics(m, logits, gold, val_labels, e)
+    return m, logits, curve
 
 
 def served_path_latency(predict: Callable[[list[str]], object], texts: list[str],

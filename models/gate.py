@@ -7,7 +7,7 @@ import shlex
 from dataclasses import asdict, dataclass, field, replace
 
 from distillery.config import GateConfig, StudentConfig
-from distillery.records import (ENDPOINT_TEACHER, QUANTISED_TEACHERS, Decision, reference_candidate,
+from distillery.records import (ENDPOINT_TEACHER, ENSEMBLE_TEACHER, QUANTISED_TEACHERS, Decision, reference_candidate,
                                 served_candidate, teacher_row)
 from distillery.errors import DistilleryError
 
@@ -99,13 +99,19 @@ def judge_logged(gate: GateConfig, logged: dict[str, dict], served: str, champio
                  reference: str = "teacher_int8") -> Decision:
     """The gate's decision for the ``served`` form of an evaluation's logged metrics, under ``gate``'s settings,
     against the ``reference`` form of the teacher (its INT8 form in the student's runtime)."""
-    student = logged[served]
-    verdict = decide(student, logged[reference], logged[teacher_row(logged)], champion,
+    student, teacher = logged[served], teacher_row(logged)
+    verdict = decide(student, logged[reference], logged[teacher], champion,
                      accuracy_tolerance=gate.accuracy_tolerance, macro_f1_tolerance=gate.macro_f1_tolerance,
                      max_latency_ratio=gate.max_latency_ratio, max_class_f1_drop=gate.max_class_f1_drop,
                      champion_tolerance=gate.champion_tolerance, labels=student["labels"],
                      oos_recall_tolerance=gate.oos_recall_tolerance, oos_auroc_tolerance=gate.oos_auroc_tolerance,
                      reference_name=reference_name(reference))
+    if teacher == ENSEMBLE_TEACHER:  # the ensemble it learnt from, beside the best member a team could deploy alone
+        bound = logged[teacher]["accuracy"] - gate.accuracy_tolerance
+        verdict.criteria.insert(2, Criterion("accuracy_vs_ensemble_teacher", student["accuracy"] >= bound,
+                                             student["accuracy"], bound,
+                                             f"student accuracy >= ensemble teacher accuracy - {gate.accuracy_tolerance}"))
+        verdict.passed = all(c.passed for c in verdict.criteria)
     return Decision(passed=verdict.passed, reasons=tuple(verdict.reasons()),
                     criteria=tuple(verdict.to_dict()["criteria"]), version=version, champion_version=champion_version)
 
@@ -114,16 +120,21 @@ def reference_name(reference: str) -> str:
     """How the gate's reasons name the reference."""
     if reference == ENDPOINT_TEACHER:
         return "endpoint teacher"
+    if reference.startswith("teacher_m"):
+        return f"best quantised ensemble member ({reference})"
     return "INT8 teacher" if reference == "teacher_int8" else f"INT8 teacher ({reference})"
 
 
-def best_reference(metrics: dict[str, dict], form: str) -> str:
+def best_reference(metrics: dict[str, dict], form: str, quantised: tuple[str, ...] = QUANTISED_TEACHERS) -> str:
     """The teacher's quantised form the gate compares with: the best validation accuracy among the runtimes the
-    harness measured (a tie goes to the student's own runtime). A student must beat the quantised teacher a team
-    would actually deploy, not a form one runtime happens to break."""
+    harness measured (a tie goes to the student's own runtime; ``quantised``: an ensemble's members' forms, of
+    which the first member's in the student's runtime is the fallback). A student must beat the quantised teacher a
+    team would actually deploy, not a form one runtime happens to break."""
     own = reference_candidate(form)
-    measured = [k for k in QUANTISED_TEACHERS if k in metrics]
-    if not all("val_accuracy" in metrics[k] for k in measured):
+    if own not in quantised:  # an ensemble: the first member's form in the student's runtime
+        own = next((q for q in quantised if q.endswith(own.removeprefix("teacher"))), quantised[0])
+    measured = [k for k in quantised if k in metrics]
+    if not measured or not all("val_accuracy" in metrics[k] for k in measured):
         return own
     return max(measured, key=lambda k: (metrics[k]["val_accuracy"], k == own))
 
@@ -140,6 +151,14 @@ def choose_smallest(decisions: dict[str, Decision], sizes: dict[str, float]) -> 
 # what every evaluation measures besides the students' served forms (the gate needs them all)
 HARNESS = {"teacher_fp32", "teacher_int8", "student_fp32", "baseline_fp32"}
 BLACK_BOX_HARNESS = {ENDPOINT_TEACHER, "student_fp32", "baseline_fp32"}  # a black-box teacher has one form
+ENSEMBLE_HARNESS = {ENSEMBLE_TEACHER, "student_fp32", "baseline_fp32"}  # and the members the reference is one of
+
+
+def harness_rows(reference: str) -> set[str]:
+    """What an evaluation with this gate ``reference`` must have measured besides the served students."""
+    if reference == ENDPOINT_TEACHER:
+        return BLACK_BOX_HARNESS
+    return ENSEMBLE_HARNESS if reference.startswith("teacher_m") else HARNESS
 BASELINE_STUDENT = "baseline"  # the harness name of the student trained without the teacher, when the gate judges it
 
 

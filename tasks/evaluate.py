@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from distillery.integrations import registry, store
 from distillery.integrations.served_model import SERVING_FILE
 from distillery.records import (
     ENDPOINT_TEACHER,
+    ENSEMBLE_TEACHER,
     EVALUATION_CONTENDERS_TAG,
     EVALUATION_SERVED_TAG,
     GATE_REFERENCE_TAG,
@@ -21,8 +23,11 @@ from distillery.records import (
     QUANTISED_TEACHERS,
     Evaluation,
     SnapshotRef,
+    TeacherOutputs,
     TeacherRef,
     TrainedStudent,
+    member_row,
+    served_candidate,
 )
 from distillery.models.data import Scope, read_out_of_scope, read_snapshot
 from distillery.models.evaluation import (
@@ -31,12 +36,18 @@ from distillery.models.evaluation import (
     harness_candidates,
     measure_answers,
     measure_candidates,
+    measure_ensemble,
     time_served_forms,
     timing_settings,
 )
+from distillery.models.ensemble import Combination
 from distillery.models.gate import best_reference
+from distillery.models.labelling import META_FILE
 from distillery.models.report import harness_summary, headline_ratios, write_evaluation
 from distillery.tasks.labelling import endpoint_measurements
+
+
+MEMBER_PREFIX = member_row(0)[:-1]  # "teacher_m": an ensemble member's candidates
 
 
 def onnx_teacher_folder(cfg: Config, teacher: TeacherRef) -> Path:
@@ -47,24 +58,25 @@ def onnx_teacher_folder(cfg: Config, teacher: TeacherRef) -> Path:
 @task(name="evaluate-candidates", cache_policy=NO_CACHE)
 def evaluate_candidates(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef, student: TrainedStudent,
                         baseline: TrainedStudent, parent_run_id: str,
-                        frontier: dict[str, TrainedStudent] | None = None) -> Evaluation:
-    """Teacher and distilled student in every form (FP32, torch INT8, ONNX Runtime INT8), the baseline, and the
-    ``frontier`` students (``{shape: student}``) in the served form, on the held-out test split; an evaluation run
-    with a nested run per candidate, the tables and plots."""
+                        frontier: dict[str, TrainedStudent] | None = None, outputs: TeacherOutputs | None = None
+                        ) -> Evaluation:
+    """Teacher (an ensemble's members, combined as they labelled ``outputs``) and distilled student in every form
+    (FP32, torch INT8, ONNX Runtime INT8), the baseline, and the ``frontier`` students (``{shape: student}``) in the
+    served form, on the held-out test split; an evaluation run with a nested run per candidate, tables and plots."""
     e, form, frontier = cfg.evaluation, cfg.student.deploy, frontier or {}
     splits, labels = read_snapshot(Path(snapshot.path))
     scope, oos = read_out_of_scope(Path(snapshot.path))
     abstain = e.abstain == "on" or (e.abstain == "auto" and scope.active)
     students = {PRIMARY: student.folder, **{k: v.folder for k, v in frontier.items()}}
-    candidates = harness_candidates(teacher.folder or None, student.folder, baseline.folder,
-                                    onnx_teacher_folder(cfg, teacher), {k: v.folder for k, v in frontier.items()}, form)
+    candidates = harness_candidates(harness_teachers(cfg, teacher), student.folder, baseline.folder,
+                                    {k: v.folder for k, v in frontier.items()}, form)
     folders = {c[2] for c in candidates.values()}
     encoded = encode_harness_rows(folders, splits, oos if abstain else None, cfg.distill.max_length)
     eval_run = registry.create_run(cfg, "evaluation", {"stage": "evaluate", **teacher.to_tags(), **run_tags(
         student, baseline, frontier)}, parent_run_id, snapshot=snapshot, split="test",
         params=oos_params(scope, oos, e) if abstain else None)
     timing = timing_settings(e)
-    measured, reference = measure(cfg, teacher, candidates, encoded, splits, oos if abstain else None, labels)
+    measured, reference = measure(cfg, teacher, candidates, encoded, splits, oos if abstain else None, labels, outputs)
     texts = splits["test"]["text"].tolist()
     contenders = time_served_forms(candidates, measured.metrics, encoded["test"], students, form, reference, texts,
                                    served_predictor(form, cfg.distill.max_length, timing.threads), timing)
@@ -79,19 +91,37 @@ def evaluate_candidates(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef,
         registry.log_to_run(cfg, eval_run, metrics=ratios, folder=Path(tmp), artifact_path="evaluation", tags={
             GATE_REFERENCE_TAG: reference, EVALUATION_SERVED_TAG: contenders[0],
             EVALUATION_CONTENDERS_TAG: ",".join(contenders)})
-    for line in harness_summary(measured.metrics, contenders, reference, QUANTISED_TEACHERS, e, abstain):
+    for line in harness_summary(measured.metrics, contenders, reference, quantised_teachers(teacher), e, abstain):
         get_run_logger().info(line)
     return Evaluation(run_id=eval_run, table=table, ratios=ratios, reference=reference, students=(PRIMARY, *frontier),
                       metrics={k: {kk: vv for kk, vv in v.items() if kk != "per_class_f1"}
                                for k, v in measured.metrics.items()})
 
 
+def harness_teachers(cfg: Config, teacher: TeacherRef) -> dict[str, tuple[str, Path]]:
+    """The teacher models the harness measures in every form, ``{name: (folder, folder for its ONNX file)}``: the
+    registered teacher, an ensemble's members (``teacher_m1``...), none for a black box."""
+    if teacher.kind == "ensemble":
+        return {member_row(i): (m.folder, onnx_teacher_folder(cfg, m)) for i, m in enumerate(teacher.members, start=1)}
+    return {} if teacher.black_box else {"teacher": (teacher.folder, onnx_teacher_folder(cfg, teacher))}
+
+
+def quantised_teachers(teacher: TeacherRef) -> tuple[str, ...]:
+    """The quantised teacher forms the gate's reference is chosen from (an ensemble's: every member's)."""
+    if teacher.kind == "ensemble":
+        return tuple(f"{member_row(i)}_{suffix}" for i in range(1, len(teacher.members) + 1)
+                     for suffix in ("int8", "int8_onnx"))
+    return QUANTISED_TEACHERS
+
+
 def measure(cfg: Config, teacher: TeacherRef, candidates: dict, encoded: dict, splits: dict, oos: dict | None,
-            labels: list[str]) -> tuple[Measured, str]:
-    """Every candidate measured, and the gate's reference: the teacher's best quantised form, or a black-box teacher
-    as served, measured from its cached answers (first in the table: quality on the same rows, latency per request,
-    what 1,000 of its answers cost)."""
+            labels: list[str], outputs: TeacherOutputs | None = None) -> tuple[Measured, str]:
+    """Every candidate measured, and the gate's reference: the teacher's best quantised form (an ensemble's: its
+    best quantised member), or a black-box teacher as served, measured from its cached answers (first in the table:
+    quality on the same rows, latency per request, what 1,000 of its answers cost)."""
     e = cfg.evaluation
+    if teacher.kind == "ensemble":
+        return measure_with_ensemble(cfg, teacher, candidates, encoded, splits, labels, outputs)
     if not teacher.black_box:
         measured = measure_candidates(candidates, encoded, len(labels), e, timing_settings(e))
         return measured, best_reference(measured.metrics, cfg.student.deploy)
@@ -111,6 +141,32 @@ def measure(cfg: Config, teacher: TeacherRef, candidates: dict, encoded: dict, s
     if curve is not None:
         measured.curves[ENDPOINT_TEACHER] = curve
     return measured, ENDPOINT_TEACHER
+
+
+def measure_with_ensemble(cfg: Config, teacher: TeacherRef, candidates: dict, encoded: dict, splits: dict,
+                          labels: list[str], outputs: TeacherOutputs | None) -> tuple[Measured, str]:
+    """The members in every form first, then the ensemble combined from their FP32 logits as it labelled (first in
+    the table, the students' agreement measured against it), then the students; the reference is the best
+    quantised member."""
+    if outputs is None:
+        raise ValueError("an ensemble teacher is measured with the outputs it labelled (their combination)")
+    e, timing = cfg.evaluation, timing_settings(cfg.evaluation)
+    combination = Combination.from_dict(json.loads((Path(outputs.path).parent / META_FILE).read_text())["ensemble"])
+    members = {k: v for k, v in candidates.items() if k.startswith(MEMBER_PREFIX)}
+    measured = measure_candidates(members, encoded, len(labels), e, timing)
+    fp32 = [served_candidate("fp32", member_row(i)) for i in range(1, len(teacher.members) + 1)]
+    m, logits, curve = measure_ensemble(fp32, measured, combination, splits["test"]["label_id"].to_numpy(),
+                                        splits["validation"]["label_id"].to_numpy(), len(labels), e)
+    pred = logits["test"].argmax(1)
+    for name in members:  # each member against the ensemble it is part of
+        measured.metrics[name]["agreement"] = float((measured.logits[name].argmax(1) == pred).mean())
+    rest = measure_candidates({k: v for k, v in candidates.items() if k not in members}, encoded, len(labels), e,
+                              timing, reference_pred=pred)
+    measured = Measured(metrics={ENSEMBLE_TEACHER: m, **measured.metrics, **rest.metrics},
+                        logits={ENSEMBLE_TEACHER: logits["test"], **measured.logits, **rest.logits},
+                        curves={**measured.curves, **rest.curves, **({ENSEMBLE_TEACHER: curve} if curve else {})},
+                        held_out={ENSEMBLE_TEACHER: logits, **measured.held_out, **rest.held_out})
+    return measured, best_reference(measured.metrics, cfg.student.deploy, quantised_teachers(teacher))
 
 
 def run_tags(student: TrainedStudent, baseline: TrainedStudent, frontier: dict[str, TrainedStudent]) -> dict[str, str]:

@@ -10,7 +10,7 @@ from distillery.config import Config
 from distillery.integrations import registry
 from distillery.integrations.events import REDISTILL_EVENT, emit_gate_decision, emit_redistill
 from distillery.records import Decision, Evaluation, Lineage, SnapshotRef, TeacherRef
-from distillery.tasks.teacher import endpoint_teacher
+from distillery.tasks.teacher import composite_version
 
 
 @task(name="check-for-changes", cache_policy=NO_CACHE)
@@ -21,8 +21,8 @@ def check_for_changes(cfg: Config, snapshot: SnapshotRef) -> dict:
     """
     registry.configure_tracking(cfg)
     reg = registry.Registry.from_config(cfg)
-    if cfg.teacher.kind != "registered":  # a black box changes when its identity (URL, params, prompt) does
-        version = endpoint_teacher(cfg, snapshot).version
+    if cfg.teacher.kind != "registered":  # a black box or an ensemble changes when its identity does (URL, params,
+        version = composite_version(cfg, snapshot)  # prompt; a member's version)
     else:
         teacher = reg.alias_version(cfg.teacher.registered_name, cfg.teacher.alias)
         if teacher is None:

@@ -15,7 +15,6 @@ from distillery.faults import fault_point
 from distillery.integrations import promotion, registry, store
 from distillery.records import (
     DECISION_TAG,
-    ENDPOINT_TEACHER,
     GATE_FAILED_TAG,
     GATE_REFERENCE_TAG,
     GATE_STUDENT_TAG,
@@ -35,7 +34,7 @@ from distillery.records import (
 )
 from distillery.models.calibration import served_calibration
 from distillery.models.data import read_out_of_scope
-from distillery.models.gate import BLACK_BOX_HARNESS, HARNESS, GateError, judge_students, promotion_reason
+from distillery.models.gate import GateError, harness_rows, judge_students, promotion_reason
 from distillery.models.report import gated_model_card
 
 
@@ -47,7 +46,7 @@ def judge(cfg: Config, run_id: str, evaluation: Evaluation) -> tuple[Decision, d
     registry.configure_tracking(cfg)
     reg = registry.Registry.from_config(cfg)
     logged = registry.logged_candidate_metrics(reg, evaluation.run_id)
-    needed = (BLACK_BOX_HARNESS if evaluation.reference == ENDPOINT_TEACHER else HARNESS) | {served_candidate(cfg.student.deploy, s) for s in evaluation.students} | {evaluation.reference}
+    needed = harness_rows(evaluation.reference) | {served_candidate(cfg.student.deploy, s) for s in evaluation.students} | {evaluation.reference}
     if missing := needed - set(logged):
         raise GateError(f"evaluation run {evaluation.run_id} lacks metrics for {sorted(missing)}")
     fault_point("gate.before")

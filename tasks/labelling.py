@@ -44,6 +44,7 @@ from distillery.integrations.endpoint import (AnswerCache, BudgetExceeded, ChatC
 from distillery.models.answers import (RequestPlan, SoftLabels, affordable_texts, choose_texts, few_shot_examples,
                                        plan_requests, render_messages, soft_labels)
 from distillery.models.labelling import text_digests
+from distillery.models.ensemble import Combination, EnsembleError, combine, fit_combination
 
 
 
@@ -210,6 +211,46 @@ def validate_outputs(cfg: Config, outputs_path: str, expected_rows: int, run_id:
     logger.info("teacher outputs passed %d expectations (Data Docs: %s)", report.evaluated, report.docs_index)
     return ValidationSummary(success=report.success, evaluated=report.evaluated, failed=tuple(report.failed),
                              statistics=dict(report.statistics))
+
+
+def ensemble_key(teacher: TeacherRef, members: list[TeacherOutputs], calibrate: bool,
+                 weights: list[float] | None) -> str:
+    """An ensemble's outputs are keyed by its members' outputs (each keyed by its teacher and the rows) and by how
+    they are combined."""
+    blob = json.dumps({"ensemble": teacher.version, "members": [m.key for m in members], "calibrate": calibrate,
+                       "weights": weights, "format": OUTPUTS_FORMAT}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+@task(name="combine-ensemble", cache_policy=NO_CACHE)
+def combine_members(cfg: Config, teacher: TeacherRef, inputs: pd.DataFrame, members: list[TeacherOutputs],
+                    run_id: str) -> tuple[np.ndarray, Combination]:
+    """The ensemble's logits on ``inputs``: each member's (read from its validated outputs) calibrated and weighted
+    on the validation rows (``models.ensemble.fit_combination``), then averaged; what each member and the ensemble
+    score on validation goes to the labelling run."""
+    frames = [read_outputs(m.path) for m in members]
+    for member, df in zip(teacher.members, frames):
+        if df["id"].tolist() != inputs["id"].tolist():
+            raise EnsembleError(f"member {member.name} v{member.version}'s outputs hold other rows than the ensemble "
+                                "labels: relabel it (its cache entry is stale)")
+    logits = [np.stack(df["logits"].to_list()) for df in frames]
+    val = (inputs["split"] == "validation").to_numpy()
+    gold = inputs.loc[val, "label_id"].to_numpy()
+    e = cfg.teacher.ensemble
+    combination = fit_combination([z[val] for z in logits], gold, e.weights, e.calibrate)
+    combined = combine(logits, combination)
+    scores = {f"ensemble.m{i}.{k}": v for i, (z, t, w) in enumerate(
+        zip(logits, combination.temperatures, combination.weights), start=1)
+        for k, v in (("val_accuracy", float((z[val].argmax(1) == gold).mean())), ("temperature", t), ("weight", w))}
+    scores["ensemble.val_accuracy"] = float((combined[val].argmax(1) == gold).mean())
+    with registry.open_run(cfg, run_id):
+        registry.log_metrics(scores)
+    get_run_logger().info("ensemble %s: validation accuracy %.4f (members %s), weights %s%s", teacher.name,
+                          scores["ensemble.val_accuracy"],
+                          ", ".join(f"{scores[f'ensemble.m{i}.val_accuracy']:.4f}" for i in range(1, len(logits) + 1)),
+                          ", ".join(f"{w:.3f}" for w in combination.weights),
+                          " (chosen on validation)" if combination.chosen_on_validation else "")
+    return combined, combination
 
 
 def augment_tags(cfg: Config, inputs: pd.DataFrame) -> dict[str, str]:
@@ -441,8 +482,8 @@ def labelling_dry_run(cfg: Config, snapshot: SnapshotRef) -> dict:
     --dry-run``)."""
     inputs, labels = rows_to_label(cfg, snapshot)
     out = {"snapshot": snapshot.md5, "rows": len(inputs), "labels": len(labels), "teacher": cfg.teacher.kind}
-    if cfg.teacher.kind == "registered":
-        return out | {"note": "a registered teacher labels on this machine: no requests, no cost"}
+    if cfg.teacher.kind in ("registered", "ensemble"):
+        return out | {"note": f"a {cfg.teacher.kind} teacher labels on this machine: no requests, no cost"}
     from distillery.tasks.teacher import endpoint_teacher
 
     teacher = endpoint_teacher(cfg, snapshot)

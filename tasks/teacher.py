@@ -15,6 +15,7 @@ from distillery.integrations import registry, store
 from distillery.integrations.endpoint import endpoint_identity, identity_digest, llm_identity
 from distillery.records import GIT_REVISION_TAG, TEACHER_SOURCE_TAG, SnapshotRef, TeacherRef, import_provenance
 from distillery.models.data import read_snapshot
+from distillery.models.ensemble import parse_member
 from distillery.models.modeling import ModelError, align_labels, load_classifier, load_tokenizer, save_classifier
 from distillery.models.students import below_floors, measure_classifier, prepare_teacher, run_teacher_training
 
@@ -104,17 +105,42 @@ def endpoint_teacher(cfg: Config, snapshot: SnapshotRef) -> TeacherRef:
                       kind=cfg.teacher.kind, identity=json.dumps(identity, sort_keys=True))
 
 
+def ensemble_teacher(cfg: Config, download: bool = True) -> TeacherRef:
+    """The ensemble of ``teacher.ensemble``: each member resolved in the registry (and, with ``download``, fetched to
+    a local folder), versioned by the digest of the members' versions and how they are combined. A member that is
+    not registered is a NotFound naming it; an unreachable registry an error, never an ensemble of fewer."""
+    e = cfg.teacher.ensemble
+    registry.configure_tracking(cfg)
+    reg = registry.Registry.from_config(cfg)
+    members = []
+    for ref in map(parse_member, e.members):
+        mv = reg.resolve(ref.name, ref.alias or ref.version)
+        folder = str(registry.download_classifier(mv, cfg.work.registry)) if download else ""
+        members.append(TeacherRef.from_version(ref.name, str(mv.version), mv.run_id, mv.tags, folder))
+    identity = {"kind": "ensemble", "weights": e.weights, "calibrate": e.calibrate,
+                "members": [{"name": m.name, "version": m.version, "run_id": m.run_id} for m in members]}
+    return TeacherRef(name=e.name, version=identity_digest(identity), run_id="", kind="ensemble",
+                      identity=json.dumps(identity, sort_keys=True), members=tuple(members))
+
+
+def composite_version(cfg: Config, snapshot: SnapshotRef) -> str:
+    """The version a black box or an ensemble has now (its identity's digest), downloading nothing."""
+    return (ensemble_teacher(cfg, download=False) if cfg.teacher.kind == "ensemble"
+            else endpoint_teacher(cfg, snapshot)).version
+
+
 @task(name="resolve-teacher", cache_policy=NO_CACHE)
 def resolve_teacher(cfg: Config, version: str | None = None, snapshot: SnapshotRef | None = None) -> TeacherRef:
     """The registered teacher behind ``version`` (or the configured alias), downloaded to a local folder; with
-    ``teacher.kind: endpoint`` or ``llm`` the black box the config names, for ``snapshot`` (nothing to download)."""
+    ``teacher.kind: ensemble`` its members; with ``endpoint`` or ``llm`` the black box the config names, for
+    ``snapshot`` (nothing to download)."""
     if cfg.teacher.kind != "registered":
         if snapshot is None:
             raise ValueError("a black-box teacher is resolved for a data snapshot")
-        teacher = endpoint_teacher(cfg, snapshot)
+        teacher = ensemble_teacher(cfg) if cfg.teacher.kind == "ensemble" else endpoint_teacher(cfg, snapshot)
         if version is not None and version != teacher.version:
-            raise ModelError(f"the endpoint teacher's version is its identity digest {teacher.version}, not {version}"
-                             f": --teacher-version picks a registered teacher (teacher.kind: registered)")
+            raise ModelError(f"the {cfg.teacher.kind} teacher's version is its identity digest {teacher.version}, not "
+                             f"{version}: --teacher-version picks a registered teacher (teacher.kind: registered)")
         return teacher
     registry.configure_tracking(cfg)
     name = cfg.teacher.registered_name

@@ -93,7 +93,7 @@ def lineage_of(cfg: Config, ref: str) -> dict:
         "model": name, "version": str(version.version), "aliases": list(version.aliases),
         "teacher": {"name": lineage.teacher.name, "version": lineage.teacher.version, "run_id": lineage.teacher.run_id,
                     "kind": lineage.teacher.kind, **({"identity": json.loads(lineage.teacher.identity)}
-                                                     if lineage.teacher.black_box else {})},
+                                                     if lineage.teacher.composite else {})},
         "data": {"snapshot_md5": md5, "dvc_remote": cfg.dvc.remote_name,
                  "git_commit_with_data_dvc": dvc_commit_for(Path(cfg.root), md5) if md5 else None},
         "git_revision": lineage.git_revision, "config_hash": lineage.config_hash,
@@ -128,17 +128,21 @@ def verify_lineage(cfg: Config, info: dict) -> list[tuple[str, bool, str]]:
         checks.append((SNAPSHOT_CHECK, False, str(exc)))
     reg = _registry(cfg)
     teacher = info["teacher"]
-    if teacher.get("kind", "registered") != "registered":  # a black box: its version is its identity's digest
+    kind = teacher.get("kind", "registered")
+    if kind != "registered":  # a black box or an ensemble: its version is its identity's digest
         from distillery.integrations.endpoint import identity_digest
 
         digest = identity_digest(teacher["identity"])
-        checks.append(("black-box teacher's identity hashes to its version", digest == teacher["version"],
-                       f"{teacher['name']} {teacher['identity']['url']} -> {digest}"))
-    else:
+        what = teacher["identity"].get("url") or ", ".join(f"{m['name']} v{m['version']}"
+                                                          for m in teacher["identity"].get("members", ()))
+        checks.append((f"{'ensemble' if kind == 'ensemble' else 'black-box'} teacher's identity hashes to its version",
+                       digest == teacher["version"], f"{teacher['name']} {what} -> {digest}"))
+    members = teacher["identity"].get("members", ()) if kind == "ensemble" else [teacher] if kind == "registered" else []
+    for member in members:
         try:
-            mv = reg.version(teacher["name"], teacher["version"])
-            checks.append(("teacher version still registered (same run)", mv.run_id == teacher["run_id"],
-                           f"{teacher['name']} v{teacher['version']} run {mv.run_id}"))
+            mv = reg.version(member["name"], member["version"])
+            checks.append(("teacher version still registered (same run)", mv.run_id == member["run_id"],
+                           f"{member['name']} v{member['version']} run {mv.run_id}"))
         except registry.NotFound as exc:
             checks.append(("teacher version still registered (same run)", False, str(exc)))
     for key, run_id in info["runs"].items():

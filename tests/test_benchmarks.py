@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_command
+from tests.helpers import free_port, run_command
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -145,3 +145,35 @@ def test_the_datasets_benchmark_runs_and_measures_each_data_set_apart(tmp_path: 
     assert means["distilled"] == pytest.approx(sum(both["datasets"][n]["arms"]["distilled"]["mean"]
                                                    for n in both["datasets"]) / 2)
     assert "== tiny on intents-a" in done.stdout and "== mean over 2 data sets (gate passed on 2)" in done.stdout
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_teachers_benchmark_measures_the_endpoint_forms_and_a_budget_against_random(teacher_project: Path,
+                                                                                    tmp_path: Path):
+    """The registered teacher served by ``distillery serve`` as the endpoint arms; the budget arms ask exactly the
+    required texts and a quarter of the generated ones; the cached re-run asks nothing; a second invocation adds an
+    arm and keeps the seeds already measured."""
+    cfg_path = teacher_project / "distillery.yaml"
+    common = [sys.executable, str(ROOT / "benchmarks" / "teachers.py"), "--config", str(cfg_path), "--name", "tiny",
+              "--seeds", "3", "4", "--out", str(tmp_path), "--port", str(free_port()),
+              *[f"--set={s}" for s in ("student.init=pretrained", "student.base_model=tiny-teacher",
+                                       "distill.epochs=2", "data.augment.multiple=1",
+                                       "validation.max_mean_entropy_fraction=1.0")]]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([*common, "--arms", "full,budget-diverse,budget-random"], capture_output=True, text=True,
+                          timeout=900, env=env, cwd=teacher_project)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "tiny-teachers.json").read_text())
+    budget = results["budget"]
+    assert budget["texts"] == budget["required_texts"] + budget["transfer_texts"] // 4
+    assert f"asking {budget['transfer_texts'] // 4} of the {budget['transfer_texts']} generated" in done.stderr
+    assert results["ratios"]["cached_rerun_requests"] == 0 and results["cached_rerun"]["asked_texts"] == 0
+    assert results["ratios"]["selected_over_random_student_accuracy_at_budget"] == pytest.approx(
+        results["arms"]["budget-diverse"]["accuracy"]["mean"] / results["arms"]["budget-random"]["accuracy"]["mean"])
+    again = subprocess.run([*common, "--arms", "full,top1"], capture_output=True, text=True, timeout=900, env=env,
+                           cwd=teacher_project)
+    assert again.returncode == 0, again.stderr[-3000:]
+    results = json.loads((tmp_path / "tiny-teachers.json").read_text())
+    assert sorted((r["arm"], r["seed"]) for r in results["runs"]) == sorted(
+        (arm, seed) for arm in ("full", "budget-diverse", "budget-random", "top1") for seed in (3, 4))
+    assert "endpoint_top1_over_whitebox_student_accuracy" not in results["ratios"]  # no whitebox arm measured

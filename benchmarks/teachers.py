@@ -164,7 +164,7 @@ def main() -> int:  # noqa: C901 - one benchmark's wiring, read top to bottom
     texts, gold = splits["test"]["text"].tolist(), splits["test"]["label_id"].tolist()
     timing = TimingSettings(repeats=1, warmup=0, throughput_batches=1)
     teacher_ref = f"{cfg.teacher.registered_name}@{cfg.teacher.alias}"
-    out_dir, work = Path(args.out), cfg.workdir / "benchmark-teachers"
+    out_dir, work = Path(args.out), cfg.work.kind("benchmark-teachers")
     results_file = out_dir / f"{args.name}-teachers.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {"profile": args.name, "runs": []}
     done = {(r["arm"], r["seed"]) for r in results["runs"]}

@@ -393,6 +393,10 @@ class ServingConfig(Section):
     max_body_bytes: int = Field(2 * 1024 * 1024, gt=0)
     max_texts: int = Field(1000, gt=0)            # texts in one request
     max_text_chars: int = Field(10_000, gt=0)     # characters in one text (far beyond what max_length tokens read)
+    # where `distillery serve` logs what it is asked (a folder, relative to the config, or an fsspec URI such as
+    # s3://bucket/log): parquet files, written off the request path; null: no log (DISTILLERY_PREDICTION_LOG too)
+    prediction_log: str | None = None
+    prediction_log_texts: Literal["text", "digest"] = "text"  # digest: only each text's SHA-256, never the text
 
 
 # safety limits that never change what a run produces: outside the digest (changing them re-distils nothing)

@@ -29,6 +29,8 @@ KEPT = {
     "dvc-remote": "the default local DVC remote (dvc.remote_url): every data version pushed, the only copy of some",
     "teacher-answers": "a black-box teacher's answers (teacher.kind: endpoint), each paid for once: asking again "
                        "costs money, so only a person deletes them",
+    "benchmark-teachers": "benchmarks/teachers.py's budget arms, each a work folder of its own (its answers asked "
+                          "once, its students): the benchmark resumes from them",
 }
 
 

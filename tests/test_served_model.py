@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -50,8 +51,11 @@ def test_model_travels_with_its_loader_and_declares_what_it_needs(logged):
     imported = {n.split(".")[0] for node in ast.walk(ast.parse(code))
                 for n in ([a.name for a in node.names] if isinstance(node, ast.Import)
                           else [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])}
-    assert imported <= {"__future__", "json", "pathlib", "typing", "mlflow", "numpy", "pandas", "torch",
-                        "transformers", "tokenizers", "onnxruntime"}, imported  # tokenizers: transformers' own
+    # the standard library, the model's requirements, and what they bring: tokenizers and fsspec (the prediction
+    # log's writer, imported only when the log is on) come with transformers (huggingface_hub)
+    imported -= set(sys.stdlib_module_names)
+    assert imported <= {"mlflow", "numpy", "pandas", "torch", "transformers", "tokenizers", "fsspec",
+                        "onnxruntime"}, imported
     # onnxruntime only inside the onnx-int8 branch (this int8 model's requirements do not list it)
     top = {n.split(".")[0] for node in ast.parse(code).body
            for n in ([a.name for a in node.names] if isinstance(node, ast.Import)
@@ -307,3 +311,85 @@ def test_a_pickled_wrapper_whose_code_moved_is_a_clear_error(logged, tmp_path, m
     (tmp_path / "old_wrapper.py").unlink()  # the code the pickle names is gone
     with pytest.raises(registry.TrackingError, match=r"registered by an older distillery.*distill --force"):
         registry.load_served_model(info.model_uri)
+
+
+def read_log(folder: Path) -> pd.DataFrame:
+    files = sorted(Path(folder).rglob("part-*.parquet"))
+    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True) if files else pd.DataFrame()
+
+
+def test_the_prediction_log_records_each_request_off_the_request_path(logged, tmp_path):
+    """Turned on by the model config: every text with its answer, time and model version, in parquet files under
+    date folders, written by the background thread; with ``digest`` only the texts' SHA-256."""
+    import hashlib
+
+    import mlflow
+
+    mlflow.set_tracking_uri(logged["uri"])
+    model = mlflow.pyfunc.load_model("models:/student@champion", model_config={
+        "prediction_log": str(tmp_path / "log"), "prediction_log_model": "student/1", "prediction_log_flush_s": 0.2})
+    answers = [model.predict(TEXTS[:3]), model.predict(TEXTS[3:], params={"top_k": 2})]
+    log = model.unwrap_python_model().log
+    deadline = time.monotonic() + 20
+    while log.written < len(TEXTS) and time.monotonic() < deadline:  # the background thread's interval
+        time.sleep(0.1)
+    rows = read_log(tmp_path / "log")
+    assert len(rows) == len(TEXTS) and log.errors == 0 and log.lost == 0
+    assert rows["text"].tolist() == TEXTS and set(rows["model"]) == {"student/1"}
+    assert rows["label"].tolist() == [*answers[0]["label"], *answers[1]["label"]]
+    assert [len(json.loads(t)) for t in rows["top_k"]] == [1, 1, 1, 2, 2]
+    assert all(p.parent.name.startswith("date=") for p in (tmp_path / "log").rglob("part-*.parquet"))
+
+    private = mlflow.pyfunc.load_model("models:/student@champion", model_config={
+        "prediction_log": str(tmp_path / "digests"), "prediction_log_texts": "digest"})
+    private.predict(TEXTS)
+    private.unwrap_python_model().log.close()
+    rows = read_log(tmp_path / "digests")
+    assert rows["text"].isna().all()
+    assert rows["text_sha256"].tolist() == [hashlib.sha256(t.encode()).hexdigest() for t in TEXTS]
+
+
+def test_a_prediction_log_that_cannot_be_written_never_fails_a_prediction(logged, tmp_path, caplog):
+    import mlflow
+
+    (tmp_path / "a-file").write_text("not a folder")
+    mlflow.set_tracking_uri(logged["uri"])
+    model = mlflow.pyfunc.load_model("models:/student@champion", model_config={
+        "prediction_log": str(tmp_path / "a-file" / "log"), "prediction_log_flush_s": 3600})
+    answers = [model.predict([t]) for t in TEXTS]
+    assert all(len(a) == 1 for a in answers)
+    log = model.unwrap_python_model().log
+    with caplog.at_level("WARNING", logger="distillery.prediction_log"):
+        log.flush()
+        model.predict(TEXTS)
+        log.flush()
+    assert log.errors == 2 and log.lost == 2 * len(TEXTS) and log.written == 0
+    warned = [r for r in caplog.records if "cannot be written" in r.getMessage()]
+    assert len(warned) == 1 and "predictions go on" in warned[0].getMessage()  # once a minute, not per failure
+
+
+def test_distillery_serve_logs_what_it_is_asked(logged, tmp_path):
+    """`distillery serve` with the log on (the environment variable): the HTTP traffic lands in the log, with the
+    version the server resolved."""
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": logged["uri"], "MLFLOW_REGISTRY_URI": logged["uri"],
+           "DISTILLERY_PREDICTION_LOG": str(tmp_path / "log"), "DISTILLERY_PREDICTION_LOG_FLUSH_S": "0.2"}
+    with open(tmp_path / "serve.log", "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "distillery", "serve", "--model", "student@champion", "--port", str(port)], env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", 120, proc, tmp_path / "serve.log")
+        for text in TEXTS:
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                         data=json.dumps({"inputs": [text]}).encode(),
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                assert resp.status == 200
+        deadline = time.monotonic() + 30
+        while len(read_log(tmp_path / "log")) < len(TEXTS) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        rows = read_log(tmp_path / "log")
+        assert sorted(rows["text"]) == sorted(TEXTS) and set(rows["model"]) == {"student/1"}
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(30)

@@ -57,12 +57,24 @@ SERVE_ENV = "DISTILLERY_SERVE"  # the model URI and limits handed to each uvicor
 
 
 def limits_of(cfg: Config) -> ServingLimits:
-    return ServingLimits(**cfg.serving.model_dump())
+    return ServingLimits(**cfg.serving.model_dump(exclude={"prediction_log", "prediction_log_texts"}))
 
 
 def app_from_environment():  # noqa: ANN201 - an ASGI app; uvicorn's factory in each worker process
     settings = json.loads(os.environ[SERVE_ENV])
     return registry.scoring_app(settings["model_uri"], ServingLimits(**settings["limits"]))
+
+
+def prediction_log_environment(cfg: Config, uri: str) -> None:
+    """Turn the served model's prediction log on for this process and its workers as ``serving.prediction_log``
+    says (an environment variable already set wins), naming the model version it serves."""
+    from distillery.integrations.served_model import LOG_ENV, LOG_MODEL_ENV, LOG_TEXTS_ENV
+
+    log = cfg.serving.prediction_log
+    if log and LOG_ENV not in os.environ:
+        os.environ[LOG_ENV] = log if "://" in log else str(cfg.path(log))
+        os.environ.setdefault(LOG_TEXTS_ENV, cfg.serving.prediction_log_texts)
+    os.environ.setdefault(LOG_MODEL_ENV, uri.removeprefix("models:/"))
 
 
 def serve(cfg: Config, ref: str | None, host: str, port: int, workers: int = 1,
@@ -73,6 +85,7 @@ def serve(cfg: Config, ref: str | None, host: str, port: int, workers: int = 1,
 
     uri = model_uri(cfg, ref)
     limits = limits_of(cfg)
+    prediction_log_environment(cfg, uri)
     on_ready(uri)
     if workers == 1:
         uvicorn.run(registry.scoring_app(uri, limits), host=host, port=port, log_level="info", access_log=True)

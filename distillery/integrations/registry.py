@@ -35,7 +35,7 @@ from distillery import processes
 from distillery.config import Config
 from distillery.integrations.guard import Guard, ServingLimits
 from distillery.models.folders import MAX_PARAMETERS, check_classifier_folder, refuse_custom_code
-from distillery.integrations.served_model import CLASSIFIER_ARTIFACT, ONNX_INT8_FILE, SERVING_FILE
+from distillery.integrations.served_model import CLASSIFIER_ARTIFACT, LOG_CONFIG, ONNX_INT8_FILE, SERVING_FILE
 from distillery.records import SnapshotRef
 from distillery.errors import DistilleryError
 
@@ -280,6 +280,7 @@ def log_classifier(folder: Path, name: str = "model", quantize: str = "fp32", ma
                 signature=model_signature(labels),
                 input_example=input_example or ["I lost my card", "how do I top up?"],
                 pip_requirements=_requirements(quantize),
+                model_config=LOG_CONFIG,  # the prediction log's keys, off: `load_model(..., model_config=)` turns it on
             )
 
 

@@ -11,6 +11,12 @@ Input: a list of texts, a ``pandas.Series``, a one-column ``DataFrame`` (or one 
 array. Output: one row per text with ``label``, ``confidence``, ``top_k`` (the ``top_k`` most probable labels with
 their probabilities; ``params={"top_k": 3}``) and ``abstained``. An empty input gives an empty result.
 
+A prediction log (off by default): with the environment variable ``DISTILLERY_PREDICTION_LOG`` (a folder or an fsspec
+URI such as ``s3://bucket/log``) or the model config key ``prediction_log``, each request's texts (or only their
+SHA-256 digests: ``DISTILLERY_PREDICTION_LOG_TEXTS=digest`` / ``prediction_log_texts``) and answers are appended, off
+the request path, as parquet files ``<log>/date=YYYY-MM-DD/part-*.parquet`` (``PredictionLog``). A log that cannot be
+written never fails or slows a prediction: its rows are counted as lost and a warning is logged at most once a minute.
+
 Calibration travels in the same file: probabilities are ``softmax(logits / temperature)``, and with ``abstain_below``
 set, a text whose in-scope score is below it gets the out-of-scope label (``oos_label``) and ``abstained: true``
 (its ``top_k`` still lists the known labels). The score is the top-1 probability, or with ``abstain_score: energy``
@@ -19,7 +25,16 @@ set, a text whose in-scope score is below it gets the out-of-scope label (``oos_
 
 from __future__ import annotations
 
+import atexit
+import hashlib
+import io
 import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -192,8 +207,126 @@ class ServedClassifier:
             "abstained": abstained}, columns=OUTPUT_COLUMNS)
 
 
+LOG_ENV = "DISTILLERY_PREDICTION_LOG"  # a folder or fsspec URI: turns the prediction log on
+LOG_TEXTS_ENV = "DISTILLERY_PREDICTION_LOG_TEXTS"  # text (default) | digest: only each text's SHA-256
+LOG_MODEL_ENV = "DISTILLERY_PREDICTION_LOG_MODEL"  # name/version recorded on every row (distillery serve sets it)
+LOG_FLUSH_ENV = "DISTILLERY_PREDICTION_LOG_FLUSH_S"  # seconds between writes (default 10)
+# the model config keys a loader accepts (MLflow overrides only the keys logged with the model): off by default
+LOG_CONFIG = {"prediction_log": "", "prediction_log_texts": "text", "prediction_log_model": "",
+              "prediction_log_flush_s": 10.0}
+LOG_COLUMNS = ["time", "model", "text", "text_sha256", "label", "confidence", "top_k", "abstained"]
+logger = logging.getLogger("distillery.prediction_log")
+
+
+class PredictionLog:
+    """Appends predictions to parquet files in batches, from a background thread: ``record`` only queues (bounded:
+    beyond ``max_pending`` rows the oldest are dropped and counted), ``flush`` writes one file. Nothing here raises
+    into a prediction; ``written``, ``lost`` and ``errors`` say how it went."""
+
+    def __init__(self, uri: str, model: str = "", texts: str = "text", flush_s: float = 10.0, batch: int = 1000,
+                 max_pending: int = 100_000):
+        if texts not in ("text", "digest"):
+            raise ValueError(f"prediction log texts must be text or digest, not {texts!r}")
+        self.uri, self.model, self.texts, self.flush_s, self.batch = uri.rstrip("/"), model, texts, flush_s, batch
+        self.pending: deque = deque(maxlen=max_pending)
+        self.written = self.lost = self.errors = self._queued = 0
+        self._lock, self._wake, self._closed, self._warned = threading.Lock(), threading.Event(), False, 0.0
+        self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
+        self._thread.start()
+        atexit.register(self.close)
+
+    @classmethod
+    def from_settings(cls, config: dict | None = None) -> "PredictionLog | None":
+        """The log the model config (``prediction_log``...) or the environment turns on; None when off."""
+        config = config or {}
+        uri = config.get("prediction_log") or os.environ.get(LOG_ENV)
+        if not uri:
+            return None
+        return cls(str(uri), model=str(config.get("prediction_log_model") or os.environ.get(LOG_MODEL_ENV, "")),
+                   texts=str(config.get("prediction_log_texts") or os.environ.get(LOG_TEXTS_ENV, "text")),
+                   flush_s=float(config.get("prediction_log_flush_s") or os.environ.get(LOG_FLUSH_ENV, 10.0)))
+
+    def record(self, texts: list[str], answers: pd.DataFrame) -> None:
+        """Queue one request's rows (cheap: the columns as they are; rows are built when written)."""
+        try:
+            if len(self.pending) == self.pending.maxlen:
+                self.lost += len(self.pending[0][1])
+            self.pending.append((time.time(), list(texts), answers["label"].tolist(), answers["confidence"].tolist(),
+                                 answers["top_k"].tolist(), answers["abstained"].tolist()))
+            self._queued += len(texts)
+            if self._queued >= self.batch:  # a full batch is written now, not at the next interval
+                self._wake.set()
+        except Exception:  # noqa: BLE001 - a prediction never fails for its log
+            self.errors += 1
+
+    def _rows(self, taken: list) -> pd.DataFrame:
+        out: dict[str, list] = {c: [] for c in LOG_COLUMNS}
+        for stamp, texts, labels, confidences, top_ks, abstained in taken:
+            for text, label, confidence, top_k, abstain in zip(texts, labels, confidences, top_ks, abstained):
+                out["time"].append(stamp)
+                out["text"].append(text if self.texts == "text" else None)
+                out["text_sha256"].append(hashlib.sha256(text.encode("utf-8")).hexdigest())
+                out["label"].append(label)
+                out["confidence"].append(float(confidence))
+                out["top_k"].append(json.dumps(top_k))
+                out["abstained"].append(bool(abstain))
+        out["model"] = [self.model] * len(out["time"])
+        frame = pd.DataFrame(out, columns=LOG_COLUMNS)
+        frame["time"] = pd.to_datetime(frame["time"], unit="s", utc=True)
+        frame["text"] = frame["text"].astype("string")
+        return frame
+
+    def flush(self) -> int:
+        """Write what is queued as one parquet file; the number of rows written (0 on an error, counted)."""
+        with self._lock:
+            taken = [self.pending.popleft() for _ in range(len(self.pending))]
+            self._queued = 0
+            if not taken:
+                return 0
+            rows = sum(len(t[1]) for t in taken)
+            try:
+                import fsspec
+
+                frame = self._rows(taken)
+                buffer = io.BytesIO()
+                frame.to_parquet(buffer, index=False)
+                fs, root = fsspec.core.url_to_fs(self.uri)
+                stamp = time.gmtime(taken[0][0])
+                folder = f"{root}/date={time.strftime('%Y-%m-%d', stamp)}"
+                name = f"part-{time.strftime('%Y%m%dT%H%M%S', stamp)}-{uuid.uuid4().hex[:12]}.parquet"
+                fs.makedirs(folder, exist_ok=True)
+                if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+                    partial = f"{folder}/.{name}.partial"  # readers see whole files only
+                    fs.pipe_file(partial, buffer.getvalue())
+                    fs.mv(partial, f"{folder}/{name}")
+                else:  # an object store's put is whole or nothing
+                    fs.pipe_file(f"{folder}/{name}", buffer.getvalue())
+                self.written += rows
+                return rows
+            except Exception as exc:  # noqa: BLE001 - counted and warned about, never raised into a prediction
+                self.errors += 1
+                self.lost += rows
+                if time.monotonic() - self._warned > 60.0:
+                    self._warned = time.monotonic()
+                    logger.warning("prediction log %s cannot be written (%s: %s); %d rows lost so far, predictions "
+                                   "go on", self.uri, type(exc).__name__, exc, self.lost)
+                return 0
+
+    def _run(self) -> None:
+        while not self._closed:
+            self._wake.wait(self.flush_s)
+            self._wake.clear()
+            self.flush()
+
+    def close(self) -> None:
+        """Write what is left (at exit, too)."""
+        self._closed = True
+        self._wake.set()
+        self.flush()
+
+
 class DistilledClassifierModel(PythonModel):
-    """The pyfunc face of ``ServedClassifier``."""
+    """The pyfunc face of ``ServedClassifier`` (and its prediction log, when one is turned on)."""
 
     # predict() takes several input shapes on purpose and validates them itself (``as_texts``): MLflow's type-hint
     # based input validation (and its warning that predict has no type hints) does not apply
@@ -201,12 +334,17 @@ class DistilledClassifierModel(PythonModel):
 
     def load_context(self, context) -> None:  # noqa: ANN001 - MLflow's context type
         self.classifier = ServedClassifier(Path(context.artifacts[CLASSIFIER_ARTIFACT]))
+        self.log = PredictionLog.from_settings(getattr(context, "model_config", None))
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:  # noqa: ANN001
         top_k = (params or {}).get("top_k", 1)
         if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
             raise InputError(f"top_k must be a positive integer; got {top_k!r}")
-        return self.classifier.predict(as_texts(model_input), int(top_k))
+        texts = as_texts(model_input)
+        answers = self.classifier.predict(texts, int(top_k))
+        if getattr(self, "log", None) is not None and texts:
+            self.log.record(texts, answers)
+        return answers
 
 
 mlflow.models.set_model(DistilledClassifierModel())

@@ -1,0 +1,61 @@
+"""Drift measurements of a production window (pure): the domain classifier, length, unknown pieces, labels, and
+the judgement against the champion's state at promotion."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.helpers import make_frames
+
+
+def texts_of(frame) -> list[str]:  # noqa: ANN001 - a fixture DataFrame
+    return frame["text"].tolist()
+
+
+def shifted(n: int) -> list[str]:
+    """Texts of another domain (a home assistant's), none of the fixture's words."""
+    rng = np.random.default_rng(3)
+    verbs, things = ["play", "turn up", "set", "dim", "stop", "skip"], ["the jazz playlist", "the kitchen lights",
+                                                                          "an alarm for seven", "the next song",
+                                                                          "the living room heating", "the podcast"]
+    return [f"{rng.choice(verbs)} {rng.choice(things)} please" for _ in range(n)]
+
+
+def test_a_window_like_the_training_texts_shows_no_text_drift_and_another_domain_does():
+    from distillery.models.monitoring import text_drift
+
+    train, _ = make_frames(train_per_label=40, test_per_label=10)
+    texts = texts_of(train.sample(frac=1.0, random_state=0))  # one distribution, split at random
+    same = text_drift(texts[:80], texts[80:], seed=0, permutations=30)
+    assert same.auc < 0.6 and same.p_value > 0.05, same
+    other = text_drift(texts[:80], shifted(60), seed=0, permutations=30)
+    assert other.auc > 0.9 and other.p_value <= 1 / 31 + 1e-9, other
+    with pytest.raises(ValueError, match="at least 10 texts"):
+        text_drift(texts_of(train), ["just one"], seed=0)
+
+
+def test_length_unknown_pieces_and_label_distance_by_hand():
+    from distillery.models.monitoring import label_distance, length_shift, unknown_share
+
+    assert length_shift(["a b", "c d"], ["a b", "c d"])[0] == 0.0
+    assert length_shift(["a"] * 20, ["a b c d e f"] * 20)[0] == 1.0
+    assert unknown_share([[5, 1, 7], [1]], unknown_id=1) == 0.5 and unknown_share([[5]], None) == 0.0
+    assert label_distance(np.array([0, 1, 2]), np.array([2, 1, 0]), 3) == pytest.approx(0.0, abs=1e-6)
+    assert label_distance(np.array([0, 0]), np.array([1, 1]), 2) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_window_is_judged_against_the_state_at_promotion_with_every_reason():
+    from distillery.models.monitoring import Thresholds, judge_window
+
+    baseline = {"unknown_share": 0.01, "mean_confidence": 0.9, "abstention_rate": 0.05, "teacher_agreement": 0.95}
+    calm = {"text_auc": 0.55, "text_p_value": 0.3, "length_ks": 0.05, "unknown_share": 0.012, "label_distance": 0.05,
+            "mean_confidence": 0.88, "abstention_rate": 0.06, "teacher_agreement": 0.94}
+    assert not judge_window(calm, baseline, Thresholds()).drifted
+    stormy = {**calm, "text_auc": 0.8, "text_p_value": 0.001, "mean_confidence": 0.6, "teacher_agreement": 0.7}
+    report = judge_window(stormy, baseline, Thresholds())
+    assert report.drifted and len(report.reasons) == 3
+    assert [r.split(":")[0].split(" ")[0] for r in report.reasons] == ["input", "mean", "agreement"]
+    # significant but small: a large window's negligible difference is no alarm
+    assert not judge_window({**calm, "text_p_value": 0.001, "text_auc": 0.55}, baseline, Thresholds()).drifted
+    assert report.to_dict()["drifted"] is True

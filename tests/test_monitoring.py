@@ -59,3 +59,44 @@ def test_a_window_is_judged_against_the_state_at_promotion_with_every_reason():
     # significant but small: a large window's negligible difference is no alarm
     assert not judge_window({**calm, "text_p_value": 0.001, "text_auc": 0.55}, baseline, Thresholds()).drifted
     assert report.to_dict()["drifted"] is True
+
+
+def write_log(folder, texts: list[str], model: str = "student/1", texts_kept: str = "text") -> None:  # noqa: ANN001
+    """A real prediction log: what the loader's PredictionLog writes for these answers."""
+    import pandas as pd
+
+    from distillery.integrations.served_model import PredictionLog
+
+    log = PredictionLog(str(folder), model=model, texts=texts_kept, flush_s=3600)
+    log.record(texts, pd.DataFrame({"label": ["a"] * len(texts), "confidence": [0.9] * len(texts),
+                                    "top_k": [[{"label": "a", "probability": 0.9}]] * len(texts),
+                                    "abstained": [False] * len(texts)}))
+    log.close()
+    assert log.written == len(texts)
+
+
+def test_a_window_of_the_prediction_log_and_what_it_cannot_give(tmp_path):
+    import datetime as dt
+
+    from distillery.integrations.prediction_log import PredictionLogError, read_window, window_texts
+
+    now = dt.datetime.now(dt.timezone.utc)
+    start, end = now - dt.timedelta(hours=1), now + dt.timedelta(hours=1)
+    with pytest.raises(PredictionLogError, match="no prediction log at"):
+        read_window(str(tmp_path / "none"), start, end)
+    write_log(tmp_path / "log", ["first text", "second text"])
+    write_log(tmp_path / "log", ["from another version"], model="student/2")
+    window = read_window(str(tmp_path / "log"), start, end, model="student/1")
+    assert window["text"].tolist() == ["first text", "second text"] and window["top_k"][0][0]["label"] == "a"
+    assert len(read_window(str(tmp_path / "log"), start, end)) == 3
+    with pytest.raises(PredictionLogError, match="none of student/9"):
+        read_window(str(tmp_path / "log"), start, end, model="student/9")
+    with pytest.raises(PredictionLogError, match="no rows from"):
+        read_window(str(tmp_path / "log"), start - dt.timedelta(days=3), start - dt.timedelta(days=2))
+    write_log(tmp_path / "private", ["a secret"], texts_kept="digest")
+    with pytest.raises(PredictionLogError, match="only text digests"):
+        window_texts(read_window(str(tmp_path / "private"), start, end))
+    day = next((tmp_path / "log").glob("date=*"))
+    (day / "part-broken.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(PredictionLogError, match="part-broken.parquet is not readable parquet"):
+        read_window(str(tmp_path / "log"), start, end)

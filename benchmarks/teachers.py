@@ -189,8 +189,9 @@ def main() -> int:  # noqa: C901 - one benchmark's wiring, read top to bottom
         def run_arms() -> None:
             parent = registry.create_run(cfg, "teachers-benchmark", {"stage": "benchmark"})
             for arm in arms:
-                arm_cfg = load_config(args.config, {**probe, **arm_overrides(
-                    arm, url, len(labels), args.second_teacher, teacher_ref, work, budget)})
+                overrides = {**probe, **arm_overrides(arm, url, len(labels), args.second_teacher, teacher_ref, work,
+                                                      budget)}
+                arm_cfg = load_config(args.config, overrides)
                 teacher = resolve_teacher(arm_cfg, None, snapshot)
                 start = time.perf_counter()
                 outputs = label_flow(arm_cfg, snapshot, teacher)
@@ -200,8 +201,7 @@ def main() -> int:  # noqa: C901 - one benchmark's wiring, read top to bottom
                 for seed in args.seeds:
                     if (arm, seed) in done:
                         continue
-                    seeded = load_config(args.config, {**probe, **arm_overrides(
-                        arm, url, len(labels), args.second_teacher, teacher_ref, work, budget), "distill.seed": seed})
+                    seeded = load_config(args.config, {**overrides, "distill.seed": seed})
                     start = time.perf_counter()
                     trained = train_student(seeded, teacher, snapshot, outputs, recipe, parent)
                     row = {"arm": arm, "seed": seed, **accuracy(trained.folder), "seconds": time.perf_counter() - start}

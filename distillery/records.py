@@ -67,9 +67,17 @@ ENDPOINT_TEACHER = "teacher_endpoint"
 ENSEMBLE_TEACHER = "teacher_ensemble"
 
 
+MEMBER_PREFIX = "teacher_m"
+
+
 def member_row(index: int) -> str:
     """The harness name of an ensemble's member (1-based, in the config's order): ``teacher_m1``."""
-    return f"teacher_m{index}"
+    return f"{MEMBER_PREFIX}{index}"
+
+
+def is_member_row(name: str) -> bool:
+    """Whether a harness row is an ensemble member's (in any form: ``teacher_m2_int8``)."""
+    return name.startswith(MEMBER_PREFIX)
 
 
 def teacher_row(metrics: Mapping[str, object]) -> str:

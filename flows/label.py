@@ -82,8 +82,7 @@ def ensemble_outputs(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef, me
                      parent_run_id: str | None) -> TeacherOutputs:
     """The ensemble's soft labels from its members' validated outputs (cached by theirs), validated in turn."""
     inputs, labels = rows_to_label(cfg, snapshot)
-    e = cfg.teacher.ensemble
-    key = ensemble_key(teacher, members, e.calibrate, e.weights)
+    key = ensemble_key(teacher, members)
     run_id = start_run(cfg, "teacher-outputs", {"stage": "label", **teacher.to_tags(), **snapshot.to_tags()},
                        parent_run_id, snapshot=snapshot)
     start = time.perf_counter()

@@ -7,7 +7,7 @@ import shlex
 from dataclasses import asdict, dataclass, field, replace
 
 from distillery.config import GateConfig, StudentConfig
-from distillery.records import (ENDPOINT_TEACHER, ENSEMBLE_TEACHER, QUANTISED_TEACHERS, Decision, reference_candidate,
+from distillery.records import (ENDPOINT_TEACHER, ENSEMBLE_TEACHER, QUANTISED_TEACHERS, is_member_row, Decision, reference_candidate,
                                 served_candidate, teacher_row)
 from distillery.errors import DistilleryError
 
@@ -58,12 +58,15 @@ def _latency(student: dict, reference: dict, max_ratio: float, reference_name: s
 def decide(student: dict, int8_teacher: dict, teacher: dict, champion: dict | None, *, accuracy_tolerance: float,
            macro_f1_tolerance: float, max_latency_ratio: float, max_class_f1_drop: float,
            champion_tolerance: float, labels: list[str] | None = None, oos_recall_tolerance: float = 0.05,
-           oos_auroc_tolerance: float = 0.02, reference_name: str = "INT8 teacher") -> GateDecision:
+           oos_auroc_tolerance: float = 0.02, reference_name: str = "INT8 teacher",
+           ensemble: bool = False) -> GateDecision:
     """Every criterion is evaluated (no short-circuit) so a rejection lists all its reasons.
 
     ``student``/``int8_teacher``/``teacher``/``champion`` hold metrics as logged: accuracy, macro_f1,
     latency_p50_ms and per_class_f1 (a list per label); with out-of-scope test data also ``oos.recall`` and
-    ``oos.auroc``, which must not fall more than their tolerances below the (FP32) teacher's.
+    ``oos.auroc``, which must not fall more than their tolerances below the (FP32) teacher's. With ``ensemble``,
+    ``teacher`` is an ensemble teacher and the student's accuracy is also held to it (the reference is then its best
+    quantised member).
     """
     criteria = [
         Criterion("accuracy_vs_int8_teacher", student["accuracy"] >= int8_teacher["accuracy"] - accuracy_tolerance,
@@ -72,8 +75,13 @@ def decide(student: dict, int8_teacher: dict, teacher: dict, champion: dict | No
         Criterion("macro_f1_vs_int8_teacher", student["macro_f1"] >= int8_teacher["macro_f1"] - macro_f1_tolerance,
                   student["macro_f1"], int8_teacher["macro_f1"] - macro_f1_tolerance,
                   f"student macro-F1 >= {reference_name} macro-F1 - {macro_f1_tolerance}"),
-        _latency(student, int8_teacher, max_latency_ratio, reference_name),
     ]
+    if ensemble:  # the ensemble it learnt from, beside the best member a team could deploy alone
+        criteria.append(Criterion(
+            "accuracy_vs_ensemble_teacher", student["accuracy"] >= teacher["accuracy"] - accuracy_tolerance,
+            student["accuracy"], teacher["accuracy"] - accuracy_tolerance,
+            f"student accuracy >= ensemble teacher accuracy - {accuracy_tolerance}"))
+    criteria.append(_latency(student, int8_teacher, max_latency_ratio, reference_name))
     drops = [t - s for t, s in zip(teacher["per_class_f1"], student["per_class_f1"])]
     worst = max(range(len(drops)), key=lambda i: drops[i]) if drops else 0
     worst_name = labels[worst] if labels and drops else str(worst)
@@ -105,13 +113,7 @@ def judge_logged(gate: GateConfig, logged: dict[str, dict], served: str, champio
                      max_latency_ratio=gate.max_latency_ratio, max_class_f1_drop=gate.max_class_f1_drop,
                      champion_tolerance=gate.champion_tolerance, labels=student["labels"],
                      oos_recall_tolerance=gate.oos_recall_tolerance, oos_auroc_tolerance=gate.oos_auroc_tolerance,
-                     reference_name=reference_name(reference))
-    if teacher == ENSEMBLE_TEACHER:  # the ensemble it learnt from, beside the best member a team could deploy alone
-        bound = logged[teacher]["accuracy"] - gate.accuracy_tolerance
-        verdict.criteria.insert(2, Criterion("accuracy_vs_ensemble_teacher", student["accuracy"] >= bound,
-                                             student["accuracy"], bound,
-                                             f"student accuracy >= ensemble teacher accuracy - {gate.accuracy_tolerance}"))
-        verdict.passed = all(c.passed for c in verdict.criteria)
+                     reference_name=reference_name(reference), ensemble=teacher == ENSEMBLE_TEACHER)
     return Decision(passed=verdict.passed, reasons=tuple(verdict.reasons()),
                     criteria=tuple(verdict.to_dict()["criteria"]), version=version, champion_version=champion_version)
 
@@ -120,7 +122,7 @@ def reference_name(reference: str) -> str:
     """How the gate's reasons name the reference."""
     if reference == ENDPOINT_TEACHER:
         return "endpoint teacher"
-    if reference.startswith("teacher_m"):
+    if is_member_row(reference):
         return f"best quantised ensemble member ({reference})"
     return "INT8 teacher" if reference == "teacher_int8" else f"INT8 teacher ({reference})"
 
@@ -158,7 +160,7 @@ def harness_rows(reference: str) -> set[str]:
     """What an evaluation with this gate ``reference`` must have measured besides the served students."""
     if reference == ENDPOINT_TEACHER:
         return BLACK_BOX_HARNESS
-    return ENSEMBLE_HARNESS if reference.startswith("teacher_m") else HARNESS
+    return ENSEMBLE_HARNESS if is_member_row(reference) else HARNESS
 BASELINE_STUDENT = "baseline"  # the harness name of the student trained without the teacher, when the gate judges it
 
 

@@ -78,7 +78,7 @@ def label_distance(reference: np.ndarray, window: np.ndarray, classes: int) -> f
 
 @dataclass(frozen=True)
 class Thresholds:
-    """When a window counts as drifted (``monitor.*`` in the config)."""
+    """When a window counts as drifted (the monitor flow that will read them from the config is not written yet)."""
 
     text_p_value: float = 0.01
     text_auc: float = 0.6

@@ -26,6 +26,7 @@ from distillery.records import (
     TeacherOutputs,
     TeacherRef,
     TrainedStudent,
+    is_member_row,
     member_row,
     served_candidate,
 )
@@ -45,9 +46,6 @@ from distillery.models.gate import best_reference
 from distillery.models.labelling import META_FILE
 from distillery.models.report import harness_summary, headline_ratios, write_evaluation
 from distillery.tasks.labelling import endpoint_measurements
-
-
-MEMBER_PREFIX = member_row(0)[:-1]  # "teacher_m": an ensemble member's candidates
 
 
 def onnx_teacher_folder(cfg: Config, teacher: TeacherRef) -> Path:
@@ -109,8 +107,8 @@ def harness_teachers(cfg: Config, teacher: TeacherRef) -> dict[str, tuple[str, P
 def quantised_teachers(teacher: TeacherRef) -> tuple[str, ...]:
     """The quantised teacher forms the gate's reference is chosen from (an ensemble's: every member's)."""
     if teacher.kind == "ensemble":
-        return tuple(f"{member_row(i)}_{suffix}" for i in range(1, len(teacher.members) + 1)
-                     for suffix in ("int8", "int8_onnx"))
+        return tuple(served_candidate(form, member_row(i)) for i in range(1, len(teacher.members) + 1)
+                     for form in ("int8", "onnx-int8"))
     return QUANTISED_TEACHERS
 
 
@@ -152,7 +150,7 @@ def measure_with_ensemble(cfg: Config, teacher: TeacherRef, candidates: dict, en
         raise ValueError("an ensemble teacher is measured with the outputs it labelled (their combination)")
     e, timing = cfg.evaluation, timing_settings(cfg.evaluation)
     combination = Combination.from_dict(json.loads((Path(outputs.path).parent / META_FILE).read_text())["ensemble"])
-    members = {k: v for k, v in candidates.items() if k.startswith(MEMBER_PREFIX)}
+    members = {k: v for k, v in candidates.items() if is_member_row(k)}
     measured = measure_candidates(members, encoded, len(labels), e, timing)
     fp32 = [served_candidate("fp32", member_row(i)) for i in range(1, len(teacher.members) + 1)]
     m, logits, curve = measure_ensemble(fp32, measured, combination, splits["test"]["label_id"].to_numpy(),

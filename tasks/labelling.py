@@ -213,12 +213,11 @@ def validate_outputs(cfg: Config, outputs_path: str, expected_rows: int, run_id:
                              statistics=dict(report.statistics))
 
 
-def ensemble_key(teacher: TeacherRef, members: list[TeacherOutputs], calibrate: bool,
-                 weights: list[float] | None) -> str:
-    """An ensemble's outputs are keyed by its members' outputs (each keyed by its teacher and the rows) and by how
-    they are combined."""
-    blob = json.dumps({"ensemble": teacher.version, "members": [m.key for m in members], "calibrate": calibrate,
-                       "weights": weights, "format": OUTPUTS_FORMAT}, sort_keys=True)
+def ensemble_key(teacher: TeacherRef, members: list[TeacherOutputs]) -> str:
+    """An ensemble's outputs are keyed by its version (the members' versions and how they are combined) and its
+    members' outputs (each keyed by its teacher and the rows)."""
+    blob = json.dumps({"ensemble": teacher.version, "members": [m.key for m in members], "format": OUTPUTS_FORMAT},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 

@@ -220,7 +220,7 @@ logger = logging.getLogger("distillery.prediction_log")
 
 class PredictionLog:
     """Appends predictions to parquet files in batches, from a background thread: ``record`` only queues (bounded:
-    beyond ``max_pending`` rows the oldest are dropped and counted), ``flush`` writes one file. Nothing here raises
+    beyond ``max_pending`` requests the oldest are dropped, their rows counted as lost), ``flush`` writes one file. Nothing here raises
     into a prediction; ``written``, ``lost`` and ``errors`` say how it went."""
 
     def __init__(self, uri: str, model: str = "", texts: str = "text", flush_s: float = 10.0, batch: int = 1000,

@@ -68,6 +68,14 @@ def _config(args: argparse.Namespace):  # noqa: ANN202 - Config
     return load_config(args.config, _overrides(args))
 
 
+def _quiet_stdout(args: argparse.Namespace):  # noqa: ANN202 - a context manager
+    """With --json, whatever a library prints (MLflow's "View run at ..." against a server) goes to stderr: stdout
+    holds the JSON result alone."""
+    import contextlib
+
+    return contextlib.redirect_stdout(sys.stderr) if getattr(args, "json", False) else contextlib.nullcontext()
+
+
 def _pipeline(args: argparse.Namespace, command: str, **params: Any) -> int:
     """Run one pipeline command; exit 3 when the gate rejected the student (a scheduler can tell it from a crash)."""
     cfg = _config(args)  # validate before any flow (and its server) starts: a bad key fails in a second
@@ -82,7 +90,7 @@ def _pipeline(args: argparse.Namespace, command: str, **params: Any) -> int:
     check_prefect_server()
     if not args.verbose:
         hide_console_tracebacks()
-    with prefect_errors():
+    with prefect_errors(), _quiet_stdout(args):
         result = pipeline_flow(args.config, _overrides(args), command=command,
                                teacher_version=getattr(args, "teacher_version", None),
                                force=getattr(args, "force", False), **params)
@@ -137,6 +145,21 @@ def cmd_watch(args: argparse.Namespace) -> int:
     with prefect_errors():
         watch_flow(args.config, _overrides(args))
     return 0
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    _config(args)
+    from distillery.integrations.events import check_prefect_server, prefect_errors
+    from distillery.flows.pipeline import monitor_entry
+
+    check_prefect_server()
+    if not args.verbose:
+        hide_console_tracebacks()
+    with prefect_errors(), _quiet_stdout(args):
+        result = monitor_entry(args.config, _overrides(args), end=args.end)
+    if args.json:
+        print(json.dumps(result, indent=1, default=str))
+    return 4 if result["drifted"] else 0
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
@@ -323,6 +346,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
                              "`teacher import SOURCE`: register an existing classifier instead, without training"),
     "distill": (cmd_distill, "label (cached) -> distil + baseline -> evaluate -> gate, with the registered teacher"),
     "watch": (cmd_watch, "compare teacher@alias and the data snapshot with the champion; emit a re-distill event"),
+    "monitor": (cmd_monitor, "judge a window of the champion's prediction log against its training data and its "
+                             "promotion; on drift emit the event that re-distils on those texts (exit 4)"),
     "lineage": (cmd_lineage, "show (and --verify) the lineage of a registered student, e.g. student@champion"),
     "status": (cmd_status, "current teacher, champion and the last runs"),
     "promote": (cmd_promote, "--rollback, or --version N: move the champion alias by hand (N after the gate's checks)"),
@@ -399,6 +424,12 @@ def _label_dry_run_arg(parser: argparse.ArgumentParser) -> None:
                         "many requests, at what estimated cost (nothing is asked; exit 3 when over the budget)")
 
 
+def _monitor_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--end", metavar="TIME", help="the window's end, ISO 8601 (default now; its length is "
+                                                      "monitor.window_hours)")
+    _json_arg(parser)
+
+
 def _gc_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", type=int, metavar="N", help="latest entries of each kind to keep (runtime.keep_runs)")
     parser.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
@@ -436,6 +467,7 @@ EXTRA_ARGUMENTS: dict[str, list[Callable[[argparse.ArgumentParser], None]]] = {
     "gc": [_gc_args],
     "status": [_json_arg],
     "history": [_json_arg],
+    "monitor": [_monitor_args],
     "predict": [_predict_args],
     "serve": [_serve_args],
 }

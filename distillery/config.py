@@ -399,8 +399,36 @@ class ServingConfig(Section):
     prediction_log_texts: Literal["text", "digest"] = "text"  # digest: only each text's SHA-256, never the text
 
 
+class MonitorThresholds(Section):
+    """When a window of production traffic counts as drifted (``models.monitoring.judge_window``)."""
+
+    text_p_value: float = Field(0.01, gt=0, le=1)   # the domain classifier's AUC under shuffled origins, and
+    text_auc: float = Field(0.6, ge=0.5, le=1)      # its AUC: both crossed (a big window makes any gap significant)
+    length_ks: float = Field(0.2, gt=0, le=1)       # KS statistic of word counts against the training texts
+    unknown_share_increase: float = Field(0.02, gt=0)  # unknown word pieces, over the test split's share
+    label_distance: float = Field(0.1, gt=0, le=1)  # Jensen-Shannon distance to the test split's, beyond chance
+    confidence_drop: float = Field(0.1, gt=0)       # mean confidence below test's by this much
+    abstention_increase: float = Field(0.1, gt=0)   # abstention rate above test's by this much
+    agreement_drop: float = Field(0.05, gt=0)       # agreement with the teacher below the one at promotion
+
+
+class MonitorConfig(Section):
+    """``distillery monitor``: a window of the champion's prediction log against its training data and promotion."""
+
+    log: str | None = None            # the prediction log (folder or fsspec URI); null: serving.prediction_log
+    window_hours: float = Field(24.0, gt=0)  # the window: the last N hours (the flow's `end` parameter moves it)
+    min_texts: int = Field(50, ge=10)  # a smaller window is reported, never judged (no event from half a window)
+    teacher_sample: int = Field(200, ge=0)  # texts of the window the teacher labels for agreement (0: not measured)
+    permutations: int = Field(99, ge=19)  # shuffles of the text-drift test (its p-value is at least 1/(N+1))
+    max_texts: int = Field(1000, gt=10)  # per side in the text-drift test (seeded sample)
+    seed: int = 0
+    thresholds: MonitorThresholds = Field(default_factory=MonitorThresholds)
+    production_max_texts: int = Field(5000, gt=0)  # logged texts kept in the snapshot's production transfer set
+                                       # (the newest; a re-distil on drift adds them, deduplicated)
+
+
 # safety limits that never change what a run produces: outside the digest (changing them re-distils nothing)
-OPERATIONAL = {"serving": None, "teacher": ("max_parameters", "endpoint.api_key_env", "endpoint.texts_per_request",
+OPERATIONAL = {"serving": None, "monitor": None, "teacher": ("max_parameters", "endpoint.api_key_env", "endpoint.texts_per_request",
                                            "endpoint.concurrency", "endpoint.requests_per_second",
                                            "endpoint.timeout_s", "endpoint.retries", "endpoint.backoff_s",
                                            "endpoint.max_failure_rate", "endpoint.max_requests", "endpoint.max_cost",
@@ -423,6 +451,7 @@ class Config(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     serving: ServingConfig = Field(default_factory=ServingConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     root: str = "."
 
     def for_student(self, shape: Mapping[str, Any]) -> "Config":

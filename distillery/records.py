@@ -29,6 +29,11 @@ CONFIG_HASH_TAG = "config.hash"
 GIT_REVISION_TAG = "git.revision"
 OUTPUTS_RUN_TAG = "teacher_outputs.run_id"
 SNAPSHOT_TAG = "data.snapshot_md5"
+# a snapshot with texts production sent (``distillery monitor`` -> re-distil on drift): how many, their file's hash,
+# and the snapshot they were added to (what the code revision's data.dvc records until someone commits the new one)
+PRODUCTION_TEXTS_TAG = "data.production_texts"
+PRODUCTION_SHA_TAG = "data.production_sha256"
+PRODUCTION_BASE_TAG = "data.production_base_md5"
 GATE_REFERENCE_TAG = "gate.reference"     # the teacher form the gate compared with
 GATE_CRITERIA_TAG = "gate.criteria"
 GATE_FAILED_TAG = "gate.failed"           # on a distill run: the criteria that failed ("none")

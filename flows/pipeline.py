@@ -6,7 +6,8 @@ registry, so a scheduled ingest can never rewrite ``data/`` under a running dist
 
 Commands: ``run`` (ingest -> teacher when none is registered -> distil), ``ingest``, ``teacher`` (fine-tune),
 ``import-teacher`` (register an existing classifier), ``label``, ``distill``; ``watch`` compares the registry with
-the champion and emits the re-distill event.
+the champion and emits the re-distill event; ``monitor`` judges the champion's production traffic and emits the
+drift event.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from distillery.records import RunResult
 from distillery.flows.distill import distill_flow
 from distillery.flows.ingest import ingest_flow
 from distillery.flows.label import label_flow
+from distillery.flows.monitor import monitor_flow
 from distillery.flows.runners import run_lock, task_runner_for
 from distillery.flows.teacher import teacher_flow, teacher_import_flow
-from distillery.tasks.data import verify_snapshot
+from distillery.tasks.data import add_production_texts, verify_snapshot
 from distillery.tasks.events import check_for_changes, emit_redistill_task
 from distillery.tasks.teacher import current_teacher_version, resolve_teacher
 
@@ -41,12 +43,16 @@ def _run_name() -> str:
 @flow(name="distillery", log_prints=True, flow_run_name=_run_name)
 def pipeline_flow(config_path: str | None = None, overrides: dict[str, Any] | None = None, command: str = "run",
                   teacher_version: str | None = None, force: bool = False,
-                  teacher_source: str | None = None) -> RunResult:
-    """Run one pipeline command on one configuration (``config_path`` + dotted ``overrides``)."""
+                  teacher_source: str | None = None, production: dict[str, Any] | None = None) -> RunResult:
+    """Run one pipeline command on one configuration (``config_path`` + dotted ``overrides``). ``production`` (a
+    window of the prediction log: ``log``, ``start``, ``end``, ``model``, as ``distillery.drift.detected`` carries
+    it) adds that window's texts to the snapshot's production transfer set before a ``run`` or ``distill``."""
     if command not in COMMANDS:
         raise ConfigError(f"unknown pipeline command {command!r}: one of {', '.join(COMMANDS)}")
+    if production and command not in ("run", "distill"):
+        raise ConfigError(f"production texts are added by `run` or `distill`, not `{command}`")
     cfg = load_config(config_path, overrides)
-    return run_command(cfg, command, teacher_version, force, teacher_source)
+    return run_command(cfg, command, teacher_version, force, teacher_source, production)
 
 
 def _bootstrap_teacher(cfg: Config, snapshot, source: str | None):  # noqa: ANN001, ANN202 - SnapshotRef -> TeacherRef
@@ -56,7 +62,7 @@ def _bootstrap_teacher(cfg: Config, snapshot, source: str | None):  # noqa: ANN0
 
 
 def run_command(cfg: Config, command: str, teacher_version: str | None = None, force: bool = False,
-                teacher_source: str | None = None) -> RunResult:
+                teacher_source: str | None = None, production: dict[str, Any] | None = None) -> RunResult:
     """The pipeline's wiring for one command, on a configuration loaded once."""
     if command in ("teacher", "import-teacher") and cfg.teacher.kind != "registered":
         what = (", ".join(cfg.teacher.ensemble.members) if cfg.teacher.kind == "ensemble"
@@ -85,6 +91,8 @@ def run_command(cfg: Config, command: str, teacher_version: str | None = None, f
                 return RunResult(command=command, snapshot=snapshot, ingest=report)
         else:
             snapshot = verify_snapshot(cfg)
+        if production:
+            snapshot, _ = add_production_texts(cfg, production)
         if command == "run" and teacher_version is None and current_teacher_version(cfg) is None:
             teacher_version = _bootstrap_teacher(cfg, snapshot, teacher_source).version
         teacher = resolve_teacher(cfg, teacher_version, snapshot)
@@ -102,3 +110,12 @@ def watch_flow(config_path: str | None = None, overrides: dict[str, Any] | None 
         change["event_id"] = emit_redistill_task(cfg, change["teacher_version"], snapshot, change["reason"])
     print(("change: " if change["changed"] else "no change: ") + change["reason"])
     return change
+
+
+@flow(name="distillery-monitor", log_prints=True)
+def monitor_entry(config_path: str | None = None, overrides: dict[str, Any] | None = None,
+                  end: str | None = None) -> dict:
+    """Judge the champion's latest window of production traffic (deploy it on a schedule); emits
+    ``distillery.drift.detected`` on drift (``flows/monitor.py``)."""
+    cfg = load_config(config_path, overrides)
+    return monitor_flow(cfg, end).to_dict()

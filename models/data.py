@@ -20,6 +20,9 @@ logger = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")
 OOS_SPLITS = {"train": "oos_train", "validation": "oos_validation", "test": "oos_test"}
 SCOPE_FILE = "scope.json"
+# texts the champion was asked in production (``distillery monitor`` -> a re-distil on drift): unlabelled, part of
+# the DVC-versioned snapshot, labelled by the teacher as transfer data (split ``production``)
+PRODUCTION_FILE = "production.parquet"
 SNAPSHOT_COLUMNS = ["id", "text", "label", "label_id"]
 
 
@@ -564,6 +567,39 @@ def read_transfer_set(path: Path) -> pd.DataFrame:
     texts = texts[texts.str.strip() != ""]
     out = pd.DataFrame({"id": texts.map(row_id), "text": texts}).drop_duplicates("id")
     return out.sort_values("id", kind="stable").reset_index(drop=True)
+
+
+def read_production(folder: Path) -> pd.DataFrame:
+    """The snapshot's production texts (``id``, ``text``, ``logged_at``); empty when it has none."""
+    path = Path(folder) / PRODUCTION_FILE
+    if not path.is_file():
+        return pd.DataFrame({"id": pd.Series(dtype=str), "text": pd.Series(dtype=str),
+                             "logged_at": pd.Series(dtype=str)})
+    return _read_frame(path)
+
+
+def merge_production(existing: pd.DataFrame, texts: list[str], times: list[str], held_out: list[str],
+                     cap: int) -> tuple[pd.DataFrame, dict[str, int]]:
+    """``existing`` production texts with newly logged ``texts`` (logged at ``times``, ISO) added: empty and repeated
+    texts once (the newest sighting kept), never a validation or test text (``held_out``, by row id), and only the
+    ``cap`` most recently logged. Returns the frame (sorted by id: its bytes depend only on its content) and counts."""
+    new = pd.DataFrame({"text": [str(t) for t in texts], "logged_at": [str(t) for t in times]})
+    new = new[new["text"].str.strip() != ""]
+    new["id"] = new["text"].map(row_id)
+    banned = {row_id(t) for t in held_out}
+    offered = new["id"].nunique()
+    new = new[~new["id"].isin(banned)]
+    merged = pd.concat([existing[["id", "text", "logged_at"]], new[["id", "text", "logged_at"]]], ignore_index=True)
+    merged = merged.sort_values(["logged_at", "id"], kind="stable").drop_duplicates("id", keep="last")
+    kept = merged.tail(cap).sort_values("id", kind="stable").reset_index(drop=True)
+    counts = {"offered": int(offered), "held_out": int(offered - new["id"].nunique()),
+              "added": int(len(set(kept["id"]) - set(existing["id"]))), "kept": int(len(kept))}
+    return kept, counts
+
+
+def write_production(frame: pd.DataFrame, folder: Path) -> None:
+    frame[["id", "text", "logged_at"]].to_parquet(Path(folder) / PRODUCTION_FILE, index=False, engine="pyarrow",
+                                                  compression="zstd")
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,13 @@ scikit-learn and scipy tests, no I/O).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 from scipy.spatial.distance import jensenshannon
 from scipy.stats import ks_2samp
+
+from distillery.config import MonitorThresholds
 
 
 @dataclass(frozen=True)
@@ -69,25 +72,22 @@ def unknown_share(token_ids: list[list[int]], unknown_id: int | None) -> float:
     return float(sum(ids.count(unknown_id) for ids in token_ids) / total)
 
 
-def label_distance(reference: np.ndarray, window: np.ndarray, classes: int) -> float:
-    """Jensen-Shannon distance (base 2: 0 the same, 1 disjoint) between two sets of predicted label ids."""
-    p = np.bincount(np.asarray(reference, dtype=int), minlength=classes) + 1e-9
-    q = np.bincount(np.asarray(window, dtype=int), minlength=classes) + 1e-9
+def label_distance(reference: list[str], window: list[str]) -> float:
+    """Jensen-Shannon distance (base 2: 0 the same, 1 disjoint) between two sets of predicted label names."""
+    names = sorted(set(reference) | set(window))
+    index = {n: i for i, n in enumerate(names)}
+    p = np.bincount([index[n] for n in reference], minlength=len(names)) + 1e-9
+    q = np.bincount([index[n] for n in window], minlength=len(names)) + 1e-9
     return float(jensenshannon(p / p.sum(), q / q.sum(), base=2))
 
 
-@dataclass(frozen=True)
-class Thresholds:
-    """When a window counts as drifted (the monitor flow that will read them from the config is not written yet)."""
-
-    text_p_value: float = 0.01
-    text_auc: float = 0.6
-    length_ks: float = 0.2
-    unknown_share_increase: float = 0.02
-    label_distance: float = 0.2
-    confidence_drop: float = 0.1
-    abstention_increase: float = 0.1
-    agreement_drop: float = 0.05
+def label_distance_noise(reference: list[str], n: int, seed: int = 0, draws: int = 50) -> float:
+    """The 95th percentile of ``label_distance`` between ``reference`` and samples of ``n`` of its own labels: what
+    a window of ``n`` texts from the same traffic shows by chance (with 77 labels, 200 texts are far from 0)."""
+    rng = np.random.default_rng(seed)
+    ref = np.asarray(reference, dtype=object)
+    return float(np.quantile([label_distance(reference, list(rng.choice(ref, n, replace=True)))
+                              for _ in range(draws)], 0.95))
 
 
 @dataclass
@@ -105,23 +105,27 @@ class DriftReport:
         return {**asdict(self), "drifted": self.drifted}
 
 
-def judge_window(measured: dict[str, float], baseline: dict[str, float], t: Thresholds) -> DriftReport:
+def judge_window(measured: dict[str, float], baseline: dict[str, float], t: MonitorThresholds) -> DriftReport:
     """Compare a window's ``measured`` figures (``text_auc``, ``text_p_value``, ``length_ks``, ``unknown_share``,
-    ``label_distance``, ``mean_confidence``, ``abstention_rate``, optionally ``teacher_agreement``) with the
-    champion's ``baseline`` at promotion (``unknown_share``, ``mean_confidence``, ``abstention_rate``,
-    ``teacher_agreement`` on test)."""
+    ``label_distance``, ``mean_confidence``, ``abstention_rate``, optionally ``length_p_value``,
+    ``label_distance_noise`` and ``teacher_agreement``) with the champion's ``baseline`` (``unknown_share``,
+    ``mean_confidence``, ``abstention_rate`` on test, ``teacher_agreement`` on test at promotion). A text-length or
+    label shift counts when it is beyond chance too (its p-value under ``text_p_value``, the label distance over
+    the noise of a window this size)."""
     report = DriftReport(measured=dict(measured))
     m, b = measured, baseline
     if m["text_p_value"] <= t.text_p_value and m["text_auc"] >= t.text_auc:
         report.reasons.append(f"input drift: a classifier tells the window from the training texts with ROC AUC "
                               f"{m['text_auc']:.3f} (p = {m['text_p_value']:.3g}; bar {t.text_auc})")
-    if m["length_ks"] >= t.length_ks:
+    if m["length_ks"] >= t.length_ks and m.get("length_p_value", 0.0) <= t.text_p_value:
         report.reasons.append(f"text length shifted: KS {m['length_ks']:.3f} (bar {t.length_ks})")
     if m["unknown_share"] - b.get("unknown_share", 0.0) >= t.unknown_share_increase:
         report.reasons.append(f"unknown word pieces {m['unknown_share']:.3f} against {b.get('unknown_share', 0.0):.3f}"
                               f" on test (bar +{t.unknown_share_increase})")
-    if m["label_distance"] >= t.label_distance:
-        report.reasons.append(f"predicted labels shifted: Jensen-Shannon distance {m['label_distance']:.3f} (bar "
+    excess = m["label_distance"] - m.get("label_distance_noise", 0.0)
+    if excess >= t.label_distance:
+        report.reasons.append(f"predicted labels shifted: Jensen-Shannon distance {m['label_distance']:.3f} against "
+                              f"the test split's, {excess:.3f} over what a window this size shows by chance (bar "
                               f"{t.label_distance})")
     if b["mean_confidence"] - m["mean_confidence"] >= t.confidence_drop:
         report.reasons.append(f"mean confidence {m['mean_confidence']:.3f} against {b['mean_confidence']:.3f} on test "
@@ -134,3 +138,41 @@ def judge_window(measured: dict[str, float], baseline: dict[str, float], t: Thre
             report.reasons.append(f"agreement with the teacher {m['teacher_agreement']:.3f} against "
                                   f"{b['teacher_agreement']:.3f} on test (bar -{t.agreement_drop})")
     return report
+
+
+def write_drift_report(folder: Path, report: DriftReport, baseline: dict[str, float], thresholds: MonitorThresholds,
+                       window: dict, reference: dict, title: str) -> Path:
+    """The drift report in ``folder``: ``drift.json``, three plots (predicted labels, text length, confidence; window
+    against the test split) and ``drift_report.html``, one self-contained page (plots inlined) readable offline.
+    ``window`` and ``reference`` hold ``labels``, ``lengths`` and ``confidences`` (lists)."""
+    import base64
+    import html
+    import json
+
+    from distillery.models.report import plot_drift
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "drift.json").write_text(json.dumps({**report.to_dict(), "baseline": baseline,
+                                                   "thresholds": thresholds.model_dump()}, indent=1, sort_keys=True))
+    plots = plot_drift(window, reference, folder)
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.4g}</td><td>{baseline[k]:.4g}</td></tr>"
+                   if isinstance(baseline.get(k), (int, float)) else
+                   f"<tr><td>{html.escape(k)}</td><td>{v:.4g}</td><td></td></tr>"
+                   for k, v in report.measured.items())
+    bars = "".join(f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>" for k, v in thresholds.model_dump().items())
+    verdict = "DRIFT" if report.drifted else "no drift"
+    reasons = "".join(f"<li>{html.escape(r)}</li>" for r in report.reasons) or "<li>every measure within its bar</li>"
+    images = "".join(f'<figure><img alt="{p.stem}" src="data:image/png;base64,'
+                     f'{base64.b64encode(p.read_bytes()).decode()}"></figure>' for p in plots)
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+            "body{font-family:sans-serif;max-width:60em;margin:2em auto;color:#222}"
+            "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .6em;text-align:left}"
+            ".drift{color:#b00}.calm{color:#070}img{max-width:100%}</style></head><body>"
+            f"<h1>{html.escape(title)}</h1><h2 class='{'drift' if report.drifted else 'calm'}'>{verdict}</h2>"
+            f"<ul>{reasons}</ul><h3>Measured (window) and at promotion (test split)</h3>"
+            f"<table><tr><th>measure</th><th>window</th><th>baseline</th></tr>{rows}</table>"
+            f"<h3>Bars (monitor.thresholds)</h3><table>{bars}</table>{images}</body></html>")
+    out = folder / "drift_report.html"
+    out.write_text(page)
+    return out

@@ -398,3 +398,35 @@ def gated_model_card(name: str, version: str, lineage_tags: dict[str, str], logg
     return model_card(name, version, card_lineage, logged,
                       {"passed": decision.passed, "criteria": list(decision.criteria), "notes": notes}, recipe,
                       served=served, abstain_score=abstain_score, reference=reference)
+
+
+def plot_drift(window: dict, reference: dict, folder: Path, top: int = 20) -> list[Path]:
+    """A production window against the test split: the ``top`` most frequent predicted labels (shares), word counts
+    and confidences. Each dict holds ``labels``, ``lengths`` and ``confidences`` (lists)."""
+    from collections import Counter
+
+    folder = Path(folder)
+    w, r = Counter(window["labels"]), Counter(reference["labels"])
+    names = [n for n, _ in (w + r).most_common(top)]
+    fig, ax = plt.subplots(figsize=(7, 0.25 * len(names) + 1.5))
+    y = np.arange(len(names))
+    ax.barh(y - 0.2, [r[n] / max(sum(r.values()), 1) for n in names], height=0.4, label="test split (promotion)")
+    ax.barh(y + 0.2, [w[n] / max(sum(w.values()), 1) for n in names], height=0.4, label="production window")
+    ax.set_yticks(y, names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("share of predictions")
+    ax.set_title(f"Predicted labels (the {len(names)} most frequent)", fontsize=9)
+    ax.legend(fontsize=8)
+    paths = [_save(fig, folder / "labels.png")]
+    for key, xlabel, name in (("lengths", "words per text", "lengths.png"),
+                              ("confidences", "confidence of the predicted label", "confidence.png")):
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        both = np.r_[reference[key], window[key]].astype(float)
+        bins = np.histogram_bin_edges(both, bins=30) if len(both) else 10
+        ax.hist(reference[key], bins=bins, density=True, alpha=0.55, label="test split (promotion)")
+        ax.hist(window[key], bins=bins, density=True, alpha=0.55, label="production window")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("density")
+        ax.legend(fontsize=8)
+        paths.append(_save(fig, folder / name))
+    return paths

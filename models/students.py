@@ -140,7 +140,7 @@ def training_shape(student: StudentConfig) -> dict:
 
 # the baseline learns from hard labels alone; KD also from the teacher's soft labels on transfer, augmented and
 # out-of-scope rows
-KD_SPLITS = ("train", "transfer", "augmented", "oos")
+KD_SPLITS = ("train", "transfer", "augmented", "oos", "production")
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,9 @@ from prefect.cache_policies import NO_CACHE
 
 from distillery.config import Config
 from distillery.integrations import store
-from distillery.records import SnapshotRef
-from distillery.models.data import prepare_data
+from distillery.records import PRODUCTION_BASE_TAG, PRODUCTION_SHA_TAG, PRODUCTION_TEXTS_TAG, SnapshotRef
+from distillery.models.data import (PRODUCTION_FILE, merge_production, prepare_data, read_out_of_scope,
+                                    read_production, read_snapshot, write_production)
 
 
 @task(name="ingest-snapshot", cache_policy=NO_CACHE)
@@ -48,3 +49,50 @@ def verify_snapshot(cfg: Config) -> SnapshotRef:
     snapshot = freeze(cfg)
     get_run_logger().info("data snapshot %s verified (%s)", snapshot.md5, snapshot.path)
     return snapshot
+
+
+@task(name="add-production-texts", cache_policy=NO_CACHE)
+def add_production_texts(cfg: Config, production: dict) -> tuple[SnapshotRef, dict]:
+    """Add the texts of a window of the prediction log (``production``: ``log``, ``start``, ``end``, ``model``, as
+    the drift event carries them) to the snapshot's production transfer set, version it with DVC and push it, all
+    or nothing (``store.publish_with``). Never a validation or test text; the newest ``monitor.production_max_texts``
+    kept. The window must hold texts, not only digests (a PredictionLogError otherwise)."""
+    import datetime as dt
+
+    from distillery.integrations.prediction_log import read_window, window_texts
+
+    logger = get_run_logger()
+    start, end = (dt.datetime.fromisoformat(production[k]) for k in ("start", "end"))
+    window = read_window(production["log"], start, end, production.get("model"))
+    window_texts(window)  # a digest-only window is an error, not an empty addition
+    window = window.dropna(subset=["text"])
+    snapshot = freeze(cfg)
+    splits, _ = read_snapshot(Path(snapshot.path))
+    _, oos = read_out_of_scope(Path(snapshot.path))
+    held_out = [t for frame in (splits["validation"], splits["test"], *[oos[k] for k in ("oos_validation", "oos_test")
+                                                                         if k in oos]) for t in frame["text"]]
+    existing = read_production(Path(snapshot.path))
+    kept, counts = merge_production(existing, window["text"].tolist(),
+                                    [str(t) for t in window["time"]], held_out, cfg.monitor.production_max_texts)
+    if counts["added"] == 0 and len(kept) == len(existing):
+        logger.info("production texts: none new in the window (%s); data snapshot %s unchanged", counts, snapshot.md5)
+        return snapshot, counts
+    md5 = store.publish_with(Path(cfg.root), cfg.path(cfg.data.snapshot_dir), cfg.dvc.remote_name,
+                             lambda staged: write_production(kept, staged))
+    snapshot = freeze(cfg)
+    logger.info("production texts from %s (%s to %s): %s; data snapshot %s, pushed to DVC remote %r",
+                production["log"], production["start"], production["end"], counts, md5, cfg.dvc.remote_name)
+    return snapshot, counts
+
+
+def production_tags(snapshot: SnapshotRef) -> dict[str, str]:
+    """How many production texts the snapshot holds, their file's SHA-256 and the snapshot without them (for the
+    lineage; none without)."""
+    import hashlib
+
+    path = Path(snapshot.path) / PRODUCTION_FILE
+    if not path.is_file():
+        return {}
+    return {PRODUCTION_TEXTS_TAG: str(len(read_production(Path(snapshot.path)))),
+            PRODUCTION_SHA_TAG: hashlib.sha256(path.read_bytes()).hexdigest(),
+            PRODUCTION_BASE_TAG: store.dir_md5(Path(snapshot.path), exclude=(PRODUCTION_FILE,))}

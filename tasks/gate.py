@@ -33,6 +33,7 @@ from distillery.records import (
     served_candidate,
 )
 from distillery.models.calibration import served_calibration
+from distillery.tasks.data import production_tags
 from distillery.models.data import read_out_of_scope
 from distillery.models.gate import GateError, harness_rows, judge_students, promotion_reason
 from distillery.models.report import gated_model_card
@@ -89,7 +90,7 @@ def promote(cfg: Config, run_id: str, snapshot: SnapshotRef, teacher: TeacherRef
         registry.log_json(cfg.to_dict(), "config.json")
     # lean version tags: the lineage keys; the full config is the run's config.json, the card the description
     scope, _ = read_out_of_scope(Path(snapshot.path))
-    tags = {**lineage.to_tags(), **scope_tags(scope.oos_label, scope.held_out),
+    tags = {**lineage.to_tags(), **scope_tags(scope.oos_label, scope.held_out), **production_tags(snapshot),
             MODEL_CARD_TAG: f"runs:/{run_id}/model_card.md"}
     recipe = {**student.candidate.to_dict(),
               "student": cfg.student.frontier_shapes().get(decision.student, cfg.student).model_dump_json()}

@@ -21,7 +21,7 @@ from distillery.integrations import registry
 from distillery.integrations.expectations import ValidationFailed, validate_teacher_outputs
 from distillery.records import SnapshotRef, TeacherOutputs, TeacherRef, ValidationSummary
 from distillery.models.augment import NearCopies, Recipe, content_hash, make_transfer_set
-from distillery.models.data import read_out_of_scope, read_snapshot, read_transfer_set
+from distillery.models.data import read_out_of_scope, read_production, read_snapshot, read_transfer_set, row_id
 from distillery.models.labelling import (
     DIGESTS_FILE,
     FEATURES_FILE,
@@ -52,7 +52,9 @@ def labelling_inputs(snapshot: SnapshotRef, transfer_set: Path | None, recipe: R
                      near_copy_words: int = 0) -> tuple[pd.DataFrame, list[str]]:
     """Rows to label: the snapshot's train and validation splits, its out-of-scope train rows (split ``oos``,
     label -1: the teacher's soft labels on them carry the "no intent" signal), augmented variants of the train texts
-    (split ``augmented``, label -1, when ``recipe`` makes any), then the optional transfer set (label -1)."""
+    (split ``augmented``, label -1, when ``recipe`` makes any), the optional transfer set (label -1), then the
+    snapshot's production texts (split ``production``, label -1). No validation or test text, nor a near copy of one,
+    is ever a transfer or production row."""
     splits, labels = read_snapshot(Path(snapshot.path))
     parts = [splits[s].assign(split=s)[["id", "text", "split", "label_id"]] for s in ("train", "validation")]
     _, oos = read_out_of_scope(Path(snapshot.path))
@@ -73,6 +75,14 @@ def labelling_inputs(snapshot: SnapshotRef, transfer_set: Path | None, recipe: R
             close = NearCopies(held_out["text"].tolist(), near_copy_words)
             extra = extra[[not close.near(t) for t in extra["text"]]]
         parts.append(extra.assign(split="transfer", label_id=-1)[["id", "text", "split", "label_id"]])
+    production = read_production(Path(snapshot.path))
+    if len(production):  # texts the champion was asked in production (a re-distil on drift added them)
+        known = set(pd.concat(parts)["id"]) | set(held_out["id"])
+        production = production[~production["id"].isin(known)]
+        if near_copy_words:
+            close = NearCopies(held_out["text"].tolist(), near_copy_words)
+            production = production[[not close.near(t) for t in production["text"]]]
+        parts.append(production.assign(split="production", label_id=-1)[["id", "text", "split", "label_id"]])
     return pd.concat(parts, ignore_index=True), labels
 
 
@@ -496,7 +506,7 @@ def labelling_dry_run(cfg: Config, snapshot: SnapshotRef) -> dict:
                   "over_budget": plan.over_budget(e.max_requests, e.max_cost), "selection": note}
 
 
-OPTIONAL_SPLITS = ("augmented", "transfer")  # rows an endpoint teacher may leave unasked when the budget is short
+OPTIONAL_SPLITS = ("augmented", "transfer", "production")  # rows an endpoint teacher may leave unasked when the budget is short
 
 
 def budget_choice(cfg: Config, teacher: TeacherRef, snapshot: SnapshotRef,
@@ -533,3 +543,48 @@ def select_within_budget(cfg: Config, teacher: TeacherRef, snapshot: SnapshotRef
     if note:
         get_run_logger().info("endpoint teacher %s", note)
     return chosen
+
+
+def ensemble_combination(cfg: Config, teacher: TeacherRef) -> Combination:
+    """How an ensemble teacher combined its members when it labelled (from its outputs entry's meta): the same
+    temperatures and weights apply to any later text."""
+    for meta_path in sorted(Path(cfg.work.teacher_outputs).glob(f"*/{META_FILE}")):
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if "ensemble" in meta and str(meta.get("teacher", {}).get("version")) == str(teacher.version):
+            return Combination.from_dict(meta["ensemble"])
+    raise EnsembleError(f"ensemble teacher {teacher.name} (v{teacher.version}) has not labelled here yet: its "
+                        "members' weights and temperatures are chosen when it labels (`distillery label`)")
+
+
+def label_texts(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef, texts: list[str], run_id: str) -> np.ndarray:
+    """The teacher's logits on ``texts`` that are not in the snapshot (production texts), through the labelling path
+    of distillation: a black box asks only what its answer cache lacks, within its budget; a registered teacher reuses
+    its earlier outputs by text digest and labels the rest, kept as one more outputs entry (split ``production``);
+    an ensemble combines its members' logits as it did when it labelled. Row order is ``texts``' order."""
+    _, labels = read_snapshot(Path(snapshot.path))
+    if teacher.kind == "ensemble":
+        combination = ensemble_combination(cfg, teacher)
+        return combine([label_texts(cfg, snapshot, m, texts, run_id) for m in teacher.members], combination)
+    if teacher.black_box:
+        ask_endpoint(cfg, teacher, snapshot, texts, run_id)
+        return endpoint_soft_labels(cfg, teacher, texts, labels).logits
+    check_teacher_labels(teacher, labels)
+    unique = list(dict.fromkeys(texts))
+    inputs = pd.DataFrame({"id": [row_id(t) for t in unique], "text": unique,
+                           "split": "production", "label_id": -1})
+    key = cache_key(teacher, snapshot, inputs, cfg.teacher.max_length)
+    path = lookup_cache(cfg.work.teacher_outputs, key)
+    if path is None:
+        reused = reuse_outputs(cfg, teacher, labels, inputs)
+        missing = list(reused.missing_texts)
+        fresh = ([label_shard(teacher.folder, missing, cfg.teacher.max_length, cfg.labelling.batch_size, 0)]
+                 if missing else [])
+        meta = {"teacher": teacher.__dict__, "snapshot_md5": snapshot.md5, "shards": 1 if missing else 0,
+                "max_length": cfg.teacher.max_length, "production": True}
+        path = store_outputs(cfg, key, inputs, fresh, labels, meta, run_id, reused)
+    outputs = read_outputs(path)
+    by_text = dict(zip(outputs["text"], outputs["logits"]))
+    return np.stack([np.asarray(by_text[t], dtype=np.float32) for t in texts])

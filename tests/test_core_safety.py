@@ -284,7 +284,12 @@ def test_every_deployment_enters_through_the_pipeline():
 
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     entries = {d["name"]: d["entrypoint"] for d in spec["deployments"]}
-    assert set(entries.values()) <= {"flows/pipeline.py:pipeline_flow", "flows/pipeline.py:watch_flow"}
+    assert set(entries.values()) <= {"flows/pipeline.py:pipeline_flow", "flows/pipeline.py:watch_flow",
+                                     "flows/pipeline.py:monitor_entry"}
     commands = {d["name"]: d.get("parameters", {}).get("command") for d in spec["deployments"]}
     assert commands["redistill-on-change"] == "distill" and commands["scheduled-redistill"] == "run"
+    assert commands["redistill-on-drift"] == "distill"
+    drift = next(d for d in spec["deployments"] if d["name"] == "redistill-on-drift")["triggers"][0]
+    assert drift["expect"] == ["distillery.drift.detected"] and "production" in drift["parameters"]
+    assert "production" in inspect.signature(pipeline.pipeline_flow.fn).parameters
     assert "command" in inspect.signature(pipeline.pipeline_flow.fn).parameters

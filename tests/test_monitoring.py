@@ -3,6 +3,8 @@ the judgement against the champion's state at promotion."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -41,12 +43,14 @@ def test_length_unknown_pieces_and_label_distance_by_hand():
     assert length_shift(["a b", "c d"], ["a b", "c d"])[0] == 0.0
     assert length_shift(["a"] * 20, ["a b c d e f"] * 20)[0] == 1.0
     assert unknown_share([[5, 1, 7], [1]], unknown_id=1) == 0.5 and unknown_share([[5]], None) == 0.0
-    assert label_distance(np.array([0, 1, 2]), np.array([2, 1, 0]), 3) == pytest.approx(0.0, abs=1e-6)
-    assert label_distance(np.array([0, 0]), np.array([1, 1]), 2) == pytest.approx(1.0, abs=1e-6)
+    assert label_distance(["a", "b", "c"], ["c", "b", "a"]) == pytest.approx(0.0, abs=1e-6)
+    assert label_distance(["a", "a"], ["b", "b"]) == pytest.approx(1.0, abs=1e-6)
+    assert 0.0 < label_distance(["a", "b"], ["a", "a"]) < 1.0
 
 
 def test_a_window_is_judged_against_the_state_at_promotion_with_every_reason():
-    from distillery.models.monitoring import Thresholds, judge_window
+    from distillery.config import MonitorThresholds as Thresholds
+    from distillery.models.monitoring import judge_window
 
     baseline = {"unknown_share": 0.01, "mean_confidence": 0.9, "abstention_rate": 0.05, "teacher_agreement": 0.95}
     calm = {"text_auc": 0.55, "text_p_value": 0.3, "length_ks": 0.05, "unknown_share": 0.012, "label_distance": 0.05,
@@ -100,3 +104,33 @@ def test_a_window_of_the_prediction_log_and_what_it_cannot_give(tmp_path):
     (day / "part-broken.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(PredictionLogError, match="part-broken.parquet is not readable parquet"):
         read_window(str(tmp_path / "log"), start, end)
+
+
+def test_production_texts_merge_without_held_out_texts_or_repeats_newest_kept():
+    from distillery.models.data import merge_production, read_production, row_id
+
+    empty = read_production(Path("/nonexistent"))
+    kept, counts = merge_production(empty, ["a b", "c d", "a b", "test text", " "],
+                                    ["2026-12-01T00:00:01", "2026-12-01T00:00:02", "2026-12-01T00:00:03",
+                                     "2026-12-01T00:00:04", "2026-12-01T00:00:05"], held_out=["Test text"], cap=10)
+    assert sorted(kept["text"]) == ["a b", "c d"] and counts == {"offered": 3, "held_out": 1, "added": 2, "kept": 2}
+    assert kept.loc[kept["text"] == "a b", "logged_at"].item() == "2026-12-01T00:00:03"  # the newest sighting
+    assert kept["id"].tolist() == sorted(kept["id"]) and kept["id"].tolist() == sorted(map(row_id, ["a b", "c d"]))
+    more, counts = merge_production(kept, ["e f", "g h"], ["2026-12-02T00:00:00", "2026-12-02T00:00:01"], [], cap=3)
+    assert sorted(more["text"]) == ["a b", "e f", "g h"] and counts["added"] == 2 and counts["kept"] == 3
+
+
+def test_label_noise_grows_as_the_window_shrinks_and_the_report_reads_offline(tmp_path):
+    from distillery.config import MonitorThresholds
+    from distillery.models.monitoring import DriftReport, label_distance_noise, write_drift_report
+
+    reference = [f"label{i % 40}" for i in range(4000)]
+    assert label_distance_noise(reference, 50) > label_distance_noise(reference, 2000) > 0
+    report = DriftReport(measured={"text_auc": 0.9, "mean_confidence": 0.5}, reasons=["input drift: <b>x</b>"])
+    data = {"labels": ["a", "b"], "lengths": [3, 4], "confidences": [0.9, 0.8]}
+    page = write_drift_report(tmp_path, report, {"mean_confidence": 0.9}, MonitorThresholds(), data, data, "t")
+    html = page.read_text()
+    assert "DRIFT" in html and "&lt;b&gt;x&lt;/b&gt;" in html and html.count("data:image/png;base64,") == 3
+    assert "http" not in html.split("<body>")[1]  # nothing fetched: readable offline
+    assert {p.name for p in tmp_path.iterdir()} == {"drift.json", "labels.png", "lengths.png", "confidence.png",
+                                                   "drift_report.html"}

@@ -21,6 +21,9 @@ from distillery.config import Config, ConfigError
 from distillery.integrations import provenance, registry, store
 from distillery.records import (
     METRIC_PREFIX,
+    PRODUCTION_BASE_TAG,
+    PRODUCTION_SHA_TAG,
+    PRODUCTION_TEXTS_TAG,
     MODEL_CARD_TAG,
     OUTPUTS_RUN_TAG,
     SIGNATURE_TAG,
@@ -95,7 +98,9 @@ def lineage_of(cfg: Config, ref: str) -> dict:
                     "kind": lineage.teacher.kind, **({"identity": json.loads(lineage.teacher.identity)}
                                                      if lineage.teacher.composite else {})},
         "data": {"snapshot_md5": md5, "dvc_remote": cfg.dvc.remote_name,
-                 "git_commit_with_data_dvc": dvc_commit_for(Path(cfg.root), md5) if md5 else None},
+                 "git_commit_with_data_dvc": dvc_commit_for(Path(cfg.root), md5) if md5 else None,
+                 **({"production_texts": int(tags[PRODUCTION_TEXTS_TAG]), "production_sha256": tags[PRODUCTION_SHA_TAG],
+                     "production_base_md5": tags[PRODUCTION_BASE_TAG]} if PRODUCTION_TEXTS_TAG in tags else {})},
         "git_revision": lineage.git_revision, "config_hash": lineage.config_hash,
         "model_sha256": lineage.model_sha256, "signed": SIGNATURE_TAG in tags,
         "config": _run_config(lineage.distill_run_id), "candidate": dict(lineage.candidate),
@@ -121,9 +126,13 @@ def verify_lineage(cfg: Config, info: dict) -> list[tuple[str, bool, str]]:
     checks: list[tuple[str, bool, str]] = []
     md5 = info["data"]["snapshot_md5"]
     dvc_text = f"outs:\n- md5: {md5}\n  hash: md5\n  path: data\n"
+    data = info["data"]
+    production = ({"sha256": data["production_sha256"], "base": data["production_base_md5"]}
+                  if "production_texts" in data else None)
     try:
-        got = store.verify_snapshot_fetchable(Path(cfg.root), dvc_text, cfg.dvc.remote_name)
-        checks.append((SNAPSHOT_CHECK, True, got))
+        got = store.verify_snapshot_fetchable(Path(cfg.root), dvc_text, cfg.dvc.remote_name, production)
+        checks.append((SNAPSHOT_CHECK, True, got + (f" ({data['production_texts']} production texts, "
+                                                     f"{data['production_sha256'][:12]})" if production else "")))
     except store.VersioningError as exc:
         checks.append((SNAPSHOT_CHECK, False, str(exc)))
     reg = _registry(cfg)
@@ -155,14 +164,16 @@ def verify_lineage(cfg: Config, info: dict) -> list[tuple[str, bool, str]]:
     signed = provenance.signature_check(name, version, tags)
     checks += [signed] if signed is not None else []
     checks += provenance.consistency_checks(reg, name, version, tags)
-    checks.append(_revision_check(cfg, info["git_revision"] or "", md5))
+    checks.append(_revision_check(cfg, info["git_revision"] or "", md5, production["base"] if production else None))
     return checks
 
 
 REVISION_CHECK = "code revision is in this git repository and its data.dvc records the snapshot"
 
 
-def _revision_check(cfg: Config, revision: str, md5: str) -> tuple[str, bool, str]:
+def _revision_check(cfg: Config, revision: str, md5: str, production_base: str | None = None) -> tuple[str, bool, str]:
+    """The code revision's data.dvc records the snapshot, or (for texts production sent, added by the run itself) the
+    snapshot they were added to; the snapshot check verified the addition's bytes."""
     commit = revision.removesuffix("-dirty")
     if not commit or commit == "unknown":
         return REVISION_CHECK, False, f"no code revision recorded ({revision or 'none'})"
@@ -173,6 +184,9 @@ def _revision_check(cfg: Config, revision: str, md5: str) -> tuple[str, bool, st
     shown = subprocess.run(["git", "show", f"{commit}:{dvc_file}"], cwd=root, capture_output=True, text=True)
     recorded = store.parse_snapshot_md5(shown.stdout) if shown.returncode == 0 else None
     dirty = " (it had uncommitted changes then)" if revision.endswith("-dirty") else ""
+    if recorded != md5 and production_base is not None and recorded == production_base:
+        return REVISION_CHECK, True, (f"{revision}{dirty}: its {dvc_file} records {recorded}, to which the run added "
+                                      f"the production texts ({md5})")
     if recorded != md5:
         return REVISION_CHECK, False, (f"{dvc_file} at {commit[:12]} records {recorded or 'nothing'}, not {md5}{dirty}: "
                                        f"commit {dvc_file} after ingesting, before distilling, for a lineage that a "

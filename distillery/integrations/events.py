@@ -1,4 +1,5 @@
-"""Prefect events: the one home of the re-distillation trigger (emitted by the watch flow and the webhook)."""
+"""Prefect events: the one home of the re-distillation triggers (a changed teacher or data, emitted by the watch flow
+and the webhook; drift in production, emitted by the monitor) and of the gate's decisions."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from distillery.errors import DistilleryError
 REDISTILL_EVENT = "distillery.redistill.requested"
 GATE_PASSED_EVENT = "distillery.gate.passed"
 GATE_REJECTED_EVENT = "distillery.gate.rejected"
+DRIFT_EVENT = "distillery.drift.detected"
 
 
 class PrefectUnavailable(DistilleryError, RuntimeError):
@@ -69,5 +71,17 @@ def emit_gate_decision(student_name: str, passed: bool, payload: dict) -> str | 
         event=GATE_PASSED_EVENT if passed else GATE_REJECTED_EVENT,
         resource={"prefect.resource.id": f"distillery.student.{student_name}", "prefect.resource.name": student_name},
         payload=payload,
+    )
+    return str(event.id) if event is not None else None
+
+
+def emit_drift(student_name: str, version: str, reasons: list[str], window: dict, run_id: str) -> str | None:
+    """``distillery.drift.detected`` on the student model; its payload's ``production`` (the window: ``log``,
+    ``start``, ``end``, ``model``) is what the ``redistill-on-drift`` deployment adds to the transfer set."""
+    event = emit_event(
+        event=DRIFT_EVENT,
+        resource={"prefect.resource.id": f"distillery.student.{student_name}", "prefect.resource.name": student_name},
+        payload={"version": str(version), "reasons": list(reasons), "monitor_run_id": run_id,
+                 "production": {k: window[k] for k in ("log", "start", "end", "model")}},
     )
     return str(event.id) if event is not None else None

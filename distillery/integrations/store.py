@@ -14,10 +14,11 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import yaml
 from distillery.errors import DistilleryError
-from distillery.models.data import PreparedData, write_snapshot
+from distillery.models.data import PRODUCTION_FILE, PreparedData, write_snapshot
 
 
 class VersioningError(DistilleryError, RuntimeError):
@@ -123,6 +124,16 @@ def publish_snapshot(repo: Path, staged: Path, folder: Path, remote_name: str) -
     return md5
 
 
+def publish_with(repo: Path, folder: Path, remote_name: str, write: Callable[[Path], None]) -> str:
+    """A new snapshot: a copy of ``folder`` changed by ``write(staged_folder)``, then ``publish_snapshot`` (all or
+    nothing). Returns the new md5."""
+    with tempfile.TemporaryDirectory(dir=Path(folder).parent, prefix=".staging-") as tmp:
+        staged = Path(tmp) / "snapshot"
+        shutil.copytree(folder, staged)
+        write(staged)
+        return publish_snapshot(repo, staged, folder, remote_name)
+
+
 def push_snapshot(repo: Path, folder: Path, remote_name: str) -> str:
     """``dvc add`` + ``dvc push`` the folder as it is (re-publishing an unchanged snapshot); returns its md5."""
     rel = os.path.relpath(folder, repo)
@@ -131,15 +142,16 @@ def push_snapshot(repo: Path, folder: Path, remote_name: str) -> str:
     return snapshot_md5(Path(repo) / f"{rel}.dvc")
 
 
-def dir_md5(folder: Path) -> str:
-    """DVC's content hash of a folder (``<md5>.dir``), computed from the bytes on disk.
+def dir_md5(folder: Path, exclude: tuple[str, ...] = ()) -> str:
+    """DVC's content hash of a folder (``<md5>.dir``), computed from the bytes on disk (``exclude``: top-level file
+    names left out, as if the folder did not hold them).
 
     DVC 3 hashes each file's bytes with md5, lists ``{"md5", "relpath"}`` sorted by path and hashes that list's JSON
     (``json.dumps(..., sort_keys=True)``); this gives the value ``dvc add`` writes into the .dvc file.
     """
     folder = Path(folder)
     entries = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() not in exclude):
         digest = hashlib.md5()
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
@@ -201,7 +213,8 @@ def tree_sha256(folder: Path, exclude: tuple[str, ...] = ()) -> str:
     return digest.hexdigest()
 
 
-def verify_snapshot_fetchable(repo: Path, dvc_file_text: str, remote_name: str) -> str:
+def verify_snapshot_fetchable(repo: Path, dvc_file_text: str, remote_name: str,
+                              production: dict[str, str] | None = None) -> str:
     """Fetch the snapshot described by ``dvc_file_text`` from the remote into a fresh scratch checkout (its own empty
     cache) and hash the fetched bytes with ``dir_md5``, the function the ingest checks snapshots with; return the md5.
 
@@ -227,6 +240,13 @@ def verify_snapshot_fetchable(repo: Path, dvc_file_text: str, remote_name: str) 
         if not fetched.is_dir():
             raise VersioningError(f"`dvc pull` of {expected} from remote {remote_name!r} gave no {out_path}/ folder")
         got = dir_md5(fetched)
+        if got == expected and production:  # the production texts claimed, and the snapshot they were added to
+            text = fetched / PRODUCTION_FILE
+            sha = hashlib.sha256(text.read_bytes()).hexdigest() if text.is_file() else "none"
+            base = dir_md5(fetched, exclude=(PRODUCTION_FILE,))
+            if (sha, base) != (production["sha256"], production["base"]):
+                raise VersioningError(f"the fetched snapshot's production texts hash to {sha} on {base}; the lineage "
+                                      f"says {production['sha256']} on {production['base']}")
     if got != expected:
         raise VersioningError(f"snapshot fetched from the remote hashes to {got}, expected {expected}")
     return got
@@ -252,6 +272,8 @@ def version_snapshot(repo: Path, folder: Path, prepared: PreparedData, remote_na
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".staging-") as tmp:
         staged = Path(tmp) / "snapshot"
         write_snapshot({**prepared.splits, **prepared.oos}, prepared.labels, prepared.report, staged, prepared.scope)
+        if (folder / PRODUCTION_FILE).is_file():  # texts production sent stay part of the data across re-ingests
+            shutil.copy2(folder / PRODUCTION_FILE, staged / PRODUCTION_FILE)
         dvc_file = dvc_file_for(repo, folder)
         staged_md5 = dir_md5(staged)
         changed = (snapshot_md5(dvc_file) if dvc_file.is_file() else None) != staged_md5

@@ -229,8 +229,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
+    if args.approve or args.refuse:
+        return _answer_approval(args)
     if args.rollback == bool(args.version):
-        print("say either --rollback or --version N (with --reason TEXT)", file=sys.stderr)
+        print("say either --rollback, --version N, or --approve / --refuse [--version N] (with --reason TEXT)",
+              file=sys.stderr)
         return 2
     cfg = _config(args)
     from distillery.commands.admin import promote_version, rollback_champion
@@ -248,6 +251,23 @@ def cmd_promote(args: argparse.Namespace) -> int:
         return 3
     print("\n".join(decision.reasons) + f"\n{ref}: v{previous or '-'} -> v{args.version} ({args.reason})")
     return 0
+
+
+def _answer_approval(args: argparse.Namespace) -> int:
+    if args.approve and args.refuse or args.rollback:
+        print("say --approve or --refuse (with --version N for one of several waiting versions)", file=sys.stderr)
+        return 2
+    cfg = _config(args)
+    from distillery.commands.admin import answer_approval
+    from distillery.integrations.events import check_prefect_server, prefect_errors
+
+    check_prefect_server()
+    with prefect_errors():
+        answer = answer_approval(cfg, args.version, bool(args.approve), args.reason)
+    ref = f"{answer['model']} v{answer['version']}"
+    print(f"{ref}: {answer['approval']} by {answer['by'] or '-'} (flow run {answer['flow_run']}); "
+          f"{cfg.tracking.student_name}@{cfg.tracking.champion_alias} is v{answer['champion'] or '-'}")
+    return 0 if answer["approval"] in ("approved", "refused") else 3
 
 
 def cmd_history(args: argparse.Namespace) -> int:
@@ -350,7 +370,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
                              "promotion; on drift emit the event that re-distils on those texts (exit 4)"),
     "lineage": (cmd_lineage, "show (and --verify) the lineage of a registered student, e.g. student@champion"),
     "status": (cmd_status, "current teacher, champion and the last runs"),
-    "promote": (cmd_promote, "--rollback, or --version N: move the champion alias by hand (N after the gate's checks)"),
+    "promote": (cmd_promote, "--rollback, or --version N: move the champion alias by hand (N after the gate's checks); "
+                             "--approve / --refuse: answer a student that awaits approval"),
     "history": (cmd_history, "every move of the champion alias: when, from and to which version, by the gate, by hand "
                              "or a rollback, by whom and why"),
     "webhook": (cmd_webhook, "serve: MLflow registry webhook receiver; register: point an MLflow webhook at it"),
@@ -399,6 +420,9 @@ def _lineage_args(parser: argparse.ArgumentParser) -> None:
 def _promote_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rollback", action="store_true", help="move the champion back to the previous promoted version")
     parser.add_argument("--version", metavar="N", help="make version N the champion, after the gate's checks")
+    parser.add_argument("--approve", action="store_true", help="approve the version that awaits approval "
+                        "(gate.approval: manual): its waiting run moves the alias")
+    parser.add_argument("--refuse", action="store_true", help="refuse it: the champion stays")
     parser.add_argument("--reason", default="manual change", help="why (recorded on the versions)")
 
 

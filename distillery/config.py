@@ -365,6 +365,11 @@ class GateConfig(Section):
     # no distilled student passes (never end with nothing when something passes) | compete: also when it passes and
     # beats the distilled student of its shape on validation accuracy | off: never judged
     baseline: Literal["fallback", "compete", "off"] = "fallback"
+    # manual: a student that passes is registered and waits, with its report, until someone approves it (Prefect UI:
+    # resume the paused run; or `distillery promote --approve`); refused or not answered in approval_timeout_s, the
+    # champion stays. The waiting run holds the student's run lock
+    approval: Literal["auto", "manual"] = "auto"
+    approval_timeout_s: int = Field(24 * 3600, gt=0)
 
 
 class TrackingConfig(Section):
@@ -428,7 +433,7 @@ class MonitorConfig(Section):
 
 
 # safety limits that never change what a run produces: outside the digest (changing them re-distils nothing)
-OPERATIONAL = {"serving": None, "monitor": None, "teacher": ("max_parameters", "endpoint.api_key_env", "endpoint.texts_per_request",
+OPERATIONAL = {"serving": None, "monitor": None, "gate": ("approval", "approval_timeout_s"), "teacher": ("max_parameters", "endpoint.api_key_env", "endpoint.texts_per_request",
                                            "endpoint.concurrency", "endpoint.requests_per_second",
                                            "endpoint.timeout_s", "endpoint.retries", "endpoint.backoff_s",
                                            "endpoint.max_failure_rate", "endpoint.max_requests", "endpoint.max_cost",

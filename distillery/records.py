@@ -43,7 +43,12 @@ EVALUATION_SERVED_TAG = "evaluation.served"
 EVALUATION_CONTENDERS_TAG = "evaluation.contenders"
 TEACHER_SOURCE_TAG = "teacher.source"     # an imported teacher's source, and a hash of its files
 # tags that change after registration by design (promotion state, rollbacks, manual promotions): never signed
-MUTABLE_TAG_PREFIXES = (DECISION_TAG, ROLLBACK_PREFIX, PROMOTION_PREFIX, SIGNATURE_TAG, "mlflow.")
+# gate.approval: manual: a passing version waits (state awaiting, the flow run that waits), then approved, refused or
+# timed out, by whom and why
+APPROVAL_PREFIX = "approval."
+APPROVAL_STATE_TAG, APPROVAL_RUN_TAG = "approval.state", "approval.flow_run_id"
+AWAITING, APPROVED, REFUSED, TIMED_OUT = "awaiting", "approved", "refused", "timed_out"
+MUTABLE_TAG_PREFIXES = (DECISION_TAG, ROLLBACK_PREFIX, PROMOTION_PREFIX, APPROVAL_PREFIX, SIGNATURE_TAG, "mlflow.")
 
 
 def _json(value: Any) -> str:

@@ -8,12 +8,19 @@ import dataclasses
 from pathlib import Path
 
 from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from distillery.config import Config
 from distillery.faults import fault_point
 from distillery.integrations import promotion, registry, store
 from distillery.records import (
+    APPROVAL_RUN_TAG,
+    APPROVAL_STATE_TAG,
+    APPROVED,
+    AWAITING,
+    REFUSED,
+    TIMED_OUT,
     DECISION_TAG,
     GATE_FAILED_TAG,
     GATE_REFERENCE_TAG,
@@ -94,11 +101,60 @@ def promote(cfg: Config, run_id: str, snapshot: SnapshotRef, teacher: TeacherRef
             MODEL_CARD_TAG: f"runs:/{run_id}/model_card.md"}
     recipe = {**student.candidate.to_dict(),
               "student": cfg.student.frontier_shapes().get(decision.student, cfg.student).model_dump_json()}
-    version = promotion.promote_two_phase(cfg, reg, run_id, evaluation.run_id, info.model_uri, tags, lambda v: (
-        gated_model_card(name, v, lineage.to_tags(), logged, decision, recipe, deployed, cfg.evaluation.abstain_score,
-                         evaluation.reference)), get_run_logger(),
-        reason=promotion_reason(decision, deployed))
+    approve = ((lambda v: wait_for_approval(cfg, reg, v, decision, deployed, run_id))
+               if cfg.gate.approval == "manual" else None)
+    version, refused = promotion.promote_two_phase(
+        cfg, reg, run_id, evaluation.run_id, info.model_uri, tags, lambda v: (
+            gated_model_card(name, v, lineage.to_tags(), logged, decision, recipe, deployed,
+                             cfg.evaluation.abstain_score, evaluation.reference)), get_run_logger(),
+        reason=promotion_reason(decision, deployed), approve=approve)
+    if refused is not None:
+        return dataclasses.replace(decision, passed=False, version=version, reasons=(*decision.reasons, refused))
     return dataclasses.replace(decision, version=version)
+
+
+def approval_input():  # noqa: ANN201 - a prefect.input.RunInput subclass
+    """The form a paused run shows in the Prefect UI (and what `distillery promote --approve` sends)."""
+    from prefect.input import RunInput
+
+    class Approval(RunInput):
+        approve: bool = False
+        by: str = ""
+        reason: str = ""
+
+    return Approval
+
+
+def wait_for_approval(cfg: Config, reg: registry.Registry, version: str, decision: Decision, deployed: str,
+                      run_id: str) -> tuple[str, str, str]:
+    """``gate.approval: manual``: mark the registered version awaiting, show the gate's report as a Prefect artifact,
+    and pause this flow run until it is resumed with an answer (the Prefect UI's form, or `distillery promote
+    --approve/--refuse`), at most ``gate.approval_timeout_s``. Returns (state, by whom, why)."""
+    from prefect.context import FlowRunContext
+    from prefect.exceptions import FlowPauseTimeout
+    from prefect.flow_runs import pause_flow_run
+
+    logger = get_run_logger()
+    name = cfg.tracking.student_name
+    flow_run = FlowRunContext.get().flow_run
+    reg.set_tags(name, version, {APPROVAL_STATE_TAG: AWAITING, APPROVAL_RUN_TAG: str(flow_run.id)})
+    create_markdown_artifact(
+        key=f"distillery-{name}-approval".lower().replace("_", "-"),
+        description=f"{name} v{version} passed the gate and awaits approval",
+        markdown="\n".join([f"# {name} v{version} awaits approval", "", f"Served form `{deployed}`, distill run "
+                            f"`{run_id}`. Resume this flow run with `approve: true` to promote it (or run "
+                            f"`distillery promote --approve --version {version} --reason ...`); `approve: false`, "
+                            f"or no answer in {cfg.gate.approval_timeout_s} s, leaves the champion alone.", "",
+                            "## Gate", "", *[f"- {line}" for line in decision.reasons]]))
+    logger.warning("%s v%s passed the gate and awaits approval (gate.approval: manual) for up to %d s: resume flow "
+                   "run %s in the Prefect UI, or `distillery promote --approve --version %s`", name, version,
+                   cfg.gate.approval_timeout_s, flow_run.id, version)
+    try:
+        answer = pause_flow_run(wait_for_input=approval_input(), timeout=cfg.gate.approval_timeout_s,
+                                key=f"approve-{name}-v{version}", poll_interval=2)
+    except FlowPauseTimeout:
+        return TIMED_OUT, "", f"no answer within {cfg.gate.approval_timeout_s} s"
+    return (APPROVED if answer.approve else REFUSED), (answer.by or "the Prefect UI"), answer.reason
 
 
 @task(name="reconcile-registry", cache_policy=NO_CACHE)

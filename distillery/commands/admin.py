@@ -20,6 +20,9 @@ from distillery import processes
 from distillery.config import Config, ConfigError
 from distillery.integrations import provenance, registry, store
 from distillery.records import (
+    APPROVAL_RUN_TAG,
+    APPROVAL_STATE_TAG,
+    AWAITING,
     METRIC_PREFIX,
     PRODUCTION_BASE_TAG,
     PRODUCTION_SHA_TAG,
@@ -258,6 +261,45 @@ def rollback_champion(cfg: Config, reason: str) -> tuple[str, str]:
     reg.set_tags(name, str(previous.version), restored_tags(reason, str(current.version)))
     move_alias(reg, name, alias, str(previous.version), "rollback", processes.who(), reason)  # last
     return str(current.version), str(previous.version)
+
+
+def answer_approval(cfg: Config, version: str | None, approve: bool, reason: str, wait_s: float = 120.0) -> dict:
+    """Answer a version that awaits approval (``gate.approval: manual``): resume the flow run that waits for it
+    with the answer, then wait (up to ``wait_s``) for that run to record it. Never takes the run lock (the waiting run
+    holds it and moves the alias itself, crash-safe). Returns the version's approval tags and the champion."""
+    from uuid import UUID
+
+    from prefect.exceptions import NotPausedError
+    from prefect.flow_runs import resume_flow_run
+
+    reg = _registry(cfg)
+    name, alias = cfg.tracking.student_name, cfg.tracking.champion_alias
+    waiting = [v for v in reg.versions(name)
+               if v.tags.get(APPROVAL_STATE_TAG) == AWAITING and decision_of(v.tags) == PENDING]
+    if version is not None:
+        waiting = [v for v in waiting if str(v.version) == str(version)]
+    if not waiting:
+        raise GateError(f"no version of {name} awaits approval{f' as v{version}' if version else ''} (gate.approval: "
+                        "manual makes a passing student wait)")
+    target = max(waiting, key=lambda v: int(v.version))
+    flow_run = target.tags[APPROVAL_RUN_TAG]
+    try:
+        resume_flow_run(UUID(flow_run), run_input={"approve": approve, "by": processes.who(), "reason": reason})
+    except NotPausedError:
+        raise GateError(f"{name} v{target.version} awaits approval, but the run that waits for it (Prefect flow run "
+                        f"{flow_run}) is no longer paused: it ended without an answer. The version never served; the "
+                        f"next run deletes it (re-run `distillery distill --force` to ask again)") from None
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        tags = reg.version(name, str(target.version)).tags
+        if tags.get(APPROVAL_STATE_TAG) != AWAITING and decision_of(tags) != PENDING:
+            break
+        time.sleep(1)
+    tags = reg.version(name, str(target.version)).tags
+    champion = reg.alias_version(name, alias)
+    return {"model": name, "version": str(target.version), "flow_run": flow_run,
+            "approval": tags.get(APPROVAL_STATE_TAG), "decision": decision_of(tags), "by": tags.get("approval.by"),
+            "champion": str(champion.version) if champion is not None else None}
 
 
 def promote_version(cfg: Config, version: str, reason: str) -> tuple[str | None, Decision]:

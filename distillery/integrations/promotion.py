@@ -13,8 +13,9 @@ from distillery.config import Config
 from distillery.faults import fault_point
 from distillery.integrations import provenance, registry, store
 from distillery.integrations.served_model import SERVING_FILE
-from distillery.records import (ALIAS_MOVE_PREFIX, DECISION_TAG, MODEL_SHA_TAG, PENDING, PROMOTED, AliasMove, Lineage,
-                                alias_history, decision_of)
+from distillery.records import (ALIAS_MOVE_PREFIX, APPROVAL_STATE_TAG, APPROVED, DECISION_TAG, MODEL_SHA_TAG, PENDING,
+                               PROMOTED, REJECTED, AliasMove, Lineage,
+                               alias_history, decision_of)
 from distillery.models.gate import GateError, plan_reconcile
 
 
@@ -83,14 +84,20 @@ def history(reg: registry.Registry, name: str, alias: str) -> tuple[list[tuple[A
 
 def promote_two_phase(cfg: Config, reg: registry.Registry, run_id: str, eval_run_id: str, model_uri: str,
                       tags: dict[str, str], card_for: Callable[[str], str], logger: logging.Logger,
-                      reason: str = "passed the gate") -> str:
+                      reason: str = "passed the gate",
+                      approve: Callable[[str], tuple[str, str, str]] | None = None) -> tuple[str, str | None]:
     """Register ``model_uri`` (logged on the distill run ``run_id``) with ``tags`` as ``pending``, seal and check it,
     describe it with ``card_for(version)``, move the champion alias to it, then mark it ``promoted``.
 
     A crash before the alias moves leaves the alias where it was and a ``pending`` version that never served (the
     next run's reconciliation deletes it, or this function does at once); a crash after leaves the alias on a
     ``pending`` version, which reconciliation marks ``promoted``. No version ever claims to have served without
-    having held the alias."""
+    having held the alias.
+
+    With ``approve`` (``gate.approval: manual``), the sealed and described version waits for ``approve(version)``:
+    (state, by whom, why), state ``approved``, ``refused`` or ``timed_out``. Anything but approved marks it
+    ``rejected`` with the answer and leaves the alias alone; a crash while waiting leaves it ``pending``, never
+    served, for reconciliation to delete. Returns (the version, None) or (the version, why it was not approved)."""
     name, alias = cfg.tracking.student_name, cfg.tracking.champion_alias
     version = str(reg.register(model_uri, name, {**tags, DECISION_TAG: PENDING}).version)
     fault_point("promote.registered")
@@ -104,7 +111,17 @@ def promote_two_phase(cfg: Config, reg: registry.Registry, run_id: str, eval_run
         with registry.open_run(cfg, run_id):
             registry.log_text(card, "model_card.md")
         reg.describe(name, version, card)
-        move_alias(reg, name, alias, version, "gate", f"distill run {run_id}", reason)
+        by = f"distill run {run_id}"
+        if approve is not None:
+            state, who, why = approve(version)
+            reg.set_tags(name, version, {APPROVAL_STATE_TAG: state, "approval.by": who, "approval.reason": why})
+            if state != APPROVED:
+                reg.set_tags(name, version, {DECISION_TAG: REJECTED})
+                logger.warning("%s v%s not promoted: approval %s%s%s", name, version, state.replace("_", " "),
+                               f" by {who}" if who else "", f" ({why})" if why else "")
+                return version, f"approval {state.replace('_', ' ')}{f' by {who}' if who else ''}: {why or '-'}"
+            by, reason = f"{by}, approved by {who}", f"{reason}; approved: {why or '-'}"
+        move_alias(reg, name, alias, version, "gate", by, reason)
     except Exception as exc:
         try:
             reg.delete_version(name, version)
@@ -121,7 +138,7 @@ def promote_two_phase(cfg: Config, reg: registry.Registry, run_id: str, eval_run
         logger.warning("%s@%s now serves v%s, but marking it %s failed (%s): the next run marks it", name, alias,
                        version, PROMOTED, exc)
     logger.info("promoted %s v%s to @%s", name, version, alias)
-    return version
+    return version, None
 
 
 def reconcile(cfg: Config, reg: registry.Registry, logger, apply: bool = True) -> list[tuple[str, str]]:  # noqa: ANN001

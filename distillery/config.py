@@ -433,12 +433,13 @@ class MonitorConfig(Section):
 
 
 # safety limits that never change what a run produces: outside the digest (changing them re-distils nothing)
-OPERATIONAL = {"serving": None, "monitor": None, "gate": ("approval", "approval_timeout_s"), "teacher": ("max_parameters", "endpoint.api_key_env", "endpoint.texts_per_request",
-                                           "endpoint.concurrency", "endpoint.requests_per_second",
-                                           "endpoint.timeout_s", "endpoint.retries", "endpoint.backoff_s",
-                                           "endpoint.max_failure_rate", "endpoint.max_requests", "endpoint.max_cost",
-                                           "endpoint.price_per_request", "endpoint.price_per_1k_texts",
-                                           "endpoint.recheck", "llm.price_per_1k_tokens")}
+OPERATIONAL = {"serving": None, "monitor": None, "gate": ("approval", "approval_timeout_s"),
+               "teacher": ("max_parameters", "endpoint.api_key_env", "endpoint.texts_per_request",
+                           "endpoint.concurrency", "endpoint.requests_per_second",
+                           "endpoint.timeout_s", "endpoint.retries", "endpoint.backoff_s",
+                           "endpoint.max_failure_rate", "endpoint.max_requests", "endpoint.max_cost",
+                           "endpoint.price_per_request", "endpoint.price_per_1k_texts",
+                           "endpoint.recheck", "llm.price_per_1k_tokens")}
 
 
 class Config(Section):

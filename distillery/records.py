@@ -47,6 +47,7 @@ TEACHER_SOURCE_TAG = "teacher.source"     # an imported teacher's source, and a 
 # timed out, by whom and why
 APPROVAL_PREFIX = "approval."
 APPROVAL_STATE_TAG, APPROVAL_RUN_TAG = "approval.state", "approval.flow_run_id"
+APPROVAL_BY_TAG, APPROVAL_REASON_TAG = "approval.by", "approval.reason"
 AWAITING, APPROVED, REFUSED, TIMED_OUT = "awaiting", "approved", "refused", "timed_out"
 MUTABLE_TAG_PREFIXES = (DECISION_TAG, ROLLBACK_PREFIX, PROMOTION_PREFIX, APPROVAL_PREFIX, SIGNATURE_TAG, "mlflow.")
 

@@ -569,6 +569,15 @@ def read_transfer_set(path: Path) -> pd.DataFrame:
     return out.sort_values("id", kind="stable").reset_index(drop=True)
 
 
+def held_out_rows(folder: Path) -> pd.DataFrame:
+    """The snapshot's rows no generated, transfer or production text may be: validation and test, in and out of
+    scope."""
+    splits, _ = read_snapshot(folder)
+    _, oos = read_out_of_scope(folder)
+    return pd.concat([splits["validation"], splits["test"],
+                      *[oos[name] for name in ("oos_validation", "oos_test") if name in oos]])
+
+
 def read_production(folder: Path) -> pd.DataFrame:
     """The snapshot's production texts (``id``, ``text``, ``logged_at``); empty when it has none."""
     path = Path(folder) / PRODUCTION_FILE

@@ -10,8 +10,8 @@ from prefect.cache_policies import NO_CACHE
 from distillery.config import Config
 from distillery.integrations import store
 from distillery.records import PRODUCTION_BASE_TAG, PRODUCTION_SHA_TAG, PRODUCTION_TEXTS_TAG, SnapshotRef
-from distillery.models.data import (PRODUCTION_FILE, merge_production, prepare_data, read_out_of_scope,
-                                    read_production, read_snapshot, write_production)
+from distillery.models.data import (PRODUCTION_FILE, held_out_rows, merge_production, prepare_data, read_production,
+                                    write_production)
 
 
 @task(name="ingest-snapshot", cache_policy=NO_CACHE)
@@ -67,10 +67,7 @@ def add_production_texts(cfg: Config, production: dict) -> tuple[SnapshotRef, di
     window_texts(window)  # a digest-only window is an error, not an empty addition
     window = window.dropna(subset=["text"])
     snapshot = freeze(cfg)
-    splits, _ = read_snapshot(Path(snapshot.path))
-    _, oos = read_out_of_scope(Path(snapshot.path))
-    held_out = [t for frame in (splits["validation"], splits["test"], *[oos[k] for k in ("oos_validation", "oos_test")
-                                                                         if k in oos]) for t in frame["text"]]
+    held_out = held_out_rows(Path(snapshot.path))["text"].tolist()
     existing = read_production(Path(snapshot.path))
     kept, counts = merge_production(existing, window["text"].tolist(),
                                     [str(t) for t in window["time"]], held_out, cfg.monitor.production_max_texts)

@@ -21,7 +21,8 @@ from distillery.integrations import registry
 from distillery.integrations.expectations import ValidationFailed, validate_teacher_outputs
 from distillery.records import SnapshotRef, TeacherOutputs, TeacherRef, ValidationSummary
 from distillery.models.augment import NearCopies, Recipe, content_hash, make_transfer_set
-from distillery.models.data import read_out_of_scope, read_production, read_snapshot, read_transfer_set, row_id
+from distillery.models.data import (held_out_rows, read_out_of_scope, read_production, read_snapshot,
+                                    read_transfer_set, row_id)
 from distillery.models.labelling import (
     DIGESTS_FILE,
     FEATURES_FILE,
@@ -60,28 +61,24 @@ def labelling_inputs(snapshot: SnapshotRef, transfer_set: Path | None, recipe: R
     _, oos = read_out_of_scope(Path(snapshot.path))
     if len(oos.get("oos_train", ())):
         parts.append(oos["oos_train"].assign(split="oos", label_id=-1)[["id", "text", "split", "label_id"]])
-    # the rows no generated or transfer text may be: validation and test, in and out of scope
-    held_out = pd.concat([splits["validation"], splits["test"],
-                          *[oos[name] for name in ("oos_validation", "oos_test") if name in oos]])
+    held_out = held_out_rows(Path(snapshot.path))
     if recipe is not None and recipe.multiple > 0:
         made = make_transfer_set(splits["train"]["text"].tolist(), held_out["text"].tolist(), recipe)
         made = made[~made["id"].isin(set(pd.concat(parts)["id"]))]
         parts.append(made.assign(split="augmented", label_id=-1)[["id", "text", "split", "label_id"]])
+    close = NearCopies(held_out["text"].tolist(), near_copy_words) if near_copy_words else None
+
+    def unseen(extra: pd.DataFrame) -> pd.DataFrame:
+        """Rows of ``extra`` not labelled already, never a held-out text (nor a near copy: see models.augment)."""
+        extra = extra[~extra["id"].isin(set(pd.concat(parts)["id"]) | set(held_out["id"]))]
+        return extra[[not close.near(t) for t in extra["text"]]] if close is not None else extra
+
     if transfer_set is not None:
-        extra = read_transfer_set(transfer_set)
-        known = set(pd.concat(parts)["id"]) | set(held_out["id"])
-        extra = extra[~extra["id"].isin(known)]  # never label test texts as transfer data
-        if near_copy_words:  # nor near copies of them (see models.augment)
-            close = NearCopies(held_out["text"].tolist(), near_copy_words)
-            extra = extra[[not close.near(t) for t in extra["text"]]]
+        extra = unseen(read_transfer_set(transfer_set))
         parts.append(extra.assign(split="transfer", label_id=-1)[["id", "text", "split", "label_id"]])
     production = read_production(Path(snapshot.path))
     if len(production):  # texts the champion was asked in production (a re-distil on drift added them)
-        known = set(pd.concat(parts)["id"]) | set(held_out["id"])
-        production = production[~production["id"].isin(known)]
-        if near_copy_words:
-            close = NearCopies(held_out["text"].tolist(), near_copy_words)
-            production = production[[not close.near(t) for t in production["text"]]]
+        production = unseen(production)
         parts.append(production.assign(split="production", label_id=-1)[["id", "text", "split", "label_id"]])
     return pd.concat(parts, ignore_index=True), labels
 
@@ -506,7 +503,8 @@ def labelling_dry_run(cfg: Config, snapshot: SnapshotRef) -> dict:
                   "over_budget": plan.over_budget(e.max_requests, e.max_cost), "selection": note}
 
 
-OPTIONAL_SPLITS = ("augmented", "transfer", "production")  # rows an endpoint teacher may leave unasked when the budget is short
+# rows an endpoint teacher may leave unasked when the budget is short
+OPTIONAL_SPLITS = ("augmented", "transfer", "production")
 
 
 def budget_choice(cfg: Config, teacher: TeacherRef, snapshot: SnapshotRef,

@@ -20,6 +20,7 @@ from distillery import processes
 from distillery.config import Config, ConfigError
 from distillery.integrations import provenance, registry, store
 from distillery.records import (
+    APPROVAL_BY_TAG,
     APPROVAL_RUN_TAG,
     APPROVAL_STATE_TAG,
     AWAITING,
@@ -298,7 +299,7 @@ def answer_approval(cfg: Config, version: str | None, approve: bool, reason: str
     tags = reg.version(name, str(target.version)).tags
     champion = reg.alias_version(name, alias)
     return {"model": name, "version": str(target.version), "flow_run": flow_run,
-            "approval": tags.get(APPROVAL_STATE_TAG), "decision": decision_of(tags), "by": tags.get("approval.by"),
+            "approval": tags.get(APPROVAL_STATE_TAG), "decision": decision_of(tags), "by": tags.get(APPROVAL_BY_TAG),
             "champion": str(champion.version) if champion is not None else None}
 
 

@@ -13,9 +13,9 @@ from distillery.config import Config
 from distillery.faults import fault_point
 from distillery.integrations import provenance, registry, store
 from distillery.integrations.served_model import SERVING_FILE
-from distillery.records import (ALIAS_MOVE_PREFIX, APPROVAL_STATE_TAG, APPROVED, DECISION_TAG, MODEL_SHA_TAG, PENDING,
-                               PROMOTED, REJECTED, AliasMove, Lineage,
-                               alias_history, decision_of)
+from distillery.records import (ALIAS_MOVE_PREFIX, APPROVAL_BY_TAG, APPROVAL_REASON_TAG, APPROVAL_STATE_TAG, APPROVED,
+                                DECISION_TAG, MODEL_SHA_TAG, PENDING, PROMOTED, REJECTED, AliasMove, Lineage,
+                                alias_history, decision_of)
 from distillery.models.gate import GateError, plan_reconcile
 
 
@@ -114,7 +114,7 @@ def promote_two_phase(cfg: Config, reg: registry.Registry, run_id: str, eval_run
         by = f"distill run {run_id}"
         if approve is not None:
             state, who, why = approve(version)
-            reg.set_tags(name, version, {APPROVAL_STATE_TAG: state, "approval.by": who, "approval.reason": why})
+            reg.set_tags(name, version, {APPROVAL_STATE_TAG: state, APPROVAL_BY_TAG: who, APPROVAL_REASON_TAG: why})
             if state != APPROVED:
                 reg.set_tags(name, version, {DECISION_TAG: REJECTED})
                 logger.warning("%s v%s not promoted: approval %s%s%s", name, version, state.replace("_", " "),

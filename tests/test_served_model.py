@@ -349,6 +349,25 @@ def test_the_prediction_log_records_each_request_off_the_request_path(logged, tm
     assert rows["text_sha256"].tolist() == [hashlib.sha256(t.encode()).hexdigest() for t in TEXTS]
 
 
+def test_the_environment_turns_the_log_on_beside_a_registered_models_default_config(tmp_path, monkeypatch):
+    """A registered model's config carries the log's defaults (MLflow overrides only keys logged with the model):
+    they never hide the environment's settings; a value set in the config wins over both."""
+    from distillery.integrations.served_model import LOG_CONFIG, PredictionLog
+
+    assert PredictionLog.from_settings(dict(LOG_CONFIG)) is None  # off by default
+    monkeypatch.setenv("DISTILLERY_PREDICTION_LOG", str(tmp_path / "log"))
+    monkeypatch.setenv("DISTILLERY_PREDICTION_LOG_TEXTS", "digest")
+    monkeypatch.setenv("DISTILLERY_PREDICTION_LOG_FLUSH_S", "0.5")
+    monkeypatch.setenv("DISTILLERY_PREDICTION_LOG_MODEL", "student/4")
+    log = PredictionLog.from_settings(dict(LOG_CONFIG))
+    assert (log.uri, log.texts, log.flush_s, log.model) == (str(tmp_path / "log"), "digest", 0.5, "student/4")
+    log.close()
+    mine = PredictionLog.from_settings({**LOG_CONFIG, "prediction_log": str(tmp_path / "mine"),
+                                        "prediction_log_flush_s": 2.0})
+    assert (mine.uri, mine.texts, mine.flush_s) == (str(tmp_path / "mine"), "digest", 2.0)
+    mine.close()
+
+
 def test_a_prediction_log_that_cannot_be_written_never_fails_a_prediction(logged, tmp_path, caplog):
     import mlflow
 

@@ -239,12 +239,21 @@ class PredictionLog:
     def from_settings(cls, config: dict | None = None) -> "PredictionLog | None":
         """The log the model config (``prediction_log``...) or the environment turns on; None when off."""
         config = config or {}
-        uri = config.get("prediction_log") or os.environ.get(LOG_ENV)
+
+        def setting(key: str, env: str) -> str:
+            """A value set in the model config; else the environment's; else the default (which a registered
+            model's config also carries: it never hides the environment)."""
+            value = config.get(key)
+            if value not in (None, "") and value != LOG_CONFIG[key]:
+                return str(value)
+            return os.environ.get(env) or str(LOG_CONFIG[key])
+
+        uri = setting("prediction_log", LOG_ENV)
         if not uri:
             return None
-        return cls(str(uri), model=str(config.get("prediction_log_model") or os.environ.get(LOG_MODEL_ENV, "")),
-                   texts=str(config.get("prediction_log_texts") or os.environ.get(LOG_TEXTS_ENV, "text")),
-                   flush_s=float(config.get("prediction_log_flush_s") or os.environ.get(LOG_FLUSH_ENV, 10.0)))
+        return cls(uri, model=setting("prediction_log_model", LOG_MODEL_ENV),
+                   texts=setting("prediction_log_texts", LOG_TEXTS_ENV),
+                   flush_s=float(setting("prediction_log_flush_s", LOG_FLUSH_ENV)))
 
     def record(self, texts: list[str], answers: pd.DataFrame) -> None:
         """Queue one request's rows (cheap: the columns as they are; rows are built when written)."""
@@ -293,7 +302,8 @@ class PredictionLog:
                 fs, root = fsspec.core.url_to_fs(self.uri)
                 stamp = time.gmtime(taken[0][0])
                 folder = f"{root}/date={time.strftime('%Y-%m-%d', stamp)}"
-                name = f"part-{time.strftime('%Y%m%dT%H%M%S', stamp)}-{uuid.uuid4().hex[:12]}.parquet"
+                micros = int(taken[0][0] * 1e6) % 1_000_000  # names sort as the batches were asked
+                name = f"part-{time.strftime('%Y%m%dT%H%M%S', stamp)}.{micros:06d}-{uuid.uuid4().hex[:12]}.parquet"
                 fs.makedirs(folder, exist_ok=True)
                 if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
                     partial = f"{folder}/.{name}.partial"  # readers see whole files only

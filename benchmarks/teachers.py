@@ -61,13 +61,14 @@ def summary(values: list[float]) -> dict:
             "values": [float(v) for v in array]}
 
 
-def serve_teacher(config: str, model: str, port: int, log: Path) -> subprocess.Popen:
-    """``distillery serve`` of the registered teacher, waited for (its /ping answers)."""
+def serve_teacher(config: str, model: str, port: int, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``distillery serve`` of a registered model (``env``: added to this process's environment), waited for (its
+    /ping answers)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "distillery", "serve", "--config", config, "--model", model,
                                  "--host", "127.0.0.1", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, env={**os.environ, **(env or {})})
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         try:

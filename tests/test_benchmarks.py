@@ -177,3 +177,36 @@ def test_teachers_benchmark_measures_the_endpoint_forms_and_a_budget_against_ran
     assert sorted((r["arm"], r["seed"]) for r in results["runs"]) == sorted(
         (arm, seed) for arm in ("full", "budget-diverse", "budget-random", "top1") for seed in (3, 4))
     assert "endpoint_top1_over_whitebox_student_accuracy" not in results["ratios"]  # no whitebox arm measured
+
+
+def test_the_monitoring_benchmark_runs_the_loop_and_resumes(teacher_project: Path, tmp_path: Path):
+    """benchmarks/monitoring.py on a tiny champion: every stage measured (the served log's cost, calm windows, the
+    shift's detection, the re-distillation on the shifted window, before and after, a large window monitored), the
+    ratios written; a second invocation finds every stage done and measures nothing again."""
+    from benchmarks.monitoring import texting
+
+    assert texting("Why hasn't my card arrived yet?") == texting("Why hasn't my card arrived yet?") == \
+        "y hsnt mah crd arrvd yt"
+    cfg_path = teacher_project / "distillery.yaml"
+    assert run_command(cfg_path, overrides={"gate.champion_tolerance": 1.0}).decision.passed
+    out = tmp_path / "monitoring-tiny.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "monitoring.py"), "--config", str(cfg_path), "--name", "tiny",
+               "--out", str(tmp_path),
+               "--port", str(free_port()), "--calm-windows", "2", "--window-texts", "20", "--probe-texts", "20",
+               "--shift-texts", "60", "--pairs", "20", "--monitor-texts", "300", "--set", "monitor.min_texts=20",
+               "--set", "monitor.teacher_sample=20", "--set", "gate.production_min_texts=5",
+               "--set", "gate.champion_tolerance=1.0"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1200,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    stages, ratios = results["stages"], results["ratios"]
+    assert set(stages) == {"log_cost", "calm", "detection", "redistill", "after", "monitor_large"}
+    assert len(stages["calm"]["windows"]) == 2 and stages["detection"]["detection_delay_texts"] is not None
+    assert stages["redistill"]["passed"] and stages["after"]["champion_after"] != results["champion_before"]
+    assert stages["monitor_large"]["texts"] == 300 and ratios["monitor_seconds_300_texts"] > 0
+    assert 0 < ratios["served_path_with_log_over_without"] < 10 and ratios["shifted_accuracy_after_over_before"] > 0
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(out.read_text())["stages"] == stages  # resumed: nothing measured twice

@@ -370,6 +370,13 @@ class GateConfig(Section):
     # champion stays. The waiting run holds the student's run lock
     approval: Literal["auto", "manual"] = "auto"
     approval_timeout_s: int = Field(24 * 3600, gt=0)
+    # texts production sent (a re-distil on drift): this share of them, chosen by text hash (a text stays on its side
+    # across re-distillations), is labelled by the teacher but never trained on; with at least production_min_texts
+    # there and a champion, the student's agreement with the teacher on them may fall at most
+    # production_agreement_tolerance below the champion's on the same texts
+    production_holdout: float = Field(0.2, ge=0.0, lt=1.0)
+    production_min_texts: Positive = 30
+    production_agreement_tolerance: Share = 0.0
 
 
 class TrackingConfig(Section):

@@ -34,6 +34,11 @@ SNAPSHOT_TAG = "data.snapshot_md5"
 PRODUCTION_TEXTS_TAG = "data.production_texts"
 PRODUCTION_SHA_TAG = "data.production_sha256"
 PRODUCTION_BASE_TAG = "data.production_base_md5"
+# on an evaluation run with a production hold-out: its size, the champion measured on it and its agreement with the
+# teacher there (each student's is on the student's own row, ``production_agreement``)
+PRODUCTION_TEXTS_METRIC = "production.holdout_texts"
+PRODUCTION_CHAMPION_METRIC = "production.champion_agreement"
+PRODUCTION_CHAMPION_TAG = "production.champion_version"
 GATE_REFERENCE_TAG = "gate.reference"     # the teacher form the gate compared with
 GATE_CRITERIA_TAG = "gate.criteria"
 GATE_FAILED_TAG = "gate.failed"           # on a distill run: the criteria that failed ("none")

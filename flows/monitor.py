@@ -11,9 +11,10 @@ from prefect import flow
 from distillery.config import Config
 from distillery.integrations import registry
 from distillery.models.data import read_snapshot
+from distillery.models.metrics import label_agreement
 from distillery.tasks.data import verify_snapshot
 from distillery.tasks.labelling import label_texts
-from distillery.tasks.monitor import (agreement, emit_drift_task, judge, load_champion, log_uri, measure_window,
+from distillery.tasks.monitor import (emit_drift_task, judge, load_champion, log_uri, measure_window,
                                       read_production_window, reference_snapshot, report_drift, teacher_sample,
                                       top_labels, window_bounds)
 from distillery.tasks.teacher import resolve_teacher, start_run
@@ -59,7 +60,7 @@ def monitor_flow(cfg: Config, end: str | None = None) -> MonitorResult:
         teacher = resolve_teacher(cfg, None, snapshot)
         sample = teacher_sample(cfg, rows)
         logits = label_texts(cfg, snapshot, teacher, sample["text"].tolist(), run_id)
-        measured["teacher_agreement"] = agreement(top_labels(sample), logits, read_snapshot(snapshot.path)[1])
+        measured["teacher_agreement"] = label_agreement(top_labels(sample), logits, read_snapshot(snapshot.path)[1])
         measured["teacher_sample"] = float(len(sample))
     report = judge(cfg, measured, baseline)
     report_drift(cfg, run_id, champion, report, baseline, plots, window, note)

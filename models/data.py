@@ -23,6 +23,8 @@ SCOPE_FILE = "scope.json"
 # texts the champion was asked in production (``distillery monitor`` -> a re-distil on drift): unlabelled, part of
 # the DVC-versioned snapshot, labelled by the teacher as transfer data (split ``production``)
 PRODUCTION_FILE = "production.parquet"
+# the part of them the gate judges on (``gate.production_holdout``): labelled by the teacher, never trained on
+PRODUCTION_HOLDOUT = "production_holdout"
 SNAPSHOT_COLUMNS = ["id", "text", "label", "label_id"]
 
 
@@ -604,6 +606,13 @@ def merge_production(existing: pd.DataFrame, texts: list[str], times: list[str],
     counts = {"offered": int(offered), "held_out": int(offered - new["id"].nunique()),
               "added": int(len(set(kept["id"]) - set(existing["id"]))), "kept": int(len(kept))}
     return kept, counts
+
+
+def in_production_holdout(ids: pd.Series, share: float) -> np.ndarray:
+    """Which production texts (by row id, a hex digest of the text) the gate holds out: the first 32 bits of the id
+    below ``share`` of their range. A text keeps its side as the set grows, so a held-out text is never trained on
+    by a later re-distillation either."""
+    return np.array([int(i[:8], 16) < share * 16 ** 8 for i in ids], dtype=bool)
 
 
 def write_production(frame: pd.DataFrame, folder: Path) -> None:

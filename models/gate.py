@@ -59,14 +59,17 @@ def decide(student: dict, int8_teacher: dict, teacher: dict, champion: dict | No
            macro_f1_tolerance: float, max_latency_ratio: float, max_class_f1_drop: float,
            champion_tolerance: float, labels: list[str] | None = None, oos_recall_tolerance: float = 0.05,
            oos_auroc_tolerance: float = 0.02, reference_name: str = "INT8 teacher",
-           ensemble: bool = False) -> GateDecision:
+           ensemble: bool = False, champion_production: float | None = None, production_tolerance: float = 0.0,
+           production_min_texts: int = 1) -> GateDecision:
     """Every criterion is evaluated (no short-circuit) so a rejection lists all its reasons.
 
     ``student``/``int8_teacher``/``teacher``/``champion`` hold metrics as logged: accuracy, macro_f1,
     latency_p50_ms and per_class_f1 (a list per label); with out-of-scope test data also ``oos.recall`` and
     ``oos.auroc``, which must not fall more than their tolerances below the (FP32) teacher's. With ``ensemble``,
     ``teacher`` is an ensemble teacher and the student's accuracy is also held to it (the reference is then its best
-    quantised member).
+    quantised member). With ``champion_production`` (the champion's agreement with the teacher on the production
+    hold-out) and the student's ``production_agreement`` on the same ``production_texts`` (at least
+    ``production_min_texts``), the student's may fall at most ``production_tolerance`` below it.
     """
     criteria = [
         Criterion("accuracy_vs_int8_teacher", student["accuracy"] >= int8_teacher["accuracy"] - accuracy_tolerance,
@@ -99,21 +102,32 @@ def decide(student: dict, int8_teacher: dict, teacher: dict, champion: dict | No
             "accuracy_vs_champion", student["accuracy"] >= champion["accuracy"] - champion_tolerance,
             student["accuracy"], champion["accuracy"] - champion_tolerance,
             f"student accuracy >= champion accuracy - {champion_tolerance}"))
+        texts = int(student.get("production_texts", 0))
+        if champion_production is not None and "production_agreement" in student and texts >= production_min_texts:
+            observed, bound = student["production_agreement"], champion_production - production_tolerance
+            criteria.append(Criterion(
+                "production_agreement_vs_champion", observed >= bound, observed, bound,
+                f"student agreement with the teacher on {texts} held-out production texts >= the champion's there "
+                f"- {production_tolerance}"))
     return GateDecision(passed=all(c.passed for c in criteria), criteria=criteria)
 
 
 def judge_logged(gate: GateConfig, logged: dict[str, dict], served: str, champion: dict | None,
                  champion_version: str | None, version: str | None = None,
-                 reference: str = "teacher_int8") -> Decision:
+                 reference: str = "teacher_int8", champion_production: float | None = None) -> Decision:
     """The gate's decision for the ``served`` form of an evaluation's logged metrics, under ``gate``'s settings,
-    against the ``reference`` form of the teacher (its INT8 form in the student's runtime)."""
+    against the ``reference`` form of the teacher (its INT8 form in the student's runtime) and the champion (its
+    ``champion_production`` agreement measured by the same evaluation)."""
     student, teacher = logged[served], teacher_row(logged)
     verdict = decide(student, logged[reference], logged[teacher], champion,
                      accuracy_tolerance=gate.accuracy_tolerance, macro_f1_tolerance=gate.macro_f1_tolerance,
                      max_latency_ratio=gate.max_latency_ratio, max_class_f1_drop=gate.max_class_f1_drop,
                      champion_tolerance=gate.champion_tolerance, labels=student["labels"],
                      oos_recall_tolerance=gate.oos_recall_tolerance, oos_auroc_tolerance=gate.oos_auroc_tolerance,
-                     reference_name=reference_name(reference), ensemble=teacher == ENSEMBLE_TEACHER)
+                     reference_name=reference_name(reference), ensemble=teacher == ENSEMBLE_TEACHER,
+                     champion_production=champion_production,
+                     production_tolerance=gate.production_agreement_tolerance,
+                     production_min_texts=gate.production_min_texts)
     return Decision(passed=verdict.passed, reasons=tuple(verdict.reasons()),
                     criteria=tuple(verdict.to_dict()["criteria"]), version=version, champion_version=champion_version)
 
@@ -204,7 +218,8 @@ CRITERION_KNOBS = {"accuracy_vs_int8_teacher": ("gate.accuracy_tolerance", 1),
                    "per_class_f1_drop": ("gate.max_class_f1_drop", -1),
                    "oos_recall_vs_teacher": ("gate.oos_recall_tolerance", 1),
                    "oos_auroc_vs_teacher": ("gate.oos_auroc_tolerance", 1),
-                   "accuracy_vs_champion": ("gate.champion_tolerance", 1)}
+                   "accuracy_vs_champion": ("gate.champion_tolerance", 1),
+                   "production_agreement_vs_champion": ("gate.production_agreement_tolerance", 1)}
 
 
 def _shortfall(criterion: dict) -> float:
@@ -231,7 +246,7 @@ def closest_miss(decisions: dict[str, Decision], served: dict[str, str], shape_k
     knobs = [shape_knobs[name]] if shape_knobs.get(name) else []
     for c in failed:
         key, _ = CRITERION_KNOBS.get(c["name"], (None, 0))
-        if key == "gate.champion_tolerance":
+        if key in ("gate.champion_tolerance", "gate.production_agreement_tolerance"):
             knobs.append("none: the champion is better, nothing to replace")
         elif key:
             knobs.append(f"{key} (this run needs {abs(c['threshold'] - c['observed']):.4f} more)")
@@ -283,7 +298,8 @@ def shape_knob(student: StudentConfig, shape: StudentConfig) -> str:
 
 
 def judge_students(gate: GateConfig, student: StudentConfig, logged: dict[str, dict], students: tuple[str, ...],
-                   reference: str, champion: dict | None, champion_version: str | None) -> tuple[Decision, dict]:
+                   reference: str, champion: dict | None, champion_version: str | None,
+                   champion_production: float | None = None) -> tuple[Decision, dict]:
     """The gate over an evaluation's logged metrics: each judged student in its served form against the teacher's
     ``reference`` form and the champion; the one chosen (``choose_candidate`` under ``gate.policy`` and
     ``gate.baseline``) with notes on the choice, on the baseline, and, when none passes, on the closest miss over
@@ -293,8 +309,8 @@ def judge_students(gate: GateConfig, student: StudentConfig, logged: dict[str, d
     served = {name: served_candidate(student.deploy, name) for name in students}
 
     def judged(name: str) -> Decision:
-        return replace(judge_logged(gate, logged, served[name], champion, champion_version, reference=reference),
-                       student=name)
+        return replace(judge_logged(gate, logged, served[name], champion, champion_version, reference=reference,
+                                    champion_production=champion_production), student=name)
 
     decisions = {name: judged(name) for name in judged_names}
     chosen = choose_candidate(decisions, {n: logged[served[n]]["size_mb"] for n in judged_names},

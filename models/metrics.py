@@ -81,3 +81,10 @@ def classification_metrics(
     if reference_pred is not None:
         out["agreement"] = float((pred == np.asarray(reference_pred)).mean())
     return out
+
+
+def label_agreement(predicted: list[str], teacher_logits: np.ndarray, labels: list[str]) -> float:
+    """The share of texts on which a model's top label (``predicted``, by name: the model's label set may be
+    another snapshot's) is the teacher's (``teacher_logits`` over ``labels``)."""
+    teacher = [labels[int(i)] for i in np.asarray(teacher_logits).argmax(1)]
+    return float(np.mean([a == b for a, b in zip(predicted, teacher)])) if teacher else float("nan")

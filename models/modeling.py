@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import io
-import json
 import logging
 import shutil
 import sys

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from pathlib import Path
+
+import numpy as np
+import pandas as pd
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -20,6 +24,9 @@ from distillery.records import (
     GATE_REFERENCE_TAG,
     MODEL_SHA_TAG,
     PRIMARY,
+    PRODUCTION_CHAMPION_METRIC,
+    PRODUCTION_CHAMPION_TAG,
+    PRODUCTION_TEXTS_METRIC,
     QUANTISED_TEACHERS,
     Evaluation,
     SnapshotRef,
@@ -30,7 +37,7 @@ from distillery.records import (
     member_row,
     served_candidate,
 )
-from distillery.models.data import Scope, read_out_of_scope, read_snapshot
+from distillery.models.data import PRODUCTION_HOLDOUT, Scope, read_out_of_scope, read_snapshot
 from distillery.models.evaluation import (
     Measured,
     encode_harness_rows,
@@ -43,7 +50,8 @@ from distillery.models.evaluation import (
 )
 from distillery.models.ensemble import Combination
 from distillery.models.gate import best_reference
-from distillery.models.labelling import META_FILE
+from distillery.models.labelling import META_FILE, read_outputs
+from distillery.models.metrics import label_agreement
 from distillery.models.report import harness_summary, headline_ratios, write_evaluation
 from distillery.tasks.labelling import endpoint_measurements
 
@@ -58,16 +66,14 @@ def evaluate_candidates(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef,
                         baseline: TrainedStudent, parent_run_id: str,
                         frontier: dict[str, TrainedStudent] | None = None, outputs: TeacherOutputs | None = None
                         ) -> Evaluation:
-    """Teacher (an ensemble's members, combined as they labelled ``outputs``) and distilled student in every form
-    (FP32, torch INT8, ONNX Runtime INT8), the baseline, and the ``frontier`` students (``{shape: student}``) in the
-    served form, on the held-out test split; an evaluation run with a nested run per candidate, tables and plots."""
+    """Teacher (an ensemble: as it labelled ``outputs``) and students (``frontier``: ``{shape: student}``) in every
+    form on test (and the production hold-out); an evaluation run, a nested run per candidate, tables, plots."""
     e, form, frontier = cfg.evaluation, cfg.student.deploy, frontier or {}
     splits, labels = read_snapshot(Path(snapshot.path))
     scope, oos = read_out_of_scope(Path(snapshot.path))
     abstain = e.abstain == "on" or (e.abstain == "auto" and scope.active)
-    students = {PRIMARY: student.folder, **{k: v.folder for k, v in frontier.items()}}
-    candidates = harness_candidates(harness_teachers(cfg, teacher), student.folder, baseline.folder,
-                                    {k: v.folder for k, v in frontier.items()}, form)
+    students = {PRIMARY: student.folder, **(shapes := {k: v.folder for k, v in frontier.items()})}
+    candidates = harness_candidates(harness_teachers(cfg, teacher), student.folder, baseline.folder, shapes, form)
     folders = {c[2] for c in candidates.values()}
     encoded = encode_harness_rows(folders, splits, oos if abstain else None, cfg.distill.max_length)
     eval_run = registry.create_run(cfg, "evaluation", {"stage": "evaluate", **teacher.to_tags(), **run_tags(
@@ -78,6 +84,8 @@ def evaluate_candidates(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef,
     texts = splits["test"]["text"].tolist()
     contenders = time_served_forms(candidates, measured.metrics, encoded["test"], students, form, reference, texts,
                                    served_predictor(form, cfg.distill.max_length, timing.threads), timing)
+    production = measure_production(cfg, outputs, {served_candidate(form, n): f for n, f in students.items()},
+                                    labels, measured.metrics)
     hashes = {folder: store.tree_sha256(folder, exclude=(SERVING_FILE,)) for folder in folders}
     registry.log_candidate_runs(cfg, eval_run, measured.metrics, labels,
                                 {name: {MODEL_SHA_TAG: hashes[c[2]]} for name, c in candidates.items()})
@@ -86,9 +94,9 @@ def evaluate_candidates(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef,
         table = write_evaluation(Path(tmp), measured.metrics, measured.logits, measured.curves,
                                  splits["test"]["label_id"].to_numpy(), labels, contenders[0], reference,
                                  tuple(contenders), e.ece_bins, len(oos.get("oos_test", ())))
-        registry.log_to_run(cfg, eval_run, metrics=ratios, folder=Path(tmp), artifact_path="evaluation", tags={
-            GATE_REFERENCE_TAG: reference, EVALUATION_SERVED_TAG: contenders[0],
-            EVALUATION_CONTENDERS_TAG: ",".join(contenders)})
+        registry.log_to_run(cfg, eval_run, metrics={**ratios, **production.metrics}, folder=Path(tmp),
+                            artifact_path="evaluation", tags={GATE_REFERENCE_TAG: reference, **production.tags,
+                            EVALUATION_SERVED_TAG: contenders[0], EVALUATION_CONTENDERS_TAG: ",".join(contenders)})
     for line in harness_summary(measured.metrics, contenders, reference, quantised_teachers(teacher), e, abstain):
         get_run_logger().info(line)
     return Evaluation(run_id=eval_run, table=table, ratios=ratios, reference=reference, students=(PRIMARY, *frontier),
@@ -186,3 +194,46 @@ def served_predictor(form: str, max_length: int, threads: int):  # noqa: ANN201 
 
     return lambda folder: ServedClassifier(Path(folder), {"quantize": form, "max_length": max_length,
                                                           "threads": threads}).predict
+
+
+@dataclasses.dataclass(frozen=True)
+class ProductionHoldout:
+    """What the evaluation run records of the production hold-out (the students' agreement is on their own rows)."""
+
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    tags: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def measure_production(cfg: Config, outputs: TeacherOutputs | None, served: dict[str, str], labels: list[str],
+                       metrics: dict[str, dict]) -> ProductionHoldout:
+    """Agreement with the teacher on the snapshot's production hold-out (texts production sent that the teacher
+    labelled and no student trained on, ``gate.production_holdout``): each student in its served form (``served``:
+    ``{served name: folder}``; added to its ``metrics`` row as ``production_agreement`` and ``production_texts``) and
+    the champion as registered, on the same texts. Nothing without a hold-out."""
+    from distillery.integrations.served_model import ServedClassifier
+
+    rows = read_outputs(outputs.path) if outputs is not None else pd.DataFrame({"split": [], "answered": []})
+    rows = rows[(rows["split"] == PRODUCTION_HOLDOUT) & rows["answered"].astype(bool)]
+    if not len(rows):
+        return ProductionHoldout()
+    texts, teacher_logits = rows["text"].tolist(), np.stack(rows["logits"].to_list())
+
+    def agreement(classifier: ServedClassifier) -> float:
+        top = classifier.scaled_logits(texts).argmax(1)
+        return label_agreement([classifier.labels[int(i)] for i in top], teacher_logits, labels)
+
+    form = {"quantize": cfg.student.deploy, "max_length": cfg.distill.max_length}
+    for name, folder in served.items():
+        metrics[name] |= {"production_agreement": agreement(ServedClassifier(Path(folder), form)),
+                          "production_texts": float(len(rows))}
+    held = ProductionHoldout({PRODUCTION_TEXTS_METRIC: float(len(rows))})
+    version = registry.Registry.from_config(cfg).alias_version(cfg.tracking.student_name, cfg.tracking.champion_alias)
+    if version is not None:  # as it serves: its own registered settings
+        champion = agreement(ServedClassifier(registry.download_classifier(version, cfg.work.registry)))
+        held = ProductionHoldout({**held.metrics, PRODUCTION_CHAMPION_METRIC: champion},
+                                 {PRODUCTION_CHAMPION_TAG: str(version.version)})
+    get_run_logger().info("production hold-out (%d texts the teacher labelled, never trained on), agreement with the "
+                          "teacher: %s; champion %s", len(rows), ", ".join(
+                              f"{n} {metrics[n]['production_agreement']:.4f}" for n in served),
+                          f"v{version.version} {champion:.4f}" if version is not None else "none")
+    return held

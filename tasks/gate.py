@@ -27,6 +27,8 @@ from distillery.records import (
     GATE_STUDENT_TAG,
     GIT_REVISION_TAG,
     MODEL_CARD_TAG,
+    PRODUCTION_CHAMPION_METRIC,
+    PRODUCTION_CHAMPION_TAG,
     PROMOTED,
     REJECTED,
     Decision,
@@ -59,8 +61,9 @@ def judge(cfg: Config, run_id: str, evaluation: Evaluation) -> tuple[Decision, d
         raise GateError(f"evaluation run {evaluation.run_id} lacks metrics for {sorted(missing)}")
     fault_point("gate.before")
     champion_version, champion = promotion.champion_metrics(cfg, reg)
+    on_production = champion_production(reg, evaluation, champion_version)
     decision, judged = judge_students(cfg.gate, cfg.student, logged, evaluation.students, evaluation.reference,
-                                      champion, champion_version)
+                                      champion, champion_version, on_production)
     registry.log_to_run(cfg, run_id, metrics={"gate.passed": float(decision.passed)}, json_files={
         "gate/decision.json": {**decision.to_dict(), "judged": {n: d.to_dict() for n, d in judged.items()}}}, tags={
         DECISION_TAG: PROMOTED if decision.passed else REJECTED, GATE_FAILED_TAG: ",".join(decision.failed_names())
@@ -72,6 +75,19 @@ def judge(cfg: Config, run_id: str, evaluation: Evaluation) -> tuple[Decision, d
         logger.warning("student rejected: %s; %s@%s unchanged", ", ".join(decision.failed_names()),
                        cfg.tracking.student_name, cfg.tracking.champion_alias)
     return decision, logged
+
+
+def champion_production(reg: registry.Registry, evaluation: Evaluation, champion_version: str | None) -> float | None:
+    """The champion's agreement with the teacher on the production hold-out, as the evaluation measured it (None
+    without a hold-out or a champion). A GateError when the champion moved since: its number is another model's."""
+    run = reg.run(evaluation.run_id)
+    measured = run.data.tags.get(PRODUCTION_CHAMPION_TAG) if run is not None else None
+    if measured is None:
+        return None
+    if measured != champion_version:
+        raise GateError(f"the evaluation measured the champion v{measured} on the production hold-out, the champion is "
+                        f"now v{champion_version}: nothing registered; run the distillation again")
+    return run.data.metrics[PRODUCTION_CHAMPION_METRIC]
 
 
 @task(name="promote", cache_policy=NO_CACHE)

@@ -21,8 +21,8 @@ from distillery.integrations import registry
 from distillery.integrations.expectations import ValidationFailed, validate_teacher_outputs
 from distillery.records import SnapshotRef, TeacherOutputs, TeacherRef, ValidationSummary
 from distillery.models.augment import NearCopies, Recipe, content_hash, make_transfer_set
-from distillery.models.data import (held_out_rows, read_out_of_scope, read_production, read_snapshot,
-                                    read_transfer_set, row_id)
+from distillery.models.data import (PRODUCTION_HOLDOUT, held_out_rows, in_production_holdout, read_out_of_scope,
+                                    read_production, read_snapshot, read_transfer_set, row_id)
 from distillery.models.labelling import (
     DIGESTS_FILE,
     FEATURES_FILE,
@@ -50,12 +50,13 @@ from distillery.models.ensemble import Combination, EnsembleError, combine, fit_
 
 
 def labelling_inputs(snapshot: SnapshotRef, transfer_set: Path | None, recipe: Recipe | None = None,
-                     near_copy_words: int = 0) -> tuple[pd.DataFrame, list[str]]:
+                     near_copy_words: int = 0, production_holdout: float = 0.0) -> tuple[pd.DataFrame, list[str]]:
     """Rows to label: the snapshot's train and validation splits, its out-of-scope train rows (split ``oos``,
     label -1: the teacher's soft labels on them carry the "no intent" signal), augmented variants of the train texts
     (split ``augmented``, label -1, when ``recipe`` makes any), the optional transfer set (label -1), then the
-    snapshot's production texts (split ``production``, label -1). No validation or test text, nor a near copy of one,
-    is ever a transfer or production row."""
+    snapshot's production texts (split ``production``, label -1; the ``production_holdout`` share of them, by text
+    hash, split ``production_holdout``: the gate's, never trained on). No validation or test text, nor a near copy of
+    one, is ever a transfer or production row."""
     splits, labels = read_snapshot(Path(snapshot.path))
     parts = [splits[s].assign(split=s)[["id", "text", "split", "label_id"]] for s in ("train", "validation")]
     _, oos = read_out_of_scope(Path(snapshot.path))
@@ -79,7 +80,8 @@ def labelling_inputs(snapshot: SnapshotRef, transfer_set: Path | None, recipe: R
     production = read_production(Path(snapshot.path))
     if len(production):  # texts the champion was asked in production (a re-distil on drift added them)
         production = unseen(production)
-        parts.append(production.assign(split="production", label_id=-1)[["id", "text", "split", "label_id"]])
+        split = np.where(in_production_holdout(production["id"], production_holdout), PRODUCTION_HOLDOUT, "production")
+        parts.append(production.assign(split=split, label_id=-1)[["id", "text", "split", "label_id"]])
     return pd.concat(parts, ignore_index=True), labels
 
 
@@ -114,7 +116,8 @@ def augment_recipe(cfg: Config) -> Recipe | None:
 
 def rows_to_label(cfg: Config, snapshot: SnapshotRef) -> tuple[pd.DataFrame, list[str]]:
     """What the teacher labels for this configuration (see ``labelling_inputs``)."""
-    return labelling_inputs(snapshot, transfer_path(cfg), augment_recipe(cfg), cfg.data.augment.near_copy_words)
+    return labelling_inputs(snapshot, transfer_path(cfg), augment_recipe(cfg), cfg.data.augment.near_copy_words,
+                            cfg.gate.production_holdout)
 
 
 def transfer_path(cfg: Config) -> Path | None:
@@ -504,7 +507,7 @@ def labelling_dry_run(cfg: Config, snapshot: SnapshotRef) -> dict:
 
 
 # rows an endpoint teacher may leave unasked when the budget is short
-OPTIONAL_SPLITS = ("augmented", "transfer", "production")
+OPTIONAL_SPLITS = ("augmented", "transfer", "production")  # the gate's production hold-out is asked
 
 
 def budget_choice(cfg: Config, teacher: TeacherRef, snapshot: SnapshotRef,

@@ -8,7 +8,6 @@ import datetime as dt
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -170,9 +169,3 @@ def emit_drift_task(champion: Champion, report: DriftReport, window: dict, run_i
 
 def judge(cfg: Config, measured: dict, baseline: dict) -> DriftReport:
     return judge_window(measured, baseline, cfg.monitor.thresholds)
-
-
-def agreement(champion_labels: list[str], teacher_logits: np.ndarray, labels: list[str]) -> float:
-    """The share of texts on which the champion's top label is the teacher's."""
-    teacher = [labels[int(i)] for i in np.asarray(teacher_logits).argmax(1)]
-    return float(np.mean([a == b for a, b in zip(champion_labels, teacher)]))

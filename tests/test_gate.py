@@ -40,6 +40,25 @@ def test_champion_must_not_be_beaten():
     assert not decision.passed and [c.name for c in decision.failed] == ["accuracy_vs_champion"]
 
 
+def test_on_held_out_production_texts_the_student_must_agree_with_the_teacher_as_the_champion_does():
+    """The criterion exists with a champion measured on the hold-out and enough texts; the bar is the champion's
+    agreement less the tolerance; too few texts, no champion or no hold-out: not judged."""
+    champion, rules = {"accuracy": 0.88}, {**RULES, "production_min_texts": 30, "production_tolerance": 0.02}
+    ahead = decide(student(production_agreement=0.85, production_texts=40), INT8, TEACHER, champion,
+                   champion_production=0.80, **rules)
+    criterion = next(c for c in ahead.criteria if c.name == "production_agreement_vs_champion")
+    assert ahead.passed and criterion.threshold == 0.78 and "40 held-out production texts" in criterion.rule
+    behind = decide(student(production_agreement=0.77, production_texts=40), INT8, TEACHER, champion,
+                    champion_production=0.80, **rules)
+    assert [c.name for c in behind.failed] == ["production_agreement_vs_champion"]
+    for few in (decide(student(production_agreement=0.1, production_texts=29), INT8, TEACHER, champion,
+                       champion_production=0.80, **rules),
+                decide(student(production_agreement=0.1, production_texts=40), INT8, TEACHER, None,
+                       champion_production=0.80, **rules),
+                decide(student(), INT8, TEACHER, champion, champion_production=0.80, **rules)):
+        assert few.passed and "production_agreement_vs_champion" not in {c.name for c in few.criteria}
+
+
 def test_latency_is_judged_on_interleaved_pairs_when_measured():
     """A student whose p50 was taken while the machine was loaded (35 ms) but whose paired ratio says it is 3x faster
     passes; a paired ratio above the limit fails even when the separate p50s look fine."""

@@ -90,13 +90,22 @@ def test_in_distribution_traffic_raises_no_alarm_and_another_domain_leads_to_a_r
 
     # what the trigger runs: a distillation with the drifted window's texts in the snapshot's production transfer set
     before = lineage_of(cfg, "student@champion")
-    result = pipeline_flow(str(cfg_path), command="distill", production=storm.window)
+    gate = {"gate.production_min_texts": 5}  # a hold-out of 60 texts' fifth is judged
+    result = pipeline_flow(str(cfg_path), gate, command="distill", production=storm.window)
     assert result.snapshot.md5 != before["data"]["snapshot_md5"]
     production = pd.read_parquet(Path(result.snapshot.path) / "production.parquet")
     assert sorted(production["text"]) == sorted(set(texts))
     outputs = pd.read_parquet(result.outputs.path)
-    assert set(outputs.loc[outputs["split"] == "production", "text"]) == set(texts)  # labelled by the teacher
+    trained, held = (set(outputs.loc[outputs["split"] == s, "text"]) for s in ("production", "production_holdout"))
+    assert trained | held == set(texts) and not trained & held and 5 <= len(held) <= 25  # labelled by the teacher
     assert result.decision.passed, result.decision.reasons
+    # the gate judged the student against the champion on the hold-out, as the evaluation measured both there
+    criterion = next(c for c in result.decision.criteria if c["name"] == "production_agreement_vs_champion")
+    evaluation = mlflow.MlflowClient().get_run(result.evaluation.run_id).data
+    assert evaluation.tags["production.champion_version"] == before["version"]
+    assert evaluation.metrics["production.holdout_texts"] == len(held)
+    assert criterion["threshold"] == evaluation.metrics["production.champion_agreement"]
+    assert f"{len(held)} held-out production texts" in criterion["rule"]
     lineage = lineage_of(cfg, "student@champion")
     assert lineage["data"]["snapshot_md5"] == result.snapshot.md5
     assert lineage["data"]["production_texts"] == len(set(texts))
@@ -105,7 +114,7 @@ def test_in_distribution_traffic_raises_no_alarm_and_another_domain_leads_to_a_r
     assert all(ok for _, ok, _ in checks), checks
 
     # the same window again adds nothing: the snapshot stays as it is
-    again = pipeline_flow(str(cfg_path), command="distill", production=storm.window)
+    again = pipeline_flow(str(cfg_path), gate, command="distill", production=storm.window)
     assert again.snapshot.md5 == result.snapshot.md5 and again.skipped
 
 

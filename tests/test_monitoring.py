@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from tests.helpers import make_frames
@@ -118,6 +119,18 @@ def test_production_texts_merge_without_held_out_texts_or_repeats_newest_kept():
     assert kept["id"].tolist() == sorted(kept["id"]) and kept["id"].tolist() == sorted(map(row_id, ["a b", "c d"]))
     more, counts = merge_production(kept, ["e f", "g h"], ["2026-12-02T00:00:00", "2026-12-02T00:00:01"], [], cap=3)
     assert sorted(more["text"]) == ["a b", "e f", "g h"] and counts["added"] == 2 and counts["kept"] == 3
+
+
+def test_the_production_hold_out_is_a_stable_share_of_the_texts():
+    """About the configured share, decided by each text alone: a text keeps its side however the set grows."""
+    from distillery.models.data import in_production_holdout, row_id
+
+    ids = pd.Series([row_id(f"text number {i}") for i in range(4000)])
+    held = in_production_holdout(ids, 0.2)
+    assert 0.17 < held.mean() < 0.23
+    assert (in_production_holdout(ids[:100], 0.2) == held[:100]).all()  # the same texts in a smaller set
+    assert not in_production_holdout(ids, 0.0).any()
+    assert (held <= in_production_holdout(ids, 0.5)).all()  # a larger share only adds texts
 
 
 def test_label_noise_grows_as_the_window_shrinks_and_the_report_reads_offline(tmp_path):

@@ -110,41 +110,40 @@ def accuracy(folder: Path, texts: list[str], truth: list[str]) -> float:
     """A classifier folder in its served form (its own settings): top-label accuracy against ``truth`` names."""
     from distillery.integrations.served_model import ServedClassifier
 
-    served = ServedClassifier(folder)
-    top = served.scaled_logits(texts).argmax(1)
-    return float(sum(served.labels[int(i)] == t for i, t in zip(top, truth)) / len(truth))
+    predicted = ServedClassifier(folder).top_labels(texts)
+    return float(sum(p == t for p, t in zip(predicted, truth)) / len(truth))
 
 
-def champion(cfg) -> tuple[str, Path]:  # noqa: ANN001 - Config
+def registered(cfg, name: str, alias: str) -> tuple[str, Path] | None:  # noqa: ANN001 - Config
+    """``name@alias``'s version and its classifier folder (downloaded once); None when the alias is not set."""
     from distillery.integrations import registry
 
     registry.configure_tracking(cfg)
-    version = registry.Registry.from_config(cfg).alias_version(cfg.tracking.student_name, cfg.tracking.champion_alias)
-    if version is None:
+    version = registry.Registry.from_config(cfg).alias_version(name, alias)
+    return (str(version.version), registry.download_classifier(version, cfg.work.registry)) if version else None
+
+
+def champion(cfg) -> tuple[str, Path]:  # noqa: ANN001 - Config
+    found = registered(cfg, cfg.tracking.student_name, cfg.tracking.champion_alias)
+    if found is None:
         raise SystemExit("no champion: run `make run` (or `make run-fast`) first")
-    return str(version.version), registry.download_classifier(version, cfg.work.registry)
-
-
-def teacher_folder(cfg) -> Path | None:  # noqa: ANN001 - Config
-    from distillery.integrations import registry
-
-    reg = registry.Registry.from_config(cfg)
-    version = reg.alias_version(cfg.teacher.registered_name, cfg.teacher.alias)
-    return registry.download_classifier(version, cfg.work.registry) if version is not None else None
+    return found
 
 
 def log_cost(args, texts: list[str], work: Path) -> dict:  # noqa: ANN001
-    plain = serve_teacher(args.config, args.model, args.port + 1, work / "serve-plain.log", {"DISTILLERY_PREDICTION_LOG": ""})
+    plain = serve_teacher(args.config, args.model, args.port + 1, work / "serve-plain.log",
+                          {"DISTILLERY_PREDICTION_LOG": ""})
     try:
-        for _ in range(20):  # warm both
-            post(args.port, texts[:1]), post(args.port + 1, texts[:1])
+        for port in [args.port, args.port + 1] * 20:  # warm both
+            post(port, texts[:1])
         ratios, with_log, without = [], [], []
         for i in range(args.pairs):
             text = [texts[i % len(texts)]]
             order = (args.port, args.port + 1) if i % 2 else (args.port + 1, args.port)
             times = {port: post(port, text) for port in order}
-            with_log.append(times[args.port]), without.append(times[args.port + 1])
-            ratios.append(times[args.port] / times[args.port + 1])
+            with_log.append(times[args.port])
+            without.append(times[args.port + 1])
+            ratios.append(with_log[-1] / without[-1])
     finally:
         os.killpg(plain.pid, 15)
     return {"pairs": args.pairs, "served_path_with_log_over_without": statistics.median(ratios),
@@ -243,7 +242,9 @@ def main() -> int:
                                  f"({done['redistill']['gate']})")
             shifted_test, truth = [texting(t) for t in test["text"]], [labels[i] for i in test["label_id"]]
             measured = {"champion_after": new_version}
-            for who, folder in (("before", before_folder), ("after", after_folder), ("teacher", teacher_folder(cfg))):
+            teacher = registered(cfg, cfg.teacher.registered_name, cfg.teacher.alias)
+            teacher_folder = teacher[1] if teacher is not None else None
+            for who, folder in (("before", before_folder), ("after", after_folder), ("teacher", teacher_folder)):
                 if folder is not None:
                     measured[who] = {"shifted": accuracy(folder, shifted_test, truth),
                                      "clean": accuracy(folder, test["text"].tolist(), truth)}

@@ -8,7 +8,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -212,15 +211,16 @@ def measure_production(cfg: Config, outputs: TeacherOutputs | None, served: dict
     the champion as registered, on the same texts. Nothing without a hold-out."""
     from distillery.integrations.served_model import ServedClassifier
 
-    rows = read_outputs(outputs.path) if outputs is not None else pd.DataFrame({"split": [], "answered": []})
+    if outputs is None:
+        return ProductionHoldout()
+    rows = read_outputs(outputs.path)
     rows = rows[(rows["split"] == PRODUCTION_HOLDOUT) & rows["answered"].astype(bool)]
     if not len(rows):
         return ProductionHoldout()
     texts, teacher_logits = rows["text"].tolist(), np.stack(rows["logits"].to_list())
 
     def agreement(classifier: ServedClassifier) -> float:
-        top = classifier.scaled_logits(texts).argmax(1)
-        return label_agreement([classifier.labels[int(i)] for i in top], teacher_logits, labels)
+        return label_agreement(classifier.top_labels(texts), teacher_logits, labels)
 
     form = {"quantize": cfg.student.deploy, "max_length": cfg.distill.max_length}
     for name, folder in served.items():

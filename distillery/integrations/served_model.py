@@ -180,6 +180,10 @@ class ServedClassifier:
     def probabilities(self, texts: list[str]) -> np.ndarray:
         return _softmax(self.scaled_logits(texts))
 
+    def top_labels(self, texts: list[str]) -> list[str]:
+        """Each text's most probable label (before any abstention)."""
+        return [self.labels[int(i)] for i in self.scaled_logits(texts).argmax(1)]
+
     def in_scope_scores(self, scaled: np.ndarray, probs: np.ndarray) -> np.ndarray:
         """What the abstention threshold applies to: the top-1 probability, or the energy score
         ``T * logsumexp(logits / T)`` (``abstain_score: energy``)."""

@@ -188,7 +188,8 @@ def test_the_monitoring_benchmark_runs_the_loop_and_resumes(teacher_project: Pat
     assert texting("Why hasn't my card arrived yet?") == texting("Why hasn't my card arrived yet?") == \
         "y hsnt mah crd arrvd yt"
     cfg_path = teacher_project / "distillery.yaml"
-    assert run_command(cfg_path, overrides={"gate.champion_tolerance": 1.0}).decision.passed
+    # force: another test of this module may already have made a champion from this teacher, data and config
+    assert run_command(cfg_path, overrides={"gate.champion_tolerance": 1.0}, force=True).decision.passed
     out = tmp_path / "monitoring-tiny.json"
     command = [sys.executable, str(ROOT / "benchmarks" / "monitoring.py"), "--config", str(cfg_path), "--name", "tiny",
                "--out", str(tmp_path),

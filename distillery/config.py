@@ -21,12 +21,20 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError, model_validator
 from distillery.errors import DistilleryError
 from distillery.paths import WorkFolder
 
 CONFIG_ENV = "DISTILLERY_CONFIG"
 DEFAULT_CONFIG_NAME = "distillery.yaml"
+
+
+def _switch_word(value: object) -> object:
+    """YAML 1.1 (PyYAML, and so a config file or --set) reads a bare on/off as a boolean: back to the word."""
+    return ("on" if value else "off") if isinstance(value, bool) else value
+
+
+YamlSwitch = BeforeValidator(_switch_word)  # for choices that include "on"/"off"
 
 
 class ConfigError(DistilleryError, ValueError):
@@ -213,8 +221,13 @@ class ValidationConfig(Section):
     min_answered_share: Share = 0.95
 
 
+STATIC_LEARNING_RATE = 2e-3  # a static student's table and head learn at model2vec's pace, not a transformer's
+
+
 class StudentConfig(Section):
-    init: Literal["cut", "config", "pretrained"] = "pretrained"
+    # static: a token-embedding table, mean-pooled, with a small head (models/static.py), its table made from
+    # base_model's encoder ("teacher": the fine-tuned teacher's) as model2vec does, hidden_size wide; served as onnx-int8
+    init: Literal["cut", "config", "pretrained", "static"] = "pretrained"
     base_model: str = "minilm"
     layers: Layers = (0, 5)
     num_layers: Positive = 2
@@ -236,6 +249,9 @@ class StudentConfig(Section):
     # The one default that is not the default profile's: its frontier (pruned cuts of the pretrained MiniLM;
     # distillery.yaml) is made of shapes of that student, which mean nothing for another one
     frontier: tuple[dict[str, Any], ...] = ()
+    # this shape's own learning rate instead of the distillation's (a search's pick included); null: the
+    # distillation's, except a static student's (STATIC_LEARNING_RATE)
+    learning_rate: float | None = Field(None, gt=0.0)
 
     @model_validator(mode="after")
     def _check_shapes(self) -> "StudentConfig":
@@ -278,6 +294,9 @@ class StudentConfig(Section):
             name = "cut" + "-".join(str(i) for i in self.layers)
         elif self.init == "config":
             name = f"h{self.hidden_size}x{self.num_layers}" + ("-ws" if self.select_weights else "")
+        elif self.init == "static":
+            name = f"static{self.hidden_size}" + ("" if self.base_model == "minilm" else "-" + "".join(
+                c if c.isalnum() else "-" for c in Path(self.base_model).name.lower()))
         else:
             name = "".join(c if c.isalnum() else "-" for c in Path(self.base_model).name.lower())
             name += "-cut" + "-".join(str(i) for i in self.pretrained_layers) if self.pretrained_layers else ""
@@ -342,7 +361,7 @@ class EvaluationConfig(Section):
     # abstention threshold on the calibrated confidence, chosen per candidate on validation: auto = when the data has
     # out-of-scope rows (data.oos_label / data.holdout_intents); the served model answers the out-of-scope label
     # below it
-    abstain: Literal["auto", "on", "off"] = "auto"
+    abstain: Annotated[Literal["auto", "on", "off"], YamlSwitch] = "auto"
     abstain_target: Literal["max_accuracy_cost", "oos_recall", "max_inscope_rejection"] = "max_accuracy_cost"
     abstain_score: Literal["confidence", "energy"] = "energy"  # what the threshold is on (see README)
     abstain_value: Share = 0.01  # in-scope accuracy given up / out-of-scope recall reached / in-scope share rejected
@@ -364,7 +383,7 @@ class GateConfig(Section):
     # the student trained without the teacher, judged like the others in its served form. fallback: promoted only when
     # no distilled student passes (never end with nothing when something passes) | compete: also when it passes and
     # beats the distilled student of its shape on validation accuracy | off: never judged
-    baseline: Literal["fallback", "compete", "off"] = "fallback"
+    baseline: Annotated[Literal["fallback", "compete", "off"], YamlSwitch] = "fallback"
     # manual: a student that passes is registered and waits, with its report, until someone approves it (Prefect UI:
     # resume the paused run; or `distillery promote --approve`); refused or not answered in approval_timeout_s, the
     # champion stays. The waiting run holds the student's run lock
@@ -629,6 +648,9 @@ def validate_config(cfg: Config) -> Config:
     need(s.init != "pretrained" or cfg.distill.feature_target != "hidden",
          "distill.feature_target: hidden aligns tokens, so it needs a student that reads with the teacher's tokenizer "
          "(init cut/config); a pretrained student takes pooled (or auto)")
+    statics = [shape.label for shape in (s, *s.frontier_shapes().values()) if shape.init == "static"]
+    need(not statics or s.deploy == "onnx-int8", f"static-embedding students ({', '.join(statics)}) are served as "
+         f"their ONNX file: student.deploy must be onnx-int8, not {s.deploy}")
     k = cfg.distill
     need(k.kd_weight + k.ce_weight + k.feature_weight > 0, "distill loss weights must not all be 0")
     kind = cfg.teacher.kind
@@ -639,9 +661,11 @@ def validate_config(cfg: Config) -> Config:
         else:
             need(bool(cfg.teacher.endpoint.url), f"teacher.kind: {kind} needs teacher.endpoint.url")
         shapes = [s, *s.frontier_shapes().values()]
-        need(all(shape.init == "pretrained" for shape in shapes),
+        need(all(shape.init == "pretrained" or (shape.init == "static" and shape.base_model != "teacher")
+                 for shape in shapes),
              f"teacher.kind: {kind} is {what}: every student (and student.frontier shape) must be "
-             "student.init: pretrained (cut and config students start from the teacher's weights)")
+             "student.init: pretrained or static from a base model (cut and config students, and static ones with "
+             "base_model: teacher, start from the teacher's weights)")
         need(k.feature_weight == 0 and not any(k.sweep.feature_weight) and k.search.feature_weight is None,
              f"teacher.kind: {kind} is {what}: feature KD needs its hidden states (set distill.feature_weight: "
              "0, no distill.sweep.feature_weight or distill.search.feature_weight)")
@@ -672,7 +696,7 @@ def _shape_problems(s: StudentConfig) -> list[str]:
     problems = []
     if not s.layers or len(set(s.layers)) != len(s.layers):  # a cut keeps them; checked for every init
         problems.append("layers must keep at least one layer, as distinct non-negative layer indices")
-    if s.init != "cut" and s.hidden_size % max(s.num_attention_heads, 1):
+    if s.init in ("config", "pretrained") and s.hidden_size % max(s.num_attention_heads, 1):
         problems.append("hidden_size must be divisible by num_attention_heads")
     kept = s.pretrained_layers
     if kept is not None and (not kept or len(set(kept)) != len(kept)):

@@ -25,6 +25,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from distillery.models import static as _static  # noqa: F401 - registers the static student with the Auto classes
 from distillery.models.folders import MAX_PARAMETERS, ModelError, check_classifier_folder
 from distillery.models.randomness import seeded
 

@@ -15,7 +15,15 @@ import numpy as np
 import pandas as pd
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from distillery.config import Config, DistillConfig, StudentConfig, TeacherConfig, TrainingSection, ValidationConfig
+from distillery.config import (
+    STATIC_LEARNING_RATE,
+    Config,
+    DistillConfig,
+    StudentConfig,
+    TeacherConfig,
+    TrainingSection,
+    ValidationConfig,
+)
 from distillery.faults import fault_point
 from distillery.records import Candidate, TeacherRef, TrainedStudent
 from distillery.models.losses import IGNORE_INDEX
@@ -31,6 +39,7 @@ from distillery.models.modeling import (
     resolve_base_model,
 )
 from distillery.models.randomness import seeded
+from distillery.models.static import build_static_student
 from distillery.models.training import (
     CrossEntropyObjective,
     DistillationObjective,
@@ -78,7 +87,15 @@ def make_student(cfg: Config, teacher_model: PreTrainedModel | None, teacher_fol
 
     ``teacher_model`` is what a cut student is cut from (the teacher, or its base model for a baseline)."""
     s = cfg.student
-    if s.init == "pretrained":  # e.g. MiniLM under an MPNet teacher: the student keeps its own tokenizer
+    if s.init == "static":  # the encoder's tokenizer; its table from the encoder (the teacher's, or a base model's)
+        if s.base_model == "teacher":
+            encoder, tokenizer = teacher_model, load_tokenizer(teacher_folder)
+        else:
+            folder = resolve_base_model(model_name(cfg, s.base_model), cfg.work.pretrained)
+            encoder, tokenizer = load_classifier(folder, labels), load_tokenizer(folder)
+        student = build_static_student(encoder, tokenizer, labels, s.hidden_size, vocab_texts or [],
+                                       cfg.distill.max_length, cfg.distill.seed)
+    elif s.init == "pretrained":  # e.g. MiniLM under an MPNet teacher: the student keeps its own tokenizer
         folder = resolve_base_model(model_name(cfg, s.base_model), cfg.work.pretrained)
         student, tokenizer = load_classifier(folder, labels), load_tokenizer(folder)
         if s.pretrained_layers:  # a cut of the pretrained model (its embeddings, head and the chosen layers)
@@ -102,7 +119,8 @@ def weights_from(cfg: Config) -> str:
     kept = f", layers {list(s.pretrained_layers)}" if s.pretrained_layers else ""
     return {"cut": f"teacher (layers {list(s.layers)})",
             "config": "teacher's weights by selection" if s.select_weights else "random init",
-            "pretrained": f"pretrained ({s.base_model}{kept})"}[s.init]
+            "pretrained": f"pretrained ({s.base_model}{kept})",
+            "static": f"static table from {s.base_model}'s encoder ({s.hidden_size} dims)"}[s.init]
 
 
 def baseline_source(cfg: Config, teacher_model: PreTrainedModel, teacher: TeacherRef,
@@ -127,7 +145,13 @@ def baseline_source(cfg: Config, teacher_model: PreTrainedModel, teacher: Teache
     return model, f"base model {base} (layers {list(cfg.student.layers)}, before fine-tuning)"
 
 
-LATER_DEFAULTS = {("pretrained_layers", None), ("select_weights", False)}
+def shape_learning_rate(s: StudentConfig) -> float | None:
+    """The student shape's own learning rate (``student.learning_rate``; a static student's default), or None: the
+    distillation's (a search's pick included)."""
+    return s.learning_rate or (STATIC_LEARNING_RATE if s.init == "static" else None)
+
+
+LATER_DEFAULTS = {("pretrained_layers", None), ("select_weights", False), ("learning_rate", None)}
 
 
 def training_shape(student: StudentConfig) -> dict:
@@ -176,15 +200,24 @@ def prepare_student(cfg: Config, candidate: Candidate, teacher: TeacherRef, outp
     teacher_model = load_classifier(teacher_folder).eval() if teacher_folder else None
     source, init_note = (baseline_source(cfg, teacher_model, teacher, labels) if baseline
                          else (teacher_model, weights_from(cfg)))
+    made = cfg  # what the student is made from
+    if baseline and cfg.student.init == "static" and cfg.student.base_model == "teacher":  # not the teacher's encoder
+        made = cfg.for_student({"base_model": teacher.base_model or cfg.teacher.base_model})
+        init_note = weights_from(made)
     settings = settings_from(cfg.distill)
     if candidate.learning_rate is not None or candidate.epochs is not None:  # a search trial's own recipe
         settings = dataclasses.replace(settings, learning_rate=candidate.learning_rate or settings.learning_rate,
                                        epochs=candidate.epochs or settings.epochs)
+    if shape_learning_rate(cfg.student) is not None:  # the shape's own pace wins over the recipe's
+        settings = dataclasses.replace(settings, learning_rate=shape_learning_rate(cfg.student))
     with seeded(settings.seed):  # a new head (pretrained students) is drawn from the seeded generator
         # both students prune to the pieces of every row KD may see, so they compare like for like
-        student, tokenizer = make_student(cfg, source, teacher_folder, labels,
+        student, tokenizer = make_student(made, source, teacher_folder, labels,
                                           rows.loc[rows["split"] != "validation", "text"].tolist())
     hard = np.where(train_rows["label_id"] >= 0, train_rows["label_id"], IGNORE_INDEX)
+    static = cfg.student.init == "static"  # one pooled vector, no hidden states to align: response KD only
+    if static and candidate.feature_weight > 0:
+        candidate = dataclasses.replace(candidate, feature_weight=0.0)
     feature_target = cfg.feature_target if not baseline and candidate.feature_weight > 0 else None
     features = (features_for(train_rows["id"].tolist(), train_rows["text"].tolist(), teacher_model)
                 if feature_target == "pooled" else None)

@@ -23,6 +23,9 @@ def test_overrides_parse_yaml_values():
     assert cfg.distill.temperature == 2.0
     assert cfg.student.layers == (0, 2, 4)
     assert cfg.data.transfer_set is None
+    # YAML 1.1 reads a bare off/on as a boolean: the choices that have those words get them back
+    cfg = load_config(ROOT / "distillery.yaml", {"gate.baseline": "off", "evaluation.abstain": "on"})
+    assert (cfg.gate.baseline, cfg.evaluation.abstain) == ("off", "on")
 
 
 def test_digest_changes_with_a_knob_not_with_root():

@@ -139,7 +139,7 @@ def test_pareto_frontier_and_its_table():
     assert next(r for r in table if r.startswith("slow_big_worse")).endswith("  ")
 
 
-def _decision(passed: bool, passing: dict | None = None, **gaps) -> "Decision":
+def _decision(passed: bool, passing: dict | None = None, **gaps) -> "Decision":  # noqa: F821 - imported inside
     """A decision whose failed criteria are ``name=(observed, threshold)`` and passed ones ``passing``."""
     from distillery.records import Decision
 

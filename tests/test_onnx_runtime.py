@@ -88,13 +88,11 @@ def test_onnx_int8_form_is_served_as_measured(tiny_teacher_dir, tmp_path):
     """student.deploy: onnx-int8: the INT8 file the harness measured is the file registered and served (same
     sha256), with the same answers; INT8 agrees with FP32 within a stated tolerance on this tiny model."""
     import hashlib
-    import json
     import shutil
 
     import mlflow
 
-    from distillery.integrations import registry
-    from distillery.integrations.served_model import ONNX_INT8_FILE, SERVING_FILE
+    from distillery.integrations.served_model import ONNX_INT8_FILE
     from distillery.models.onnx_runtime import INT8_FILE, folder_onnx_int8
 
     assert INT8_FILE == ONNX_INT8_FILE  # two names (the served loader imports nothing of distillery), one file

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from distillery.models.modeling import count_parameters, load_classifier, load_tokenizer, save_classifier

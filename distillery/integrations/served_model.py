@@ -4,8 +4,10 @@ This file is copied into the logged model, so ``mlflow.pyfunc.load_model("models
 model's own requirements (torch, transformers, pandas, mlflow): it imports nothing from distillery, and
 ``tests/test_served_model.py`` checks that in a fresh virtual environment without the project.
 
-Served as gated: the classifier folder's ``distillery-serving.json`` says which form (``fp32`` or dynamic ``int8``) and
-which tokenizer settings (max length, truncation) the evaluation harness measured, and the loader applies the same.
+Served as gated: the classifier folder's ``distillery-serving.json`` says which form (``fp32``, torch dynamic ``int8``
+or the ``onnx-int8`` file) and which tokenizer settings (max length, truncation) the evaluation harness measured, and
+the loader applies the same. A static-embedding student (model type ``distillery-static``) is served from its ONNX
+file alone: its labels come from config.json, so no model class of distillery's is needed.
 
 Input: a list of texts, a ``pandas.Series``, a one-column ``DataFrame`` (or one with a ``text`` column), or a 1-D
 array. Output: one row per text with ``label``, ``confidence``, ``top_k`` (the ``top_k`` most probable labels with
@@ -51,6 +53,7 @@ OUTPUT_COLUMNS = ["label", "confidence", "top_k", "abstained"]
 DEFAULT_OOS_LABEL = "out_of_scope"
 BATCH_SIZE = 64
 ONNX_INT8_FILE = "model-int8.onnx"  # the ONNX Runtime INT8 form (student.deploy: onnx-int8), beside the weights
+STATIC_MODEL_TYPE = "distillery-static"  # a static-embedding student (distillery.models.static): served as ONNX only
 
 
 class InputError(MlflowException):
@@ -93,6 +96,13 @@ def read_serving(folder: Path) -> dict:
     return {**defaults, **settings}
 
 
+def config_labels(folder: Path) -> list[str]:
+    """The labels in output order, from the folder's config.json (``id2label``)."""
+    config = json.loads((Path(folder) / "config.json").read_text())
+    names = {int(i): str(name) for i, name in config["id2label"].items()}
+    return [names[i] for i in range(len(names))]
+
+
 def _softmax(z: np.ndarray) -> np.ndarray:
     e = np.exp(z - z.max(axis=1, keepdims=True)) if len(z) else z
     return (e / e.sum(axis=1, keepdims=True)).astype(np.float32) if len(z) else z
@@ -112,17 +122,18 @@ class ServedClassifier:
         self.session = None
         if self.settings["quantize"] == "onnx-int8":  # ONNX Runtime: the INT8 file the harness measured
             import onnxruntime
-            from transformers import AutoConfig
 
-            config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
             options = onnxruntime.SessionOptions()
             if self.settings.get("threads"):  # default: the runtime's choice (all cores)
                 options.intra_op_num_threads = int(self.settings["threads"])
             self.session = onnxruntime.InferenceSession(str(folder / ONNX_INT8_FILE), options,
                                                         providers=["CPUExecutionProvider"])
             self.model = None
-            self.labels = [config.id2label[i] for i in range(config.num_labels)]
+            self.labels = config_labels(folder)  # from the file: a static student's model type is not transformers'
             return
+        if json.loads((folder / "config.json").read_text()).get("model_type") == STATIC_MODEL_TYPE:
+            raise ValueError(f"{folder} is a static-embedding student: it is served as onnx-int8 (its ONNX file), "
+                             f"not as {self.settings['quantize']}")
         model = AutoModelForSequenceClassification.from_pretrained(
             str(folder), local_files_only=True, use_safetensors=True).eval()
         if self.settings["quantize"] == "int8":

@@ -88,7 +88,7 @@ def main() -> int:
     registry.configure_tracking(cfg)
     client = MlflowClient()
     reg = registry.Registry.from_config(cfg)
-    champion = reg.alias_version(cfg.tracking.student_name, cfg.tracking.champion_alias)
+    champion = reg.champion(cfg)
     if champion is None:
         print("no student@champion: run `make run` first", file=sys.stderr)
         return 2

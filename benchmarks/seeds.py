@@ -141,7 +141,7 @@ def main() -> int:
         parser.error("--search runs distill.search: give it trials (e.g. --set distill.search.trials=8)")
     registry.configure_tracking(cfg)
     reg = registry.Registry.from_config(cfg)
-    champion = reg.alias_version(cfg.tracking.student_name, cfg.tracking.champion_alias)
+    champion = reg.champion(cfg)
     if champion is None:
         print(f"no {cfg.tracking.student_name}@{cfg.tracking.champion_alias}: run `make run` first", file=sys.stderr)
         return 2

@@ -227,7 +227,7 @@ def measure_production(cfg: Config, outputs: TeacherOutputs | None, served: dict
         metrics[name] |= {"production_agreement": agreement(ServedClassifier(Path(folder), form)),
                           "production_texts": float(len(rows))}
     held = ProductionHoldout({PRODUCTION_TEXTS_METRIC: float(len(rows))})
-    version = registry.Registry.from_config(cfg).alias_version(cfg.tracking.student_name, cfg.tracking.champion_alias)
+    version = registry.Registry.from_config(cfg).champion(cfg)
     if version is not None:  # as it serves: its own registered settings
         champion = agreement(ServedClassifier(registry.download_classifier(version, cfg.work.registry)))
         held = ProductionHoldout({**held.metrics, PRODUCTION_CHAMPION_METRIC: champion},

@@ -28,7 +28,7 @@ def check_for_changes(cfg: Config, snapshot: SnapshotRef) -> dict:
         if teacher is None:
             return {"changed": False, "reason": f"no {cfg.teacher.registered_name}@{cfg.teacher.alias} registered"}
         version = str(teacher.version)
-    champion = reg.alias_version(cfg.tracking.student_name, cfg.tracking.champion_alias)
+    champion = reg.champion(cfg)
     if champion is None:
         return {"changed": True, "teacher_version": version, "reason": "no champion yet"}
     made = Lineage.from_tags(champion.tags)
@@ -52,7 +52,7 @@ def emit_redistill_task(cfg: Config, teacher_version: str, snapshot: SnapshotRef
 def champion_up_to_date(cfg: Config, teacher_version: str, snapshot: SnapshotRef) -> str | None:
     """The champion version when it was made from this teacher version, data snapshot and config; else None."""
     registry.configure_tracking(cfg)
-    champion = registry.Registry.from_config(cfg).alias_version(cfg.tracking.student_name, cfg.tracking.champion_alias)
+    champion = registry.Registry.from_config(cfg).champion(cfg)
     if champion is None:
         return None
     try:

@@ -64,9 +64,8 @@ def window_bounds(cfg: Config, end: str | None) -> tuple[dt.datetime, dt.datetim
 def load_champion(cfg: Config) -> Champion:
     """``student@champion`` downloaded as served; an unreachable registry raises (never "no champion")."""
     registry.configure_tracking(cfg)
-    reg = registry.Registry.from_config(cfg)
     name, alias = cfg.tracking.student_name, cfg.tracking.champion_alias
-    version = reg.alias_version(name, alias)
+    version = registry.Registry.from_config(cfg).champion(cfg)
     if version is None:
         raise MonitorError(f"no {name}@{alias} to monitor: nothing has been promoted yet")
     folder = registry.download_classifier(version, cfg.work.registry)

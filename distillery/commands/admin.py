@@ -202,7 +202,7 @@ def status_of(cfg: Config, last_runs: int = 8) -> dict:
     """Current teacher, champion, versions an interrupted promotion left, and the most recent runs."""
     reg = _registry(cfg)
     teacher = reg.alias_version(cfg.teacher.registered_name, cfg.teacher.alias)
-    champion = reg.alias_version(cfg.tracking.student_name, cfg.tracking.champion_alias)
+    champion = reg.champion(cfg)
     leftovers = reconcile(cfg, reg, logger, apply=False)
     experiment = reg.client.get_experiment_by_name(cfg.tracking.experiment)
     # the pipeline's own runs (not their nested candidate and evaluation runs), newest first
@@ -352,7 +352,7 @@ def collect_garbage(cfg: Config, keep_runs: int | None = None, dry_run: bool = F
     reg = _registry(cfg)
     in_use: set[tuple[str, str]] = set()
     teacher = reg.alias_version(cfg.teacher.registered_name, cfg.teacher.alias)
-    champion = reg.alias_version(cfg.tracking.student_name, cfg.tracking.champion_alias)
+    champion = reg.champion(cfg)
     if teacher is not None:
         in_use.add(("registry", f"{teacher.name}-v{teacher.version}"))
     if champion is not None:

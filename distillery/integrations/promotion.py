@@ -24,7 +24,7 @@ def champion_metrics(cfg: Config, reg: registry.Registry) -> tuple[str | None, d
 
     (None, None) only when the registry answers that there is no champion; an unreachable registry raises.
     """
-    version = reg.alias_version(cfg.tracking.student_name, cfg.tracking.champion_alias)
+    version = reg.champion(cfg)
     if version is None:
         return None, None
     try:

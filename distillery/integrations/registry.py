@@ -124,6 +124,11 @@ class Registry:
         except NotFound:
             return None
 
+    def champion(self, cfg: Config) -> ModelVersion | None:
+        """The version behind ``student@champion`` as the config names them (None only when the registry says the
+        alias is not set)."""
+        return self.alias_version(cfg.tracking.student_name, cfg.tracking.champion_alias)
+
     def version(self, name: str, version: str) -> ModelVersion:
         return self._call(f"reading {name} v{version}", lambda: self.client.get_model_version(name, str(version)))
 

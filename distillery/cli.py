@@ -630,6 +630,7 @@ def main(argv: list[str] | None = None) -> int:
     except _known_errors() as exc:
         if args.verbose:
             traceback.print_exc()
+        _end_runs_failed(exc)
         print(f"\ndistillery {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
@@ -637,7 +638,19 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:  # SIGTERM, ours or Prefect's TerminationSignal inside a flow
         if isinstance(exc, Terminated) or type(exc).__name__ == "TerminationSignal":
             return _interrupted(args.command, "SIGTERM", 143)
+        _end_runs_failed(exc)
         raise
+
+
+def _end_runs_failed(exc: BaseException) -> None:
+    """A command that failed leaves none of the MLflow runs it opened RUNNING: they end FAILED. Not when the store
+    itself is what failed (asking it again would only wait on it): ``distillery gc`` marks those later."""
+    if "mlflow" not in sys.modules:
+        return
+    from distillery.integrations.registry import RegistryUnavailable, mark_interrupted_runs
+
+    if not isinstance(exc, RegistryUnavailable):
+        mark_interrupted_runs("FAILED")
 
 
 if __name__ == "__main__":

@@ -259,6 +259,29 @@ def test_ingest_started_during_a_distillation(proj: Project):
     proj.dvc_text = new_text
 
 
+def test_a_command_that_fails_leaves_no_run_running(proj: Project):
+    """An error inside the flow after its runs were opened (here a training thread raising at an epoch end): the
+    command exits non-zero with the error, the runs it opened end FAILED (none left RUNNING for gc to find), and the
+    registry is untouched."""
+    before = proj.registry()
+
+    def statuses() -> dict[str, str]:
+        experiment = proj.client().get_experiment_by_name("distillery")  # none yet when this case runs first
+        return {r.info.run_id: r.info.status
+                for r in proj.client().search_runs([experiment.experiment_id])} if experiment else {}
+
+    earlier = statuses()
+    out = proj.cli("distill", "--force", faults="train.epoch_end=raise")
+    opened = {run: status for run, status in statuses().items() if run not in earlier}
+    failed = out.returncode != 0 and "InjectedFault" in out.stdout + out.stderr
+    _row("an error inside the flow after its runs were opened",
+         f"exit {out.returncode}; {len(opened)} run(s) opened, statuses {sorted(set(opened.values()))}",
+         proj.consistent(before, moved=0) and "RUNNING" not in opened.values(), failed)
+    assert failed, out.stdout[-2000:] + out.stderr[-2000:]
+    assert opened and "RUNNING" not in opened.values() and "FAILED" in opened.values(), opened
+    assert proj.consistent(before, moved=0)
+
+
 def test_lineage_of_the_survivor_verifies_as_json(proj: Project):
     """After all of the above, the champion's lineage still verifies; `--json --verify` prints JSON only."""
     import json

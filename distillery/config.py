@@ -287,6 +287,11 @@ class StudentConfig(Section):
         return {shaped.label: shaped for shaped in shapes}
 
     @property
+    def _base_name(self) -> str:
+        """``base_model`` as a label part: its folder name, lower case, other characters as dashes."""
+        return "".join(c if c.isalnum() else "-" for c in Path(self.base_model).name.lower())
+
+    @property
     def label(self) -> str:
         """A short name of the shape: cut0-5 (kept teacher layers), h256x2 (a fresh model), minilm or minilm-cut0-2
         (pretrained, all or some layers); ``-pv`` when its vocabulary is pruned."""
@@ -295,10 +300,9 @@ class StudentConfig(Section):
         elif self.init == "config":
             name = f"h{self.hidden_size}x{self.num_layers}" + ("-ws" if self.select_weights else "")
         elif self.init == "static":
-            name = f"static{self.hidden_size}" + ("" if self.base_model == "minilm" else "-" + "".join(
-                c if c.isalnum() else "-" for c in Path(self.base_model).name.lower()))
+            name = f"static{self.hidden_size}" + ("" if self.base_model == "minilm" else f"-{self._base_name}")
         else:
-            name = "".join(c if c.isalnum() else "-" for c in Path(self.base_model).name.lower())
+            name = self._base_name
             name += "-cut" + "-".join(str(i) for i in self.pretrained_layers) if self.pretrained_layers else ""
         return name + ("-pv" if self.prune_vocab else "")
 

@@ -30,6 +30,8 @@ from transformers import (
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from distillery.models.folders import ModelError
+from distillery.models.losses import mean_pool
+from distillery.models.vocabulary import piece_ids
 
 MODEL_TYPE = "distillery-static"
 SIF_COEFFICIENT = 1e-4  # model2vec's default smooth-inverse-frequency coefficient
@@ -77,8 +79,7 @@ class StaticEmbeddingClassifier(PreTrainedModel):
     def pooled(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """The mean of the text's token vectors (batch, hidden_size)."""
         mask = (input_ids != self.config.pad_token_id) if attention_mask is None else attention_mask
-        mask = mask.unsqueeze(-1).to(self.embeddings.weight.dtype)
-        return (self.embeddings(input_ids) * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return mean_pool(self.embeddings(input_ids), mask)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None,
                 output_hidden_states: bool | None = None, **_: object) -> SequenceClassifierOutput:
@@ -111,8 +112,7 @@ def piece_vectors(encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
             input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
             mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
             hidden = base(input_ids=input_ids, attention_mask=mask).last_hidden_state
-            weights = mask.unsqueeze(-1).to(hidden.dtype)
-            out.append(((hidden * weights).sum(1) / weights.sum(1)).float().numpy())
+            out.append(mean_pool(hidden, mask).float().numpy())
     return np.concatenate(out)
 
 
@@ -121,10 +121,8 @@ def piece_weights(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], max_
     """Smooth inverse frequency per vocabulary piece, ``a / (a + p)`` with ``p`` its share of the pieces of
     ``texts`` (1 for a piece they never use): frequent pieces (``[CLS]``, "the") count little in the mean."""
     counts: Counter = Counter()
-    texts = list(texts)
-    for start in range(0, len(texts), 1024):
-        for ids in tokenizer(texts[start:start + 1024], truncation=True, max_length=max_length)["input_ids"]:
-            counts.update(ids)
+    for ids in piece_ids(tokenizer, texts, max_length):
+        counts.update(ids)
     total = sum(counts.values())
     p = np.zeros(len(tokenizer), dtype=np.float64)
     if total:

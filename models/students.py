@@ -208,8 +208,9 @@ def prepare_student(cfg: Config, candidate: Candidate, teacher: TeacherRef, outp
     if candidate.learning_rate is not None or candidate.epochs is not None:  # a search trial's own recipe
         settings = dataclasses.replace(settings, learning_rate=candidate.learning_rate or settings.learning_rate,
                                        epochs=candidate.epochs or settings.epochs)
-    if shape_learning_rate(cfg.student) is not None:  # the shape's own pace wins over the recipe's
-        settings = dataclasses.replace(settings, learning_rate=shape_learning_rate(cfg.student))
+    shape_rate = shape_learning_rate(cfg.student)
+    if shape_rate is not None:  # the shape's own pace wins over the recipe's
+        settings = dataclasses.replace(settings, learning_rate=shape_rate)
     with seeded(settings.seed):  # a new head (pretrained students) is drawn from the seeded generator
         # both students prune to the pieces of every row KD may see, so they compare like for like
         student, tokenizer = make_student(made, source, teacher_folder, labels,

@@ -16,13 +16,13 @@ import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from distillery.models.modeling import ModelError
+from distillery.models.folders import ModelError
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -37,15 +37,20 @@ class PrunedVocabulary:
         return len(self.kept_ids)
 
 
+def piece_ids(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], max_length: int) -> Iterator[list[int]]:
+    """Each text's piece ids (truncated to ``max_length``), tokenised 1,024 texts at a time."""
+    texts = list(texts)
+    for start in range(0, len(texts), 1024):
+        yield from tokenizer(texts[start:start + 1024], truncation=True, max_length=max_length)["input_ids"]
+
+
 def choose_pieces(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], reserve: int = 0,
                   max_length: int = 512) -> PrunedVocabulary:
     """The pieces to keep: those ``texts`` tokenise to, the special tokens, and ``reserve`` more of the shortest."""
     vocab = tokenizer.get_vocab()
     used = set(tokenizer.all_special_ids)
-    texts = list(texts)
-    for start in range(0, len(texts), 1024):
-        for ids in tokenizer(texts[start:start + 1024], truncation=True, max_length=max_length)["input_ids"]:
-            used.update(ids)
+    for ids in piece_ids(tokenizer, texts, max_length):
+        used.update(ids)
     if reserve:
         by_length = sorted((i for piece, i in vocab.items() if i not in used and not piece.startswith("[unused")),
                            key=lambda i: (len(tokenizer.convert_ids_to_tokens(i).removeprefix("##")), i))

@@ -150,8 +150,9 @@ class LlmConfig(Section):
     """An LLM teacher (``teacher.kind: llm``) behind an OpenAI-compatible chat-completions endpoint (vLLM,
     llama.cpp's server, Ollama, TGI, ``transformers serve``, hosted APIs) at ``teacher.endpoint.url`` (its ``/v1``;
     ``/chat/completions`` is added), asked one text per request with the transport and budget of
-    ``teacher.endpoint``. Its reply is parsed into the label set; the first token's log-probabilities give soft
-    labels when the server returns them, else the label is a hard one."""
+    ``teacher.endpoint``. Its reply (free text, or ``{"label": ...}`` under ``structured_output: json_schema``) is
+    parsed into the label set; the log-probabilities of the label's first token give soft labels when the server
+    returns them, else the label is a hard one."""
 
     model: str = Field("default", min_length=1)  # the model name the server serves
     # null: no system message (a small model may follow the prompt alone better)
@@ -166,6 +167,10 @@ class LlmConfig(Section):
     logprobs: StrictBool = True  # ask for the first token's top log-probabilities (soft labels where returned)
     top_logprobs: int = Field(5, ge=1, le=20)
     price_per_1k_tokens: float = Field(0.0, ge=0.0)  # for the budget: prompt tokens estimated as characters / 4
+    # json_schema: the reply constrained to {"label": <a label>} through response_format (vLLM, llama.cpp's server,
+    # Ollama, SGLang and OpenAI's API honour it; soft labels then come from the label's first token); a server that
+    # ignores it (transformers serve) answers free text, parsed as with none | none: free text, parsed
+    structured_output: Literal["none", "json_schema"] = "none"
 
 
 # an ensemble member: a registered model as name@alias or name/version

@@ -266,6 +266,39 @@ def parse_label(content: str, labels: Sequence[str]) -> Answer:
     return Answer({content.strip()[:80] or "(empty reply)": 1.0}, hard=True)
 
 
+def label_schema(labels: Sequence[str]) -> dict[str, Any]:
+    """The OpenAI ``response_format`` that constrains a chat reply to ``{"label": <one of labels>}`` (JSON Schema, as
+    vLLM, llama.cpp's server, Ollama, SGLang and OpenAI's API take it)."""
+    schema = {"type": "object", "properties": {"label": {"type": "string", "enum": list(labels)}},
+              "required": ["label"], "additionalProperties": False}
+    return {"type": "json_schema", "json_schema": {"name": "label", "strict": True, "schema": schema}}
+
+
+def structured_label(content: str) -> tuple[str, int] | None:
+    """The label of a structured reply (``{"label": "..."}``) and where its value starts in ``content``; None when
+    the reply is not such an object (a server that ignored the schema answers free text)."""
+    try:
+        said = json.loads(content)
+    except (json.JSONDecodeError, TypeError):
+        return None
+    if not isinstance(said, dict) or not isinstance(said.get("label"), str):
+        return None
+    value = said["label"]
+    quoted = json.dumps(value)[1:-1]  # as the server wrote it (escapes and all)
+    start = content.find(quoted, content.find('"label"') + len('"label"'))
+    return value, max(start, 0)
+
+
+def token_at(tokens: Sequence[Mapping[str, Any]], offset: int) -> Mapping[str, Any] | None:
+    """The reply token that covers character ``offset`` of the reply (the tokens' texts laid end to end)."""
+    position = 0
+    for token in tokens:
+        position += len(str(token.get("token", "")))
+        if position > offset:
+            return token
+    return None
+
+
 def logprob_answer(top_logprobs: Sequence[Mapping[str, Any]], labels: Sequence[str]) -> Answer | None:
     """Soft labels from the log-probabilities of the reply's first token: each alternative token credits the one
     label whose name starts with it (tokens matching no label, or several, credit none); None when no label is

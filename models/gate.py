@@ -42,14 +42,14 @@ class GateDecision:
         return {"passed": self.passed, "criteria": [asdict(c) for c in self.criteria]}
 
 
-def _latency(student: dict, reference: dict, max_ratio: float, reference_name: str) -> Criterion:
+def _latency(student: dict, reference: dict, max_ratio: float, reference_name: str, name: str) -> Criterion:
     """Paired (interleaved) timing when the harness measured it: the median of per-row latency ratios, which a
     loaded machine moves far less than two p50s taken apart; else the p50s."""
     if "latency_ratio_paired" in student:
         ratio = student["latency_ratio_paired"]
-        return Criterion("latency_vs_int8_teacher", ratio <= max_ratio, ratio, max_ratio,
+        return Criterion(name, ratio <= max_ratio, ratio, max_ratio,
                          f"student/{reference_name} batch-1 latency, median of interleaved pairs, <= {max_ratio}")
-    return Criterion("latency_vs_int8_teacher",
+    return Criterion(name,
                      student["latency_p50_ms"] <= max_ratio * reference["latency_p50_ms"],
                      student["latency_p50_ms"], max_ratio * reference["latency_p50_ms"],
                      f"student p50 latency <= {max_ratio} x {reference_name} p50 latency (ms)")
@@ -59,7 +59,7 @@ def decide(student: dict, int8_teacher: dict, teacher: dict, champion: dict | No
            macro_f1_tolerance: float, max_latency_ratio: float, max_class_f1_drop: float,
            champion_tolerance: float, labels: list[str] | None = None, oos_recall_tolerance: float = 0.05,
            oos_auroc_tolerance: float = 0.02, reference_name: str = "INT8 teacher",
-           ensemble: bool = False, champion_production: float | None = None, production_tolerance: float = 0.0,
+           reference_key: str = "int8_teacher", ensemble: bool = False, champion_production: float | None = None, production_tolerance: float = 0.0,
            production_min_texts: int = 1) -> GateDecision:
     """Every criterion is evaluated (no short-circuit) so a rejection lists all its reasons.
 
@@ -67,15 +67,16 @@ def decide(student: dict, int8_teacher: dict, teacher: dict, champion: dict | No
     latency_p50_ms and per_class_f1 (a list per label); with out-of-scope test data also ``oos.recall`` and
     ``oos.auroc``, which must not fall more than their tolerances below the (FP32) teacher's. With ``ensemble``,
     ``teacher`` is an ensemble teacher and the student's accuracy is also held to it (the reference is then its best
-    quantised member). With ``champion_production`` (the champion's agreement with the teacher on the production
+    quantised member). The criteria against the reference are named for it: ``accuracy_vs_<reference_key>``
+    (see ``reference_key``). With ``champion_production`` (the champion's agreement with the teacher on the production
     hold-out) and the student's ``production_agreement`` on the same ``production_texts`` (at least
     ``production_min_texts``), the student's may fall at most ``production_tolerance`` below it.
     """
     criteria = [
-        Criterion("accuracy_vs_int8_teacher", student["accuracy"] >= int8_teacher["accuracy"] - accuracy_tolerance,
+        Criterion(f"accuracy_vs_{reference_key}", student["accuracy"] >= int8_teacher["accuracy"] - accuracy_tolerance,
                   student["accuracy"], int8_teacher["accuracy"] - accuracy_tolerance,
                   f"student accuracy >= {reference_name} accuracy - {accuracy_tolerance}"),
-        Criterion("macro_f1_vs_int8_teacher", student["macro_f1"] >= int8_teacher["macro_f1"] - macro_f1_tolerance,
+        Criterion(f"macro_f1_vs_{reference_key}", student["macro_f1"] >= int8_teacher["macro_f1"] - macro_f1_tolerance,
                   student["macro_f1"], int8_teacher["macro_f1"] - macro_f1_tolerance,
                   f"student macro-F1 >= {reference_name} macro-F1 - {macro_f1_tolerance}"),
     ]
@@ -84,7 +85,7 @@ def decide(student: dict, int8_teacher: dict, teacher: dict, champion: dict | No
             "accuracy_vs_ensemble_teacher", student["accuracy"] >= teacher["accuracy"] - accuracy_tolerance,
             student["accuracy"], teacher["accuracy"] - accuracy_tolerance,
             f"student accuracy >= ensemble teacher accuracy - {accuracy_tolerance}"))
-    criteria.append(_latency(student, int8_teacher, max_latency_ratio, reference_name))
+    criteria.append(_latency(student, int8_teacher, max_latency_ratio, reference_name, f"latency_vs_{reference_key}"))
     drops = [t - s for t, s in zip(teacher["per_class_f1"], student["per_class_f1"])]
     worst = max(range(len(drops)), key=lambda i: drops[i]) if drops else 0
     worst_name = labels[worst] if labels and drops else str(worst)
@@ -124,12 +125,25 @@ def judge_logged(gate: GateConfig, logged: dict[str, dict], served: str, champio
                      max_latency_ratio=gate.max_latency_ratio, max_class_f1_drop=gate.max_class_f1_drop,
                      champion_tolerance=gate.champion_tolerance, labels=student["labels"],
                      oos_recall_tolerance=gate.oos_recall_tolerance, oos_auroc_tolerance=gate.oos_auroc_tolerance,
-                     reference_name=reference_name(reference), ensemble=teacher == ENSEMBLE_TEACHER,
+                     reference_name=reference_name(reference), reference_key=reference_key(reference),
+                     ensemble=teacher == ENSEMBLE_TEACHER,
                      champion_production=champion_production,
                      production_tolerance=gate.production_agreement_tolerance,
                      production_min_texts=gate.production_min_texts)
     return Decision(passed=verdict.passed, reasons=tuple(verdict.reasons()),
                     criteria=tuple(verdict.to_dict()["criteria"]), version=version, champion_version=champion_version)
+
+
+# how criterion names say the reference: a registered teacher's quantised form, a black box as served, an ensemble's
+# best quantised member
+REFERENCE_KEYS = ("int8_teacher", "served_teacher", "best_member")
+
+
+def reference_key(reference: str) -> str:
+    """The reference of a gate criterion's name (``accuracy_vs_served_teacher``): one of ``REFERENCE_KEYS``."""
+    if reference == ENDPOINT_TEACHER:
+        return "served_teacher"
+    return "best_member" if is_member_row(reference) else "int8_teacher"
 
 
 def reference_name(reference: str) -> str:
@@ -212,12 +226,14 @@ def baseline_note(chosen: str, decisions: dict[str, Decision], metrics: dict[str
 
 
 # the setting that moves each criterion's bar, and whether the observed value must stay above (+1) or below (-1) it
-CRITERION_KNOBS = {"accuracy_vs_int8_teacher": ("gate.accuracy_tolerance", 1),
-                   "macro_f1_vs_int8_teacher": ("gate.macro_f1_tolerance", 1),
-                   "latency_vs_int8_teacher": ("gate.max_latency_ratio", -1),
+CRITERION_KNOBS = {f"{measure}_vs_{key}": knob for key in REFERENCE_KEYS
+                   for measure, knob in (("accuracy", ("gate.accuracy_tolerance", 1)),
+                                         ("macro_f1", ("gate.macro_f1_tolerance", 1)),
+                                         ("latency", ("gate.max_latency_ratio", -1)))} | {
                    "per_class_f1_drop": ("gate.max_class_f1_drop", -1),
                    "oos_recall_vs_teacher": ("gate.oos_recall_tolerance", 1),
                    "oos_auroc_vs_teacher": ("gate.oos_auroc_tolerance", 1),
+                   "accuracy_vs_ensemble_teacher": ("gate.accuracy_tolerance", 1),
                    "accuracy_vs_champion": ("gate.champion_tolerance", 1),
                    "production_agreement_vs_champion": ("gate.production_agreement_tolerance", 1)}
 
@@ -252,7 +268,8 @@ def closest_miss(decisions: dict[str, Decision], served: dict[str, str], shape_k
             knobs.append(f"{key} (this run needs {abs(c['threshold'] - c['observed']):.4f} more)")
     parts = [f"closest to passing: {served[name]} ({gaps})"]
     if name == BASELINE_STUDENT:
-        accuracy = {n: next((c["observed"] for c in d.criteria if c["name"] == "accuracy_vs_int8_teacher"), None)
+        against = {f"accuracy_vs_{key}" for key in REFERENCE_KEYS}
+        accuracy = {n: next((c["observed"] for c in d.criteria if c["name"] in against), None)
                     for n, d in decisions.items()}
         distilled = max((a for n, a in accuracy.items() if n != BASELINE_STUDENT and a is not None), default=None)
         if distilled is None or accuracy[name] is None or accuracy[name] >= distilled:

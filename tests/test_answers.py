@@ -196,3 +196,30 @@ def test_a_chat_completion_without_choices_is_malformed():
     with pytest.raises(MalformedResponse, match="not a chat completion"):
         chat_answer({"error": "overloaded"}, ["positive"])
     assert chat_url("http://h:8000/v1/") == "http://h:8000/v1/chat/completions"
+
+
+def test_a_structured_reply_is_read_by_its_label_and_soft_labels_come_from_the_labels_first_token():
+    from jsonschema import validate
+
+    from distillery.integrations.endpoint import chat_answer
+    from distillery.models.answers import label_schema, structured_label
+
+    labels = ["card_arrival", "exchange_rate"]
+    schema = label_schema(labels)
+    assert schema["type"] == "json_schema"
+    validate({"label": "exchange_rate"}, schema["json_schema"]["schema"])
+    with pytest.raises(Exception, match="is not one of"):
+        validate({"label": "weather"}, schema["json_schema"]["schema"])
+    content = '{"label": "exchange_rate"}'
+    assert structured_label(content) == ("exchange_rate", content.index("exchange"))
+    assert structured_label("exchange_rate") is None and structured_label('["x"]') is None
+    # a server that honours the schema: the first tokens are the JSON's, the label's first token carries the choice
+    tokens = [{"token": t, "top_logprobs": [{"token": t, "logprob": 0.0}]} for t in ('{"', 'label', '":', ' "')]
+    tokens.append({"token": "exchange", "top_logprobs": [{"token": "exchange", "logprob": math.log(0.7)},
+                                                         {"token": "card", "logprob": math.log(0.2)}]})
+    tokens += [{"token": "_rate", "top_logprobs": []}, {"token": '"}', "top_logprobs": []}]
+    body = {"choices": [{"message": {"content": content}, "logprobs": {"content": tokens}}]}
+    assert chat_answer(body, labels).probs == pytest.approx({"exchange_rate": 0.7, "card_arrival": 0.2})
+    assert chat_answer({"choices": [{"message": {"content": content}}]}, labels).probs == {"exchange_rate": 1.0}
+    # a server that ignored the schema answers free text: parsed as ever
+    assert chat_answer({"choices": [{"message": {"content": "card arrival"}}]}, labels).top == "card_arrival"

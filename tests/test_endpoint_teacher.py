@@ -358,6 +358,8 @@ def test_a_student_distilled_from_an_endpoint_teacher_is_gated_against_it(served
     teacher = result.evaluation.metrics["teacher_endpoint"]
     assert 0 < teacher["accuracy"] <= 1 and teacher["latency_p50_ms"] > 0 and math.isnan(teacher["size_mb"])
     assert any("endpoint teacher" in r for r in result.decision.reasons), result.decision.reasons
+    named = {c["name"] for c in result.decision.criteria}  # named for the teacher as served, not an INT8 form
+    assert {"accuracy_vs_served_teacher", "latency_vs_served_teacher"} <= named and "accuracy_vs_int8_teacher" not in named
     assert result.decision.passed, result.decision.reasons
     cfg = load_config(project / "distillery.yaml", overrides)
     info = lineage_of(cfg, f"student/{result.decision.version}")

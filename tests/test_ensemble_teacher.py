@@ -116,7 +116,7 @@ def test_an_ensemble_labels_only_its_new_member_and_is_gated_as_the_ensemble_and
     assert 0 < whole["accuracy"] <= 1 and all(0 <= p["agreement"] <= 1 for p in parts)
     criteria = {c["name"]: c for c in result.decision.criteria}
     assert criteria["accuracy_vs_ensemble_teacher"]["threshold"] == pytest.approx(whole["accuracy"] - 1.0)
-    assert "best quantised ensemble member" in criteria["accuracy_vs_int8_teacher"]["rule"]
+    assert "best quantised ensemble member" in criteria["accuracy_vs_best_member"]["rule"]
     assert result.decision.passed, result.decision.reasons
 
     logged = MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_run(result.outputs.run_id).data.metrics

@@ -193,6 +193,23 @@ def test_when_everything_fails_the_closest_one_and_its_knobs_are_named():
     message = closest_miss(weaker, served, {})
     assert message.startswith("closest to passing: baseline_int8_onnx") and "distillation is not" not in message
     assert "the best distilled student is more accurate (0.8214 against 0.7847)" in message
+    # against a black box as served: the criterion is named for it, and the same knob moves it
+    served_teacher = {"student": _decision(False, accuracy_vs_served_teacher=(0.80, 0.85)),
+                      "baseline": _decision(False, accuracy_vs_served_teacher=(0.81, 0.85))}
+    message = closest_miss(served_teacher, served, {})
+    assert "accuracy_vs_served_teacher 0.8100 vs bar 0.8500" in message and "distillation is not what helps" in message
+    assert "gate.accuracy_tolerance (this run needs 0.0400 more)" in message
+
+
+def test_the_criteria_against_the_reference_are_named_for_it():
+    from distillery.models.gate import reference_key
+
+    assert [reference_key(r) for r in ("teacher_int8", "teacher_int8_onnx", "teacher_endpoint", "teacher_m1_int8")] \
+        == ["int8_teacher", "int8_teacher", "served_teacher", "best_member"]
+    decision = decide(student(), INT8, TEACHER, None, reference_name="endpoint teacher",
+                      reference_key="served_teacher", **RULES)
+    assert [c.name for c in decision.criteria][:3] == [
+        "accuracy_vs_served_teacher", "macro_f1_vs_served_teacher", "latency_vs_served_teacher"]
 
 
 def test_the_promotion_reason_reads_short_first():

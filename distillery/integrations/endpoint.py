@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 from distillery.config import EndpointConfig, LlmConfig
 from distillery.errors import DistilleryError
 from distillery.faults import fault_point
-from distillery.models.answers import (Answer, MalformedResponse, logprob_answer, parse_label, parse_predictions,
-                                       render_messages)
+from distillery.models.answers import (Answer, MalformedResponse, label_schema, logprob_answer, parse_label,
+                                       parse_predictions, render_messages, structured_label, token_at)
 from distillery.models.labelling import text_digests
 
 logger = logging.getLogger(__name__)
@@ -241,6 +241,8 @@ def llm_identity(cfg: EndpointConfig, llm: LlmConfig, labels: list[str], example
     prompt = {"system": llm.system_prompt, "prompt": llm.prompt, "descriptions": dict(llm.descriptions),
               "labels": list(labels), "examples": [list(e) for e in examples], "max_tokens": llm.max_tokens,
               "temperature": llm.temperature, "logprobs": llm.logprobs, "top_logprobs": llm.top_logprobs}
+    if llm.structured_output != "none":  # answers asked without it keep their identity (and cache)
+        prompt["structured_output"] = llm.structured_output
     digest = hashlib.sha256(json.dumps(prompt, sort_keys=True).encode()).hexdigest()[:16]
     return {"kind": "llm", "url": public_url(chat_url(cfg.url or "")), "model": llm.model, "prompt_sha256": digest}
 
@@ -267,6 +269,8 @@ class ChatClient(EndpointClient):
                        "temperature": self.llm.temperature}
             if self.llm.logprobs:
                 payload |= {"logprobs": True, "top_logprobs": self.llm.top_logprobs}
+            if self.llm.structured_output == "json_schema":
+                payload["response_format"] = label_schema(self.labels)
             body, elapsed = self.post(payload)
             answers.append(chat_answer(body, self.labels))
             total += elapsed
@@ -274,20 +278,24 @@ class ChatClient(EndpointClient):
 
 
 def chat_answer(body: object, labels: list[str]) -> Answer:
-    """A chat completion's answer: soft labels from the first reply token's top log-probabilities when the server
-    gave them and they name a label, else the reply parsed into the label set. MalformedResponse when the body is
-    not a chat completion."""
+    """A chat completion's answer: soft labels from the top log-probabilities of the token where the label starts
+    (the first token of a free-text reply; in a ``{"label": ...}`` reply, the value's) when the server gave them and
+    they name a label, else the reply parsed into the label set. MalformedResponse when the body is not a chat
+    completion."""
     try:
         choice = body["choices"][0]  # type: ignore[index]
         content = choice["message"]["content"] or ""
     except (KeyError, IndexError, TypeError):
         raise MalformedResponse(f"not a chat completion (no choices[0].message.content): {str(body)[:200]!r}") from None
+    structured = structured_label(content)
+    said, start = structured if structured else (content, 0)
     tokens = ((choice.get("logprobs") or {}).get("content") or [])
-    if tokens and tokens[0].get("top_logprobs"):
-        soft = logprob_answer(tokens[0]["top_logprobs"], labels)
+    first = token_at(tokens, start)
+    if first is not None and first.get("top_logprobs"):
+        soft = logprob_answer(first["top_logprobs"], labels)
         if soft is not None:
             return soft
-    return parse_label(content, labels)
+    return parse_label(said, labels)
 
 
 def _cause(exc: BaseException) -> str:

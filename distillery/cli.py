@@ -179,6 +179,10 @@ def cmd_lineage(args: argparse.Namespace) -> int:
         t, d = info["teacher"], info["data"]
         print(f"{info['model']} v{info['version']}  aliases: {', '.join(info['aliases']) or '-'}")
         print(f"  teacher        {t['name']} v{t['version']} (run {t['run_id']})")
+        if "taught_by_assistant" in info:
+            a = info["taught_by_assistant"]
+            print(f"  taught by      the teacher assistant {a['shape']} v{a['version']} (run {a['run_id']}; its "
+                  f"soft labels: run {a['outputs_run_id']}), itself taught by the teacher above")
         print(f"  data snapshot  {d['snapshot_md5']}  (DVC remote {d['dvc_remote']!r}; data.dvc at git commit "
               f"{d['git_commit_with_data_dvc'] or 'not in this repository history'}; `dvc pull data.dvc` there)")
         print(f"  code revision  {info['git_revision']}")

@@ -257,6 +257,10 @@ class StudentConfig(Section):
     # this shape's own learning rate instead of the distillation's (a search's pick included); null: the
     # distillation's, except a static student's (STATIC_LEARNING_RATE)
     learning_rate: float | None = Field(None, gt=0.0)
+    # a frontier shape's teacher: teacher (the run's) | student (the run's distilled student, the teacher
+    # assistant: its soft labels and features, labelled, cached and validated as any teacher's; a cut or
+    # base_model: teacher then means the assistant's). The student itself is always taught by the teacher
+    taught_by: Literal["teacher", "student"] = "teacher"
 
     @model_validator(mode="after")
     def _check_shapes(self) -> "StudentConfig":
@@ -299,7 +303,8 @@ class StudentConfig(Section):
     @property
     def label(self) -> str:
         """A short name of the shape: cut0-5 (kept teacher layers), h256x2 (a fresh model), minilm or minilm-cut0-2
-        (pretrained, all or some layers); ``-pv`` when its vocabulary is pruned."""
+        (pretrained, all or some layers); ``-pv`` when its vocabulary is pruned, ``-ta`` when the teacher assistant
+        (the run's student) teaches it."""
         if self.init == "cut":
             name = "cut" + "-".join(str(i) for i in self.layers)
         elif self.init == "config":
@@ -309,7 +314,7 @@ class StudentConfig(Section):
         else:
             name = self._base_name
             name += "-cut" + "-".join(str(i) for i in self.pretrained_layers) if self.pretrained_layers else ""
-        return name + ("-pv" if self.prune_vocab else "")
+        return name + ("-pv" if self.prune_vocab else "") + ("-ta" if self.taught_by == "student" else "")
 
 
 class SweepConfig(Section):
@@ -538,6 +543,9 @@ class Config(Section):
                     for part in parents:
                         node = node.get(part, {})
                     node.pop(last, None)
+        shaping["student"].pop("taught_by", None)  # always "teacher" here (frontier entries say otherwise)
+        if shaping["teacher"]["llm"].get("structured_output") == "none":  # digests made before it still match
+            shaping["teacher"]["llm"].pop("structured_output")
         kind = self.teacher.kind
         if kind != "ensemble":  # (digests made before ensembles existed still match)
             shaping["teacher"].pop("ensemble", None)
@@ -660,6 +668,8 @@ def validate_config(cfg: Config) -> Config:
     statics = [shape.label for shape in (s, *s.frontier_shapes().values()) if shape.init == "static"]
     need(not statics or s.deploy == "onnx-int8", f"static-embedding students ({', '.join(statics)}) are served as "
          f"their ONNX file: student.deploy must be onnx-int8, not {s.deploy}")
+    need(s.taught_by == "teacher", "student.taught_by: the student is taught by the teacher; a student.frontier "
+         "shape may be taught by it ({taught_by: student}: the teacher assistant)")
     k = cfg.distill
     need(k.kd_weight + k.ce_weight + k.feature_weight > 0, "distill loss weights must not all be 0")
     kind = cfg.teacher.kind

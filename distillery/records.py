@@ -8,8 +8,9 @@ that owns it.
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping
 
 # The promotion state of a registered student version (two-phase promotion): registered as PENDING, the champion alias
@@ -255,10 +256,33 @@ class TrainedStudent:
     weights_from: str = ""
     curve: tuple[float, ...] = ()  # validation macro-F1 after each epoch
     pruned: bool = False  # a search trial stopped below the median of finished trials
+    # what taught it when not the run's teacher: the teacher assistant's lineage tags (``assistant.*``)
+    assistant: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
         return self.candidate.name
+
+
+def identity_digest(identity: Mapping[str, Any]) -> str:
+    """The version of a teacher that is not one registered model (a black box, an ensemble, an assistant): a digest
+    of what it is."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+ASSISTANT_PREFIX = "assistant."  # a student taught by the run's student: that teacher assistant's lineage
+
+
+def taught_by(student: TrainedStudent, teacher: TeacherRef, outputs: TeacherOutputs) -> TrainedStudent:
+    """``student`` with what taught it recorded when that was a teacher assistant: its version, its own training
+    run, its files' hash and shape, and the run that made and validated its soft labels."""
+    if teacher.kind != "assistant":
+        return student
+    identity = json.loads(teacher.identity)
+    return replace(student, assistant={
+        f"{ASSISTANT_PREFIX}version": teacher.version, f"{ASSISTANT_PREFIX}run_id": teacher.run_id,
+        f"{ASSISTANT_PREFIX}model_sha256": identity["model_sha256"], f"{ASSISTANT_PREFIX}shape": identity["shape"],
+        f"{ASSISTANT_PREFIX}outputs_run_id": outputs.run_id})
 
 
 @dataclass(frozen=True)
@@ -313,6 +337,7 @@ class Lineage:
     criteria: tuple[dict, ...] = ()
     metrics: Mapping[str, float] = field(default_factory=dict)
     model_sha256: str = ""  # the registered files' hash, as the evaluation measured them
+    assistant: Mapping[str, str] = field(default_factory=dict)  # ``assistant.*``: the teacher assistant that taught it
 
     RUN_KEYS = ("distill.run_id", "student.run_id", "evaluation.run_id")
 
@@ -324,7 +349,7 @@ class Lineage:
                 GATE_REFERENCE_TAG: self.reference,
                 "candidate": _json(dict(self.candidate)),
                 GATE_CRITERIA_TAG: _json(list(self.criteria)), **{k: _json(v) for k, v in self.validation.items()},
-                **{f"{METRIC_PREFIX}{k}": f"{v:.6g}" for k, v in self.metrics.items()}}
+                **{f"{METRIC_PREFIX}{k}": f"{v:.6g}" for k, v in self.metrics.items()}, **self.assistant}
 
     @classmethod
     def from_tags(cls, tags: Mapping[str, str]) -> "Lineage":
@@ -341,6 +366,7 @@ class Lineage:
             validation={"gx.success": tags.get("gx.success"), "gx.summary": _loads(tags.get("gx.summary"))},
             criteria=tuple(_loads(tags.get(GATE_CRITERIA_TAG)) or ()),
             metrics={k.removeprefix(METRIC_PREFIX): float(v) for k, v in tags.items() if k.startswith(METRIC_PREFIX)},
+            assistant={k: v for k, v in tags.items() if k.startswith(ASSISTANT_PREFIX)},
         )
 
     def runs(self) -> dict[str, str]:

@@ -8,13 +8,15 @@ import time
 from prefect import flow
 
 from distillery.config import Config
-from distillery.records import BASELINE, CONFIG_HASH_TAG, OUTPUTS_RUN_TAG, RunResult, SnapshotRef, TeacherRef
+from distillery.records import (BASELINE, CONFIG_HASH_TAG, OUTPUTS_RUN_TAG, RunResult, SnapshotRef, TeacherOutputs,
+                                TeacherRef, TrainedStudent, taught_by)
 from distillery.flows.label import label_flow
 from distillery.flows.runners import task_runner_for
 from distillery.models.gate import BASELINE_STUDENT
 from distillery.models.selection import (configured_trial, median_bars, pick_best, search_sampler, sweep_grid,
                                          trial_candidate)
-from distillery.tasks.distill import cache_teacher_features, log_search, train_student, uses_pooled_features
+from distillery.tasks.distill import (cache_teacher_features, log_search, teacher_assistant, train_student,
+                                      uses_pooled_features)
 from distillery.tasks.evaluate import evaluate_candidates
 from distillery.tasks.events import champion_up_to_date, report_decision
 from distillery.tasks.gate import judge, promote, reconcile_registry
@@ -60,6 +62,20 @@ def search(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef, outputs, run
     return trained
 
 
+def frontier_teachers(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef, outputs: TeacherOutputs,
+                      best: TrainedStudent, run_id: str) -> dict[str, tuple[TeacherRef, TeacherOutputs]]:
+    """Each frontier shape's teacher and its validated outputs: the run's teacher, or for a shape ``{taught_by:
+    student}`` the run's distilled student (``best``) as teacher assistant, its soft labels made by the same
+    labelling flow (cached by its identity, checked by the same suites) under this run."""
+    shapes = cfg.student.frontier_shapes()
+    teachers = {label: (teacher, outputs) for label in shapes}
+    if any(shape.taught_by == "student" for shape in shapes.values()):
+        assistant = teacher_assistant(cfg, teacher, best)
+        taught = label_flow.with_options(task_runner=task_runner_for(cfg))(cfg, snapshot, assistant, run_id)
+        teachers |= {label: (assistant, taught) for label, shape in shapes.items() if shape.taught_by == "student"}
+    return teachers
+
+
 @flow(name="distill", flow_run_name="distill-teacher-v{teacher.version}-data-{snapshot.md5:.8}", log_prints=True,
       validate_parameters=False)
 def distill_flow(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef, force: bool = False) -> RunResult:
@@ -92,19 +108,24 @@ def distill_flow(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef, force:
     if len(candidates) > 1:
         print("sweep (validation macro-F1): " + ", ".join(f"{c.name}={c.val_macro_f1:.4f}" for c in candidates)
               + f" -> {best.name}")
-    # the frontier: the chosen recipe on each further student shape, trained side by side on the task runner
+    # the frontier: the chosen recipe on each further student shape, trained side by side on the task runner, each
+    # from its teacher: the run's, or the student as teacher assistant
     shapes = cfg.student.frontier_shapes()
-    futures = {label: train_student.submit(cfg.for_student(shape.model_dump()), teacher, snapshot, outputs,
-                                           dataclasses.replace(best.candidate, shape=label), run_id)
+    teachers = frontier_teachers(cfg, snapshot, teacher, outputs, best, run_id)
+    futures = {label: train_student.submit(cfg.for_student(shape.model_dump()), teachers[label][0], snapshot,
+                                           teachers[label][1], dataclasses.replace(best.candidate, shape=label),
+                                           run_id)
                for label, shape in shapes.items()}
-    frontier = {label: f.result() for label, f in futures.items()}
+    frontier = {label: taught_by(f.result(), *teachers[label]) for label, f in futures.items()}
     if cfg.gate.baseline != "off":  # the student trained without the teacher is measured and judged like the others
         frontier[BASELINE_STUDENT] = baseline
     evaluation = evaluate_candidates(cfg, snapshot, teacher, best, baseline, run_id, frontier, outputs)
     decision, logged = judge(cfg, run_id, evaluation)
     if decision.passed:
         chosen = frontier.get(decision.student, best)
-        decision = promote(cfg, run_id, snapshot, teacher, chosen, outputs.validation, evaluation, decision, logged)
+        learnt_from = teachers.get(decision.student, (teacher, outputs))[1]  # its soft labels' validation
+        decision = promote(cfg, run_id, snapshot, teacher, chosen, learnt_from.validation, evaluation, decision,
+                           logged)
     report_decision(cfg, snapshot, teacher, evaluation, decision, run_id)
     name, alias = cfg.tracking.student_name, cfg.tracking.champion_alias
     verdict = (f"PROMOTED as {name} v{decision.version} (@{alias})" if decision.passed

@@ -151,7 +151,8 @@ def shape_learning_rate(s: StudentConfig) -> float | None:
     return s.learning_rate or (STATIC_LEARNING_RATE if s.init == "static" else None)
 
 
-LATER_DEFAULTS = {("pretrained_layers", None), ("select_weights", False), ("learning_rate", None)}
+LATER_DEFAULTS = {("pretrained_layers", None), ("select_weights", False), ("learning_rate", None),
+                  ("taught_by", "teacher")}
 
 
 def training_shape(student: StudentConfig) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -10,12 +11,27 @@ from prefect.cache_policies import NO_CACHE
 
 from distillery.config import Config
 from distillery.integrations import registry
-from distillery.records import Candidate, SnapshotRef, TeacherOutputs, TeacherRef, TrainedStudent
+from distillery.records import Candidate, SnapshotRef, TeacherOutputs, TeacherRef, TrainedStudent, identity_digest
 from distillery.models.data import read_snapshot
 from distillery.models.labelling import read_outputs
 from distillery.models.modeling import save_classifier
 from distillery.models.students import KD_SPLITS, prepare_student, run_training
 from distillery.tasks.labelling import teacher_features
+
+
+@task(name="teacher-assistant", cache_policy=NO_CACHE)
+def teacher_assistant(cfg: Config, teacher: TeacherRef, student: TrainedStudent) -> TeacherRef:
+    """The run's distilled ``student`` as the teacher of the frontier shapes taught by it: a white box (its folder),
+    versioned by the digest of its identity (its run, its files' hash, its shape and the teacher that taught it)."""
+    from distillery.integrations.store import tree_sha256
+    from distillery.models.onnx_runtime import INT8_FILE
+
+    identity = {"kind": "assistant", "student_run_id": student.run_id, "shape": cfg.student.label,
+                "model_sha256": tree_sha256(Path(student.folder), exclude=(INT8_FILE,)),  # (the harness's export)
+                "taught_by": teacher.to_tags()}
+    return TeacherRef(name=f"{cfg.tracking.student_name}-assistant", version=identity_digest(identity),
+                      run_id=student.run_id, folder=student.folder, base_model=cfg.student.base_model,
+                      snapshot_md5=teacher.snapshot_md5, kind="assistant", identity=json.dumps(identity, sort_keys=True))
 
 
 def uses_pooled_features(cfg: Config) -> bool:

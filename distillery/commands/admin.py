@@ -20,6 +20,7 @@ from distillery import processes
 from distillery.config import Config, ConfigError
 from distillery.integrations import provenance, registry, store
 from distillery.records import (
+    ASSISTANT_PREFIX,
     APPROVAL_BY_TAG,
     APPROVAL_RUN_TAG,
     APPROVAL_STATE_TAG,
@@ -101,6 +102,8 @@ def lineage_of(cfg: Config, ref: str) -> dict:
         "teacher": {"name": lineage.teacher.name, "version": lineage.teacher.version, "run_id": lineage.teacher.run_id,
                     "kind": lineage.teacher.kind, **({"identity": json.loads(lineage.teacher.identity)}
                                                      if lineage.teacher.composite else {})},
+        **({"taught_by_assistant": {k.removeprefix(ASSISTANT_PREFIX): v for k, v in lineage.assistant.items()}}
+           if lineage.assistant else {}),
         "data": {"snapshot_md5": md5, "dvc_remote": cfg.dvc.remote_name,
                  "git_commit_with_data_dvc": dvc_commit_for(Path(cfg.root), md5) if md5 else None,
                  **({"production_texts": int(tags[PRODUCTION_TEXTS_TAG]), "production_sha256": tags[PRODUCTION_SHA_TAG],

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from distillery.config import EndpointConfig, LlmConfig
 from distillery.errors import DistilleryError
+from distillery.records import identity_digest
 from distillery.faults import fault_point
 from distillery.models.answers import (Answer, MalformedResponse, label_schema, logprob_answer, parse_label,
                                        parse_predictions, render_messages, structured_label, token_at)
@@ -71,10 +72,6 @@ def invocations_url(url: str) -> str:
 def endpoint_identity(cfg: EndpointConfig) -> dict:
     """What makes this teacher's answers what they are: where it is and what it is asked with (not how fast)."""
     return {"kind": "endpoint", "url": public_url(invocations_url(cfg.url or "")), "params": dict(cfg.params)}
-
-
-def identity_digest(identity: dict) -> str:
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

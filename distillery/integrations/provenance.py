@@ -22,6 +22,7 @@ from typing import Mapping
 
 from distillery.integrations import registry
 from distillery.records import (
+    ASSISTANT_PREFIX,
     CONFIG_HASH_TAG,
     GATE_CRITERIA_TAG,
     GIT_REVISION_TAG,
@@ -31,6 +32,7 @@ from distillery.records import (
     SIGNATURE_TAG,
     SNAPSHOT_TAG,
     Lineage,
+    identity_digest,
     registered_ref,
     signed_tags,
 )
@@ -176,6 +178,8 @@ def consistency_checks(reg: registry.Registry, name: str, version: str, tags: Ma
         except registry.NotFound as exc:
             ok, detail = False, str(exc)
         checks.append((metrics_check, ok, detail))
+    if lineage.assistant:
+        checks.append(assistant_check(reg, lineage))
     decision = registry.load_run_json(lineage.distill_run_id, "gate/decision.json")
     criteria_tag = tags.get(GATE_CRITERIA_TAG)
     same = decision is not None and criteria_tag == registry.tag_value(list(decision.get("criteria", [])))
@@ -184,6 +188,38 @@ def consistency_checks(reg: registry.Registry, name: str, version: str, tags: Ma
                    ("criteria match" if same else "the version's gate.criteria differ from gate/decision.json")))
     return checks
 
+
+
+ASSISTANT_CHECK = "teacher assistant chain: the run's teacher taught the assistant, whose validated outputs taught this"
+
+
+def assistant_check(reg: registry.Registry, lineage: Lineage) -> Check:
+    """A student taught by the run's student: that assistant is a student run of the same distillation whose teacher
+    is the version's teacher; its soft labels' run names it (version, run, files' hash) and the snapshot; and this
+    student's own training run learnt from it."""
+    a = {k.removeprefix(ASSISTANT_PREFIX): v for k, v in lineage.assistant.items()}
+    assistant, outputs, student = (reg.run(a.get("run_id", "")), reg.run(a.get("outputs_run_id", "")),
+                                   reg.run(lineage.student_run_id))
+    if assistant is None or outputs is None or student is None:
+        return ASSISTANT_CHECK, False, "a run of the chain is missing (assistant, its outputs or this student's)"
+    trained, o = assistant.data, outputs.data.tags
+    identity = json.loads(o.get("teacher.identity") or "{}")
+    problems = [what for what, bad in (
+        ("the assistant is not a student of this distillation",
+         trained.tags.get("stage") != "train-student" or trained.tags.get("mlflow.parentRunId") != lineage.distill_run_id),
+        (f"the assistant was taught by teacher v{trained.params.get('teacher.version')}, not "
+         f"v{lineage.teacher.version}", trained.params.get("teacher.version") != lineage.teacher.version
+         or trained.params.get("teacher.run_id") != lineage.teacher.run_id),
+        ("its outputs run names another teacher", o.get("teacher.kind") != "assistant"
+         or o.get("teacher.run_id") != a.get("run_id") or o.get("teacher.version") != a.get("version")),
+        ("its identity does not hash to its version or names other files",
+         identity_digest(identity) != a.get("version") or identity.get("model_sha256") != a.get("model_sha256")),
+        (f"its outputs are of snapshot {o.get(SNAPSHOT_TAG)}", o.get(SNAPSHOT_TAG) != lineage.snapshot_md5),
+        ("this student did not learn from it", student.data.params.get("teacher.run_id") != a.get("run_id")
+         or student.data.params.get("teacher.version") != a.get("version"))) if bad]
+    return (ASSISTANT_CHECK, not problems, "; ".join(problems) or
+            f"{a.get('shape')} (run {a.get('run_id')}, outputs {a.get('outputs_run_id')}) taught by "
+            f"{lineage.teacher.name} v{lineage.teacher.version}")
 
 
 def seal_version(reg: registry.Registry, name: str, version: str, run_ids: tuple[str, ...]) -> None:

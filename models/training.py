@@ -20,7 +20,6 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from distillery.models.losses import (
@@ -33,6 +32,7 @@ from distillery.models.losses import (
     response_kd_loss,
 )
 from distillery.models.metrics import classification_metrics
+from distillery.models.progress import progress_bar
 from distillery.models.randomness import seeded
 
 logger = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ def _predict_rows(model: PreTrainedModel, data: Encoded, pad_id: int, batch_size
     order = np.argsort([len(r) for r in data.input_ids], kind="stable")
     out = np.zeros((len(data), width), dtype=np.float32)
     starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
+    for start in progress_bar(starts, desc=desc, disable=not progress, leave=False):
         index = order[start : start + batch_size]
         out[index] = rows_of(collate(data, index, pad_id)).float().numpy()
     return out
@@ -331,8 +331,8 @@ def _train_epoch(model: PreTrainedModel, objective: nn.Module, optimizer, schedu
     batches = epoch_batches(train, settings.batch_size, generator, settings.group_by_length)
     losses: list[float] = []
     left = settings.max_steps - result.steps if settings.max_steps is not None else len(batches)
-    bar = tqdm(batches, desc=f"{desc} epoch {epoch}/{settings.epochs}", disable=not progress, leave=False,
-               total=min(len(batches), left))  # its real length when max_steps stops the epoch early
+    bar = progress_bar(batches, desc=f"{desc} epoch {epoch}/{settings.epochs}", disable=not progress, leave=False,
+                       total=min(len(batches), left))  # its real length when max_steps stops the epoch early
     for index in bar:
         batch = collate(train, index, pad_id)
         loss = objective(model, batch)

@@ -28,15 +28,14 @@ from pathlib import Path
 from typing import Callable, Iterable
 from urllib.parse import urlsplit, urlunsplit
 
-from tqdm.auto import tqdm
-
 from distillery.config import EndpointConfig, LlmConfig
 from distillery.errors import DistilleryError
-from distillery.records import identity_digest
 from distillery.faults import fault_point
 from distillery.models.answers import (Answer, MalformedResponse, label_schema, logprob_answer, parse_label,
                                        parse_predictions, render_messages, structured_label, token_at)
 from distillery.models.labelling import text_digests
+from distillery.models.progress import progress_bar
+from distillery.records import identity_digest
 
 logger = logging.getLogger(__name__)
 
@@ -316,7 +315,7 @@ def ask_texts(client: EndpointClient, cache: AnswerCache, texts: list[str],
     size = client.texts_per_request
     batches = [(texts[i:i + size], digests[i:i + size]) for i in range(0, len(texts), size)]
     report = AskReport()
-    bar = tqdm(total=len(batches), desc=f"ask {client.shown}", unit="request", leave=False)
+    bar = progress_bar(total=len(batches), desc=f"ask {client.shown}", unit="request", leave=False)
     pending: dict[Future, list[str]] = {}
     queue = iter(batches)
     with ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix="endpoint") as pool:

@@ -185,7 +185,8 @@ def cmd_lineage(args: argparse.Namespace) -> int:
                   f"soft labels: run {a['outputs_run_id']}), itself taught by the teacher above")
         print(f"  data snapshot  {d['snapshot_md5']}  (DVC remote {d['dvc_remote']!r}; data.dvc at git commit "
               f"{d['git_commit_with_data_dvc'] or 'not in this repository history'}; `dvc pull data.dvc` there)")
-        print(f"  code revision  {info['git_revision']}")
+        print(f"  code revision  {info['git_revision']}" + (f"; trained on {info['trained_on']}"
+                                                            if info.get("trained_on") else ""))
         print(f"  model files    sha256 {info['model_sha256'] or 'not recorded'}"
               f"{'; lineage tags signed' if info['signed'] else ''}")
         print(f"  config         hash {info['config_hash']}; candidate {info['candidate']}")

@@ -430,6 +430,11 @@ class RuntimeConfig(Section):
     lock: Literal["file", "prefect"] = "file"  # file: runs on this machine wait for each other; prefect: a global
                                        # concurrency limit on the Prefect server (workers on several machines)
     keep_runs: Positive = 3  # `distillery gc` keeps the files of this many latest runs (and the champion's)
+    # where the teacher fine-tune, students' training, labelling and feature caching run: auto (a CUDA GPU when torch
+    # sees one, else the CPU) | cpu | cuda | cuda:N | mps. Latency is always measured in each form's own runtime
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
+    mixed_precision: StrictBool = True  # on CUDA: bf16 where supported, else fp16 with loss scaling (never on CPU)
+    deterministic: StrictBool = True  # on CUDA: deterministic algorithms (slower); the CPU always repeats exactly
 
 
 class ServingConfig(Section):
@@ -474,6 +479,7 @@ class MonitorConfig(Section):
 
 # safety limits that never change what a run produces: outside the digest (changing them re-distils nothing)
 OPERATIONAL = {"serving": None, "monitor": None, "gate": ("approval", "approval_timeout_s"),
+               "runtime": ("device", "mixed_precision", "deterministic"),  # where it runs, recorded on each run
                "teacher": ("max_parameters", "endpoint.api_key_env", "endpoint.texts_per_request",
                            "endpoint.concurrency", "endpoint.requests_per_second",
                            "endpoint.timeout_s", "endpoint.retries", "endpoint.backoff_s",

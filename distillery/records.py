@@ -41,6 +41,7 @@ PRODUCTION_TEXTS_METRIC = "production.holdout_texts"
 PRODUCTION_CHAMPION_METRIC = "production.champion_agreement"
 PRODUCTION_CHAMPION_TAG = "production.champion_version"
 GATE_REFERENCE_TAG = "gate.reference"     # the teacher form the gate compared with
+DEVICE_TAG = "runtime.device"  # where a student trained (also a param of its training run)
 GATE_CRITERIA_TAG = "gate.criteria"
 GATE_FAILED_TAG = "gate.failed"           # on a distill run: the criteria that failed ("none")
 GATE_STUDENT_TAG = "gate.student"         # on a distill run: the candidate the gate decided on
@@ -258,6 +259,7 @@ class TrainedStudent:
     pruned: bool = False  # a search trial stopped below the median of finished trials
     # what taught it when not the run's teacher: the teacher assistant's lineage tags (``assistant.*``)
     assistant: Mapping[str, str] = field(default_factory=dict)
+    device: str = ""  # where it trained (``cpu``, ``cuda:0 bf16``)
 
     @property
     def name(self) -> str:
@@ -338,6 +340,7 @@ class Lineage:
     metrics: Mapping[str, float] = field(default_factory=dict)
     model_sha256: str = ""  # the registered files' hash, as the evaluation measured them
     assistant: Mapping[str, str] = field(default_factory=dict)  # ``assistant.*``: the teacher assistant that taught it
+    device: str = ""  # where the student trained (``runtime.device`` resolved, with its precision)
 
     RUN_KEYS = ("distill.run_id", "student.run_id", "evaluation.run_id")
 
@@ -349,7 +352,8 @@ class Lineage:
                 GATE_REFERENCE_TAG: self.reference,
                 "candidate": _json(dict(self.candidate)),
                 GATE_CRITERIA_TAG: _json(list(self.criteria)), **{k: _json(v) for k, v in self.validation.items()},
-                **{f"{METRIC_PREFIX}{k}": f"{v:.6g}" for k, v in self.metrics.items()}, **self.assistant}
+                **{f"{METRIC_PREFIX}{k}": f"{v:.6g}" for k, v in self.metrics.items()}, **self.assistant,
+                **({DEVICE_TAG: self.device} if self.device else {})}
 
     @classmethod
     def from_tags(cls, tags: Mapping[str, str]) -> "Lineage":
@@ -367,6 +371,7 @@ class Lineage:
             criteria=tuple(_loads(tags.get(GATE_CRITERIA_TAG)) or ()),
             metrics={k.removeprefix(METRIC_PREFIX): float(v) for k, v in tags.items() if k.startswith(METRIC_PREFIX)},
             assistant={k: v for k, v in tags.items() if k.startswith(ASSISTANT_PREFIX)},
+            device=tags.get(DEVICE_TAG, ""),
         )
 
     def runs(self) -> dict[str, str]:

@@ -63,8 +63,8 @@ def label_flow(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef,
         reused = reuse_outputs(cfg, teacher, labels, inputs)
         texts = list(reused.missing_texts)
         bounds = shard_bounds(len(texts), cfg.labelling.shards) if texts else []
-        futures = [label_shard.submit(teacher.folder, texts[a:b], cfg.teacher.max_length, cfg.labelling.batch_size, i)
-                   for i, (a, b) in enumerate(bounds)]
+        futures = [label_shard.submit(teacher.folder, texts[a:b], cfg.teacher.max_length, cfg.labelling.batch_size, i,
+                                      cfg.runtime.device) for i, (a, b) in enumerate(bounds)]
         meta = {"teacher": teacher.__dict__, "snapshot_md5": snapshot.md5, "shards": len(bounds),
                 "max_length": cfg.teacher.max_length}
         path = store_outputs(cfg, key, inputs, [f.result() for f in futures], labels, meta, run_id, reused)

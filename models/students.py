@@ -26,6 +26,7 @@ from distillery.config import (
 )
 from distillery.faults import fault_point
 from distillery.records import Candidate, TeacherRef, TrainedStudent
+from distillery.models.devices import CPU, Compute, compute_for
 from distillery.models.losses import IGNORE_INDEX
 from distillery.models.metrics import classification_metrics
 from distillery.models.modeling import (
@@ -183,6 +184,13 @@ class StudentTraining:
     key: str
     weights_from: str
     params: dict
+    compute: Compute = CPU  # where it trains (``runtime.device``)
+
+
+def runtime_compute(cfg: Config) -> Compute:
+    """Where this config trains (``runtime.device``, ``mixed_precision``, ``deterministic``)."""
+    r = cfg.runtime
+    return compute_for(r.device, r.mixed_precision, r.deterministic)
 
 
 def prepare_student(cfg: Config, candidate: Candidate, teacher: TeacherRef, outputs_key: str, labels: list[str],
@@ -240,7 +248,9 @@ def prepare_student(cfg: Config, candidate: Candidate, teacher: TeacherRef, outp
               "student.parameters": count_parameters(student), "train_rows": len(train_rows),
               "distill.feature_target": feature_target or "none", "student.weights_from": init_note[:250],
               "student.checkpoint": key, **teacher.to_tags()}
-    return StudentTraining(student, tokenizer, objective, train, val, settings, key, init_note, params)
+    compute = runtime_compute(cfg)
+    return StudentTraining(student, tokenizer, objective, train, val, settings, key, init_note,
+                           {**params, "runtime.device": compute.describe()}, compute)
 
 
 def run_training(job: StudentTraining, candidate: Candidate, run_id: str, checkpoints: Path,
@@ -250,14 +260,15 @@ def run_training(job: StudentTraining, candidate: Candidate, run_id: str, checkp
     start = time.perf_counter()
     result = train_model(job.student, job.objective, job.train, job.val, job.settings, job.tokenizer.pad_token_id,
                          checkpoint_dir=checkpoints / job.key, on_epoch_end=epoch_callback(on_epoch_end),
-                         desc=candidate.name, prune_below=prune_below)
+                         desc=candidate.name, prune_below=prune_below, compute=job.compute)
     best = result.history[result.best_epoch - 1] if result.best_epoch else {}
     trained = TrainedStudent(
         run_id=run_id, folder="", candidate=candidate,
         val_accuracy=best.get("val_accuracy", float("nan")), val_macro_f1=best.get("val_macro_f1", float("nan")),
         best_epoch=result.best_epoch, train_seconds=time.perf_counter() - start,
         resumed_from_epoch=result.resumed_from_epoch, weights_from=job.weights_from,
-        curve=tuple(row["val_macro_f1"] for row in result.history), pruned=result.pruned)
+        curve=tuple(row["val_macro_f1"] for row in result.history), pruned=result.pruned,
+        device=job.compute.describe())
     metrics = {"val_accuracy": trained.val_accuracy, "val_macro_f1": trained.val_macro_f1,
                "best_epoch": trained.best_epoch, "train_seconds": trained.train_seconds,
                "stopped_early": float(result.stopped_early), "pruned": float(result.pruned),
@@ -277,6 +288,7 @@ class TeacherTraining:
     settings: TrainSettings
     key: str
     params: dict
+    compute: Compute = CPU
 
 
 def prepare_teacher(cfg: Config, splits: dict[str, pd.DataFrame], labels: list[str], snapshot_md5: str) -> TeacherTraining:
@@ -292,7 +304,9 @@ def prepare_teacher(cfg: Config, splits: dict[str, pd.DataFrame], labels: list[s
     key = checkpoint_key("teacher", str(base), snapshot_md5, cfg.teacher.model_dump())
     params = {**{f"teacher.{k}": v for k, v in cfg.teacher.model_dump().items()}, "teacher.base_folder": str(base),
               "teacher.parameters": count_parameters(model), "teacher.checkpoint": key}
-    return TeacherTraining(model, tokenizer, train, val, settings, key, params)
+    compute = runtime_compute(cfg)
+    return TeacherTraining(model, tokenizer, train, val, settings, key, {**params, "runtime.device": compute.describe()},
+                           compute)
 
 
 def run_teacher_training(job: TeacherTraining, checkpoints: Path, on_epoch_end: Callable[[int, dict], None],
@@ -302,7 +316,7 @@ def run_teacher_training(job: TeacherTraining, checkpoints: Path, on_epoch_end: 
     start = time.perf_counter()
     result = train_model(job.model, CrossEntropyObjective(), job.train, job.val, job.settings,
                          job.tokenizer.pad_token_id, checkpoint_dir=checkpoints / f"teacher-{job.key}",
-                         on_epoch_end=epoch_callback(on_epoch_end), desc="teacher")
+                         on_epoch_end=epoch_callback(on_epoch_end), desc="teacher", compute=job.compute)
     logits = predict_logits(job.model, job.val, job.tokenizer.pad_token_id, batch_size=128)
     metrics = classification_metrics(logits, job.val.labels.numpy(), num_classes)
     return {"val_accuracy": metrics["accuracy"], "val_macro_f1": metrics["macro_f1"], "val_ece": metrics["ece"],

@@ -31,6 +31,7 @@ from distillery.models.losses import (
     mean_pool,
     response_kd_loss,
 )
+from distillery.models.devices import CPU, Compute, model_device, to_device
 from distillery.models.metrics import classification_metrics
 from distillery.models.progress import progress_bar
 from distillery.models.randomness import seeded
@@ -110,7 +111,7 @@ class CrossEntropyObjective(nn.Module):
 
     def forward(self, model: PreTrainedModel, batch: dict[str, Tensor]) -> Tensor:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return hard_label_ce(logits, batch["labels"])
+        return hard_label_ce(logits.float(), batch["labels"])  # in float32 under mixed precision
 
 
 class DistillationObjective(nn.Module):
@@ -141,11 +142,17 @@ class DistillationObjective(nn.Module):
             else:
                 raise ValueError(f"unknown feature target {feature_target!r}: use 'hidden' or 'pooled'")
 
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's: .to(device) moves the teacher too
+        super()._apply(fn, recurse)
+        if self._teacher[0] is not None:
+            self._teacher[0]._apply(fn, recurse)
+        return self
+
     def forward(self, model: PreTrainedModel, batch: dict[str, Tensor]) -> Tensor:
         want_states = self.aligner is not None or self.pooler is not None
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     output_hidden_states=want_states)
-        loss = response_kd_loss(out.logits, batch["teacher_logits"], batch["labels"],
+        loss = response_kd_loss(out.logits.float(), batch["teacher_logits"], batch["labels"],  # float32 under autocast
                                 self.temperature, self.kd_weight, self.ce_weight)
         if self.pooler is not None:
             if "teacher_features" not in batch:
@@ -167,12 +174,13 @@ def _predict_rows(model: PreTrainedModel, data: Encoded, pad_id: int, batch_size
                   rows_of: Callable[[dict[str, Tensor]], Tensor], progress: bool, desc: str) -> np.ndarray:
     """(rows, width) float32 of ``rows_of(batch)`` for every row, in input order; rows length-sorted to pad little."""
     model.eval()
+    device = model_device(model)  # where the caller put it (float32: accuracy passes are exact)
     order = np.argsort([len(r) for r in data.input_ids], kind="stable")
     out = np.zeros((len(data), width), dtype=np.float32)
     starts = range(0, len(order), batch_size)
     for start in progress_bar(starts, desc=desc, disable=not progress, leave=False):
         index = order[start : start + batch_size]
-        out[index] = rows_of(collate(data, index, pad_id)).float().numpy()
+        out[index] = rows_of(to_device(collate(data, index, pad_id), device)).float().cpu().numpy()
     return out
 
 
@@ -233,6 +241,7 @@ def train_model(
     desc: str = "train",
     fingerprint_extra: dict | None = None,
     prune_below: Sequence[float | None] = (),
+    compute: Compute = CPU,
 ) -> TrainResult:
     """Train ``model`` in place with ``objective``; on return the model holds the best validation weights.
 
@@ -240,16 +249,23 @@ def train_model(
     after every epoch and a later call with the same settings resumes after the last finished epoch. The run holds the
     process's RNG lock (``models.randomness``), so the same seed gives the same weights under any task runner.
     ``prune_below[e - 1]``: stop after epoch ``e`` when validation macro-F1 is below it (a search's pruning rule;
-    ``None``: no bar at that epoch).
+    ``None``: no bar at that epoch). ``compute``: the device (and mixed precision) to train on; the model is back on
+    the CPU on return.
     """
     with seeded(settings.seed):
-        return _train(model, objective, train, validation, settings, pad_id, checkpoint_dir, on_epoch_end, progress,
-                      desc, fingerprint_extra, tuple(prune_below))
+        model.to(compute.device)
+        objective.to(compute.device)
+        try:
+            return _train(model, objective, train, validation, settings, pad_id, checkpoint_dir, on_epoch_end,
+                          progress, desc, fingerprint_extra, tuple(prune_below), compute)
+        finally:
+            model.to("cpu")
+            objective.to("cpu")
 
 
 def _train(model: PreTrainedModel, objective: nn.Module, train: Encoded, validation: Encoded, settings: TrainSettings,
            pad_id: int, checkpoint_dir: Path | None, on_epoch_end: Callable[[int, dict], None] | None, progress: bool,
-           desc: str, fingerprint_extra: dict | None, prune_below: tuple = ()) -> TrainResult:
+           desc: str, fingerprint_extra: dict | None, prune_below: tuple = (), compute: Compute = CPU) -> TrainResult:
     params = [p for p in list(model.parameters()) + list(objective.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     steps_per_epoch = math.ceil(len(train) / settings.batch_size)
@@ -259,14 +275,15 @@ def _train(model: PreTrainedModel, objective: nn.Module, train: Encoded, validat
     scheduler = get_linear_schedule_with_warmup(optimizer, int(total * settings.warmup_fraction), max(total, 1))
     fingerprint = _fingerprint(settings, {"rows": len(train), **(fingerprint_extra or {})})
     ckpt = Path(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir else None
+    scaler = torch.amp.GradScaler(compute.device.type, enabled=compute.scales_loss)
     parts = {"model": model, "objective": objective, "optimizer": optimizer, "scheduler": scheduler}
     result, best_state, bad_epochs, start_epoch = _resume(ckpt, fingerprint, parts, desc)
     finished = result.stopped_early or (settings.max_steps is not None and result.steps >= settings.max_steps)
     for epoch in range(start_epoch, settings.epochs + 1):
         if finished:
             break
-        losses, finished = _train_epoch(model, objective, optimizer, scheduler, params, train, settings, pad_id,
-                                        epoch, result, progress, desc)
+        losses, finished = _train_epoch(model, objective, (optimizer, scheduler, scaler), params, train, settings,
+                                        pad_id, epoch, result, progress, desc, compute)
         logits = predict_logits(model, validation, pad_id, batch_size=max(settings.batch_size, 64))
         m = classification_metrics(logits, validation.labels.numpy(), model.config.num_labels)
         row = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
@@ -306,7 +323,7 @@ def _resume(ckpt: Path | None, fingerprint: str, parts: dict[str, object],
     ``parts``' states and the RNG restored): (result so far, best weights, epochs without improvement, next epoch)."""
     if ckpt is None or not ckpt.is_file():
         return TrainResult(), None, 0, 1
-    state = torch.load(ckpt, weights_only=True)
+    state = torch.load(ckpt, weights_only=True, map_location="cpu")  # loaded into weights wherever they are
     if state.get("fingerprint") != fingerprint:
         logger.info("%s: ignoring checkpoint %s made with other settings", desc, ckpt)
         return TrainResult(), None, 0, 1
@@ -320,11 +337,13 @@ def _resume(ckpt: Path | None, fingerprint: str, parts: dict[str, object],
     return result, state["best_state"], state["bad_epochs"], start_epoch
 
 
-def _train_epoch(model: PreTrainedModel, objective: nn.Module, optimizer, scheduler, params: list,  # noqa: ANN001
-                 train: Encoded, settings: TrainSettings, pad_id: int, epoch: int, result: TrainResult,
-                 progress: bool, desc: str) -> tuple[list[float], bool]:
-    """One epoch of optimiser steps over seeded batches (``result.steps`` counts them): (the batch losses, whether
-    ``max_steps`` was reached)."""
+def _train_epoch(model: PreTrainedModel, objective: nn.Module, stepping: tuple, params: list, train: Encoded,
+                 settings: TrainSettings, pad_id: int, epoch: int, result: TrainResult, progress: bool, desc: str,
+                 compute: Compute = CPU) -> tuple[list[float], bool]:
+    """One epoch of optimiser steps over seeded batches (``result.steps`` counts them) on ``compute``'s device,
+    under its autocast (``stepping``: optimizer, scheduler and the loss scaler fp16 needs): (the batch losses,
+    whether ``max_steps`` was reached)."""
+    optimizer, scheduler, scaler = stepping
     model.train()
     objective.train()
     generator = torch.Generator().manual_seed(settings.seed * 1000 + epoch)
@@ -334,15 +353,18 @@ def _train_epoch(model: PreTrainedModel, objective: nn.Module, optimizer, schedu
     bar = progress_bar(batches, desc=f"{desc} epoch {epoch}/{settings.epochs}", disable=not progress, leave=False,
                        total=min(len(batches), left))  # its real length when max_steps stops the epoch early
     for index in bar:
-        batch = collate(train, index, pad_id)
-        loss = objective(model, batch)
+        batch = to_device(collate(train, index, pad_id), compute.device)
+        with torch.autocast(compute.device.type, dtype=compute.dtype, enabled=compute.dtype is not None):
+            loss = objective(model, batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{desc}: loss became {loss.item()} at step {result.steps}: "
                                      "lower the learning rate or check the teacher logits")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # clip the true gradients
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         result.steps += 1
         losses.append(loss.item())

@@ -104,7 +104,7 @@ def promote(cfg: Config, run_id: str, snapshot: SnapshotRef, teacher: TeacherRef
         config_hash=cfg.digest(), distill_run_id=run_id, student_run_id=student.run_id,
         evaluation_run_id=evaluation.run_id, deploy_form=cfg.student.deploy, served_as=deployed,
         reference=evaluation.reference, candidate=student.candidate.to_dict(), validation=validation.to_tags(),
-        criteria=decision.criteria, model_sha256=files, assistant=student.assistant,
+        criteria=decision.criteria, model_sha256=files, assistant=student.assistant, device=student.device,
         metrics={k: v for k, v in logged[deployed].items() if k not in ("per_class_f1", "labels")})
     calibration = served_calibration(cfg.evaluation, cfg.data.oos_label, evaluation.metrics[deployed])
     with registry.open_run(cfg, run_id):

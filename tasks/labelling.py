@@ -40,6 +40,7 @@ from distillery.models.labelling import (
     write_outputs,
 )
 from distillery.models.modeling import ModelError, load_classifier, load_tokenizer
+from distillery.models.devices import model_device, resolve_device
 from distillery.integrations.endpoint import (AnswerCache, BudgetExceeded, ChatClient, EndpointClient, EndpointError,
                                               ask_texts)
 from distillery.models.answers import (RequestPlan, SoftLabels, affordable_texts, choose_texts, few_shot_examples,
@@ -153,12 +154,14 @@ def reuse_outputs(cfg: Config, teacher: TeacherRef, labels: list[str], inputs: p
 
 
 @task(name="label-shard", cache_policy=NO_CACHE, retries=1)
-def label_shard(teacher_folder: str, texts: list[str], max_length: int, batch_size: int, shard: int) -> np.ndarray:
-    """Teacher logits for one shard of texts (runs anywhere the task runner puts it, e.g. a Dask worker)."""
+def label_shard(teacher_folder: str, texts: list[str], max_length: int, batch_size: int, shard: int,
+                device: str = "cpu") -> np.ndarray:
+    """Teacher logits for one shard of texts (runs anywhere the task runner puts it, e.g. a Dask worker, on that
+    machine's ``device``: ``runtime.device`` resolved there)."""
     import torch
 
     tokenizer = load_tokenizer(Path(teacher_folder))
-    model = load_classifier(Path(teacher_folder)).eval()
+    model = load_classifier(Path(teacher_folder)).eval().to(resolve_device(device))
     with torch.inference_mode():
         logits = teacher_logits(model, tokenizer, texts, max_length, batch_size, desc=f"label shard {shard}")
     fault_point("label.shard")
@@ -305,8 +308,11 @@ def teacher_features(cfg: Config, teacher: TeacherRef, outputs: TeacherOutputs, 
                 return cached["features"][[index[i] for i in ids]]
     folder = Path(teacher.folder)
     model, tokenizer = (model if model is not None else load_classifier(folder)).eval(), load_tokenizer(folder)
+    home = model_device(model)
     with torch.inference_mode():
-        features = teacher_pooled(model, tokenizer, list(texts), cfg.teacher.max_length, cfg.labelling.batch_size)
+        features = teacher_pooled(model.to(resolve_device(cfg.runtime.device)), tokenizer, list(texts),
+                                  cfg.teacher.max_length, cfg.labelling.batch_size)
+    model.to(home)  # the caller's model stays where it was
     if not np.isfinite(features).all():
         raise ModelError(f"teacher {teacher.name} v{teacher.version} gives non-finite hidden states on "
                          f"{int((~np.isfinite(features).all(axis=1)).sum())} of {len(ids)} texts: feature KD cannot "
@@ -581,8 +587,8 @@ def label_texts(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef, texts: 
     if path is None:
         reused = reuse_outputs(cfg, teacher, labels, inputs)
         missing = list(reused.missing_texts)
-        fresh = ([label_shard(teacher.folder, missing, cfg.teacher.max_length, cfg.labelling.batch_size, 0)]
-                 if missing else [])
+        fresh = ([label_shard(teacher.folder, missing, cfg.teacher.max_length, cfg.labelling.batch_size, 0,
+                              cfg.runtime.device)] if missing else [])
         meta = {"teacher": teacher.__dict__, "snapshot_md5": snapshot.md5, "shards": 1 if missing else 0,
                 "max_length": cfg.teacher.max_length, "production": True}
         path = store_outputs(cfg, key, inputs, fresh, labels, meta, run_id, reused)

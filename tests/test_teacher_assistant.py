@@ -55,6 +55,7 @@ def test_a_student_taught_by_the_teacher_assistant_is_registered_with_the_chain_
     chain = info["taught_by_assistant"]
     assert chain["run_id"] == out.best.run_id and chain["outputs_run_id"] == assistant.info.run_id
     assert chain["shape"] == "cut0" and info["teacher"]["kind"] == "registered"  # the lineage's teacher stays
+    assert info["trained_on"] == "cpu"  # runtime.device auto, on a machine without a GPU
     trained = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{out.run_id}' and "
                                                f"tags.stage = 'train-student'")
     taught = next(r for r in trained if r.info.run_name.startswith("h16x1-ta"))

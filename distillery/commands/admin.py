@@ -108,7 +108,7 @@ def lineage_of(cfg: Config, ref: str) -> dict:
                  "git_commit_with_data_dvc": dvc_commit_for(Path(cfg.root), md5) if md5 else None,
                  **({"production_texts": int(tags[PRODUCTION_TEXTS_TAG]), "production_sha256": tags[PRODUCTION_SHA_TAG],
                      "production_base_md5": tags[PRODUCTION_BASE_TAG]} if PRODUCTION_TEXTS_TAG in tags else {})},
-        "git_revision": lineage.git_revision, "config_hash": lineage.config_hash,
+        "git_revision": lineage.git_revision, "config_hash": lineage.config_hash, "trained_on": lineage.device or None,
         "model_sha256": lineage.model_sha256, "signed": SIGNATURE_TAG in tags,
         "config": _run_config(lineage.distill_run_id), "candidate": dict(lineage.candidate),
         "validation": {"gx_success": lineage.validation.get("gx.success"),

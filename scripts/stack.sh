@@ -49,8 +49,10 @@ up() {
       --backend-store-uri "sqlite:///$STACK_DIR/mlflow-server.db" --artifacts-destination "$STACK_DIR/mlflow-artifacts"
   wait_for "http://127.0.0.1:$PREFECT_PORT/api/health" 90
   wait_for "http://127.0.0.1:$MLFLOW_PORT/health" 90
-  "$BIN/prefect" work-pool inspect distillery-pool >/dev/null 2>&1 \
-    || "$BIN/prefect" work-pool create distillery-pool --type process >/dev/null
+  for pool in distillery-pool distillery-gpu-pool; do  # the GPU pool's worker runs on a GPU machine
+    "$BIN/prefect" work-pool inspect "$pool" >/dev/null 2>&1 \
+      || "$BIN/prefect" work-pool create "$pool" --type process >/dev/null
+  done
   (cd "$HERE" && "$BIN/prefect" --no-prompt deploy --all >"$STACK_DIR/deploy.log" 2>&1) \
     || { echo "prefect deploy failed: see $STACK_DIR/deploy.log" >&2; exit 1; }
   start worker "$BIN/prefect" worker start --pool distillery-pool

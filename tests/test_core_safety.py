@@ -291,5 +291,7 @@ def test_every_deployment_enters_through_the_pipeline():
     assert commands["redistill-on-drift"] == "distill"
     drift = next(d for d in spec["deployments"] if d["name"] == "redistill-on-drift")["triggers"][0]
     assert drift["expect"] == ["distillery.drift.detected"] and "production" in drift["parameters"]
+    gpu = next(d for d in spec["deployments"] if d["name"] == "run-on-gpu")  # a GPU worker's pool, by config
+    assert gpu["parameters"]["overrides"] == {"runtime.device": "cuda"} and "env" in gpu["work_pool"]["job_variables"]
     assert "production" in inspect.signature(pipeline.pipeline_flow.fn).parameters
     assert "command" in inspect.signature(pipeline.pipeline_flow.fn).parameters

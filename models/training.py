@@ -39,6 +39,9 @@ from distillery.models.randomness import seeded
 logger = logging.getLogger(__name__)
 
 
+ENCODE_CHUNK = 10_000  # texts tokenised at once
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     epochs: int
@@ -55,16 +58,32 @@ class TrainSettings:
 
 @dataclass
 class Encoded:
-    """Token ids of a text set (unpadded), hard labels (IGNORE_INDEX where unknown), optional teacher logits and
-    teacher sentence features (mean-pooled last hidden state, for feature KD across tokenizers)."""
+    """Token ids of a text set (unpadded) in two arrays, hard labels (IGNORE_INDEX where unknown), optional teacher
+    logits and teacher sentence features (mean-pooled last hidden state, for feature KD across tokenizers). Row ``i``
+    is ``ids[offsets[i]:offsets[i + 1]]``: a million texts cost their tokens' int32s, not a Python list each."""
 
-    input_ids: list[list[int]]
+    ids: np.ndarray  # (tokens,) int32: every row's token ids, end to end
+    offsets: np.ndarray  # (rows + 1,) int64
     labels: Tensor  # (rows,) int64
     teacher_logits: Tensor | None = None  # (rows, classes) float32
     teacher_features: Tensor | None = None  # (rows, teacher width) float32
+    lengths: np.ndarray = field(init=False)  # (rows,) tokens per row
+
+    def __post_init__(self) -> None:
+        self.lengths = np.diff(self.offsets)
 
     def __len__(self) -> int:
-        return len(self.input_ids)
+        return len(self.lengths)
+
+    def row(self, i: int) -> np.ndarray:
+        return self.ids[self.offsets[i] : self.offsets[i + 1]]
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[Sequence[int]], labels: Tensor, **teacher: Tensor | None) -> "Encoded":
+        """From token-id lists (one per row)."""
+        lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+        ids = np.fromiter((t for r in rows for t in r), dtype=np.int32, count=int(lengths.sum()))
+        return cls(ids, np.concatenate([[0], np.cumsum(lengths)]), labels, **teacher)
 
 
 @dataclass
@@ -81,24 +100,34 @@ class TrainResult:
 def encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int,
            labels: Sequence[int] | None = None, teacher_logits: np.ndarray | None = None,
            teacher_features: np.ndarray | None = None) -> Encoded:
-    """Tokenise once (truncated, unpadded); batches are padded dynamically later."""
+    """Tokenise once (truncated, unpadded; ``ENCODE_CHUNK`` texts at a time, so only that many token lists exist at
+    once); batches are padded dynamically later."""
     texts = list(texts)
-    ids = tokenizer(texts, truncation=True, max_length=max_length, padding=False)["input_ids"] if texts else []
-    y = torch.tensor(list(labels) if labels is not None else [IGNORE_INDEX] * len(ids), dtype=torch.long)
+    pieces, lengths = [np.zeros(0, dtype=np.int32)], [np.zeros(0, dtype=np.int64)]
+    for start in range(0, len(texts), ENCODE_CHUNK):
+        rows = tokenizer(texts[start : start + ENCODE_CHUNK], truncation=True, max_length=max_length,
+                         padding=False)["input_ids"]
+        lengths.append(np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows)))
+        pieces.append(np.fromiter((t for r in rows for t in r), dtype=np.int32, count=int(lengths[-1].sum())))
+    y = torch.tensor(list(labels) if labels is not None else [IGNORE_INDEX] * len(texts), dtype=torch.long)
     t = torch.as_tensor(np.asarray(teacher_logits, dtype=np.float32)) if teacher_logits is not None else None
     f = torch.as_tensor(np.asarray(teacher_features, dtype=np.float32)) if teacher_features is not None else None
-    return Encoded(input_ids=ids, labels=y, teacher_logits=t, teacher_features=f)
+    offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths))])
+    return Encoded(np.concatenate(pieces), offsets, y, teacher_logits=t, teacher_features=f)
 
 
 def collate(data: Encoded, index: Sequence[int], pad_id: int) -> dict[str, Tensor]:
-    rows = [data.input_ids[i] for i in index]
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (batch, seq)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": data.labels[list(index)]}
+    """The rows ``index`` as a batch padded to its longest row (input_ids, attention_mask, labels, and the teacher's
+    logits and features when there are)."""
+    index = np.asarray(index, dtype=np.int64)
+    lengths = data.lengths[index]
+    width = int(lengths.max())
+    input_ids = np.full((len(index), width), pad_id, dtype=np.int64)  # (batch, seq)
+    for k, i in enumerate(index):
+        input_ids[k, : lengths[k]] = data.row(i)
+    mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+    batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask),
+             "labels": data.labels[list(index)]}
     if data.teacher_logits is not None:
         batch["teacher_logits"] = data.teacher_logits[list(index)]
     if data.teacher_features is not None:
@@ -175,7 +204,7 @@ def _predict_rows(model: PreTrainedModel, data: Encoded, pad_id: int, batch_size
     """(rows, width) float32 of ``rows_of(batch)`` for every row, in input order; rows length-sorted to pad little."""
     model.eval()
     device = model_device(model)  # where the caller put it (float32: accuracy passes are exact)
-    order = np.argsort([len(r) for r in data.input_ids], kind="stable")
+    order = np.argsort(data.lengths, kind="stable")
     out = np.zeros((len(data), width), dtype=np.float32)
     starts = range(0, len(order), batch_size)
     for start in progress_bar(starts, desc=desc, disable=not progress, leave=False):
@@ -223,7 +252,8 @@ def epoch_batches(data: Encoded, batch_size: int, generator: torch.Generator, gr
     batches = []
     span = batch_size * window
     for start in range(0, len(order), span):
-        chunk = sorted(order[start : start + span], key=lambda i: len(data.input_ids[i]), reverse=True)
+        chunk = order[start : start + span]  # longest first, ties in shuffled order (a stable descending sort)
+        chunk = [chunk[k] for k in np.argsort(-data.lengths[chunk], kind="stable")]
         batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 

@@ -91,7 +91,7 @@ def test_paired_latency_ratio_holds_under_a_changing_load():
             busy = 40 <= Fake.calls < 80  # a load spike covering both models' calls alike
             time.sleep(self.seconds + (0.02 if busy else 0.0))
 
-    data = Encoded(input_ids=[[1, 2, 3]] * 8, labels=torch.zeros(8, dtype=torch.long), teacher_logits=None)
+    data = Encoded.from_rows([[1, 2, 3]] * 8, torch.zeros(8, dtype=torch.long))
     result = paired_latency_ratio(Fake(0.001), data, 0, Fake(0.003), data, 0,
                                   TimingSettings(warmup=2, repeats=60))
     assert 0.2 < result["latency_ratio_paired"] < 0.5

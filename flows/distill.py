@@ -15,8 +15,8 @@ from distillery.flows.runners import task_runner_for
 from distillery.models.gate import BASELINE_STUDENT
 from distillery.models.selection import (configured_trial, median_bars, pick_best, search_sampler, sweep_grid,
                                          trial_candidate)
-from distillery.tasks.distill import (cache_teacher_features, log_search, teacher_assistant, train_student,
-                                      uses_pooled_features)
+from distillery.tasks.distill import (StageClock, cache_teacher_features, log_search, log_stage_seconds,
+                                      teacher_assistant, train_student, uses_pooled_features)
 from distillery.tasks.evaluate import evaluate_candidates
 from distillery.tasks.events import champion_up_to_date, report_decision
 from distillery.tasks.gate import judge, promote, reconcile_registry
@@ -90,10 +90,12 @@ def distill_flow(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef, force:
             print(f"nothing to do: {cfg.tracking.student_name} v{champion} (@{cfg.tracking.champion_alias}) was made "
                   f"from teacher v{teacher.version}, data {snapshot.md5} and this config (use --force to re-run)")
             return RunResult(command="distill", snapshot=snapshot, teacher=teacher, up_to_date=champion)
+    clock = StageClock()
     outputs = label_flow.with_options(task_runner=task_runner_for(cfg))(cfg, snapshot, teacher)
     run_id = start_run(cfg, "distill", {"stage": "distill", **teacher.to_tags(), **snapshot.to_tags(),
                                         OUTPUTS_RUN_TAG: outputs.run_id, CONFIG_HASH_TAG: cfg.digest()},
                        snapshot=snapshot, with_config=True)
+    clock.lap("label")
     # the sweep (or search) and the baseline are independent: mapped over the task runner (threads or Dask workers)
     baseline_future = train_student.submit(cfg, teacher, snapshot, outputs, BASELINE, run_id)
     if uses_pooled_features(cfg):  # once, before the candidates that read them train side by side
@@ -119,13 +121,16 @@ def distill_flow(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef, force:
     frontier = {label: taught_by(f.result(), *teachers[label]) for label, f in futures.items()}
     if cfg.gate.baseline != "off":  # the student trained without the teacher is measured and judged like the others
         frontier[BASELINE_STUDENT] = baseline
+    clock.lap("train")
     evaluation = evaluate_candidates(cfg, snapshot, teacher, best, baseline, run_id, frontier, outputs)
+    clock.lap("evaluate")
     decision, logged = judge(cfg, run_id, evaluation)
     if decision.passed:
         chosen = frontier.get(decision.student, best)
         learnt_from = teachers.get(decision.student, (teacher, outputs))[1]  # its soft labels' validation
         decision = promote(cfg, run_id, snapshot, teacher, chosen, learnt_from.validation, evaluation, decision,
                            logged)
+    log_stage_seconds(cfg, run_id, clock.lap("gate"))
     report_decision(cfg, snapshot, teacher, evaluation, decision, run_id)
     name, alias = cfg.tracking.student_name, cfg.tracking.champion_alias
     verdict = (f"PROMOTED as {name} v{decision.version} (@{alias})" if decision.passed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -75,6 +76,28 @@ def train_student(cfg: Config, teacher: TeacherRef, snapshot: SnapshotRef, outpu
     logger.info("%s: validation macro-F1 %.4f (best epoch %d)", candidate.name, trained.val_macro_f1,
                 trained.best_epoch)
     return dataclasses.replace(trained, folder=str(folder))
+
+
+class StageClock:
+    """Wall seconds of a run's stages, lap by lap."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.monotonic()
+
+    def lap(self, stage: str) -> dict[str, float]:
+        """Ends ``stage`` now: the laps so far."""
+        now = time.monotonic()
+        self.laps[stage] = self.laps.get(stage, 0.0) + now - self._last
+        self._last = now
+        return self.laps
+
+
+def log_stage_seconds(cfg: Config, run_id: str, laps: dict[str, float]) -> None:
+    """Each stage's wall seconds on the run (``stage.<name>_s``) and in the log."""
+    with registry.open_run(cfg, run_id):
+        registry.log_metrics({f"stage.{name}_s": seconds for name, seconds in laps.items()})
+    print("stages (wall seconds): " + ", ".join(f"{name} {seconds:,.0f}" for name, seconds in laps.items()))
 
 
 def log_search(cfg: Config, run_id: str, trials: int, best_trial: int, best_params: dict, best_value: float,

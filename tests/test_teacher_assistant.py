@@ -45,6 +45,9 @@ def test_a_student_taught_by_the_teacher_assistant_is_registered_with_the_chain_
     mlflow.set_tracking_uri(cfg.tracking.uri)
     client = mlflow.tracking.MlflowClient()
     experiment = client.get_run(out.run_id).info.experiment_id
+    stages = {k: v for k, v in client.get_run(out.run_id).data.metrics.items() if k.startswith("stage.")}
+    assert set(stages) == {"stage.label_s", "stage.train_s", "stage.evaluate_s", "stage.gate_s"}  # wall seconds
+    assert all(v >= 0 for v in stages.values()) and stages["stage.train_s"] > 0
     labelled = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{out.run_id}' and "
                                                 f"tags.stage = 'label'")
     assert [r.data.tags["teacher.kind"] for r in labelled] == ["assistant"]  # its own outputs run, under this one

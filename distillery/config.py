@@ -422,6 +422,9 @@ class TrackingConfig(Section):
     retry_backoff_s: float = Field(1.0, ge=0.0)  # first wait between attempts; doubles each time
 
 
+DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?)$"  # runtime.device (models/devices.py resolves it)
+
+
 class RuntimeConfig(Section):
     task_runner: Literal["threads", "dask"] = "threads"
     dask_address: str | None = None
@@ -432,7 +435,7 @@ class RuntimeConfig(Section):
     keep_runs: Positive = 3  # `distillery gc` keeps the files of this many latest runs (and the champion's)
     # where the teacher fine-tune, students' training, labelling and feature caching run: auto (a CUDA GPU when torch
     # sees one, else the CPU) | cpu | cuda | cuda:N | mps. Latency is always measured in each form's own runtime
-    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
+    device: str = Field("auto", pattern=DEVICE_PATTERN)
     mixed_precision: StrictBool = True  # on CUDA: bf16 where supported, else fp16 with loss scaling (never on CPU)
     deterministic: StrictBool = True  # on CUDA: deterministic algorithms (slower); the CPU always repeats exactly
 
@@ -476,6 +479,10 @@ class MonitorConfig(Section):
     production_max_texts: int = Field(5000, gt=0)  # logged texts kept in the snapshot's production transfer set
                                        # (the newest; a re-distil on drift adds them, deduplicated)
 
+
+# keys added later, left out of the digest while they hold these values (student.taught_by always does: only a
+# frontier entry may name another teacher)
+LATER_DIGEST_DEFAULTS = {"student.taught_by": "teacher", "teacher.llm.structured_output": "none"}
 
 # safety limits that never change what a run produces: outside the digest (changing them re-distils nothing)
 OPERATIONAL = {"serving": None, "monitor": None, "gate": ("approval", "approval_timeout_s"),
@@ -549,9 +556,13 @@ class Config(Section):
                     for part in parents:
                         node = node.get(part, {})
                     node.pop(last, None)
-        shaping["student"].pop("taught_by", None)  # always "teacher" here (frontier entries say otherwise)
-        if shaping["teacher"]["llm"].get("structured_output") == "none":  # digests made before it still match
-            shaping["teacher"]["llm"].pop("structured_output")
+        for key, default in LATER_DIGEST_DEFAULTS.items():  # digests made before these keys existed still match
+            *parents, last = key.split(".")
+            node = shaping
+            for part in parents:
+                node = node.get(part, {})
+            if node.get(last) == default:
+                node.pop(last)
         kind = self.teacher.kind
         if kind != "ensemble":  # (digests made before ensembles existed still match)
             shaping["teacher"].pop("ensemble", None)

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from distillery.config import DEVICE_PATTERN
 from distillery.models.folders import ModelError
-
-DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 @dataclass(frozen=True)
@@ -42,7 +41,7 @@ CPU = Compute(torch.device("cpu"))
 
 def resolve_device(name: str) -> torch.device:
     """``runtime.device`` as a torch device; ModelError when the named one is not there."""
-    if not DEVICE_PATTERN.match(name):
+    if not re.match(DEVICE_PATTERN, name):
         raise ModelError(f"runtime.device {name!r}: use auto, cpu, cuda, cuda:N or mps")
     if name == "auto":
         return torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")

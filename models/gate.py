@@ -59,8 +59,8 @@ def decide(student: dict, int8_teacher: dict, teacher: dict, champion: dict | No
            macro_f1_tolerance: float, max_latency_ratio: float, max_class_f1_drop: float,
            champion_tolerance: float, labels: list[str] | None = None, oos_recall_tolerance: float = 0.05,
            oos_auroc_tolerance: float = 0.02, reference_name: str = "INT8 teacher",
-           reference_key: str = "int8_teacher", ensemble: bool = False, champion_production: float | None = None, production_tolerance: float = 0.0,
-           production_min_texts: int = 1) -> GateDecision:
+           reference_key: str = "int8_teacher", ensemble: bool = False, champion_production: float | None = None,
+           production_tolerance: float = 0.0, production_min_texts: int = 1) -> GateDecision:
     """Every criterion is evaluated (no short-circuit) so a rejection lists all its reasons.
 
     ``student``/``int8_teacher``/``teacher``/``champion`` hold metrics as logged: accuracy, macro_f1,

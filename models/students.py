@@ -25,7 +25,7 @@ from distillery.config import (
     ValidationConfig,
 )
 from distillery.faults import fault_point
-from distillery.records import Candidate, TeacherRef, TrainedStudent
+from distillery.records import DEVICE_TAG, Candidate, TeacherRef, TrainedStudent
 from distillery.models.devices import CPU, Compute, compute_for
 from distillery.models.losses import IGNORE_INDEX
 from distillery.models.metrics import classification_metrics
@@ -250,7 +250,7 @@ def prepare_student(cfg: Config, candidate: Candidate, teacher: TeacherRef, outp
               "student.checkpoint": key, **teacher.to_tags()}
     compute = runtime_compute(cfg)
     return StudentTraining(student, tokenizer, objective, train, val, settings, key, init_note,
-                           {**params, "runtime.device": compute.describe()}, compute)
+                           {**params, DEVICE_TAG: compute.describe()}, compute)
 
 
 def run_training(job: StudentTraining, candidate: Candidate, run_id: str, checkpoints: Path,
@@ -305,7 +305,7 @@ def prepare_teacher(cfg: Config, splits: dict[str, pd.DataFrame], labels: list[s
     params = {**{f"teacher.{k}": v for k, v in cfg.teacher.model_dump().items()}, "teacher.base_folder": str(base),
               "teacher.parameters": count_parameters(model), "teacher.checkpoint": key}
     compute = runtime_compute(cfg)
-    return TeacherTraining(model, tokenizer, train, val, settings, key, {**params, "runtime.device": compute.describe()},
+    return TeacherTraining(model, tokenizer, train, val, settings, key, {**params, DEVICE_TAG: compute.describe()},
                            compute)
 
 

@@ -155,7 +155,7 @@ def reuse_outputs(cfg: Config, teacher: TeacherRef, labels: list[str], inputs: p
 
 @task(name="label-shard", cache_policy=NO_CACHE, retries=1)
 def label_shard(teacher_folder: str, texts: list[str], max_length: int, batch_size: int, shard: int,
-                device: str = "cpu") -> np.ndarray:
+                device: str) -> np.ndarray:
     """Teacher logits for one shard of texts (runs anywhere the task runner puts it, e.g. a Dask worker, on that
     machine's ``device``: ``runtime.device`` resolved there)."""
     import torch

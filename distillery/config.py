@@ -484,6 +484,23 @@ class MonitorConfig(Section):
 # frontier entry may name another teacher)
 LATER_DIGEST_DEFAULTS = {"student.taught_by": "teacher", "teacher.llm.structured_output": "none"}
 
+def without_later_defaults(tree: dict, section: str = "") -> dict:
+    """``tree`` (the whole config's plain data, or one ``section`` of it) without the LATER_DIGEST_DEFAULTS keys
+    that still hold their defaults: a digest or checkpoint key made before those keys existed still matches."""
+    tree = json.loads(json.dumps(tree, default=str))
+    prefix = f"{section}." if section else ""
+    for key, default in LATER_DIGEST_DEFAULTS.items():
+        if not key.startswith(prefix):
+            continue
+        *parents, last = key[len(prefix):].split(".")
+        node = tree
+        for part in parents:
+            node = node.get(part, {})
+        if node.get(last) == default:
+            node.pop(last)
+    return tree
+
+
 # safety limits that never change what a run produces: outside the digest (changing them re-distils nothing)
 OPERATIONAL = {"serving": None, "monitor": None, "gate": ("approval", "approval_timeout_s"),
                "runtime": ("device", "mixed_precision", "deterministic"),  # where it runs, recorded on each run
@@ -556,13 +573,7 @@ class Config(Section):
                     for part in parents:
                         node = node.get(part, {})
                     node.pop(last, None)
-        for key, default in LATER_DIGEST_DEFAULTS.items():  # digests made before these keys existed still match
-            *parents, last = key.split(".")
-            node = shaping
-            for part in parents:
-                node = node.get(part, {})
-            if node.get(last) == default:
-                node.pop(last)
+        shaping = without_later_defaults(shaping)  # digests made before these keys existed still match
         kind = self.teacher.kind
         if kind != "ensemble":  # (digests made before ensembles existed still match)
             shaping["teacher"].pop("ensemble", None)

@@ -23,6 +23,7 @@ from distillery.config import (
     TeacherConfig,
     TrainingSection,
     ValidationConfig,
+    without_later_defaults,
 )
 from distillery.faults import fault_point
 from distillery.records import DEVICE_TAG, Candidate, TeacherRef, TrainedStudent
@@ -301,7 +302,8 @@ def prepare_teacher(cfg: Config, splits: dict[str, pd.DataFrame], labels: list[s
         model = load_classifier(base, labels)
     train = encode(tokenizer, splits["train"]["text"], settings.max_length, splits["train"]["label_id"])
     val = encode(tokenizer, splits["validation"]["text"], settings.max_length, splits["validation"]["label_id"])
-    key = checkpoint_key("teacher", str(base), snapshot_md5, cfg.teacher.model_dump())
+    shaping = without_later_defaults(cfg.teacher.model_dump(), "teacher")  # a later key at its default: same key
+    key = checkpoint_key("teacher", str(base), snapshot_md5, shaping)
     params = {**{f"teacher.{k}": v for k, v in cfg.teacher.model_dump().items()}, "teacher.base_folder": str(base),
               "teacher.parameters": count_parameters(model), "teacher.checkpoint": key}
     compute = runtime_compute(cfg)

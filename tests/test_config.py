@@ -4,7 +4,13 @@ from pathlib import Path
 
 import pytest
 
-from distillery.config import ConfigError, config_from_dict, load_config, parse_override_args
+from distillery.config import (
+    ConfigError,
+    config_from_dict,
+    load_config,
+    parse_override_args,
+    without_later_defaults,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,6 +39,17 @@ def test_digest_changes_with_a_knob_not_with_root():
     b = config_from_dict({}, root="/tmp/b")
     c = config_from_dict({"distill": {"kd_weight": 0.5}})
     assert a.digest() == b.digest() != c.digest()
+
+
+def test_a_key_added_later_keeps_digests_and_teacher_checkpoint_keys_while_at_its_default():
+    # a teacher fine-tune checkpointed before teacher.llm.structured_output existed must resume after an upgrade
+    default = config_from_dict({})
+    enforcing = config_from_dict({"teacher": {"llm": {"structured_output": "json_schema"}}})
+    old_teacher = default.teacher.model_dump()
+    old_teacher["llm"].pop("structured_output")
+    assert without_later_defaults(default.teacher.model_dump(), "teacher") == old_teacher
+    assert "structured_output" in without_later_defaults(enforcing.teacher.model_dump(), "teacher")["llm"]
+    assert "taught_by" not in without_later_defaults(default.to_dict())["student"]
 
 
 @pytest.mark.parametrize(

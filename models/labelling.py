@@ -22,8 +22,6 @@ META_FILE = "meta.json"
 FEATURES_FILE = "pooled-features.npz"  # the teacher's sentence features, beside the soft labels they go with
 DIGESTS_FILE = "text-digests.npz"  # a digest of each row's exact text, in row order: lets other row sets reuse them
 
-OUTPUT_COLUMNS = ["id", "text", "split", "label_id", "logits", "probs", "predicted_label", "max_prob", "entropy",
-                  "answered"]
 # 2: each row carries its text (what the students train on); 3: and whether the teacher answered it (a black box may
 # not, or name a label outside the set: such a row is uniform and no student learns from it). Part of the cache key
 OUTPUTS_FORMAT = 3
@@ -42,15 +40,18 @@ def text_digests(texts: list[str]) -> np.ndarray:
     return np.asarray([hashlib.sha256(t.encode()).hexdigest()[:32] for t in texts], dtype="<U32")
 
 
-def merge_logits(digests: np.ndarray, fresh: np.ndarray, found: dict[str, np.ndarray], classes: int) -> np.ndarray:
+def merge_logits(digests: np.ndarray, fresh: list[np.ndarray], found: dict[str, np.ndarray],
+                 classes: int) -> np.ndarray:
     """(rows, classes) logits in row order: a row whose text digest is in ``found`` takes those logits, the others
-    take the rows of ``fresh`` in turn (labelled now, in row order)."""
+    take the rows of the ``fresh`` blocks in turn (labelled now, in row order; never joined into one more array)."""
     logits = np.zeros((len(digests), classes), dtype=np.float32)
-    missing = [n for n, d in enumerate(digests.tolist()) if d not in found]
-    if len(missing) != len(fresh):
-        raise ValueError(f"{len(fresh)} fresh logits for {len(missing)} rows without earlier ones")
-    if missing:
-        logits[missing] = fresh
+    missing = np.asarray([n for n, d in enumerate(digests.tolist()) if d not in found], dtype=np.int64)
+    if len(missing) != sum(len(b) for b in fresh):
+        raise ValueError(f"{sum(len(b) for b in fresh)} fresh logits for {len(missing)} rows without earlier ones")
+    start = 0
+    for block in fresh:
+        logits[missing[start:start + len(block)]] = block
+        start += len(block)
     for n, d in enumerate(digests.tolist()):
         if d in found:
             logits[n] = found[d]
@@ -71,58 +72,132 @@ def teacher_pooled(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, t
     return predict_pooled(model, data, tokenizer.pad_token_id, batch_size=batch_size, progress=progress, desc=desc)
 
 
+# rows per parquet row group: the outputs are written and summarised a chunk at a time, so labelling a million
+# texts never holds a second copy of all logits, nor a Python object per row and class
+WRITE_CHUNK_ROWS = 65_536
+ROW_COLUMNS = ("id", "text", "split", "label_id")  # what the labelled rows bring; the rest comes from the teacher
+
+
+@dataclasses.dataclass(frozen=True)
+class Outputs:
+    """Teacher outputs in memory: one row per labelled text in ``frame`` (id, text, split, gold label id (-1 when
+    unlabelled), predicted label, max probability, entropy, whether the teacher answered it) and the soft labels as
+    (rows, classes) float32 arrays beside it (``probs`` only when asked for), never a Python object per row."""
+
+    frame: pd.DataFrame
+    logits: np.ndarray
+    probs: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    def where(self, mask) -> Outputs:  # noqa: ANN001 - a boolean array or Series over the rows
+        """The rows where ``mask`` holds, in order."""
+        keep = np.asarray(mask, dtype=bool)
+        return Outputs(self.frame[keep].reset_index(drop=True), self.logits[keep],
+                       None if self.probs is None else self.probs[keep])
+
+
 def build_outputs(ids: list[str], texts: list[str], splits: list[str], label_ids: list[int], logits: np.ndarray,
-                  labels: list[str], answered: np.ndarray | None = None) -> pd.DataFrame:
+                  labels: list[str], answered: np.ndarray | None = None) -> Outputs:
     """The teacher-outputs table: row id, its text, split, gold label id (-1 when unlabelled), logits, probs,
     summaries and whether the teacher answered the row (always, for a white box): everything a student trains on,
     so no later step rebuilds the rows the teacher labelled."""
+    logits = np.asarray(logits, dtype=np.float32)
     probs = softmax(logits).astype(np.float32)
     answered = np.ones(len(ids), dtype=bool) if answered is None else np.asarray(answered, dtype=bool)
     pred = probs.argmax(axis=1)
-    return pd.DataFrame({
+    frame = pd.DataFrame({
         "id": list(ids),
         "text": list(texts),
         "split": list(splits),
         "label_id": np.asarray(label_ids, dtype=np.int64),
-        "logits": list(np.asarray(logits, dtype=np.float32)),
-        "probs": list(probs),
-        "predicted_label": [labels[i] for i in pred],
-        "max_prob": probs.max(axis=1).astype(np.float64),
-        "entropy": entropy(probs),
+        "predicted_label": np.asarray(labels, dtype=object)[pred] if len(pred) else [],
+        "max_prob": probs.max(axis=1).astype(np.float64) if len(pred) else np.zeros(0),
+        "entropy": entropy(probs) if len(pred) else np.zeros(0),
         "answered": answered,
     })
+    return Outputs(frame, logits, probs)
 
 
-def write_outputs(df: pd.DataFrame, path) -> None:  # noqa: ANN001 - str or Path
-    """Parquet with logits/probs as fixed-size float32 lists (one value per class)."""
-    classes = len(df["logits"].iloc[0]) if len(df) else 0
-    table = pa.table({
-        "id": pa.array(df["id"], pa.string()),
-        "text": pa.array(df["text"], pa.string()),
-        "split": pa.array(df["split"], pa.string()),
-        "label_id": pa.array(df["label_id"], pa.int64()),
-        "logits": pa.FixedSizeListArray.from_arrays(
-            pa.array(np.concatenate(list(df["logits"])).astype(np.float32) if classes else [], pa.float32()), classes),
-        "probs": pa.FixedSizeListArray.from_arrays(
-            pa.array(np.concatenate(list(df["probs"])).astype(np.float32) if classes else [], pa.float32()), classes),
-        "predicted_label": pa.array(df["predicted_label"], pa.string()),
-        "max_prob": pa.array(df["max_prob"], pa.float64()),
-        "entropy": pa.array(df["entropy"], pa.float64()),
-        "answered": pa.array(df["answered"] if "answered" in df else [True] * len(df), pa.bool_()),
+def _class_matrix(values: np.ndarray, classes: int) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), pa.float32()), classes)
+
+
+def _arrow(outputs: Outputs, classes: int) -> pa.Table:
+    f = outputs.frame
+    return pa.table({
+        "id": pa.array(f["id"], pa.string()),
+        "text": pa.array(f["text"], pa.string()),
+        "split": pa.array(f["split"], pa.string()),
+        "label_id": pa.array(f["label_id"], pa.int64()),
+        "logits": _class_matrix(outputs.logits, classes),
+        "probs": _class_matrix(outputs.probs, classes),
+        "predicted_label": pa.array(f["predicted_label"], pa.string()),
+        "max_prob": pa.array(f["max_prob"], pa.float64()),
+        "entropy": pa.array(f["entropy"], pa.float64()),
+        "answered": pa.array(f["answered"], pa.bool_()),
     })
-    pq.write_table(table, path, compression="zstd")
 
 
-def read_outputs(path) -> pd.DataFrame:  # noqa: ANN001 - str or Path
-    df = pq.read_table(path).to_pandas()
-    for col in ("logits", "probs"):
-        df[col] = [np.asarray(v, dtype=np.float32) for v in df[col]]
-    if "answered" not in df:  # an entry of format 2 (a white-box teacher answers every row)
-        df["answered"] = True
-    return df
+def write_outputs(path, rows: pd.DataFrame, blocks: list[np.ndarray], labels: list[str],  # noqa: ANN001
+                  answered: np.ndarray | None = None, chunk_rows: int = WRITE_CHUNK_ROWS) -> None:
+    """Parquet (``path``: str or Path) of the teacher's outputs on ``rows`` (their ROW_COLUMNS), from ``blocks`` of
+    logits that cover the rows in order (one per labelled shard: never joined into one more array), built and
+    written WRITE_CHUNK_ROWS at a time; logits and probs as fixed-size float32 lists (one value per class)."""
+    total = sum(len(b) for b in blocks)
+    if total != len(rows):
+        raise ValueError(f"teacher produced {total} rows of logits for {len(rows)} texts")
+    answered = np.ones(len(rows), dtype=bool) if answered is None else np.asarray(answered, dtype=bool)
+    classes = len(labels)
+    writer, start = None, 0
+    try:
+        for block in blocks:
+            if block.ndim != 2 or block.shape[1] != classes:
+                raise ValueError(f"teacher produced logits of shape {block.shape}, expected (rows, {classes}): "
+                                 "does the teacher's label set match the snapshot's?")
+            for a in range(0, len(block), chunk_rows):
+                part = block[a:a + chunk_rows]
+                r = rows.iloc[start:start + len(part)]
+                built = build_outputs(r["id"].tolist(), r["text"].tolist(), r["split"].tolist(),
+                                      r["label_id"].tolist(), part, labels, answered[start:start + len(part)])
+                table = _arrow(built, classes)
+                writer = writer or pq.ParquetWriter(path, table.schema, compression="zstd")
+                writer.write_table(table)
+                start += len(part)
+        if writer is None:  # no rows: an empty table with the schema
+            empty = build_outputs([], [], [], [], np.zeros((0, classes), np.float32), labels)
+            pq.write_table(_arrow(empty, classes), path, compression="zstd")
+    finally:
+        if writer is not None:
+            writer.close()
 
 
-def validation_tables(df: pd.DataFrame, labels: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _class_array(table: pa.Table, column: str) -> np.ndarray:
+    """A fixed-size list column as one (rows, classes) float32 array."""
+    col = table.column(column).combine_chunks()
+    classes = col.type.list_size
+    return np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, classes)
+
+
+def read_outputs(path, probs: bool = False) -> Outputs:  # noqa: ANN001 - str or Path
+    """An outputs parquet as arrays: the logits (and, with ``probs``, the stored probabilities) as (rows, classes)
+    float32, the other columns as a frame."""
+    table = pq.read_table(path, columns=None if probs else [c for c in pq.read_schema(path).names if c != "probs"])
+    logits = _class_array(table, "logits")
+    stored = _class_array(table, "probs") if probs else None
+    frame = table.drop_columns([c for c in ("logits", "probs") if c in table.column_names]).to_pandas()
+    if "answered" not in frame:  # an entry of format 2 (a white-box teacher answers every row)
+        frame["answered"] = True
+    return Outputs(frame, logits, stored)
+
+
+def read_logits(path) -> np.ndarray:  # noqa: ANN001 - str or Path
+    """Only the logits of an outputs parquet, (rows, classes) float32."""
+    return _class_array(pq.read_table(path, columns=["logits"]), "logits")
+
+
+def validation_tables(outputs: Outputs, labels: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Scalar views of the outputs for Great Expectations.
 
     rows: one row per output with its finiteness, probability range and sum, ``val_correct`` (1/0 on labelled
@@ -130,8 +205,8 @@ def validation_tables(df: pd.DataFrame, labels: list[str]) -> tuple[pd.DataFrame
     mean is the share of rows a black-box teacher answered with a label of the set).
     classes: one row per class with how often it is predicted and its validation F1 (mean = macro-F1).
     """
-    logits = np.stack(df["logits"].to_list()) if len(df) else np.zeros((0, len(labels)))
-    probs = np.stack(df["probs"].to_list()) if len(df) else np.zeros((0, len(labels)))
+    df, logits = outputs.frame, outputs.logits
+    probs = outputs.probs if outputs.probs is not None else softmax(logits)  # the stored ones, when read
     is_val = (df["split"] == "validation").to_numpy() & (df["label_id"] >= 0).to_numpy()
     pred_id = pd.Series(df["predicted_label"]).map({n: i for i, n in enumerate(labels)}).to_numpy()
     with np.errstate(invalid="ignore"):
@@ -203,7 +278,7 @@ def reusable_logits(cache_dir: Path | None, texts: list[str], teacher: dict, max
         hits = [n for n, d in enumerate(theirs) if d in wanted and d not in found]
         if not hits:
             continue
-        logits = np.stack(read_outputs(folder / OUTPUTS_FILE)["logits"].to_numpy())
+        logits = read_logits(folder / OUTPUTS_FILE)
         if logits.shape != (len(theirs), len(labels)):
             continue
         found.update({theirs[n]: logits[n] for n in hits})

@@ -28,6 +28,7 @@ from distillery.config import (
 from distillery.faults import fault_point
 from distillery.records import DEVICE_TAG, Candidate, TeacherRef, TrainedStudent
 from distillery.models.devices import CPU, Compute, compute_for
+from distillery.models.labelling import Outputs
 from distillery.models.losses import IGNORE_INDEX
 from distillery.models.metrics import classification_metrics
 from distillery.models.modeling import (
@@ -195,16 +196,19 @@ def runtime_compute(cfg: Config) -> Compute:
 
 
 def prepare_student(cfg: Config, candidate: Candidate, teacher: TeacherRef, outputs_key: str, labels: list[str],
-                    rows: pd.DataFrame, validation: pd.DataFrame,
+                    outputs: Outputs, validation: pd.DataFrame,
                     features_for: Callable[[list[str], list[str], PreTrainedModel], np.ndarray]) -> StudentTraining:
-    """Assemble ``candidate``'s training: ``rows`` are the teacher's outputs with their texts (``split``, ``id``,
-    ``text``, ``label_id``, ``logits``); a baseline trains on the train rows' hard labels, a distilled student on
-    every KD split with the teacher's soft labels (and, for pooled feature KD, ``features_for(ids, texts, teacher
-    model)``)."""
+    """Assemble ``candidate``'s training: ``outputs`` are the teacher's, with their texts (``split``, ``id``,
+    ``text``, ``label_id``, the logits beside them); a baseline trains on the train rows' hard labels, a distilled
+    student on every KD split with the teacher's soft labels (and, for pooled feature KD, ``features_for(ids,
+    texts, teacher model)``)."""
     baseline = candidate.kind == "baseline"
-    train_rows = rows[rows["split"].isin(["train"] if baseline else KD_SPLITS)]
-    if not baseline and "answered" in train_rows:  # a row a black box did not answer has no soft label to learn
-        train_rows = train_rows[train_rows["answered"].astype(bool)]
+    rows = outputs.frame
+    keep = rows["split"].isin(["train"] if baseline else KD_SPLITS).to_numpy()
+    if not baseline:  # a row a black box did not answer has no soft label to learn
+        keep = keep & rows["answered"].astype(bool).to_numpy()
+    taught = outputs.where(keep)
+    train_rows = taught.frame
     # a black-box teacher has no weights: its students are pretrained models of their own (config.validate_config)
     teacher_folder = Path(teacher.folder) if teacher.folder else None
     teacher_model = load_classifier(teacher_folder).eval() if teacher_folder else None
@@ -233,7 +237,7 @@ def prepare_student(cfg: Config, candidate: Candidate, teacher: TeacherRef, outp
     features = (features_for(train_rows["id"].tolist(), train_rows["text"].tolist(), teacher_model)
                 if feature_target == "pooled" else None)
     train = encode(tokenizer, train_rows["text"].tolist(), settings.max_length, hard.tolist(),
-                   np.stack(train_rows["logits"].to_list()), features)
+                   taught.logits, features)
     val = encode(tokenizer, validation["text"].tolist(), settings.max_length, validation["label_id"].tolist())
     objective = CrossEntropyObjective() if baseline else DistillationObjective(
         candidate.temperature, candidate.kd_weight, candidate.ce_weight, candidate.feature_weight,

@@ -47,7 +47,7 @@ def uses_pooled_features(cfg: Config) -> bool:
 def cache_teacher_features(cfg: Config, teacher: TeacherRef, snapshot: SnapshotRef, outputs: TeacherOutputs) -> None:
     """Compute (or find) the teacher's sentence features for every row KD trains on, once, before trials that
     read them run side by side (their shape is logged)."""
-    rows = read_outputs(outputs.path)
+    rows = read_outputs(outputs.path).frame
     rows = rows[rows["split"].isin(KD_SPLITS)]
     features = teacher_features(cfg, teacher, outputs, rows["id"].tolist(), rows["text"].tolist())
     get_run_logger().info("teacher sentence features: %d rows x %d (cached beside its soft labels)", *features.shape)

@@ -7,8 +7,6 @@ import json
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -213,11 +211,11 @@ def measure_production(cfg: Config, outputs: TeacherOutputs | None, served: dict
 
     if outputs is None:
         return ProductionHoldout()
-    rows = read_outputs(outputs.path)
-    rows = rows[(rows["split"] == PRODUCTION_HOLDOUT) & rows["answered"].astype(bool)]
+    read = read_outputs(outputs.path)
+    rows = read.where((read.frame["split"] == PRODUCTION_HOLDOUT) & read.frame["answered"].astype(bool))
     if not len(rows):
         return ProductionHoldout()
-    texts, teacher_logits = rows["text"].tolist(), np.stack(rows["logits"].to_list())
+    texts, teacher_logits = rows.frame["text"].tolist(), rows.logits
 
     def agreement(classifier: ServedClassifier) -> float:
         return label_agreement(classifier.top_labels(texts), teacher_logits, labels)

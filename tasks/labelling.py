@@ -30,7 +30,6 @@ from distillery.models.labelling import (
     OUTPUTS_FILE,
     OUTPUTS_FORMAT,
     ReusedLogits,
-    build_outputs,
     merge_logits,
     read_outputs,
     reusable_logits,
@@ -175,24 +174,19 @@ def store_outputs(cfg: Config, key: str, inputs: pd.DataFrame, shard_logits: lis
     """Write the outputs parquet + meta (+ the texts' digests, for reuse) atomically into the cache and log them to
     the MLflow run. ``shard_logits`` answer the rows ``reused`` lacks (all rows without it), in row order;
     ``answered`` marks the rows a black-box teacher answered (all, when None)."""
-    fresh = (np.concatenate(shard_logits, axis=0) if shard_logits
-             else np.zeros((0, len(labels)), dtype=np.float32))
-    logits = fresh if reused is None else merge_logits(reused.digests, fresh, reused.found, len(labels))
-    if logits.shape != (len(inputs), len(labels)):
-        raise ValueError(f"teacher produced logits of shape {logits.shape}, expected {(len(inputs), len(labels))}: "
-                         f"does the teacher's label set match the snapshot's?")
-    df = build_outputs(inputs["id"].tolist(), inputs["text"].tolist(), inputs["split"].tolist(),
-                       inputs["label_id"].tolist(), logits, labels, answered)
+    blocks = shard_logits if reused is None else [merge_logits(reused.digests, shard_logits, reused.found,
+                                                                len(labels))]
     final = cfg.work.teacher_outputs / key
     partial = final.with_name(key + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    write_outputs(df, partial / OUTPUTS_FILE)
+    write_outputs(partial / OUTPUTS_FILE, inputs, blocks, labels, answered)
     if reused is not None:
         np.savez(partial / DIGESTS_FILE, digests=reused.digests)
-    meta = {**meta, "labelled_rows": len(fresh), "reused_rows": len(df) - len(fresh),
+    labelled = sum(len(b) for b in shard_logits)
+    meta = {**meta, "labelled_rows": labelled, "reused_rows": len(inputs) - labelled,
             "reused_from": list(reused.sources) if reused is not None else []}
-    (partial / META_FILE).write_text(json.dumps({**meta, "key": key, "run_id": run_id, "rows": len(df),
+    (partial / META_FILE).write_text(json.dumps({**meta, "key": key, "run_id": run_id, "rows": len(inputs),
                                                  "labels": labels}, indent=1))
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)  # readers only ever see complete entries
@@ -206,9 +200,9 @@ def validate_outputs(cfg: Config, outputs_path: str, expected_rows: int, run_id:
                      snapshot: SnapshotRef) -> ValidationSummary:
     """Run the GX suites; log Data Docs and the summary to MLflow either way; raise ValidationFailed on failure."""
     logger = get_run_logger()
-    df = read_outputs(outputs_path)
+    outputs = read_outputs(outputs_path, probs=True)  # the suites check what is stored
     labels = json.loads((Path(outputs_path).parent / META_FILE).read_text())["labels"]
-    rows, classes = validation_tables(df, labels)
+    rows, classes = validation_tables(outputs, labels)
     docs = cfg.work.data_docs / run_id
     report = validate_teacher_outputs(rows, classes, labels, expected_rows, cfg.validation, docs,
                                       run_name=f"{teacher.name} v{teacher.version} on data snapshot {snapshot.md5}")
@@ -241,11 +235,11 @@ def combine_members(cfg: Config, teacher: TeacherRef, inputs: pd.DataFrame, memb
     on the validation rows (``models.ensemble.fit_combination``), then averaged; what each member and the ensemble
     score on validation goes to the labelling run."""
     frames = [read_outputs(m.path) for m in members]
-    for member, df in zip(teacher.members, frames):
-        if df["id"].tolist() != inputs["id"].tolist():
+    for member, outputs in zip(teacher.members, frames):
+        if outputs.frame["id"].tolist() != inputs["id"].tolist():
             raise EnsembleError(f"member {member.name} v{member.version}'s outputs hold other rows than the ensemble "
                                 "labels: relabel it (its cache entry is stale)")
-    logits = [np.stack(df["logits"].to_list()) for df in frames]
+    logits = [outputs.logits for outputs in frames]
     val = (inputs["split"] == "validation").to_numpy()
     gold = inputs.loc[val, "label_id"].to_numpy()
     e = cfg.teacher.ensemble
@@ -593,5 +587,5 @@ def label_texts(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef, texts: 
                 "max_length": cfg.teacher.max_length, "production": True}
         path = store_outputs(cfg, key, inputs, fresh, labels, meta, run_id, reused)
     outputs = read_outputs(path)
-    by_text = dict(zip(outputs["text"], outputs["logits"]))
-    return np.stack([np.asarray(by_text[t], dtype=np.float32) for t in texts])
+    row_of = {t: n for n, t in enumerate(outputs.frame["text"].tolist())}
+    return outputs.logits[[row_of[t] for t in texts]]

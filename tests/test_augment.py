@@ -79,7 +79,7 @@ def test_generated_rows_are_labelled_and_reach_distillation_only(teacher_project
 
     result = run_command(teacher_project / "distillery.yaml", "distill",
                          {"data.augment.multiple": 1, "distill.sweep.temperature": []})
-    outputs = read_outputs(result.outputs.path)
+    outputs = read_outputs(result.outputs.path).frame
     made = outputs[outputs["split"] == "augmented"]
     n_train = int((outputs["split"] == "train").sum())
     assert len(made) == n_train and (made["label_id"] == -1).all()

@@ -155,11 +155,11 @@ def test_an_endpoint_teacher_gives_the_white_box_soft_labels_and_is_asked_each_t
     white = run_command(project / "distillery.yaml", "label")
     black = run_command(project / "distillery.yaml", "label", endpoint("ok", proxy.url))
     assert black.teacher.kind == "endpoint" and black.teacher.run_id == "" and len(black.teacher.version) == 16
-    w, b = read_outputs(white.outputs.path), read_outputs(black.outputs.path)
-    assert list(w["id"]) == list(b["id"]) and b["answered"].all()
-    np.testing.assert_allclose(np.stack(b["probs"]), np.stack(w["probs"]), atol=2e-4)
+    w, b = read_outputs(white.outputs.path, probs=True), read_outputs(black.outputs.path, probs=True)
+    assert list(w.frame["id"]) == list(b.frame["id"]) and b.frame["answered"].all()
+    np.testing.assert_allclose(b.probs, w.probs, atol=2e-4)
     asked = run_metrics(project, black.outputs.run_id)
-    texts = len(set(w["text"])) + 40  # the rows labelled and the test split (the harness measures the teacher on it)
+    texts = len(set(w.frame["text"])) + 40  # the rows labelled and the test split (the harness measures the teacher on it)
     assert asked["endpoint.asked_texts"] == texts and asked["endpoint.cached_texts"] == 0
     assert asked["endpoint.requests"] == proxy.count("ok") == math.ceil(texts / 16)
     assert asked["endpoint.failed_requests"] == 0 and asked["endpoint.request_p50_ms"] > 0
@@ -171,7 +171,7 @@ def test_an_endpoint_teacher_gives_the_white_box_soft_labels_and_is_asked_each_t
     assert proxy.count("ok") == math.ceil(texts / 16)  # not one request more
     m = run_metrics(project, again.outputs.run_id)
     assert (m["endpoint.asked_texts"], m["endpoint.requests"], m["endpoint.cached_texts"]) == (0, 0, texts)
-    np.testing.assert_array_equal(np.stack(read_outputs(again.outputs.path)["probs"]), np.stack(b["probs"]))
+    np.testing.assert_array_equal(read_outputs(again.outputs.path, probs=True).probs, b.probs)
 
     shutil.rmtree(Path(again.outputs.path).parent)
     checked = run_command(project / "distillery.yaml", "label", endpoint("ok", proxy.url, **{
@@ -253,7 +253,7 @@ def test_a_budget_short_of_the_transfer_set_asks_a_diverse_part_of_it(served):
     overrides = endpoint("select", proxy.url, **{"data.augment.multiple": 1, "teacher.endpoint.max_requests": 16,
                                                  "teacher.endpoint.over_budget": "select"})
     done = run_command(project / "distillery.yaml", "label", overrides)
-    rows = read_outputs(done.outputs.path)
+    rows = read_outputs(done.outputs.path).frame
     required = (rows["split"].isin(["train", "validation"])).sum() + 40  # + the test texts
     assert rows["answered"].all() and (rows["split"] == "augmented").sum() == 16 * 16 - required == 56
     m = run_metrics(project, done.outputs.run_id)

@@ -8,6 +8,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -38,6 +39,12 @@ def _validate(df, tmp_path, expected_rows=80, **thresholds):
                                     run_name="teacher v7 on data snapshot abc123.dir")
 
 
+def _logits_of(outputs, ids) -> np.ndarray:
+    """``outputs``' logits of the rows ``ids``, in that order."""
+    row = {i: n for n, i in enumerate(outputs.frame["id"])}
+    return outputs.logits[[row[i] for i in ids]]
+
+
 def _failed(report) -> set[tuple[str, str]]:
     return {(f["expectation"], f["target"]) for f in report.failed}
 
@@ -52,7 +59,7 @@ def test_suite_passes_good_outputs_and_builds_data_docs(tmp_path):
 
 def test_nan_row_fails_finiteness(tmp_path):
     df = _good_outputs()
-    df.at[5, "logits"] = np.array([np.nan, 0, 0, 0], dtype=np.float32)
+    df.logits[5] = np.array([np.nan, 0, 0, 0], dtype=np.float32)
     assert _failed(_validate(df, tmp_path)) == {("expect_column_values_to_be_in_set", "all_finite")}
     # the self-contained summary names the run and the failure, and loads nothing from the network
     page = (tmp_path / "docs" / "summary.html").read_text()
@@ -67,7 +74,7 @@ def test_a_black_box_that_leaves_too_many_rows_unanswered_fails(tmp_path):
     """Rows a black-box teacher answered with no label of the set (``answered`` False) bound by
     ``min_answered_share``; at the threshold the suite passes, below it only that expectation fails."""
     df = _good_outputs()
-    df["answered"] = np.arange(len(df)) >= 8  # 10% unanswered
+    df.frame["answered"] = np.arange(len(df)) >= 8  # 10% unanswered
     assert _validate(df, tmp_path / "a", min_answered_share=0.9).success
     report = _validate(df, tmp_path / "b", min_answered_share=0.95)
     assert _failed(report) == {("expect_column_mean_to_be_between", "answered")}
@@ -76,13 +83,13 @@ def test_a_black_box_that_leaves_too_many_rows_unanswered_fails(tmp_path):
 
 def test_unnormalised_probabilities_fail_the_sum(tmp_path):
     df = _good_outputs()
-    df.at[7, "probs"] = df.at[7, "probs"] * 0.5
+    df.probs[7] *= 0.5
     assert ("expect_column_values_to_be_between", "prob_sum") in _failed(_validate(df, tmp_path))
 
 
 def test_collapsed_teacher_fails_class_coverage(tmp_path):
     df = _good_outputs()
-    df["predicted_label"] = LABELS[0]
+    df.frame["predicted_label"] = LABELS[0]
     report = _validate(df, tmp_path)
     assert ("expect_column_values_to_be_between", "predicted_count") in _failed(report)
     message = str(ValidationFailed(report))
@@ -90,27 +97,36 @@ def test_collapsed_teacher_fails_class_coverage(tmp_path):
 
 
 def test_teacher_below_accuracy_floor_fails(tmp_path):
-    df = _good_outputs()
+    outputs = _good_outputs()
+    df = outputs.frame
     wrong = df["split"] == "validation"
     df.loc[wrong, "predicted_label"] = [LABELS[(LABELS.index(p) + 1) % 4] for p in df.loc[wrong, "predicted_label"]]
-    failed = _failed(_validate(df, tmp_path))
+    failed = _failed(_validate(outputs, tmp_path))
     assert ("expect_column_mean_to_be_between", "val_correct") in failed
     assert ("expect_column_mean_to_be_between", "val_f1") in failed
 
 
 def test_missing_rows_fail_the_row_count(tmp_path):
-    df = _good_outputs().iloc[:70].reset_index(drop=True)
+    df = _good_outputs().where(np.arange(80) < 70)
     assert _failed(_validate(df, tmp_path)) == {("expect_table_row_count_to_equal", "table")}
 
 
-def test_outputs_parquet_round_trips(tmp_path):
-    df = _good_outputs()
-    write_outputs(df, tmp_path / "o.parquet")
-    back = read_outputs(tmp_path / "o.parquet")
-    np.testing.assert_array_equal(np.stack(back["logits"]), np.stack(df["logits"]))
-    assert back["logits"].iloc[0].dtype == np.float32
-    assert list(back["predicted_label"]) == list(df["predicted_label"])
-    assert list(back["text"]) == list(df["text"])  # the students train on the outputs alone
+def test_outputs_parquet_round_trips_written_a_chunk_at_a_time_from_shard_blocks(tmp_path):
+    built = _good_outputs()
+    rows = built.frame[["id", "text", "split", "label_id"]]
+    blocks = [built.logits[:30], built.logits[30:]]  # two shards, written in chunks of 7 rows
+    write_outputs(tmp_path / "o.parquet", rows, blocks, LABELS, chunk_rows=7)
+    back = read_outputs(tmp_path / "o.parquet", probs=True)
+    np.testing.assert_array_equal(back.logits, built.logits)
+    np.testing.assert_array_equal(back.probs, built.probs)
+    assert back.logits.dtype == np.float32 and back.logits.shape == (80, len(LABELS))
+    pd.testing.assert_frame_equal(back.frame, built.frame)  # text too: the students train on the outputs alone
+    assert read_outputs(tmp_path / "o.parquet").probs is None  # read only when asked for
+    assert pq.ParquetFile(tmp_path / "o.parquet").num_row_groups == 5 + 8  # 30 rows = 4x7 + 2, 50 = 7x7 + 1
+    with pytest.raises(ValueError, match="label set match"):
+        write_outputs(tmp_path / "p.parquet", rows, [built.logits[:, :3]], LABELS)
+    with pytest.raises(ValueError, match="79 rows of logits for 80 texts"):
+        write_outputs(tmp_path / "p.parquet", rows, [built.logits[:79]], LABELS)
 
 
 def test_merge_logits_takes_earlier_rows_by_text_and_fresh_ones_in_order():
@@ -120,10 +136,10 @@ def test_merge_logits_takes_earlier_rows_by_text_and_fresh_ones_in_order():
     assert digests[0] == digests[3] and len(set(digests.tolist())) == 3
     found = {digests[1]: np.full(2, 7.0, dtype=np.float32)}
     fresh = np.asarray([[1, 1], [2, 2], [3, 3]], dtype=np.float32)
-    merged = merge_logits(digests, fresh, found, 2)
+    merged = merge_logits(digests, [fresh[:1], fresh[1:]], found, 2)  # one block per labelled shard
     np.testing.assert_array_equal(merged, [[1, 1], [7, 7], [2, 2], [3, 3]])
     with pytest.raises(ValueError, match="2 fresh logits for 3 rows"):
-        merge_logits(digests, fresh[:2], found, 2)
+        merge_logits(digests, [fresh[:2]], found, 2)
     assert text_digests(["A"])[0] != text_digests(["a"])[0]  # exact texts: a cased teacher may answer differently
 
 
@@ -152,7 +168,7 @@ class TestLabelFlow:
         first = labelled.outputs
         assert first.cache_hit is False
         assert first.validation.success is True
-        df = read_outputs(first.path)
+        df = read_outputs(first.path).frame
         assert len(df) == 160 and set(df["split"]) == {"train", "validation"}
         # each row carries the text the teacher answered: the snapshot's own, row for row
         splits, _ = read_snapshot(Path(labelled.snapshot.path))
@@ -186,8 +202,9 @@ class TestLabelFlow:
         dask = run_command(cfg_path, "label", overrides).outputs
         assert dask.cache_hit is False and dask.key == threads.key
         a, b = read_outputs(threads.path), read_outputs(dask.path)
-        assert list(a["id"]) == list(b["id"]) and list(a["predicted_label"]) == list(b["predicted_label"])
-        np.testing.assert_allclose(np.stack(a["logits"]), np.stack(b["logits"]), rtol=0, atol=1e-5)
+        assert list(a.frame["id"]) == list(b.frame["id"])
+        assert list(a.frame["predicted_label"]) == list(b.frame["predicted_label"])
+        np.testing.assert_allclose(a.logits, b.logits, rtol=0, atol=1e-5)
         assert json.loads((Path(dask.path).parent / "meta.json").read_text())["shards"] == 3
 
     def test_a_new_set_of_rows_labels_only_its_new_texts(self, teacher_project: Path, tmp_path: Path):
@@ -199,15 +216,15 @@ class TestLabelFlow:
         assert second.cache_hit is False and second.key != first.key and second.validation.success
         meta = json.loads((Path(second.path).parent / "meta.json").read_text())
         assert (meta["reused_rows"], meta["labelled_rows"], meta["reused_from"]) == (160, 2, [first.key])
-        a, b = read_outputs(first.path), read_outputs(second.path).set_index("id")
-        np.testing.assert_array_equal(np.stack(b.loc[a["id"], "logits"]), np.stack(a["logits"]))  # taken as they were
+        a, b = read_outputs(first.path), read_outputs(second.path)
+        np.testing.assert_array_equal(_logits_of(b, a.frame["id"]), a.logits)  # taken as they were
         # the same outputs as labelling every row afresh (reuse off, an empty cache)
         fresh = run_command(cfg_path, "label", {"labelling.cache_dir": str(tmp_path / "fresh"),
                                                 "data.transfer_set": "more.csv", "labelling.reuse_rows": False}).outputs
         fresh_meta = json.loads((Path(fresh.path).parent / "meta.json").read_text())
         assert (fresh_meta["reused_rows"], fresh_meta["labelled_rows"]) == (0, 162) and fresh.key == second.key
-        c = read_outputs(fresh.path).set_index("id")
-        np.testing.assert_allclose(np.stack(c.loc[b.index, "logits"]), np.stack(b["logits"]), rtol=0, atol=1e-5)
+        c = read_outputs(fresh.path)
+        np.testing.assert_allclose(_logits_of(c, b.frame["id"]), b.logits, rtol=0, atol=1e-5)
         cfg = load_config(cfg_path)
         mlflow.set_tracking_uri(cfg.tracking.uri)
         metrics = MlflowClient().get_run(second.run_id).data.metrics
@@ -220,7 +237,7 @@ class TestLabelFlow:
     def test_transfer_set_is_labelled_too(self, teacher_project: Path):
         (teacher_project / "transfer.csv").write_text("text\nmy pin is locked again\nrate for euro today\n")
         out = run_command(teacher_project / "distillery.yaml", "label", {"data.transfer_set": "transfer.csv"}).outputs
-        df = read_outputs(out.path)
+        df = read_outputs(out.path).frame
         assert out.cache_hit is False
         assert (df["split"] == "transfer").sum() == 2 and (df.loc[df["split"] == "transfer", "label_id"] == -1).all()
 

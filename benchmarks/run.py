@@ -63,7 +63,6 @@ def main() -> int:
 
     environment_defaults()
 
-    import numpy as np
     from mlflow import MlflowClient
 
     from distillery.config import load_config
@@ -72,7 +71,9 @@ def main() -> int:
                                               paired_latency_ratio, served_path_latency)
     from distillery.models.labelling import teacher_logits
     from distillery.models.modeling import load_classifier, load_tokenizer
-    from distillery.models.report import frontier_table, headline_ratios, pareto, plot_frontier, results_table
+    from distillery.models.gate import judge_logged
+    from distillery.models.report import (fast_end_ratios, frontier_table, headline_ratios, pareto, plot_frontier,
+                                          results_table)
     from distillery.models.training import DistillationObjective, encode, train_model
     from distillery.integrations import registry
     from distillery.records import Candidate, Lineage, TeacherRef, served_candidate
@@ -130,13 +131,14 @@ def main() -> int:
                                     student_dir, baseline_dir, others, form)
     teacher = candidates["teacher_fp32"][0]
     encoded = encode_per_folder({c[2] for c in candidates.values()}, texts_test, gold, cfg.distill.max_length)
-    metrics, reference_pred = {}, None
+    metrics, per_class, reference_pred = {}, {}, None
     for name, (model, params, folder) in candidates.items():
         size = model.size_bytes() if hasattr(model, "size_bytes") else None
         data, pad = encoded[folder]
         m, logits = evaluate_model(model, data, pad, len(labels), reference_pred, timing, params, size_bytes=size)
         reference_pred = logits.argmax(1) if reference_pred is None else reference_pred
         metrics[name] = {k: v for k, v in m.items() if k != "per_class_f1"}
+        per_class[name] = m["per_class_f1"]
         print(f"  measured {name}", flush=True)
     served, reference = served_candidate(form), lineage.reference
     contenders = (served, *(served_candidate(form, k) for k in others))
@@ -148,7 +150,11 @@ def main() -> int:
         str(student_dir)), texts_test, timing))
     results["served"], results["reference"] = served, reference
     results["models"] = metrics
-    results["ratios"] = headline_ratios(metrics, served, reference)
+    logged = {n: {**m, "per_class_f1": per_class[n], "labels": labels} for n, m in metrics.items()}
+    passing = [n for n in contenders  # the gate's criteria on test, without a champion to beat
+               if judge_logged(cfg.gate, logged, n, None, None, reference=reference).passed]
+    results["ratios"] = {**headline_ratios(metrics, served, reference), **fast_end_ratios(metrics, passing)}
+    results["passing"] = passing
     results["frontier"] = sorted(pareto(metrics))
     frontier_text = frontier_table(metrics, contenders, reference)
     plot_frontier(metrics, ROOT / "benchmarks" / "results" / f"{args.name}-frontier.png", served, reference)
@@ -228,12 +234,12 @@ def main() -> int:
 
     start = time.perf_counter()
     outputs = read_outputs(out.path)
-    rows = outputs[outputs["split"].isin(["train", "transfer"])]
+    rows = outputs.where(outputs.frame["split"].isin(["train", "transfer"]))
     bare_student, student_tokenizer = make_student(probe_cfg, load_classifier(teacher_dir).eval(), teacher_dir,
                                                    labels)
     settings = settings_from(probe_cfg.distill)
-    train = encode(student_tokenizer, rows["text"].tolist(), settings.max_length, rows["label_id"].tolist(),
-                   np.stack(rows["logits"].to_list()))
+    train = encode(student_tokenizer, rows.frame["text"].tolist(), settings.max_length,
+                   rows.frame["label_id"].tolist(), rows.logits)
     val = encode(student_tokenizer, splits["validation"]["text"].tolist(), settings.max_length,
                  splits["validation"]["label_id"].tolist())
     train_model(bare_student, DistillationObjective(cfg.distill.temperature, cfg.distill.kd_weight,

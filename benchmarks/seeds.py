@@ -20,7 +20,9 @@ Every student is measured in FP32 on the test split by the evaluation harness (q
 test accuracy and macro-F1 per arm, and the share of the teacher-baseline gap distillation recovers,
 (student - baseline) / (teacher - baseline), per seed, its mean and std; writes
 ``benchmarks/results/<name>-seeds.json`` and adds ``kd_gap_recovered``, ``kd_gap_recovered_std``, ``kd_seeds`` and
-``kd_minus_baseline_accuracy_mean/_std`` to the ratios of ``benchmarks/results/<name>.json``. Training runs go to
+``kd_minus_baseline_accuracy_mean/_std`` to the ratios of ``benchmarks/results/<name>.json``, and the shape's entry
+to its ``kd_gap_recovered_by_shape``. Another student shape than the profile's (``--set student.init=static``,
+``--set student.pretrained_layers=[0,5]``, ...) writes ``<name>-<shape>-seeds.json`` and only its by-shape entry. Training runs go to
 the MLflow experiment ``<experiment>-benchmarks`` and never touch the registry.
 """
 
@@ -256,15 +258,24 @@ def main() -> int:
           f"({'more' if diff['mean'] > 2 * diff['std'] else 'not more'} than twice the std)")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{args.name}-seeds.json").write_text(json.dumps(results, indent=1) + "\n")
+    # another student shape than the profile's (--set student.*): its own seeds file, its ratio filed by shape
+    shape = cfg.student.label
+    own_shape = not any(k.startswith("student.") for k in base)
+    seeds_file = out_dir / (f"{args.name}-seeds.json" if own_shape else f"{args.name}-{shape}-seeds.json")
+    seeds_file.write_text(json.dumps({**results, "shape": shape}, indent=1) + "\n")
     main_file = out_dir / f"{args.name}.json"
     main_results = json.loads(main_file.read_text()) if main_file.is_file() else {"profile": args.name}
-    main_results.setdefault("ratios", {}).update({
-        "kd_gap_recovered": results["kd_gap_recovered"]["mean"], "kd_gap_recovered_std": results["kd_gap_recovered"]["std"],
-        "kd_seeds": len(args.seeds), "kd_minus_baseline_accuracy_mean": diff["mean"],
-        "kd_minus_baseline_accuracy_std": diff["std"]})
+    ratios = main_results.setdefault("ratios", {})
+    if own_shape:
+        ratios.update({
+            "kd_gap_recovered": results["kd_gap_recovered"]["mean"],
+            "kd_gap_recovered_std": results["kd_gap_recovered"]["std"], "kd_seeds": len(args.seeds),
+            "kd_minus_baseline_accuracy_mean": diff["mean"], "kd_minus_baseline_accuracy_std": diff["std"]})
+    ratios.setdefault("kd_gap_recovered_by_shape", {})[shape] = {
+        **results["kd_gap_recovered"], "seeds": len(args.seeds), "distilled_accuracy": results["arms"]["distilled"][
+            "accuracy"]["mean"], "baseline_accuracy": results["arms"]["baseline"]["accuracy"]["mean"]}
     main_file.write_text(json.dumps(main_results, indent=1) + "\n")
-    print(f"\nwritten {out_dir / f'{args.name}-seeds.json'}; ratios added to {main_file}")
+    print(f"\nwritten {seeds_file}; ratios added to {main_file}")
     return 0
 
 

@@ -109,6 +109,19 @@ def headline_ratios(metrics: dict[str, dict], served: str = "student_int8",
     return ratios
 
 
+def fast_end_ratios(metrics: dict[str, dict], passing: list[str]) -> dict[str, float]:
+    """The frontier's fast end against the reference, by interleaved pairs (student over reference batch-1 latency):
+    the fastest of the ``passing`` students (those the gate would pass) and the fastest static-embedding student."""
+    paired = {n: m["latency_ratio_paired"] for n, m in metrics.items() if "latency_ratio_paired" in m}
+    out = {}
+    if any(n in paired for n in passing):
+        out["fastest_passing_over_reference_latency_paired"] = min(paired[n] for n in passing if n in paired)
+    statics = [r for n, r in paired.items() if n.startswith("static")]
+    if statics:
+        out["static_over_reference_latency_paired"] = min(statics)
+    return out
+
+
 def _save(fig: plt.Figure, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)

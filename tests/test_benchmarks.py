@@ -52,6 +52,8 @@ def test_seeds_benchmark_reports_gap_recovered_per_seed(teacher_project: Path, t
     ratios = json.loads((tmp_path / "tiny.json").read_text())["ratios"]
     assert ratios["served_over_teacher_accuracy"] == 0.9  # the file's other ratios are kept
     assert ratios["kd_seeds"] == 2 and ratios["kd_gap_recovered"] == pytest.approx(sum(expected) / 2)
+    # filed by student shape too (the profile's here: the tiny configs cut layer 0)
+    assert ratios["kd_gap_recovered_by_shape"][results["shape"]]["mean"] == pytest.approx(sum(expected) / 2)
     assert "distilled - baseline accuracy" in done.stdout
 
 

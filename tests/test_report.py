@@ -78,3 +78,18 @@ def test_a_black_box_teacher_is_tabled_plotted_and_priced_without_a_size(tmp_pat
     assert ratios["endpoint_request_over_served_latency"] == 100.0 and ratios["reference_cost_per_1k_texts"] == 2.5
     assert ratios["served_over_teacher_accuracy"] == 0.93 / 0.95
     assert plot_frontier(metrics, tmp_path / "frontier.png", served="student_int8", reference="teacher_endpoint").is_file()
+
+
+def test_fast_end_ratios_take_the_fastest_passing_and_the_fastest_static_student():
+    from distillery.models.report import fast_end_ratios
+
+    metrics = {"student_int8_onnx": {"latency_ratio_paired": 0.2},
+               "minilm-cut0-5-pv_int8_onnx": {"latency_ratio_paired": 0.08},
+               "static256_int8_onnx": {"latency_ratio_paired": 0.01},
+               "teacher_int8_onnx": {}}
+    # the 2-layer cut and the static student failed the gate: the fastest passing one is the 6-layer student
+    assert fast_end_ratios(metrics, ["student_int8_onnx"]) == {
+        "fastest_passing_over_reference_latency_paired": 0.2, "static_over_reference_latency_paired": 0.01}
+    assert fast_end_ratios(metrics, ["student_int8_onnx", "static256_int8_onnx"])[
+        "fastest_passing_over_reference_latency_paired"] == 0.01
+    assert fast_end_ratios({"student_int8_onnx": {"latency_ratio_paired": 0.2}}, []) == {}  # none passing, none static

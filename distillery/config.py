@@ -534,6 +534,10 @@ class Config(Section):
         """This configuration with ``student`` shaped by a frontier entry."""
         return self.model_copy(update={"student": self.student.shaped(shape)})
 
+    def on_device(self, device: str) -> "Config":
+        """This configuration training on ``device`` (``runtime.device``: operational, the digest stays)."""
+        return self.model_copy(update={"runtime": self.runtime.model_copy(update={"device": device})})
+
     @property
     def feature_target(self) -> str:
         """What feature KD aligns for this student: ``hidden`` or ``pooled`` (``distill.feature_target`` resolved)."""

@@ -11,7 +11,7 @@ from distillery.config import Config
 from distillery.records import (BASELINE, CONFIG_HASH_TAG, OUTPUTS_RUN_TAG, RunResult, SnapshotRef, TeacherOutputs,
                                 TeacherRef, TrainedStudent, taught_by)
 from distillery.flows.label import label_flow
-from distillery.flows.runners import task_runner_for
+from distillery.flows.runners import spread_over_gpus, task_runner_for
 from distillery.models.gate import BASELINE_STUDENT
 from distillery.models.selection import (configured_trial, median_bars, pick_best, search_sampler, sweep_grid,
                                          trial_candidate)
@@ -76,6 +76,36 @@ def frontier_teachers(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef, o
     return teachers
 
 
+def train_recipes(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef, outputs: TeacherOutputs,
+                  run_id: str) -> tuple[list[TrainedStudent], TrainedStudent]:
+    """The sweep's candidates (or the search's trials) and the baseline: independent, so mapped over the task
+    runner (threads or Dask workers; one GPU each where several are seen, flows.runners.spread_over_gpus)."""
+    grid = [] if cfg.distill.search.trials > 0 else sweep_grid(cfg.distill)
+    placed = spread_over_gpus(cfg, 1 + len(grid))
+    baseline_future = train_student.submit(placed[0], teacher, snapshot, outputs, BASELINE, run_id)
+    if uses_pooled_features(cfg):  # once, before the candidates that read them train side by side
+        cache_teacher_features(cfg, teacher, snapshot, outputs)
+    if cfg.distill.search.trials > 0:
+        candidates = search(cfg, snapshot, teacher, outputs, run_id)
+    else:
+        futures = [train_student.submit(on, teacher, snapshot, outputs, c, run_id) for on, c in zip(placed[1:], grid)]
+        candidates = [f.result() for f in futures]
+    return candidates, baseline_future.result()
+
+
+def train_frontier(cfg: Config, snapshot: SnapshotRef, teachers: dict[str, tuple[TeacherRef, TeacherOutputs]],
+                   best: TrainedStudent, run_id: str) -> dict[str, TrainedStudent]:
+    """The chosen recipe on each further student shape (the frontier), side by side on the task runner (one GPU
+    each where several are seen), each from its teacher: the run's, or the student as teacher assistant."""
+    shapes = cfg.student.frontier_shapes()
+    placed = spread_over_gpus(cfg, len(shapes))
+    futures = {label: train_student.submit(on.for_student(shape.model_dump()), teachers[label][0], snapshot,
+                                           teachers[label][1], dataclasses.replace(best.candidate, shape=label),
+                                           run_id)
+               for on, (label, shape) in zip(placed, shapes.items())}
+    return {label: taught_by(f.result(), *teachers[label]) for label, f in futures.items()}
+
+
 @flow(name="distill", flow_run_name="distill-teacher-v{teacher.version}-data-{snapshot.md5:.8}", log_prints=True,
       validate_parameters=False)
 def distill_flow(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef, force: bool = False) -> RunResult:
@@ -96,29 +126,13 @@ def distill_flow(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef, force:
                                         OUTPUTS_RUN_TAG: outputs.run_id, CONFIG_HASH_TAG: cfg.digest()},
                        snapshot=snapshot, with_config=True)
     clock.lap("label")
-    # the sweep (or search) and the baseline are independent: mapped over the task runner (threads or Dask workers)
-    baseline_future = train_student.submit(cfg, teacher, snapshot, outputs, BASELINE, run_id)
-    if uses_pooled_features(cfg):  # once, before the candidates that read them train side by side
-        cache_teacher_features(cfg, teacher, snapshot, outputs)
-    if cfg.distill.search.trials > 0:
-        candidates = search(cfg, snapshot, teacher, outputs, run_id)
-    else:
-        futures = [train_student.submit(cfg, teacher, snapshot, outputs, c, run_id) for c in sweep_grid(cfg.distill)]
-        candidates = [f.result() for f in futures]
-    baseline = baseline_future.result()
+    candidates, baseline = train_recipes(cfg, snapshot, teacher, outputs, run_id)
     best = pick_best(candidates)
     if len(candidates) > 1:
         print("sweep (validation macro-F1): " + ", ".join(f"{c.name}={c.val_macro_f1:.4f}" for c in candidates)
               + f" -> {best.name}")
-    # the frontier: the chosen recipe on each further student shape, trained side by side on the task runner, each
-    # from its teacher: the run's, or the student as teacher assistant
-    shapes = cfg.student.frontier_shapes()
     teachers = frontier_teachers(cfg, snapshot, teacher, outputs, best, run_id)
-    futures = {label: train_student.submit(cfg.for_student(shape.model_dump()), teachers[label][0], snapshot,
-                                           teachers[label][1], dataclasses.replace(best.candidate, shape=label),
-                                           run_id)
-               for label, shape in shapes.items()}
-    frontier = {label: taught_by(f.result(), *teachers[label]) for label, f in futures.items()}
+    frontier = train_frontier(cfg, snapshot, teachers, best, run_id)
     if cfg.gate.baseline != "off":  # the student trained without the teacher is measured and judged like the others
         frontier[BASELINE_STUDENT] = baseline
     clock.lap("train")

@@ -13,6 +13,7 @@ from prefect.exceptions import MissingContextError
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from distillery.config import Config
+from distillery.models.devices import spread_devices
 
 
 def task_runner_for(cfg: Config):  # noqa: ANN201 - a Prefect TaskRunner
@@ -25,6 +26,16 @@ def task_runner_for(cfg: Config):  # noqa: ANN201 - a Prefect TaskRunner
         return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.runtime.dask_workers, "threads_per_worker": 1,
                                               "processes": True, "dashboard_address": None})
     return ThreadPoolTaskRunner(max_workers=max(cfg.labelling.shards, 2))
+
+
+def spread_over_gpus(cfg: Config, jobs: int) -> list[Config]:
+    """``cfg`` for each of ``jobs`` trainings submitted side by side: on the thread pool with several CUDA GPUs seen
+    here (``runtime.device`` auto or cuda), one GPU each in turn (models.devices.spread_devices); otherwise ``cfg``
+    for all (a Dask worker resolves ``runtime.device`` among the GPUs it sees, e.g. one per worker by
+    CUDA_VISIBLE_DEVICES)."""
+    if cfg.runtime.task_runner == "dask":
+        return [cfg] * jobs
+    return [cfg if d == cfg.runtime.device else cfg.on_device(d) for d in spread_devices(cfg.runtime.device, jobs)]
 
 
 def _logger():  # noqa: ANN202 - the run's logger inside a flow, else this module's

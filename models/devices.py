@@ -57,6 +57,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def spread_devices(device: str, jobs: int, gpus: int | None = None) -> list[str]:
+    """The device of each of ``jobs`` trainings that run side by side: with ``auto`` or ``cuda`` and several CUDA
+    GPUs (``gpus``: how many torch sees here, by default), one GPU each in turn; otherwise ``device`` for all."""
+    if gpus is None:
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device not in ("auto", "cuda") or gpus < 2:
+        return [device] * jobs
+    return [f"cuda:{n % gpus}" for n in range(jobs)]
+
+
 def compute_for(device: str, mixed_precision: bool = True, deterministic: bool = True) -> Compute:
     """Where and in what precision to train under these settings (CUDA's deterministic mode set on the way)."""
     resolved = resolve_device(device)

@@ -204,9 +204,8 @@ def prepare_student(cfg: Config, candidate: Candidate, teacher: TeacherRef, outp
     texts, teacher model)``)."""
     baseline = candidate.kind == "baseline"
     rows = outputs.frame
-    keep = rows["split"].isin(["train"] if baseline else KD_SPLITS).to_numpy()
-    if not baseline:  # a row a black box did not answer has no soft label to learn
-        keep = keep & rows["answered"].astype(bool).to_numpy()
+    keep = rows["split"].isin(["train"] if baseline else KD_SPLITS).to_numpy() & (  # a row a black box did not
+        baseline | rows["answered"].astype(bool).to_numpy())  # answer has no soft label to learn
     taught = outputs.where(keep)
     train_rows = taught.frame
     # a black-box teacher has no weights: its students are pretrained models of their own (config.validate_config)

@@ -38,3 +38,21 @@ def test_batches_follow_the_model():
     batch = {"input_ids": torch.ones(1, 2, dtype=torch.long)}
     assert model_device(model) == torch.device("cpu") and to_device(batch, model_device(model)) is batch
     assert model_device(object()) == torch.device("cpu")  # an ONNX Runtime session has no parameters
+
+
+def test_trainings_side_by_side_take_one_gpu_each_in_turn_where_there_are_several():
+    from distillery.flows.runners import spread_over_gpus
+    from distillery.models.devices import spread_devices
+
+    assert spread_devices("auto", 3, gpus=2) == ["cuda:0", "cuda:1", "cuda:0"]
+    assert spread_devices("cuda", 2, gpus=4) == ["cuda:0", "cuda:1"]
+    # one GPU, none, or a device named outright: every training where it was configured
+    assert spread_devices("auto", 3, gpus=1) == ["auto"] * 3
+    assert spread_devices("cuda:1", 2, gpus=4) == ["cuda:1"] * 2 and spread_devices("cpu", 2, gpus=4) == ["cpu"] * 2
+    # here (no GPU, or one): the configuration itself for each; the device is operational, never in the digest
+    cfg = config_from_dict({})
+    assert all(c is cfg for c in spread_over_gpus(cfg, 3))
+    moved = cfg.on_device("cuda:1")
+    assert moved.runtime.device == "cuda:1" and moved.digest() == cfg.digest() and cfg.runtime.device == "auto"
+    dask = config_from_dict({"runtime": {"task_runner": "dask"}})  # a Dask worker resolves it among its own GPUs
+    assert all(c is dask for c in spread_over_gpus(dask, 2))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +81,26 @@ def compute_for(device: str, mixed_precision: bool = True, deterministic: bool =
     if not mixed_precision:
         return Compute(resolved)
     return Compute(resolved, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+
+
+def _quantised(model: torch.nn.Module) -> bool:
+    """Torch dynamic INT8 (its kernels are the CPU's)."""
+    return any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules())
+
+
+@contextmanager
+def placed_for_quality(model: object, device: torch.device | None) -> Iterator[object]:
+    """``model`` on ``device`` for its accuracy passes (a torch float model on a GPU) and back on the CPU after, where
+    its latency is measured; an ONNX Runtime session, a torch INT8 model, or no device other than the CPU: as it is."""
+    movable = device is not None and device.type != "cpu" and isinstance(model, torch.nn.Module)
+    if not movable or _quantised(model):
+        yield model
+        return
+    model.to(device)
+    try:
+        yield model
+    finally:
+        model.to("cpu")
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

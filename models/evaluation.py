@@ -20,6 +20,7 @@ from distillery.models.ensemble import Combination, combine
 from distillery.models.calibration import abstention, calibrated, fit_temperature
 from distillery.models.metrics import classification_metrics, expected_calibration_error
 from distillery.models.modeling import count_parameters, load_classifier, load_tokenizer, quantize_int8, size_on_disk
+from distillery.models.devices import placed_for_quality
 from distillery.models.training import Encoded, collate, encode, predict_logits
 
 logger = logging.getLogger(__name__)
@@ -118,13 +119,16 @@ def paired_latency_ratio(model, data: Encoded, pad_id: int, reference, reference
 
 def evaluate_model(model: PreTrainedModel, data: Encoded, pad_id: int, num_classes: int,
                    reference_pred: np.ndarray | None, timing: TimingSettings, parameters: int | None = None,
-                   ece_bins: int = 15, batch_size: int = 64, size_bytes: int | None = None) -> tuple[dict, np.ndarray]:
+                   ece_bins: int = 15, batch_size: int = 64, size_bytes: int | None = None,
+                   logits: np.ndarray | None = None) -> tuple[dict, np.ndarray]:
     """Quality + speed + size of one candidate on an encoded labelled split; returns (metrics, logits).
 
     ``model`` is anything answering ``model(input_ids=..., attention_mask=...).logits`` (a torch classifier or an
-    ``OnnxClassifier``); give ``parameters`` and ``size_bytes`` for a model whose weights torch cannot see.
+    ``OnnxClassifier``); give ``parameters`` and ``size_bytes`` for a model whose weights torch cannot see, and
+    ``logits`` when its rows were already predicted (e.g. on a GPU: speed is always measured where it serves).
     """
-    logits = predict_logits(model, data, pad_id, batch_size=batch_size)
+    if logits is None:
+        logits = predict_logits(model, data, pad_id, batch_size=batch_size)
     quality = classification_metrics(logits, data.labels.numpy(), num_classes, reference_pred, ece_bins)
     speed = measure_speed(model, data, pad_id, timing)
     metrics = {
@@ -222,24 +226,25 @@ class Measured:
 
 
 def measure_candidates(candidates: dict[str, tuple], encoded: dict[str, dict], num_classes: int,
-                       e: EvaluationConfig, timing: TimingSettings,
-                       reference_pred: np.ndarray | None = None) -> Measured:
+                       e: EvaluationConfig, timing: TimingSettings, reference_pred: np.ndarray | None = None,
+                       device: torch.device | None = None) -> Measured:
     """Every candidate on the test split (quality, speed, size; agreement with the FP32 teacher, measured first,
     or with ``reference_pred``, a black-box teacher's test predictions), its validation accuracy (which chooses the
     gate's reference), a calibration temperature fitted on validation and measured on test, and, when ``encoded``
-    holds out-of-scope rows, an abstention threshold chosen on validation and measured on test."""
+    holds out-of-scope rows, an abstention threshold chosen on validation and measured on test. The accuracy passes
+    of float torch models run on ``device`` (``runtime.device``); every latency on the CPU, where they serve."""
     measured = Measured({}, {}, {})
+    splits = ("test", "validation", *(("oos_validation", "oos_test") if "oos_test" in encoded else ()))
     for name, (model, params, folder) in candidates.items():
+        with placed_for_quality(model, device) as placed:
+            logits = {k: predict_logits(placed, *encoded[k][folder]) for k in splits}
         data, pad = encoded["test"][folder]
+        val_data = encoded["validation"][folder][0]
         size = model.size_bytes() if hasattr(model, "size_bytes") else None  # an ONNX file's bytes
         m, out = evaluate_model(model, data, pad, num_classes, reference_pred, timing, params, e.ece_bins,
-                                size_bytes=size)
+                                size_bytes=size, logits=logits["test"])
         if name == "teacher_fp32":
             reference_pred = out.argmax(1)
-        val_data, val_pad = encoded["validation"][folder]
-        logits = {"test": out, "validation": predict_logits(model, val_data, val_pad)}
-        if "oos_test" in encoded:
-            logits |= {k: predict_logits(model, *encoded[k][folder]) for k in ("oos_validation", "oos_test")}
         curve = held_out_metrics(m, logits, data.labels.numpy(), val_data.labels.numpy(), e)
         if curve is not None:
             measured.curves[name] = curve

@@ -35,6 +35,7 @@ from distillery.records import (
     served_candidate,
 )
 from distillery.models.data import PRODUCTION_HOLDOUT, Scope, read_out_of_scope, read_snapshot
+from distillery.models.devices import resolve_device
 from distillery.models.evaluation import (
     Measured,
     encode_harness_rows,
@@ -126,14 +127,16 @@ def measure(cfg: Config, teacher: TeacherRef, candidates: dict, encoded: dict, s
     if teacher.kind == "ensemble":
         return measure_with_ensemble(cfg, teacher, candidates, encoded, splits, labels, outputs)
     if not teacher.black_box:
-        measured = measure_candidates(candidates, encoded, len(labels), e, timing_settings(e))
+        measured = measure_candidates(candidates, encoded, len(labels), e, timing_settings(e),
+                                      device=resolve_device(cfg.runtime.device))
         return measured, best_reference(measured.metrics, cfg.student.deploy)
     frames = {"test": splits["test"], "validation": splits["validation"]}
     if oos is not None:
         frames |= {k: oos.get(k, splits["test"].iloc[:0]) for k in ("oos_validation", "oos_test")}
     answers = endpoint_measurements(cfg, teacher, frames, labels)
     measured = measure_candidates(candidates, encoded, len(labels), e, timing_settings(e),
-                                  reference_pred=answers.logits["test"].argmax(1))
+                                  reference_pred=answers.logits["test"].argmax(1),
+                                  device=resolve_device(cfg.runtime.device))
     m, curve = measure_answers(answers.logits, splits["test"]["label_id"].to_numpy(),
                                splits["validation"]["label_id"].to_numpy(), len(labels), e, answers.request_ms,
                                answers.request_texts)
@@ -153,10 +156,10 @@ def measure_with_ensemble(cfg: Config, teacher: TeacherRef, candidates: dict, en
     quantised member."""
     if outputs is None:
         raise ValueError("an ensemble teacher is measured with the outputs it labelled (their combination)")
-    e, timing = cfg.evaluation, timing_settings(cfg.evaluation)
+    e, timing, device = cfg.evaluation, timing_settings(cfg.evaluation), resolve_device(cfg.runtime.device)
     combination = Combination.from_dict(json.loads((Path(outputs.path).parent / META_FILE).read_text())["ensemble"])
     members = {k: v for k, v in candidates.items() if is_member_row(k)}
-    measured = measure_candidates(members, encoded, len(labels), e, timing)
+    measured = measure_candidates(members, encoded, len(labels), e, timing, device=device)
     fp32 = [served_candidate("fp32", member_row(i)) for i in range(1, len(teacher.members) + 1)]
     m, logits, curve = measure_ensemble(fp32, measured, combination, splits["test"]["label_id"].to_numpy(),
                                         splits["validation"]["label_id"].to_numpy(), len(labels), e)
@@ -164,7 +167,7 @@ def measure_with_ensemble(cfg: Config, teacher: TeacherRef, candidates: dict, en
     for name in members:  # each member against the ensemble it is part of
         measured.metrics[name]["agreement"] = float((measured.logits[name].argmax(1) == pred).mean())
     rest = measure_candidates({k: v for k, v in candidates.items() if k not in members}, encoded, len(labels), e,
-                              timing, reference_pred=pred)
+                              timing, reference_pred=pred, device=device)
     measured = Measured(metrics={ENSEMBLE_TEACHER: m, **measured.metrics, **rest.metrics},
                         logits={ENSEMBLE_TEACHER: logits["test"], **measured.logits, **rest.logits},
                         curves={**measured.curves, **rest.curves, **({ENSEMBLE_TEACHER: curve} if curve else {})},

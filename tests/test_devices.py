@@ -56,3 +56,29 @@ def test_trainings_side_by_side_take_one_gpu_each_in_turn_where_there_are_severa
     assert moved.runtime.device == "cuda:1" and moved.digest() == cfg.digest() and cfg.runtime.device == "auto"
     dask = config_from_dict({"runtime": {"task_runner": "dask"}})  # a Dask worker resolves it among its own GPUs
     assert all(c is dask for c in spread_over_gpus(dask, 2))
+
+
+def test_the_harness_moves_a_float_model_for_its_accuracy_passes_and_leaves_quantised_forms_where_they_run():
+    from distillery.models.devices import placed_for_quality
+
+    class Moves(torch.nn.Sequential):  # no GPU here: a float model that records where it is sent
+        def to(self, device):  # noqa: ANN001, ANN202
+            self.sent = [*getattr(self, "sent", []), str(device)]
+            return self
+
+    float_model = Moves(torch.nn.Linear(4, 2))
+    int8 = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(4, 2)), {torch.nn.Linear},
+                                                  dtype=torch.qint8)
+    gpu = torch.device("cuda:1")
+    with placed_for_quality(float_model, gpu) as placed:
+        assert placed is float_model and float_model.sent == ["cuda:1"]
+    assert float_model.sent == ["cuda:1", "cpu"]  # back on the CPU, where its latency is measured
+    with placed_for_quality(int8, gpu) as placed:
+        assert placed is int8  # torch INT8 runs the CPU's kernels: left there (moving it would fail)
+    onnx_like = object()
+    with placed_for_quality(onnx_like, gpu) as placed:
+        assert placed is onnx_like
+    for nowhere in (None, torch.device("cpu")):
+        with placed_for_quality(float_model, nowhere):
+            pass
+    assert float_model.sent == ["cuda:1", "cpu"]  # never moved without a device other than the CPU

@@ -29,11 +29,12 @@ def task_runner_for(cfg: Config):  # noqa: ANN201 - a Prefect TaskRunner
 
 
 def spread_over_gpus(cfg: Config, jobs: int) -> list[Config]:
-    """``cfg`` for each of ``jobs`` trainings submitted side by side: on the thread pool with several CUDA GPUs seen
-    here (``runtime.device`` auto or cuda), one GPU each in turn (models.devices.spread_devices); otherwise ``cfg``
-    for all (a Dask worker resolves ``runtime.device`` among the GPUs it sees, e.g. one per worker by
-    CUDA_VISIBLE_DEVICES)."""
-    if cfg.runtime.task_runner == "dask":
+    """``cfg`` for each of ``jobs`` trainings submitted side by side: on a local Dask cluster (worker processes on
+    this machine, training side by side) with several CUDA GPUs seen here (``runtime.device`` auto or cuda), one GPU
+    each in turn (models.devices.spread_devices); otherwise ``cfg`` for all. Threads train one at a time (they share
+    the process's random generator: models.randomness), and a remote cluster's workers resolve ``runtime.device``
+    among the GPUs they see (e.g. one per worker by CUDA_VISIBLE_DEVICES)."""
+    if cfg.runtime.task_runner != "dask" or cfg.runtime.dask_address:
         return [cfg] * jobs
     return [cfg if d == cfg.runtime.device else cfg.on_device(d) for d in spread_devices(cfg.runtime.device, jobs)]
 

@@ -49,13 +49,13 @@ def test_trainings_side_by_side_take_one_gpu_each_in_turn_where_there_are_severa
     # one GPU, none, or a device named outright: every training where it was configured
     assert spread_devices("auto", 3, gpus=1) == ["auto"] * 3
     assert spread_devices("cuda:1", 2, gpus=4) == ["cuda:1"] * 2 and spread_devices("cpu", 2, gpus=4) == ["cpu"] * 2
-    # here (no GPU, or one): the configuration itself for each; the device is operational, never in the digest
-    cfg = config_from_dict({})
-    assert all(c is cfg for c in spread_over_gpus(cfg, 3))
-    moved = cfg.on_device("cuda:1")
+    # a local Dask cluster here (no GPU, or one), threads (one training at a time), a remote cluster (its workers
+    # resolve it among their own GPUs): the configuration itself for each
+    for raw in ({"task_runner": "dask"}, {}, {"task_runner": "dask", "dask_address": "tcp://gpu-host:8786"}):
+        cfg = config_from_dict({"runtime": raw})
+        assert all(c is cfg for c in spread_over_gpus(cfg, 3))
+    moved = cfg.on_device("cuda:1")  # the device is operational, never in the digest
     assert moved.runtime.device == "cuda:1" and moved.digest() == cfg.digest() and cfg.runtime.device == "auto"
-    dask = config_from_dict({"runtime": {"task_runner": "dask"}})  # a Dask worker resolves it among its own GPUs
-    assert all(c is dask for c in spread_over_gpus(dask, 2))
 
 
 def test_the_harness_moves_a_float_model_for_its_accuracy_passes_and_leaves_quantised_forms_where_they_run():

@@ -484,20 +484,26 @@ class MonitorConfig(Section):
 # frontier entry may name another teacher)
 LATER_DIGEST_DEFAULTS = {"student.taught_by": "teacher", "teacher.llm.structured_output": "none"}
 
+
+def _branch(tree: dict, key: str) -> tuple[dict, str]:
+    """The dict holding dotted ``key``'s last part in ``tree`` (an empty one when a parent is missing), and that
+    part."""
+    *parents, last = key.split(".")
+    for part in parents:
+        tree = tree.get(part, {})
+    return tree, last
+
+
 def without_later_defaults(tree: dict, section: str = "") -> dict:
     """``tree`` (the whole config's plain data, or one ``section`` of it) without the LATER_DIGEST_DEFAULTS keys
     that still hold their defaults: a digest or checkpoint key made before those keys existed still matches."""
     tree = json.loads(json.dumps(tree, default=str))
     prefix = f"{section}." if section else ""
     for key, default in LATER_DIGEST_DEFAULTS.items():
-        if not key.startswith(prefix):
-            continue
-        *parents, last = key[len(prefix):].split(".")
-        node = tree
-        for part in parents:
-            node = node.get(part, {})
-        if node.get(last) == default:
-            node.pop(last)
+        if key.startswith(prefix):
+            node, last = _branch(tree, key[len(prefix):])
+            if node.get(last) == default:
+                node.pop(last)
     return tree
 
 
@@ -572,10 +578,7 @@ class Config(Section):
                 shaping.pop(section, None)
             else:
                 for key in keys:
-                    *parents, last = key.split(".")
-                    node = shaping[section]
-                    for part in parents:
-                        node = node.get(part, {})
+                    node, last = _branch(shaping[section], key)
                     node.pop(last, None)
         shaping = without_later_defaults(shaping)  # digests made before these keys existed still match
         kind = self.teacher.kind

@@ -46,8 +46,9 @@ def merge_logits(digests: np.ndarray, fresh: list[np.ndarray], found: dict[str, 
     take the rows of the ``fresh`` blocks in turn (labelled now, in row order; never joined into one more array)."""
     logits = np.zeros((len(digests), classes), dtype=np.float32)
     missing = np.asarray([n for n, d in enumerate(digests.tolist()) if d not in found], dtype=np.int64)
-    if len(missing) != sum(len(b) for b in fresh):
-        raise ValueError(f"{sum(len(b) for b in fresh)} fresh logits for {len(missing)} rows without earlier ones")
+    labelled = sum(len(b) for b in fresh)
+    if len(missing) != labelled:
+        raise ValueError(f"{labelled} fresh logits for {len(missing)} rows without earlier ones")
     start = 0
     for block in fresh:
         logits[missing[start:start + len(block)]] = block
@@ -75,7 +76,6 @@ def teacher_pooled(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, t
 # rows per parquet row group: the outputs are written and summarised a chunk at a time, so labelling a million
 # texts never holds a second copy of all logits, nor a Python object per row and class
 WRITE_CHUNK_ROWS = 65_536
-ROW_COLUMNS = ("id", "text", "split", "label_id")  # what the labelled rows bring; the rest comes from the teacher
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,9 +112,9 @@ def build_outputs(ids: list[str], texts: list[str], splits: list[str], label_ids
         "text": list(texts),
         "split": list(splits),
         "label_id": np.asarray(label_ids, dtype=np.int64),
-        "predicted_label": np.asarray(labels, dtype=object)[pred] if len(pred) else [],
-        "max_prob": probs.max(axis=1).astype(np.float64) if len(pred) else np.zeros(0),
-        "entropy": entropy(probs) if len(pred) else np.zeros(0),
+        "predicted_label": np.asarray(labels, dtype=object)[pred],
+        "max_prob": probs.max(axis=1).astype(np.float64),
+        "entropy": entropy(probs),
         "answered": answered,
     })
     return Outputs(frame, logits, probs)
@@ -142,9 +142,9 @@ def _arrow(outputs: Outputs, classes: int) -> pa.Table:
 
 def write_outputs(path, rows: pd.DataFrame, blocks: list[np.ndarray], labels: list[str],  # noqa: ANN001
                   answered: np.ndarray | None = None, chunk_rows: int = WRITE_CHUNK_ROWS) -> None:
-    """Parquet (``path``: str or Path) of the teacher's outputs on ``rows`` (their ROW_COLUMNS), from ``blocks`` of
-    logits that cover the rows in order (one per labelled shard: never joined into one more array), built and
-    written WRITE_CHUNK_ROWS at a time; logits and probs as fixed-size float32 lists (one value per class)."""
+    """Parquet (``path``: str or Path) of the teacher's outputs on ``rows`` (their id, text, split, label_id), from
+    ``blocks`` of logits that cover the rows in order (one per labelled shard: never joined into one more array),
+    built and written WRITE_CHUNK_ROWS at a time; logits and probs as fixed-size float32 lists (one per class)."""
     total = sum(len(b) for b in blocks)
     if total != len(rows):
         raise ValueError(f"teacher produced {total} rows of logits for {len(rows)} texts")
@@ -183,7 +183,8 @@ def _class_array(table: pa.Table, column: str) -> np.ndarray:
 def read_outputs(path, probs: bool = False) -> Outputs:  # noqa: ANN001 - str or Path
     """An outputs parquet as arrays: the logits (and, with ``probs``, the stored probabilities) as (rows, classes)
     float32, the other columns as a frame."""
-    table = pq.read_table(path, columns=None if probs else [c for c in pq.read_schema(path).names if c != "probs"])
+    parquet = pq.ParquetFile(path)  # its footer read once: the column names, then the columns wanted
+    table = parquet.read(columns=None if probs else [c for c in parquet.schema_arrow.names if c != "probs"])
     logits = _class_array(table, "logits")
     stored = _class_array(table, "probs") if probs else None
     frame = table.drop_columns([c for c in ("logits", "probs") if c in table.column_names]).to_pandas()

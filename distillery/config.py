@@ -436,7 +436,9 @@ class RuntimeConfig(Section):
     # where the teacher fine-tune, students' training, labelling and feature caching run: auto (a CUDA GPU when torch
     # sees one, else the CPU) | cpu | cuda | cuda:N | mps. Latency is always measured in each form's own runtime
     device: str = Field("auto", pattern=DEVICE_PATTERN)
-    mixed_precision: StrictBool = True  # on CUDA: bf16 where supported, else fp16 with loss scaling (never on CPU)
+    # on CUDA: bf16 where supported, else fp16 with loss scaling (never on CPU); off by default: at these models' sizes
+    # float32 was faster and as accurate on an H200 (benchmarks/gpu.py)
+    mixed_precision: StrictBool = False
     deterministic: StrictBool = True  # on CUDA: deterministic algorithms (slower); the CPU always repeats exactly
 
 

@@ -22,10 +22,12 @@ from distillery.models.folders import ModelError
 
 @dataclass(frozen=True)
 class Compute:
-    """A device and the autocast dtype of training on it (None: float32)."""
+    """A device, the autocast dtype of training on it (None: float32) and whether it uses deterministic algorithms
+    (always on the CPU)."""
 
     device: torch.device
     dtype: torch.dtype | None = None
+    deterministic: bool = True
 
     @property
     def scales_loss(self) -> bool:
@@ -33,9 +35,9 @@ class Compute:
         return self.dtype == torch.float16
 
     def describe(self) -> str:
-        """As recorded on runs and in the lineage: ``cpu``, ``cuda:0 bf16``."""
+        """As recorded on runs and in the lineage: ``cpu``, ``cuda:0 bf16``, ``cuda:0 bf16 nondeterministic``."""
         precision = {torch.bfloat16: " bf16", torch.float16: " fp16"}.get(self.dtype, "") if self.dtype else ""
-        return f"{self.device}{precision}"
+        return f"{self.device}{precision}{'' if self.deterministic else ' nondeterministic'}"
 
 
 CPU = Compute(torch.device("cpu"))
@@ -69,18 +71,18 @@ def spread_devices(device: str, jobs: int, gpus: int | None = None) -> list[str]
     return [f"cuda:{n % gpus}" for n in range(jobs)]
 
 
-def compute_for(device: str, mixed_precision: bool = True, deterministic: bool = True) -> Compute:
+def compute_for(device: str, mixed_precision: bool = False, deterministic: bool = True) -> Compute:
     """Where and in what precision to train under these settings (CUDA's deterministic mode set on the way)."""
     resolved = resolve_device(device)
     if resolved.type != "cuda":
         return Compute(resolved)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS first runs
-        torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)  # train_model sets it again for its run
     if not mixed_precision:
-        return Compute(resolved)
-    return Compute(resolved, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        return Compute(resolved, None, deterministic)
+    return Compute(resolved, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16, deterministic)
 
 
 def _quantised(model: torch.nn.Module) -> bool:

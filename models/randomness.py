@@ -20,10 +20,11 @@ RNG_LOCK = threading.RLock()
 
 
 @contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Hold the process's RNG lock and seed torch and numpy; deterministic algorithms on (CPU results repeat)."""
+def seeded(seed: int, deterministic: bool = True) -> Iterator[None]:
+    """Hold the process's RNG lock and seed torch and numpy; torch's deterministic algorithms on (CPU results repeat)
+    unless ``deterministic`` is false (a GPU's ``runtime.deterministic: false``: faster kernels, no exact repeat)."""
     with RNG_LOCK:
         torch.manual_seed(seed)
         np.random.seed(seed % 2**32)
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)
         yield

@@ -282,7 +282,7 @@ def train_model(
     ``None``: no bar at that epoch). ``compute``: the device (and mixed precision) to train on; the model is back on
     the CPU on return.
     """
-    with seeded(settings.seed):
+    with seeded(settings.seed, compute.deterministic):
         model.to(compute.device)
         objective.to(compute.device)
         try:

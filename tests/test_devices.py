@@ -33,6 +33,31 @@ def test_a_named_gpu_that_is_not_there_is_a_clear_error_and_a_bad_name_is_refuse
     assert config_from_dict({"runtime": {"device": "cpu"}}).digest() == config_from_dict({}).digest()
 
 
+def test_a_gpu_run_may_drop_deterministic_algorithms_and_says_so_while_the_cpu_always_repeats():
+    from distillery.models.devices import Compute
+    from distillery.models.randomness import seeded
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from distillery.models.training import CrossEntropyObjective, Encoded, TrainSettings, train_model
+
+    assert compute_for("cpu", deterministic=False).deterministic  # the CPU's kernels repeat anyway
+    fast = Compute(torch.device("cuda:0"), torch.bfloat16, deterministic=False)
+    assert fast.describe() == "cuda:0 bf16 nondeterministic"  # recorded on the run and in the lineage
+    assert Compute(torch.device("cuda:0"), torch.bfloat16).describe() == "cuda:0 bf16"  # tags made before stay
+    try:
+        with seeded(0, deterministic=False):
+            assert not torch.are_deterministic_algorithms_enabled()
+        # a training sets torch's process-wide switch to its own compute's: on for the CPU
+        model = BertForSequenceClassification(BertConfig(vocab_size=8, hidden_size=8, num_hidden_layers=1,
+                                                         num_attention_heads=1, intermediate_size=8, num_labels=2))
+        rows = Encoded.from_rows([[1, 2], [3]], torch.tensor([0, 1]))
+        settings = TrainSettings(epochs=1, batch_size=2, learning_rate=1e-3, max_steps=1)
+        result = train_model(model, CrossEntropyObjective(), rows, rows, settings, 0, progress=False)
+        assert result.steps == 1 and torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def test_batches_follow_the_model():
     model = torch.nn.Linear(2, 2)
     batch = {"input_ids": torch.ones(1, 2, dtype=torch.long)}

@@ -1,0 +1,260 @@
+"""Training and labelling on a CUDA GPU, through the pipeline's own models layer: mixed precision against float32,
+deterministic against not, and what repeats exactly.
+
+    python benchmarks/gpu.py --snapshot DIR --outputs FILE --student DIR [--out benchmarks/results/gpu.json]
+        [--budget-s 330] [--teacher-steps 60] [--device cuda] [--max-steps N --label-rows N: a smoke test]
+
+It needs torch, transformers and pydantic only (no Prefect, MLflow or DVC), so it runs on a bare GPU machine with a
+copy of what a CPU run made: ``--snapshot``, a run's verified data snapshot (``.distillery/snapshots/<md5>``);
+``--outputs``, its teacher outputs (``.distillery/teacher-outputs/<key>/outputs.parquet``); ``--student``, the
+default student's base model folder (MiniLM-L6; weights stored in fp16 are widened to float32 first).
+
+Parts, in order, until ``--budget-s`` has passed (results written after each):
+  - ``students``: the default student (MiniLM-L6, the default recipe, ``distill.*`` as configured) distilled from
+    those outputs by ``models.students.prepare_student`` / ``run_training`` (checkpoints included), once per variant
+    of ``runtime.mixed_precision`` x ``runtime.deterministic`` x seed; per variant the training's wall time, steps/s,
+    validation and test accuracy (float32 passes on the GPU) and a digest of the weights. A second bf16
+    deterministic run of the same seed tells whether the weights repeat bit for bit. Deterministic and
+    nondeterministic variants run in separate processes (torch's switch is process-wide): the first
+    comparisons, then the nondeterministic ones, then more seeds.
+  - ``teacher``: an MPNet-shaped classifier (the default teacher's architecture, 109.5M parameters; random
+    weights: speed only) fine-tuned ``--teacher-steps`` steps by ``train_model`` in float32 and in bf16 (s/step), and
+    the labelling pass (``predict_logits``, float32 as the pipeline labels) over every text of the outputs (rows/s).
+Ratios: ``bf16_over_fp32_train_seconds``, ``nondeterministic_over_deterministic_train_seconds``,
+``bf16_repeats_bit_identical``, ``teacher_bf16_over_fp32_step_seconds``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# each group one process (torch's deterministic switch is process-wide), in the order they are worth measuring:
+# ("teacher", None) or ("student", (name, mixed precision, deterministic, seed))
+GROUPS = {
+    "first": [("student", ("bf16-det-s13", True, True, 13)), ("student", ("fp32-det-s13", False, True, 13)),
+              ("teacher", None), ("student", ("bf16-det-s13-again", True, True, 13))],
+    "nondeterministic": [("student", ("bf16-nondet-s13", True, False, 13)),
+                         ("student", ("fp32-nondet-s13", False, False, 13))],
+    "seeds": [("student", (f"{p}-det-s{seed}", p == "bf16", True, seed)) for seed in (14, 15) for p in ("bf16", "fp32")],
+}
+
+
+def machine() -> dict:
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "transformers": transformers.__version__, "gpu": gpu, "cores": os.cpu_count()}
+
+
+def weights_digest(model) -> str:  # noqa: ANN001 - a torch module
+    """sha256 over every tensor of the state dict, in key order: equal digests mean bit-identical weights."""
+    h = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def float32_folder(folder: Path) -> Path:
+    """``folder`` with its weights in float32 (a copy beside it when they were stored narrower, to travel light)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(folder / "model.safetensors"))
+    if all(t.dtype == torch.float32 for t in weights.values() if t.is_floating_point()):
+        return folder
+    wide = Path(tempfile.mkdtemp(prefix="student-fp32-"))
+    for item in folder.iterdir():
+        if item.is_file() and item.name != "model.safetensors":
+            (wide / item.name).write_bytes(item.read_bytes())
+    save_file({k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in weights.items()},
+              str(wide / "model.safetensors"),
+              metadata={"format": "pt"})
+    config = json.loads((wide / "config.json").read_text())
+    config.update({k: "float32" for k in ("torch_dtype", "dtype") if k in config})
+    (wide / "config.json").write_text(json.dumps(config))
+    return wide
+
+
+def train_student(args: argparse.Namespace, name: str, mixed: bool, deterministic: bool, seed: int) -> dict:
+    """One distillation of the default student on the outputs, as the pipeline trains it."""
+    import numpy as np
+    import torch
+
+    from distillery.config import load_config
+    from distillery.models.data import read_snapshot
+    from distillery.models.labelling import read_outputs
+    from distillery.models.metrics import classification_metrics
+    from distillery.models.students import prepare_student, run_training
+    from distillery.models.training import encode, predict_logits
+    from distillery.records import Candidate, TeacherRef
+
+    overrides = {"runtime.device": args.device, "runtime.mixed_precision": mixed,
+                 "runtime.deterministic": deterministic, "distill.seed": seed,
+                 "student.base_model": str(args.student_folder)}
+    if args.max_steps:
+        overrides["distill.max_steps"] = args.max_steps
+    cfg = load_config(ROOT / "distillery.yaml", overrides)
+    d = cfg.distill
+    candidate = Candidate("distilled", d.temperature, d.kd_weight, d.ce_weight, d.feature_weight)
+    splits, labels = read_snapshot(Path(args.snapshot))
+    job = prepare_student(cfg, candidate, TeacherRef("teacher", "1", ""), "gpu-benchmark", labels,
+                          read_outputs(args.outputs), splits["validation"], lambda *_: None)
+    with tempfile.TemporaryDirectory() as checkpoints:
+        trained, _ = run_training(job, candidate, "gpu-benchmark", Path(checkpoints), lambda *_: None)
+    test = encode(job.tokenizer, splits["test"]["text"].tolist(), d.max_length, splits["test"]["label_id"].tolist())
+    model = job.student.to(job.compute.device)
+    logits = predict_logits(model, test, job.tokenizer.pad_token_id, batch_size=128)
+    model.to("cpu")
+    m = classification_metrics(logits, test.labels.numpy(), len(labels))
+    epochs = len(trained.curve)
+    steps = min(-(-len(job.train) // job.settings.batch_size) * epochs, args.max_steps or 10**9)
+    return {"name": name, "device": trained.device, "seed": seed, "train_rows": len(job.train),
+            "epochs": epochs, "steps": steps, "train_seconds": round(trained.train_seconds, 2),
+            "steps_per_s": round(steps / trained.train_seconds, 2), "val_accuracy": round(trained.val_accuracy, 4),
+            "test_accuracy": round(m["accuracy"], 4), "test_macro_f1": round(m["macro_f1"], 4),
+            "weights": weights_digest(job.student), "finite": bool(np.isfinite(logits).all()),
+            "cuda_peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else 0}
+
+
+def teacher_speed(args: argparse.Namespace) -> dict:
+    """Fine-tune steps of an MPNet-shaped classifier in float32 and bf16, and the labelling pass over the outputs."""
+    import torch
+    from transformers import MPNetConfig, MPNetForSequenceClassification
+
+    from distillery.config import load_config
+    from distillery.models.devices import compute_for
+    from distillery.models.labelling import read_outputs, teacher_logits
+    from distillery.models.modeling import load_tokenizer
+    from distillery.models.randomness import seeded
+    from distillery.models.students import settings_from
+    from distillery.models.training import CrossEntropyObjective, encode, train_model
+
+    cfg = load_config(ROOT / "distillery.yaml")
+    rows = read_outputs(args.outputs).frame
+    tokenizer = load_tokenizer(args.student_folder)  # BERT word pieces: ids inside MPNet's 30,527
+    train = rows[rows["split"] == "train"]
+    val = rows[rows["split"] == "validation"].head(256)
+    settings = settings_from(cfg.teacher)
+    out: dict = {}
+    for mixed in (False, True):
+        compute = compute_for(args.device, mixed, True)
+        with seeded(0):
+            model = MPNetForSequenceClassification(MPNetConfig(num_labels=77))
+        out["teacher_parameters"] = sum(p.numel() for p in model.parameters())
+        data = encode(tokenizer, train["text"].tolist(), settings.max_length, train["label_id"].tolist())
+        held = encode(tokenizer, val["text"].tolist(), settings.max_length, val["label_id"].tolist())
+        steps = args.teacher_steps
+        start = time.perf_counter()
+        train_model(model, CrossEntropyObjective(), data, held,
+                    dataclasses.replace(settings, max_steps=steps, epochs=1), tokenizer.pad_token_id, progress=False,
+                    compute=compute)
+        seconds = time.perf_counter() - start
+        out[f"teacher_{'bf16' if mixed else 'fp32'}_step_seconds"] = round(seconds / steps, 4)
+        if not mixed:  # the pipeline labels in float32
+            model.to(compute.device)
+            texts = rows["text"].tolist()[: args.label_rows]
+            teacher_logits(model, tokenizer, texts[:512], settings.max_length, cfg.labelling.batch_size, False)
+            torch.cuda.synchronize() if compute.device.type == "cuda" else None
+            start = time.perf_counter()
+            teacher_logits(model, tokenizer, texts, settings.max_length, cfg.labelling.batch_size, False)
+            out["label_rows"] = len(texts)
+            out["label_rows_per_s"] = round(len(texts) / (time.perf_counter() - start), 1)
+            model.to("cpu")
+    return out
+
+
+def save(path: Path, results: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def ratios(results: dict) -> dict:
+    by = {r["name"]: r for r in results.get("students", [])}
+    out: dict = {}
+    if "bf16-det-s13" in by and "fp32-det-s13" in by:
+        out["bf16_over_fp32_train_seconds"] = round(by["bf16-det-s13"]["train_seconds"]
+                                                    / by["fp32-det-s13"]["train_seconds"], 3)
+    for p in ("bf16", "fp32"):
+        if f"{p}-nondet-s13" in by and f"{p}-det-s13" in by:
+            out[f"{p}_nondeterministic_over_deterministic_train_seconds"] = round(
+                by[f"{p}-nondet-s13"]["train_seconds"] / by[f"{p}-det-s13"]["train_seconds"], 3)
+    if "bf16-det-s13-again" in by and "bf16-det-s13" in by:
+        out["bf16_repeats_bit_identical"] = by["bf16-det-s13-again"]["weights"] == by["bf16-det-s13"]["weights"]
+    for p in ("bf16", "fp32"):
+        accs = [r["test_accuracy"] for n, r in by.items() if n.startswith(f"{p}-det-s") and not n.endswith("again")]
+        if accs:
+            out[f"{p}_test_accuracy_by_seed"] = accs
+    t = results.get("teacher", {})
+    if "teacher_bf16_step_seconds" in t:
+        out["teacher_bf16_over_fp32_step_seconds"] = round(t["teacher_bf16_step_seconds"]
+                                                           / t["teacher_fp32_step_seconds"], 3)
+    return out
+
+
+def child(args: argparse.Namespace) -> int:
+    """One process's share: the variants of one deterministic setting (and the teacher part), in order, while the
+    budget lasts; each result appended to ``--out`` as it comes."""
+    started = float(args.started)
+    args.student_folder = float32_folder(Path(args.student))
+    for kind, variant in GROUPS[args.child]:
+        if time.time() - started > args.budget_s:
+            print(f"budget spent: {kind} {variant and variant[0]} not measured", flush=True)
+            continue
+        results = json.loads(Path(args.out).read_text())
+        if kind == "teacher":
+            results["teacher"] = teacher_speed(args)
+            print("teacher", results["teacher"], flush=True)
+        else:
+            row = train_student(args, *variant)
+            print("student", row, flush=True)
+            results.setdefault("students", []).append(row)
+        results["ratios"] = ratios(results)
+        save(Path(args.out), results)
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--snapshot", required=True)
+    parser.add_argument("--outputs", required=True)
+    parser.add_argument("--student", required=True)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu.json"))
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--budget-s", type=float, default=330.0)
+    parser.add_argument("--teacher-steps", type=int, default=60)
+    parser.add_argument("--max-steps", type=int, default=None, help="stop each student there (a smoke test)")
+    parser.add_argument("--label-rows", type=int, default=None, help="label only these many texts (a smoke test)")
+    parser.add_argument("--child", choices=list(GROUPS), help=argparse.SUPPRESS)
+    parser.add_argument("--started", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+    save(Path(args.out), {"machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+    started = str(time.time())
+    for part in GROUPS:
+        code = subprocess.call([sys.executable, __file__, *sys.argv[1:], "--child", part, "--started", started])
+        if code:
+            print(f"{part} part exited {code}", flush=True)
+    print(json.dumps(json.loads(Path(args.out).read_text()).get("ratios", {}), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

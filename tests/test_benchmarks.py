@@ -213,3 +213,24 @@ def test_the_monitoring_benchmark_runs_the_loop_and_resumes(teacher_project: Pat
                            env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(out.read_text())["stages"] == stages  # resumed: nothing measured twice
+
+
+def test_the_gpu_benchmark_trains_through_the_models_layer_and_a_seed_repeats_bit_for_bit(teacher_project: Path,
+                                                                                           tmp_path: Path):
+    """benchmarks/gpu.py on the CPU (where it runs without a GPU too): the default student's training from a run's
+    snapshot and outputs, twice with one seed; the CPU's weights repeat exactly."""
+    run_command(teacher_project / "distillery.yaml", "label")
+    snapshot = next((teacher_project / ".distillery" / "snapshots").iterdir())
+    outputs = next((teacher_project / ".distillery" / "teacher-outputs").glob("*/outputs.parquet"))
+    out = tmp_path / "gpu.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--snapshot", str(snapshot),
+                           "--outputs", str(outputs), "--student", str(teacher_project / "tiny-teacher"),
+                           "--device", "cpu", "--max-steps", "3", "--only", "bf16-det-s13,bf16-det-s13-again",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    runs = {r["name"]: r for r in results["students"]}
+    assert set(runs) == {"bf16-det-s13", "bf16-det-s13-again"}  # the rest skipped
+    assert all(r["device"] == "cpu" and r["steps"] == 3 and r["finite"] for r in runs.values())  # no bf16 on a CPU
+    assert results["ratios"]["bf16_repeats_bit_identical"] is True
+    assert "teacher" not in results

@@ -33,8 +33,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -56,13 +54,14 @@ GROUPS = {
 
 
 def machine() -> dict:
+    """benchmarks.run's description of the machine, with the GPU, CUDA and transformers beside it."""
     import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     import transformers
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "transformers": transformers.__version__, "gpu": gpu, "cores": os.cpu_count()}
+    from benchmarks.run import machine as described
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {**described(), "cuda": torch.version.cuda, "transformers": transformers.__version__, "gpu": gpu}
 
 
 def weights_digest(model) -> str:  # noqa: ANN001 - a torch module
@@ -150,19 +149,20 @@ def teacher_speed(args: argparse.Namespace) -> dict:
     from distillery.models.training import CrossEntropyObjective, encode, train_model
 
     cfg = load_config(ROOT / "distillery.yaml")
-    rows = read_outputs(args.outputs).frame
+    outputs = read_outputs(args.outputs)
+    rows, classes = outputs.frame, outputs.logits.shape[1]
     tokenizer = load_tokenizer(args.student_folder)  # BERT word pieces: ids inside MPNet's 30,527
     train = rows[rows["split"] == "train"]
     val = rows[rows["split"] == "validation"].head(256)
     settings = settings_from(cfg.teacher)
+    data = encode(tokenizer, train["text"].tolist(), settings.max_length, train["label_id"].tolist())
+    held = encode(tokenizer, val["text"].tolist(), settings.max_length, val["label_id"].tolist())
     out: dict = {}
     for mixed in (False, True):
         compute = compute_for(args.device, mixed, True)
         with seeded(0):
-            model = MPNetForSequenceClassification(MPNetConfig(num_labels=77))
+            model = MPNetForSequenceClassification(MPNetConfig(num_labels=classes))
         out["teacher_parameters"] = sum(p.numel() for p in model.parameters())
-        data = encode(tokenizer, train["text"].tolist(), settings.max_length, train["label_id"].tolist())
-        held = encode(tokenizer, val["text"].tolist(), settings.max_length, val["label_id"].tolist())
         steps = args.teacher_steps
         start = time.perf_counter()
         train_model(model, CrossEntropyObjective(), data, held,

@@ -151,11 +151,11 @@ def test_frontier_shapes_are_checked_and_named():
     text = str(err.value)
     assert "student.frontier[0]: unknown or fixed key(s) ['deploy']" in text
     assert "student.frontier[1]: shape cut0-5 is already a student" in text
+    assert "student.frontier[2]" in text and "student.frontier[3]: hidden_size must be divisible" in text
+    assert "gate.policy must be 'best' or 'smallest'" in text
     # the default profile's student made static: its frontier's cuts mean nothing for it, and the error says what to do
     with pytest.raises(ConfigError, match=r"already a student .*student.frontier: \[\] to train the student alone"):
         load_config(ROOT / "distillery.yaml", {"student.init": "static"})
-    assert "student.frontier[2]" in text and "student.frontier[3]: hidden_size must be divisible" in text
-    assert "gate.policy must be 'best' or 'smallest'" in text
 
 
 def test_feature_target_auto_follows_the_tokenizer():

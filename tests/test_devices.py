@@ -34,10 +34,10 @@ def test_a_named_gpu_that_is_not_there_is_a_clear_error_and_a_bad_name_is_refuse
 
 
 def test_a_gpu_run_may_drop_deterministic_algorithms_and_says_so_while_the_cpu_always_repeats():
-    from distillery.models.devices import Compute
-    from distillery.models.randomness import seeded
     from transformers import BertConfig, BertForSequenceClassification
 
+    from distillery.models.devices import Compute
+    from distillery.models.randomness import seeded
     from distillery.models.training import CrossEntropyObjective, Encoded, TrainSettings, train_model
 
     assert compute_for("cpu", deterministic=False).deterministic  # the CPU's kernels repeat anyway

@@ -227,6 +227,18 @@ class ValidationConfig(Section):
 
 
 STATIC_LEARNING_RATE = 2e-3  # a static student's table and head learn at model2vec's pace, not a transformer's
+# a static frontier shape's recipe: softer targets, more weight on the hard labels. Measured over 3 seeds: on
+# BANKING77 (MPNet teacher) +2.26 +- 0.20 points over its hard-label baseline where the champion's recipe (T 4, kd
+# 0.8) gave -0.48 +- 0.40; on HWU64 (a MiniLM teacher) +0.03 +- 0.23 against -0.10 +- 0.32 (benchmarks/README.md)
+STATIC_RECIPE = {"temperature": 1.0, "kd_weight": 0.5, "ce_weight": 0.5}
+
+
+class ShapeRecipe(Section):
+    """A frontier shape's own distillation recipe (instead of the one chosen for the student above)."""
+
+    temperature: float = Field(gt=0.0)
+    kd_weight: float = Field(ge=0.0)
+    ce_weight: float = Field(ge=0.0)
 
 
 class StudentConfig(Section):
@@ -261,6 +273,9 @@ class StudentConfig(Section):
     # assistant: its soft labels and features, labelled, cached and validated as any teacher's; a cut or
     # base_model: teacher then means the assistant's). The student itself is always taught by the teacher
     taught_by: Literal["teacher", "student"] = "teacher"
+    # a frontier shape's own recipe {temperature, kd_weight, ce_weight} instead of the one chosen for the student
+    # above; null: that one, except a static shape's (STATIC_RECIPE). The student's own recipe is distill.*
+    recipe: ShapeRecipe | None = None
 
     @model_validator(mode="after")
     def _check_shapes(self) -> "StudentConfig":
@@ -486,7 +501,8 @@ class MonitorConfig(Section):
 
 # keys added later, left out of the digest while they hold these values (student.taught_by always does: only a
 # frontier entry may name another teacher)
-LATER_DIGEST_DEFAULTS = {"student.taught_by": "teacher", "teacher.llm.structured_output": "none"}
+LATER_DIGEST_DEFAULTS = {"student.taught_by": "teacher", "teacher.llm.structured_output": "none",
+                         "student.recipe": None}
 
 
 def _branch(tree: dict, key: str) -> tuple[dict, str]:
@@ -506,7 +522,7 @@ def without_later_defaults(tree: dict, section: str = "") -> dict:
     for key, default in LATER_DIGEST_DEFAULTS.items():
         if key.startswith(prefix):
             node, last = _branch(tree, key[len(prefix):])
-            if node.get(last) == default:
+            if last in node and node[last] == default:
                 node.pop(last)
     return tree
 
@@ -709,6 +725,8 @@ def validate_config(cfg: Config) -> Config:
          f"their ONNX file: student.deploy must be onnx-int8, not {s.deploy}")
     need(s.taught_by == "teacher", "student.taught_by: the student is taught by the teacher; a student.frontier "
          "shape may be taught by it ({taught_by: student}: the teacher assistant)")
+    need(s.recipe is None, "student.recipe: the student's recipe is distill.* (or its search's pick); a "
+         "student.frontier shape may have its own ({recipe: {temperature: 1, kd_weight: 0.5, ce_weight: 0.5}})")
     k = cfg.distill
     need(k.kd_weight + k.ce_weight + k.feature_weight > 0, "distill loss weights must not all be 0")
     kind = cfg.teacher.kind

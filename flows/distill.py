@@ -15,6 +15,7 @@ from distillery.flows.runners import spread_over_gpus, task_runner_for
 from distillery.models.gate import BASELINE_STUDENT
 from distillery.models.selection import (configured_trial, median_bars, pick_best, search_sampler, sweep_grid,
                                          trial_candidate)
+from distillery.models.students import shape_recipe
 from distillery.tasks.distill import (StageClock, cache_teacher_features, log_search, log_stage_seconds,
                                       teacher_assistant, train_student, uses_pooled_features)
 from distillery.tasks.evaluate import evaluate_candidates
@@ -100,7 +101,8 @@ def train_frontier(cfg: Config, snapshot: SnapshotRef, teachers: dict[str, tuple
     shapes = cfg.student.frontier_shapes()
     placed = spread_over_gpus(cfg, len(shapes))
     futures = {label: train_student.submit(on.for_student(shape.model_dump()), teachers[label][0], snapshot,
-                                           teachers[label][1], dataclasses.replace(best.candidate, shape=label),
+                                           teachers[label][1],
+                                           dataclasses.replace(shape_recipe(shape, best.candidate), shape=label),
                                            run_id)
                for on, (label, shape) in zip(placed, shapes.items())}
     return {label: taught_by(f.result(), *teachers[label]) for label, f in futures.items()}

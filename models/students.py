@@ -17,6 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distillery.config import (
     STATIC_LEARNING_RATE,
+    STATIC_RECIPE,
     Config,
     DistillConfig,
     StudentConfig,
@@ -154,6 +155,13 @@ def shape_learning_rate(s: StudentConfig) -> float | None:
     return s.learning_rate or (STATIC_LEARNING_RATE if s.init == "static" else None)
 
 
+def shape_recipe(s: StudentConfig, chosen: Candidate) -> Candidate:
+    """A frontier shape's recipe: its own (``student.recipe``), a static shape's (STATIC_RECIPE), else ``chosen``,
+    the one chosen for the student above (a search's pick included)."""
+    own = s.recipe.model_dump() if s.recipe else STATIC_RECIPE if s.init == "static" else None
+    return dataclasses.replace(chosen, **own) if own and chosen.kind != "baseline" else chosen
+
+
 LATER_DEFAULTS = {("pretrained_layers", None), ("select_weights", False), ("learning_rate", None),
                   ("taught_by", "teacher")}
 
@@ -162,8 +170,8 @@ def training_shape(student: StudentConfig) -> dict:
     """The student settings that shape its training, as its checkpoint key sees them: not the served form or the
     frontier (another form reuses the checkpoints), and keys added later only when set (checkpoints made before
     them are found again)."""
-    return {k: v for k, v in student.model_dump(exclude={"deploy", "frontier"}).items()
-            if (k, v) not in LATER_DEFAULTS}
+    return {k: v for k, v in student.model_dump(exclude={"deploy", "frontier", "recipe"}).items()  # the recipe:
+            if (k, v) not in LATER_DEFAULTS}  # in the key through the candidate
 
 
 # the baseline learns from hard labels alone; KD also from the teacher's soft labels on transfer, augmented and

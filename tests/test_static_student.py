@@ -75,7 +75,8 @@ def test_a_static_student_is_made_from_an_encoder_and_answers_the_same_in_any_ba
 def test_static_students_are_served_as_onnx_and_named_by_shape():
     from distillery.config import ConfigError, StudentConfig, config_from_dict
 
-    from distillery.models.students import shape_learning_rate
+    from distillery.models.students import shape_learning_rate, shape_recipe
+    from distillery.records import BASELINE, Candidate
 
     assert StudentConfig(init="static", hidden_size=64).label == "static64"
     assert StudentConfig(init="static", base_model="teacher", prune_vocab=True).label == "static256-teacher-pv"
@@ -85,6 +86,18 @@ def test_static_students_are_served_as_onnx_and_named_by_shape():
     assert shape_learning_rate(cfg.student.frontier_shapes()["static256"]) == 2e-3
     assert shape_learning_rate(cfg.student) is None
     assert shape_learning_rate(StudentConfig(init="static", learning_rate=0.01)) == 0.01
+    # and with its own recipe: softer targets, more weight on the hard labels; other shapes take the chosen one
+    chosen = Candidate("distilled", 4.0, 0.8, 0.2, 0.5, learning_rate=3e-4, trial=2)
+    static = shape_recipe(cfg.student.frontier_shapes()["static256"], chosen)
+    assert (static.temperature, static.kd_weight, static.ce_weight) == (1.0, 0.5, 0.5)
+    assert (static.feature_weight, static.learning_rate, static.trial) == (0.5, 3e-4, 2)  # the rest as chosen
+    assert shape_recipe(StudentConfig(pretrained_layers=[0, 5]), chosen) == chosen
+    assert shape_recipe(StudentConfig(init="static"), BASELINE) == BASELINE  # hard labels stay hard
+    own = config_from_dict({"student": {"frontier": [{"pretrained_layers": [0, 5],
+                                                      "recipe": {"temperature": 2, "kd_weight": 1, "ce_weight": 0}}]}})
+    assert shape_recipe(own.student.frontier_shapes()["minilm-cut0-5"], chosen).temperature == 2.0
+    with pytest.raises(ConfigError, match="student.recipe: the student's recipe is distill"):
+        config_from_dict({"student": {"recipe": {"temperature": 2, "kd_weight": 1, "ce_weight": 0}}})
     with pytest.raises(ConfigError, match="static-embedding students \\(static256\\) are served as their ONNX file"):
         config_from_dict({"student": {"deploy": "int8", "frontier": [{"init": "static"}]}})
     black_box = {"teacher": {"kind": "endpoint", "endpoint": {"url": "http://127.0.0.1:1/invocations"}},
@@ -95,12 +108,13 @@ def test_static_students_are_served_as_onnx_and_named_by_shape():
 
 
 def test_a_static_student_on_the_frontier_is_distilled_measured_registered_and_served(teacher_project: Path):
-    """A static student beside the cut student: trained by response KD at its own pace, measured in its served ONNX
-    form, chosen by gate.policy smallest, and served by the registered loader in a process without distillery."""
+    """A static student beside the cut student: trained by response KD at its own pace and with its own recipe,
+    measured in its served ONNX form, chosen by gate.policy smallest, and served by the registered loader in a
+    process without distillery."""
     overrides = {"student.deploy": "onnx-int8", "student.frontier": [{"init": "static", "base_model": "teacher",
                                                                         "hidden_size": 16, "learning_rate": 0.03}],
                  # the tiny teacher is underconfident (ECE ~0.5): the hard labels too, as for other small students
-                 "distill.kd_weight": 0.5, "distill.ce_weight": 0.5, "distill.temperature": 1.0, "distill.epochs": 10,
+                 "distill.kd_weight": 0.5, "distill.ce_weight": 0.5, "distill.temperature": 2.0, "distill.epochs": 10,
                  "distill.patience": 10,
                  "distill.feature_weight": 0.5, "gate.policy": "smallest", "tracking.student_name": "student-static",
                  "gate.accuracy_tolerance": 1.0, "gate.macro_f1_tolerance": 1.0, "gate.max_class_f1_drop": 1.0,
@@ -120,6 +134,9 @@ def test_a_static_student_on_the_frontier_is_distilled_measured_registered_and_s
                               f"tags.mlflow.parentRunId = '{out.run_id}' and tags.stage = 'train-student'")
     trained = next(r for r in runs if r.info.run_name.startswith("static16"))
     assert float(trained.data.params["distill.learning_rate"]) == pytest.approx(0.03)  # its own pace
+    assert float(trained.data.params["candidate.temperature"]) == 1.0  # its own recipe (the student's: T 2)
+    student = next(r for r in runs if r.info.run_name.startswith("distill"))
+    assert float(student.data.params["candidate.temperature"]) == 2.0
     assert trained.data.params["distill.feature_target"] == "none"  # no hidden states: response KD only
     assert "static table from teacher's encoder" in trained.data.params["student.weights_from"]
     script = ("import mlflow, sys; m = mlflow.pyfunc.load_model('models:/student-static@champion'); "

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/teachers.py [--config distillery.yaml] [--name default] [--seeds 13 14 15]
         [--arms whitebox,full,top5,top1,ensemble,budget-diverse,budget-random] [--second-teacher NAME@ALIAS]
-        [--budget-share 0.25] [--port 5077] [--set KEY=VALUE ...]
+        [--budget-share 0.25] [--port 5077] [--recipe FIELD=VALUE ...] [--set KEY=VALUE ...]
 
 Needs the configuration's registered teacher (``teacher@alias``: ``make run`` or ``distillery teacher``). The
 script serves it over HTTP with ``distillery serve`` (its registered FP32 form, MLflow's scoring protocol) and
@@ -19,8 +19,8 @@ labels through the pipeline's own label flow, once per arm (cached), then trains
 Then the ``full`` arm's labelling is run again with its outputs entry removed: ``cached_rerun_requests`` is what it
 asked the endpoint (0: every answer from the answer cache; ``teacher.endpoint.recheck`` 0 here).
 
-The recipe is the champion's (``student@champion``) when there is one, else ``distill.*``, with feature KD off (a
-black box has no hidden states): the same for every arm. Each student is measured in FP32 on the test split.
+The recipe is the champion's (``student@champion``) when there is one, else ``distill.*``, with the fields given by
+``--recipe`` and feature KD off (a black box has no hidden states): the same for every arm. Each student is measured in FP32 on the test split.
 Results go to ``benchmarks/results/<name>-teachers.json`` as each (arm, seed) finishes, and a later invocation
 skips the (arm, seed) pairs already there: the benchmark can be run an arm at a time. Ratios (mean over seeds):
 ``endpoint_full_over_whitebox_student_accuracy``, ``endpoint_top5_...``, ``endpoint_top1_...``,
@@ -125,7 +125,13 @@ def main() -> int:  # noqa: C901 - one benchmark's wiring, read top to bottom
     parser.add_argument("--budget-share", type=float, default=0.25)
     parser.add_argument("--port", type=int, default=5077)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--recipe", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a field of every arm's recipe instead of the champion's (as benchmarks/seeds.py), e.g. "
+                             "a static student's: --recipe temperature=1 --recipe kd_weight=0.5 --recipe ce_weight=0.5")
     args = parser.parse_args()
+    from benchmarks.seeds import recipe_fields
+
+    recipe_overrides = recipe_fields(args.recipe, parser)
     arms = [a for a in args.arms.split(",") if a]
     if unknown := set(arms) - set(ARMS):
         parser.error(f"unknown arm(s) {sorted(unknown)}: of {', '.join(ARMS)}")
@@ -159,7 +165,7 @@ def main() -> int:  # noqa: C901 - one benchmark's wiring, read top to bottom
     if champion is not None:
         made = Lineage.from_tags(champion.tags).candidate
         recipe = Candidate(**{k: v for k, v in made.items() if k in {f.name for f in dataclasses.fields(Candidate)}})
-    recipe = dataclasses.replace(recipe, trial=None, shape=None, feature_weight=0.0)
+    recipe = dataclasses.replace(recipe, trial=None, shape=None, feature_weight=0.0, **recipe_overrides)
     snapshot = freeze(cfg)
     splits, labels = read_snapshot(Path(snapshot.path))
     texts, gold = splits["test"]["text"].tolist(), splits["test"]["label_id"].tolist()

@@ -157,7 +157,7 @@ def test_teachers_benchmark_measures_the_endpoint_forms_and_a_budget_against_ran
     arm and keeps the seeds already measured."""
     cfg_path = teacher_project / "distillery.yaml"
     common = [sys.executable, str(ROOT / "benchmarks" / "teachers.py"), "--config", str(cfg_path), "--name", "tiny",
-              "--seeds", "3", "4", "--out", str(tmp_path), "--port", str(free_port()),
+              "--seeds", "3", "4", "--out", str(tmp_path), "--port", str(free_port()), "--recipe", "temperature=2",
               *[f"--set={s}" for s in ("student.init=pretrained", "student.base_model=tiny-teacher",
                                        "distill.epochs=2", "data.augment.multiple=1",
                                        "validation.max_mean_entropy_fraction=1.0")]]
@@ -166,6 +166,7 @@ def test_teachers_benchmark_measures_the_endpoint_forms_and_a_budget_against_ran
                           timeout=900, env=env, cwd=teacher_project)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     results = json.loads((tmp_path / "tiny-teachers.json").read_text())
+    assert results["recipe"]["temperature"] == 2.0 and results["recipe"]["feature_weight"] == 0.0  # one for all arms
     budget = results["budget"]
     assert budget["texts"] == budget["required_texts"] + budget["transfer_texts"] // 4
     assert f"asking {budget['transfer_texts'] // 4} of the {budget['transfer_texts']} generated" in done.stderr

@@ -1,8 +1,10 @@
 """Training and labelling on a CUDA GPU, through the pipeline's own models layer: mixed precision against float32,
-deterministic against not, and what repeats exactly.
+deterministic against not, and what repeats exactly; and the frontier's fast end, trained where it is quick.
 
     python benchmarks/gpu.py --snapshot DIR --outputs FILE --student DIR [--out benchmarks/results/gpu.json]
         [--budget-s 330] [--teacher-steps 60] [--device cuda] [--only NAME,...]
+        [--groups first,nondeterministic,seeds | cuts-s13,cuts-s14,cuts-s15,static-second --parallel]
+        [--cuts "0,2,4;0,5"] [--cut-recipe KEY=VALUE ...] [--second-snapshot DIR] [--static-hidden N]
         [--max-steps N --label-rows N: a smoke test]
 
 It needs torch, transformers and pydantic only (no Prefect, MLflow or DVC), so it runs on a bare GPU machine with a
@@ -27,10 +29,16 @@ Parts, in order, until ``--budget-s`` has passed (results written after each):
     the default profile's 3- and 2-layer MiniLM cuts, pruned) distilled in float32 from the teacher's outputs and,
     as the teacher assistant (``{taught_by: student}``), from the 6-layer student of the same seed trained first and
     labelling every row as the pipeline's assistant does. Test accuracy per seed; with ``--parallel`` these groups
-    train side by side on the one GPU (their wall times then share it: accuracy only).
+    train side by side on the one GPU (their wall times then share it: accuracy only). ``--cut-recipe``: distill
+    settings for the cuts only (e.g. ``epochs=8``).
+  - ``static-second`` (only with ``--groups``): a second data set for the static student's recipe:
+    ``--second-snapshot`` (e.g. HWU64's, from ``distillery ingest``), a MiniLM teacher fine-tuned on it here with the
+    fast profile's teacher settings, its outputs on every row, then the static student (``{init: static}``) per
+    recipe of STATIC_RECIPES (the default profile's, the softer one, the hard-label baseline) and seeds 13-15.
 Ratios: ``bf16_over_fp32_train_seconds``, ``nondeterministic_over_deterministic_train_seconds``,
 ``bf16_repeats_bit_identical``, ``teacher_bf16_over_fp32_step_seconds``; per cut ``<cut>_teacher_test_accuracy``,
-``<cut>_assistant_test_accuracy`` (mean, std over seeds) and ``<cut>_assistant_minus_teacher`` (paired by seed).
+``<cut>_assistant_test_accuracy`` (mean, std over seeds) and ``<cut>_assistant_minus_teacher`` (paired by seed);
+per static recipe ``<recipe>_test_accuracy`` and ``<recipe>_minus_baseline`` (paired by seed).
 """
 
 from __future__ import annotations

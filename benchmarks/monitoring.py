@@ -23,7 +23,9 @@ Needs a promoted ``student@champion`` (``make run`` or ``make run-fast``). Stage
   5. ``after``: the champion before and after on the shifted test texts (every test text rewritten; none of them
      was logged or trained on) and on the clean test split, in their served forms:
      ``shifted_accuracy_after_over_before`` (target > 1; one seed: a difference within a few tenths of a point is
-     not evidence) and ``clean_accuracy_after_over_before``; the teacher on both.
+     not evidence) and ``clean_accuracy_after_over_before``; the teacher on both. When the gate kept the champion
+     (the redistill stage's ``gate`` says why), ``promoted`` is false, the champion and the teacher are measured
+     alone and both ratios are null.
   6. ``monitor_large``: ``--monitor-texts`` (10,000) train texts logged (requests of 32) and one monitor run over
      them, timed (``monitor_seconds_10000_texts``).
 """
@@ -237,19 +239,23 @@ def main() -> int:
                                "version": run.decision.version, "gate": list(run.decision.reasons)})
         if "after" not in done:
             new_version, after_folder = champion(cfg)
-            if new_version == results["champion_before"]:
-                raise SystemExit("the champion did not change: the re-distilled student was not promoted "
-                                 f"({done['redistill']['gate']})")
+            redistilled = done["redistill"]  # promoted: its version is the champion now
+            promoted = bool(redistilled["passed"]) and new_version == str(redistilled["version"])
+            if not promoted:  # the gate kept the champion: a result too (its reasons are in the redistill stage)
+                print(f"the champion did not change: the re-distilled student was not promoted; the champion and "
+                      f"the teacher measured alone ({done['redistill']['gate']})", flush=True)
             shifted_test, truth = [texting(t) for t in test["text"]], [labels[i] for i in test["label_id"]]
-            measured = {"champion_after": new_version}
+            measured = {"champion_after": new_version if promoted else None, "promoted": promoted}
             teacher = registered(cfg, cfg.teacher.registered_name, cfg.teacher.alias)
             teacher_folder = teacher[1] if teacher is not None else None
-            for who, folder in (("before", before_folder), ("after", after_folder), ("teacher", teacher_folder)):
+            for who, folder in (("before", before_folder), ("after", after_folder if promoted else None),
+                                ("teacher", teacher_folder)):
                 if folder is not None:
                     measured[who] = {"shifted": accuracy(folder, shifted_test, truth),
                                      "clean": accuracy(folder, test["text"].tolist(), truth)}
-            measured["shifted_accuracy_after_over_before"] = measured["after"]["shifted"] / measured["before"]["shifted"]
-            measured["clean_accuracy_after_over_before"] = measured["after"]["clean"] / measured["before"]["clean"]
+            for split in ("shifted", "clean"):
+                measured[f"{split}_accuracy_after_over_before"] = (
+                    measured["after"][split] / measured["before"][split] if promoted else None)
             save("after", measured)
         if "monitor_large" not in done:
             server_after = serve_teacher(args.config, args.model, args.port + 2, work / "serve-after.log",

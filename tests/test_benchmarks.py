@@ -214,6 +214,19 @@ def test_the_monitoring_benchmark_runs_the_loop_and_resumes(teacher_project: Pat
                            env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(out.read_text())["stages"] == stages  # resumed: nothing measured twice
+    # a re-distillation the gate rejects is a result too: the champion and the teacher measured alone
+    results["stages"] = {k: v for k, v in stages.items() if k not in ("redistill", "after", "monitor_large")}
+    out.write_text(json.dumps(results))
+    rejecting = [*command[:-1], "gate.max_latency_ratio=0.0001"]  # no student is 10,000x faster than its teacher
+    rejected = subprocess.run(rejecting, capture_output=True, text=True, timeout=1200,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert rejected.returncode == 0, rejected.stderr[-3000:]
+    results = json.loads(out.read_text())
+    after = results["stages"]["after"]
+    assert not results["stages"]["redistill"]["passed"] and after["promoted"] is False and "after" not in after
+    assert any("latency_vs_int8_teacher" in r for r in results["stages"]["redistill"]["gate"])
+    assert {"before", "teacher"} <= set(after) and results["ratios"]["shifted_accuracy_after_over_before"] is None
+    assert results["stages"]["monitor_large"]["texts"] == 300
 
 
 def test_the_gpu_benchmark_trains_through_the_models_layer_and_a_seed_repeats_bit_for_bit(teacher_project: Path,

@@ -229,39 +229,21 @@ def test_the_monitoring_benchmark_runs_the_loop_and_resumes(teacher_project: Pat
     assert results["stages"]["monitor_large"]["texts"] == 300
 
 
-def test_the_gpu_benchmark_trains_through_the_models_layer_and_a_seed_repeats_bit_for_bit(teacher_project: Path,
-                                                                                           tmp_path: Path):
-    """benchmarks/gpu.py on the CPU (where it runs without a GPU too): the default student's training from a run's
-    snapshot and outputs, twice with one seed; the CPU's weights repeat exactly."""
-    run_command(teacher_project / "distillery.yaml", "label")
-    snapshot = next((teacher_project / ".distillery" / "snapshots").iterdir())
-    outputs = next((teacher_project / ".distillery" / "teacher-outputs").glob("*/outputs.parquet"))
-    out = tmp_path / "gpu.json"
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--snapshot", str(snapshot),
-                           "--outputs", str(outputs), "--student", str(teacher_project / "tiny-teacher"),
-                           "--device", "cpu", "--max-steps", "3", "--only", "bf16-det-s13,bf16-det-s13-again",
-                           "--out", str(out)], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(out.read_text())
-    runs = {r["name"]: r for r in results["students"]}
-    assert set(runs) == {"bf16-det-s13", "bf16-det-s13-again"}  # the rest skipped
-    assert all(r["device"] == "cpu" and r["steps"] == 3 and r["finite"] for r in runs.values())  # no bf16 on a CPU
-    assert results["ratios"]["bf16_repeats_bit_identical"] is True
-    assert "teacher" not in results
-
-
-def test_the_gpu_benchmark_measures_assistant_taught_cuts_and_static_recipes_side_by_side(teacher_project: Path,
-                                                                                            tmp_path: Path):
-    """benchmarks/gpu.py's fast-end groups, side by side in processes of their own: a cut of the student taught by
-    the teacher and by the student of the same seed (the assistant), and the static student's recipes on a second
-    snapshot with a teacher fine-tuned there; each row where it belongs, the paired ratios from them."""
+def test_the_gpu_benchmark_trains_through_the_models_layer_repeats_a_seed_and_measures_the_fast_end(
+        teacher_project: Path, tmp_path: Path):
+    """benchmarks/gpu.py on the CPU (where it runs without a GPU too), its groups side by side in processes of their
+    own: the default student's training from a run's snapshot and outputs twice with one seed (the CPU's weights
+    repeat exactly); a cut of the student taught by the teacher and by the student of the same seed (the
+    assistant); the static student's recipes on a second snapshot with a teacher fine-tuned there; each row where it
+    belongs, the paired ratios from them."""
     run_command(teacher_project / "distillery.yaml", "label")
     snapshot = next((teacher_project / ".distillery" / "snapshots").iterdir())
     outputs = next((teacher_project / ".distillery" / "teacher-outputs").glob("*/outputs.parquet"))
     out = tmp_path / "gpu-cuts.json"
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--snapshot", str(snapshot),
                            "--outputs", str(outputs), "--student", str(teacher_project / "tiny-teacher"),
-                           "--device", "cpu", "--max-steps", "2", "--groups", "cuts-s13,static-second", "--parallel",
+                           "--device", "cpu", "--max-steps", "2", "--groups", "first,cuts-s13,static-second",
+                           "--only", "bf16-det-s13,bf16-det-s13-again", "--parallel",
                            "--cuts", "0", "--cut-recipe", "epochs=2", "--second-snapshot", str(snapshot),
                            "--static-hidden", "16", "--out", str(out)], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -276,3 +258,6 @@ def test_the_gpu_benchmark_measures_assistant_taught_cuts_and_static_recipes_sid
         runs["cut1-assistant-s13"]["test_accuracy"] - runs["cut1-teacher-s13"]["test_accuracy"], abs=1e-4)
     assert {"static-soft_minus_baseline", "static-default_minus_baseline", "full_test_accuracy"} <= set(ratios)
     assert not list(tmp_path.glob("gpu-cuts.json.*"))  # the parts merged
+    repeats = [runs["bf16-det-s13"], runs["bf16-det-s13-again"]]
+    assert all(r["device"] == "cpu" and r["steps"] == 2 and r["finite"] for r in repeats)  # no bf16 on a CPU
+    assert ratios["bf16_repeats_bit_identical"] is True and "teacher" not in results  # the rest of first skipped

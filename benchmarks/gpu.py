@@ -289,6 +289,7 @@ def second_teacher(args: argparse.Namespace, snapshot: Path):  # noqa: ANN201 - 
     from distillery.config import load_config
     from distillery.models.data import read_snapshot
     from distillery.models.labelling import build_outputs, teacher_logits
+    from distillery.models.metrics import classification_metrics
     from distillery.models.students import prepare_teacher, run_teacher_training
 
     overrides = {"runtime.device": args.device, "teacher.base_model": str(args.student_folder)}
@@ -309,10 +310,10 @@ def second_teacher(args: argparse.Namespace, snapshot: Path):  # noqa: ANN201 - 
         [i for f in rows.values() for i in f["id"]], [t for f in rows.values() for t in f["text"]],
         [name for name, f in rows.items() for _ in range(len(f))],
         [int(x) for f in rows.values() for x in f["label_id"]], np.concatenate(logits), labels)
-    test = outputs.frame["split"] == "test"
-    accuracy = float((outputs.logits[test.to_numpy()].argmax(1) == outputs.frame.loc[test, "label_id"]).mean())
+    test = (outputs.frame["split"] == "test").to_numpy()
+    m = classification_metrics(outputs.logits[test], outputs.frame["label_id"].to_numpy()[test], len(labels))
     return outputs, {"name": f"teacher-{snapshot.name}", "val_accuracy": round(summary["val_accuracy"], 4),
-                     "test_accuracy": round(accuracy, 4), "train_seconds": round(time.perf_counter() - start, 2)}
+                     "test_accuracy": round(m["accuracy"], 4), "train_seconds": round(time.perf_counter() - start, 2)}
 
 
 def statics(args: argparse.Namespace, seeds: tuple[int, ...], record) -> None:  # noqa: ANN001 - takes a row
@@ -332,41 +333,38 @@ def statics(args: argparse.Namespace, seeds: tuple[int, ...], record) -> None:  
             record({**row, "shape": "static", "recipe": name, "data": snapshot.name})
 
 
+def spread(values: list[float]) -> list[float]:
+    """[mean, sample std] of ``values``, rounded (std 0 for one value)."""
+    import statistics
+
+    return [round(statistics.mean(values), 4), round(statistics.stdev(values), 4) if len(values) > 1 else 0.0]
+
+
 def static_ratios(by: dict) -> dict:
     """Per recipe: the static student's test accuracy on the second data set (mean, std over seeds), and each
     distilled recipe minus the baseline, paired by seed."""
-    import statistics
-
     out: dict = {}
     rows = {(r["recipe"], r["seed"]): r["test_accuracy"] for r in by.values() if r.get("shape") == "static"}
     for recipe in STATIC_RECIPES:
         accs = [a for (name, _), a in rows.items() if name == recipe]
         if accs:
-            out[f"{recipe}_test_accuracy"] = [round(statistics.mean(accs), 4),
-                                              round(statistics.stdev(accs), 4) if len(accs) > 1 else 0.0]
+            out[f"{recipe}_test_accuracy"] = spread(accs)
         paired = [a - rows[("static-baseline", s)] for (name, s), a in rows.items()
                   if name == recipe and recipe != "static-baseline" and ("static-baseline", s) in rows]
         if paired:
-            out[f"{recipe}_minus_baseline"] = [round(statistics.mean(paired), 4),
-                                               round(statistics.stdev(paired), 4) if len(paired) > 1 else 0.0]
+            out[f"{recipe}_minus_baseline"] = spread(paired)
     return out
 
 
 def cut_ratios(by: dict) -> dict:
     """Per cut: test accuracy taught by the teacher and by the assistant (mean, std over seeds), the assistant's
     gain paired by seed, and the 6-layer students' accuracy beside them."""
-    import statistics
-
-    def spread(values: list[float]) -> list[float]:
-        return [round(statistics.mean(values), 4), round(statistics.stdev(values), 4) if len(values) > 1 else 0.0]
-
     out: dict = {}
     full = [r["test_accuracy"] for n, r in by.items() if n.startswith("full-s")]
     if full:
         out["full_test_accuracy"] = spread(full)
     for cut in sorted({r["shape"] for r in by.values() if "taught_by" in r}):
-        rows = {(r["taught_by"], r["seed"]): r["test_accuracy"] for r in by.values()
-                if r.get("shape") == cut and "taught_by" in r}
+        rows = {(r["taught_by"], r["seed"]): r["test_accuracy"] for r in by.values() if r.get("shape") == cut}
         for who in ("teacher", "assistant"):
             accs = [a for (w, _), a in rows.items() if w == who]
             if accs:
@@ -411,15 +409,17 @@ def child(args: argparse.Namespace) -> int:
 def merge(out: Path) -> dict:
     """The parts the children wrote (rows per group, the teacher's speeds) merged into ``out``, with the ratios."""
     results = json.loads(out.read_text())
-    for part in sorted(out.parent.glob(f"{out.name}.*")):
+    parts = sorted(out.parent.glob(f"{out.name}.*"))
+    for part in parts:
         if part.name.endswith(".teacher"):
             results["teacher"] = json.loads(part.read_text())
         else:
             known = {r["name"] for r in results.setdefault("students", [])}
             results["students"] += [r for r in json.loads(part.read_text()) if r["name"] not in known]
-        part.unlink()
     results["ratios"] = ratios(results)
     save(out, results)
+    for part in parts:  # only once their rows are saved in ``out``
+        part.unlink()
     return results
 
 

@@ -243,7 +243,7 @@ def main() -> int:
             promoted = bool(redistilled["passed"]) and new_version == str(redistilled["version"])
             if not promoted:  # the gate kept the champion: a result too (its reasons are in the redistill stage)
                 print(f"the champion did not change: the re-distilled student was not promoted; the champion and "
-                      f"the teacher measured alone ({done['redistill']['gate']})", flush=True)
+                      f"the teacher measured alone ({redistilled['gate']})", flush=True)
             shifted_test, truth = [texting(t) for t in test["text"]], [labels[i] for i in test["label_id"]]
             measured = {"champion_after": new_version if promoted else None, "promoted": promoted}
             teacher = registered(cfg, cfg.teacher.registered_name, cfg.teacher.alias)

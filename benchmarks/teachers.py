@@ -20,7 +20,8 @@ Then the ``full`` arm's labelling is run again with its outputs entry removed: `
 asked the endpoint (0: every answer from the answer cache; ``teacher.endpoint.recheck`` 0 here).
 
 The recipe is the champion's (``student@champion``) when there is one, else ``distill.*``, with the fields given by
-``--recipe`` and feature KD off (a black box has no hidden states): the same for every arm. Each student is measured in FP32 on the test split.
+``--recipe`` and feature KD off (a black box has no hidden states): the same for every arm. Each student is measured
+in FP32 on the test split.
 Results go to ``benchmarks/results/<name>-teachers.json`` as each (arm, seed) finishes, and a later invocation
 skips the (arm, seed) pairs already there: the benchmark can be run an arm at a time. Ratios (mean over seeds):
 ``endpoint_full_over_whitebox_student_accuracy``, ``endpoint_top5_...``, ``endpoint_top1_...``,

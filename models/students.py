@@ -158,8 +158,8 @@ def shape_learning_rate(s: StudentConfig) -> float | None:
 def shape_recipe(s: StudentConfig, chosen: Candidate) -> Candidate:
     """A frontier shape's recipe: its own (``student.recipe``), a static shape's (STATIC_RECIPE), else ``chosen``,
     the one chosen for the student above (a search's pick included)."""
-    own = s.recipe.model_dump() if s.recipe else STATIC_RECIPE if s.init == "static" else None
-    return dataclasses.replace(chosen, **own) if own and chosen.kind != "baseline" else chosen
+    own = s.recipe or (STATIC_RECIPE if s.init == "static" else None)
+    return dataclasses.replace(chosen, **own.model_dump()) if own and chosen.kind != "baseline" else chosen
 
 
 LATER_DEFAULTS = {("pretrained_layers", None), ("select_weights", False), ("learning_rate", None),

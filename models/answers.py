@@ -266,11 +266,14 @@ def parse_label(content: str, labels: Sequence[str]) -> Answer:
     return Answer({content.strip()[:80] or "(empty reply)": 1.0}, hard=True)
 
 
-def label_schema(labels: Sequence[str]) -> dict[str, Any]:
-    """The OpenAI ``response_format`` that constrains a chat reply to ``{"label": <one of labels>}`` (JSON Schema, as
-    vLLM, llama.cpp's server, Ollama, SGLang and OpenAI's API take it)."""
+def label_schema(labels: Sequence[str], style: str = "json_schema") -> dict[str, Any]:
+    """The ``response_format`` that constrains a chat reply to ``{"label": <one of labels>}``: ``json_schema``, OpenAI's
+    form (vLLM, llama.cpp's llama-server, Ollama, SGLang, OpenAI's API), or ``json_object`` with the schema beside it
+    (llama-cpp-python's server, which refuses OpenAI's form, and llama-server)."""
     schema = {"type": "object", "properties": {"label": {"type": "string", "enum": list(labels)}},
               "required": ["label"], "additionalProperties": False}
+    if style == "json_object":
+        return {"type": "json_object", "schema": schema}
     return {"type": "json_schema", "json_schema": {"name": "label", "strict": True, "schema": schema}}
 
 

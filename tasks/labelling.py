@@ -329,7 +329,7 @@ def endpoint_texts(snapshot: SnapshotRef, inputs: pd.DataFrame) -> list[str]:
 @dataclasses.dataclass(frozen=True)
 class Pricing:
     """How a black-box teacher is asked and charged: texts per request, price per request, and per 1,000 texts (an
-    LLM's token price folded in: its prompt estimated at 4 characters a token, plus ``max_tokens`` of reply)."""
+    LLM's token price folded in: its prompt estimated at 4 characters a token, plus ``reply_tokens`` of reply)."""
 
     texts_per_request: int
     per_request: float
@@ -353,7 +353,7 @@ def pricing(cfg: Config, snapshot: SnapshotRef, texts: list[str]) -> Pricing:
     overhead = sum(len(m["content"]) for m in render_messages("", labels, llm.system_prompt, llm.prompt,
                                                                  llm.descriptions, examples))
     mean_chars = float(np.mean([len(t) for t in texts])) if texts else 0.0
-    tokens = (overhead + mean_chars) / 4 + llm.max_tokens
+    tokens = (overhead + mean_chars) / 4 + llm.reply_tokens
     return Pricing(1, e.price_per_request, e.price_per_1k_texts + llm.price_per_1k_tokens * tokens)
 
 

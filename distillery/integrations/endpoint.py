@@ -261,12 +261,12 @@ class ChatClient(EndpointClient):
     def ask(self, texts: list[str]) -> tuple[list[Answer], float]:
         answers, total = [], 0.0
         for text in texts:
-            payload = {"model": self.llm.model, "messages": self.messages(text), "max_tokens": self.llm.max_tokens,
+            payload = {"model": self.llm.model, "messages": self.messages(text), "max_tokens": self.llm.reply_tokens,
                        "temperature": self.llm.temperature}
             if self.llm.logprobs:
                 payload |= {"logprobs": True, "top_logprobs": self.llm.top_logprobs}
-            if self.llm.structured_output == "json_schema":
-                payload["response_format"] = label_schema(self.labels)
+            if self.llm.structured_output != "none":
+                payload["response_format"] = label_schema(self.labels, self.llm.structured_output)
             body, elapsed = self.post(payload)
             answers.append(chat_answer(body, self.labels))
             total += elapsed

@@ -32,7 +32,7 @@ $(VENV)/.llm: $(VENV)/.installed
 
 llama-server: $(VENV)/.llama  ## opt-in: llama-cpp-python's server, built from source (~15 min on 2 cores), for the structured-output test
 
-# a portable build (AVX2, no OpenMP, no multimodal part): the native one crashed here on this CPU's newer extensions
+# a portable build (AVX2, no OpenMP, no multimodal part): the native one died here of a general protection fault in libggml-cpu
 $(VENV)/.llama: $(VENV)/.llm
 	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAVA_BUILD=OFF -DGGML_OPENMP=OFF" \
 		$(BIN)/pip install -q -c requirements-lock.txt 'llama-cpp-python[server]==0.3.36' sse-starlette==3.7.1 starlette-context==0.3.6

@@ -71,3 +71,36 @@ def test_a_passing_student_waits_for_approval_and_only_an_approval_moves_the_cha
 
     with pytest.raises(GateError, match="no version of student awaits approval"):
         answer_approval(cfg, None, True, "late")
+
+
+def test_an_answer_that_comes_before_the_run_has_paused_waits_for_the_pause(prefect_harness):
+    """The run tags its version awaiting just before it pauses: an answer in between is held until the pause (the
+    race CI met), and a run that ended unpaused is reported as such instead of waited on."""
+    from prefect import flow
+    from prefect.flow_runs import pause_flow_run
+    from prefect.input import RunInput
+
+    from distillery.commands.admin import _resume_paused
+
+    class Answer(RunInput):
+        approve: bool
+
+    seen: dict = {}
+
+    @flow
+    def waits_then_pauses(delay: float) -> bool:
+        from prefect.context import FlowRunContext
+
+        seen["id"] = FlowRunContext.get().flow_run.id
+        time.sleep(delay)
+        return pause_flow_run(wait_for_input=Answer, timeout=60, poll_interval=1).approve
+
+    out: dict = {}
+    worker = threading.Thread(target=lambda: out.update(answer=waits_then_pauses(3.0)))
+    worker.start()
+    while "id" not in seen and worker.is_alive():
+        time.sleep(0.05)
+    assert _resume_paused(seen["id"], {"approve": True})  # still running: three seconds from its pause
+    worker.join(60)
+    assert out.get("answer") is True
+    assert not _resume_paused(seen["id"], {"approve": False}, grace_s=5)  # it ended: no pause to answer

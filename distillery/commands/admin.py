@@ -267,14 +267,35 @@ def rollback_champion(cfg: Config, reason: str) -> tuple[str, str]:
     return str(current.version), str(previous.version)
 
 
+PAUSE_GRACE_S = 30.0
+
+
+def _resume_paused(flow_run, run_input: dict, grace_s: float = PAUSE_GRACE_S) -> bool:  # noqa: ANN001 - a UUID
+    """Resume a paused flow run with ``run_input``. The run tags its version awaiting just before it pauses, so an
+    answer can come while it is still running on its way to the pause: retry while it is not final, up to
+    ``grace_s``. False when it ended (or never paused) without the answer."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import NotPausedError
+    from prefect.flow_runs import resume_flow_run
+
+    deadline = time.monotonic() + grace_s
+    while True:
+        try:
+            resume_flow_run(flow_run, run_input=run_input)
+            return True
+        except NotPausedError:
+            with get_client(sync_client=True) as client:
+                state = client.read_flow_run(flow_run).state
+            if (state is not None and state.is_final()) or time.monotonic() > deadline:
+                return False
+            time.sleep(0.5)
+
+
 def answer_approval(cfg: Config, version: str | None, approve: bool, reason: str, wait_s: float = 120.0) -> dict:
     """Answer a version that awaits approval (``gate.approval: manual``): resume the flow run that waits for it
     with the answer, then wait (up to ``wait_s``) for that run to record it. Never takes the run lock (the waiting run
     holds it and moves the alias itself, crash-safe). Returns the version's approval tags and the champion."""
     from uuid import UUID
-
-    from prefect.exceptions import NotPausedError
-    from prefect.flow_runs import resume_flow_run
 
     reg = _registry(cfg)
     name, alias = cfg.tracking.student_name, cfg.tracking.champion_alias
@@ -287,12 +308,10 @@ def answer_approval(cfg: Config, version: str | None, approve: bool, reason: str
                         "manual makes a passing student wait)")
     target = max(waiting, key=lambda v: int(v.version))
     flow_run = target.tags[APPROVAL_RUN_TAG]
-    try:
-        resume_flow_run(UUID(flow_run), run_input={"approve": approve, "by": processes.who(), "reason": reason})
-    except NotPausedError:
+    if not _resume_paused(UUID(flow_run), {"approve": approve, "by": processes.who(), "reason": reason}):
         raise GateError(f"{name} v{target.version} awaits approval, but the run that waits for it (Prefect flow run "
                         f"{flow_run}) is no longer paused: it ended without an answer. The version never served; the "
-                        f"next run deletes it (re-run `distillery distill --force` to ask again)") from None
+                        f"next run deletes it (re-run `distillery distill --force` to ask again)")
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         tags = reg.version(name, str(target.version)).tags

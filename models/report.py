@@ -238,10 +238,11 @@ def _place_labels(fig: plt.Figure, ax: plt.Axes, points: list[tuple[str, float, 
 
 
 def plot_frontier(metrics: dict[str, dict], path: Path, served: str | None = None,
-                  reference: str | None = None) -> Path:
+                  reference: str | None = None, accuracy_bar: float | None = None) -> Path:
     """Test accuracy against batch-1 latency for every form of teacher and students; marker area grows with the size
     on disk; the Pareto frontier (accuracy, latency, size) is joined; the served student and the gate's reference
-    are marked."""
+    are marked, and ``accuracy_bar`` (the gate's accuracy bar: the reference's accuracy less the tolerance) is a
+    line, so what can ship is above it."""
     front = pareto(metrics)
     fig, ax = plt.subplots(figsize=(8, 5.2))
     sizes = [m["size_mb"] for m in metrics.values() if np.isfinite(m["size_mb"])]
@@ -263,12 +264,15 @@ def plot_frontier(metrics: dict[str, dict], path: Path, served: str | None = Non
     line = sorted((metrics[k]["latency_p50_ms"], metrics[k]["accuracy"]) for k in front)
     ax.plot([p[0] for p in line], [p[1] for p in line], color="tab:blue", lw=0.8, ls="--", zorder=2,
             label="Pareto frontier (accuracy, latency, size)")
+    if accuracy_bar is not None:
+        ax.axhline(accuracy_bar, color="tab:red", lw=0.8, ls=":", zorder=1,
+                   label=f"gate's accuracy bar ({accuracy_bar:.4f})")
     ax.set_title("Accuracy against batch-1 latency, every form of teacher and students\n"
                  "(marker area: size on disk)", fontsize=10)
     ax.set_xlabel("p50 latency at batch 1, one thread (ms, log scale)")
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     _place_labels(fig, ax, [
         (f"{name}{' (served)' if name == served else ' (reference)' if name == reference else ''}\n"
@@ -347,11 +351,12 @@ def model_card(name: str, version: str, lineage: dict, metrics: dict[str, dict],
 
 def write_evaluation(folder: Path, metrics: dict[str, dict], logits: dict[str, np.ndarray], curves: dict[str, tuple],
                      gold: np.ndarray, labels: list[str], served: str, reference: str, contenders: tuple[str, ...],
-                     ece_bins: int, oos_rows: int = 0) -> str:
+                     ece_bins: int, oos_rows: int = 0, accuracy_tolerance: float | None = None) -> str:
     """The evaluation's files in ``folder``: ``results.txt`` (the results table, the frontier and, with abstention,
     the out-of-scope table), ``frontier.txt`` and the plots of the form the gate judges and that is served
     (confusion, reliability, frontier, per-class F1 difference, and the out-of-scope trade-off when abstention was
-    measured, ``curves``, on ``oos_rows`` out-of-scope test rows); returns the table."""
+    measured, ``curves``, on ``oos_rows`` out-of-scope test rows; the frontier with the gate's accuracy bar, the
+    reference's accuracy less ``accuracy_tolerance``); returns the table."""
     frontier_text = frontier_table(metrics, contenders, reference)
     table = results_table(metrics) + "\n\nFrontier (smallest first; * = no other candidate is as accurate, as fast and " \
         "as small):\n" + frontier_text
@@ -361,7 +366,8 @@ def write_evaluation(folder: Path, metrics: dict[str, dict], logits: dict[str, n
     plot_confusion(logits[served], gold, labels, folder / "confusion_student.png",
                    f"Confusion of the served student ({served})")
     plot_reliability({k: (logits[k], gold) for k in shown}, folder / "reliability.png", ece_bins)
-    plot_frontier(metrics, folder / "frontier.png", served=served, reference=reference)
+    bar = None if accuracy_tolerance is None else metrics[reference]["accuracy"] - accuracy_tolerance  # the gate's
+    plot_frontier(metrics, folder / "frontier.png", served=served, reference=reference, accuracy_bar=bar)
     plot_f1_difference(metrics[teacher_row(metrics)]["per_class_f1"], metrics[served]["per_class_f1"], labels,
                        folder / "per_class_f1_student_minus_teacher.png", student=served)
     if curves and oos_rows:

@@ -91,7 +91,7 @@ def evaluate_candidates(cfg: Config, snapshot: SnapshotRef, teacher: TeacherRef,
     with tempfile.TemporaryDirectory() as tmp:
         table = write_evaluation(Path(tmp), measured.metrics, measured.logits, measured.curves,
                                  splits["test"]["label_id"].to_numpy(), labels, contenders[0], reference,
-                                 tuple(contenders), e.ece_bins, len(oos.get("oos_test", ())))
+                                 tuple(contenders), e.ece_bins, len(oos.get("oos_test", ())), cfg.gate.accuracy_tolerance)
         registry.log_to_run(cfg, eval_run, metrics={**ratios, **production.metrics}, folder=Path(tmp),
                             artifact_path="evaluation", tags={GATE_REFERENCE_TAG: reference, **production.tags,
                             EVALUATION_SERVED_TAG: contenders[0], EVALUATION_CONTENDERS_TAG: ",".join(contenders)})

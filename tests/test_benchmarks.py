@@ -261,3 +261,14 @@ def test_the_gpu_benchmark_trains_through_the_models_layer_repeats_a_seed_and_me
     repeats = [runs["bf16-det-s13"], runs["bf16-det-s13-again"]]
     assert all(r["device"] == "cpu" and r["steps"] == 2 and r["finite"] for r in repeats)  # no bf16 on a CPU
     assert ratios["bf16_repeats_bit_identical"] is True and "teacher" not in results  # the rest of first skipped
+
+
+def test_a_models_remeasure_keeps_the_seed_ratios_of_its_results_file(tmp_path: Path):
+    """benchmarks/run.py (--models-only too) rewrites <name>.json; seeds.py's kd_* ratios in it are kept, its own
+    ratios replaced."""
+    from benchmarks.run import with_seed_ratios
+
+    out = tmp_path / "default.json"
+    assert with_seed_ratios(out, {"a": 1}) == {"a": 1}
+    out.write_text(json.dumps({"ratios": {"kd_gap_recovered": 0.4, "kd_seeds": 3, "a": 0, "stale": 2}}))
+    assert with_seed_ratios(out, {"a": 1}) == {"kd_gap_recovered": 0.4, "kd_seeds": 3, "a": 1}

@@ -54,6 +54,9 @@ def test_frontier_plot_names_every_form(tmp_path: Path):
         ("baseline_fp32", 7.5, 0.92, 47.7)]}
     path = plot_frontier(metrics, tmp_path / "frontier.png", served="student_int8_onnx", reference="teacher_int8_onnx")
     assert path.stat().st_size > 10_000
+    barred = plot_frontier(metrics, tmp_path / "barred.png", served="student_int8_onnx", reference="teacher_int8_onnx",
+                           accuracy_bar=0.918)  # the gate's bar is drawn (and named in the legend)
+    assert barred.read_bytes() != path.read_bytes()
 
 
 def test_a_black_box_teacher_is_tabled_plotted_and_priced_without_a_size(tmp_path: Path):

@@ -238,10 +238,10 @@ def _place_labels(fig: plt.Figure, ax: plt.Axes, points: list[tuple[str, float, 
 
 
 def plot_frontier(metrics: dict[str, dict], path: Path, served: str | None = None,
-                  reference: str | None = None, accuracy_bar: float | None = None) -> Path:
+                  reference: str | None = None, accuracy_tolerance: float | None = None) -> Path:
     """Test accuracy against batch-1 latency for every form of teacher and students; marker area grows with the size
     on disk; the Pareto frontier (accuracy, latency, size) is joined; the served student and the gate's reference
-    are marked, and ``accuracy_bar`` (the gate's accuracy bar: the reference's accuracy less the tolerance) is a
+    are marked, and with ``accuracy_tolerance`` the gate's accuracy bar (the reference's accuracy less it) is a
     line, so what can ship is above it."""
     front = pareto(metrics)
     fig, ax = plt.subplots(figsize=(8, 5.2))
@@ -264,9 +264,9 @@ def plot_frontier(metrics: dict[str, dict], path: Path, served: str | None = Non
     line = sorted((metrics[k]["latency_p50_ms"], metrics[k]["accuracy"]) for k in front)
     ax.plot([p[0] for p in line], [p[1] for p in line], color="tab:blue", lw=0.8, ls="--", zorder=2,
             label="Pareto frontier (accuracy, latency, size)")
-    if accuracy_bar is not None:
-        ax.axhline(accuracy_bar, color="tab:red", lw=0.8, ls=":", zorder=1,
-                   label=f"gate's accuracy bar ({accuracy_bar:.4f})")
+    if accuracy_tolerance is not None and reference in metrics:
+        bar = metrics[reference]["accuracy"] - accuracy_tolerance
+        ax.axhline(bar, color="tab:red", lw=0.8, ls=":", zorder=1, label=f"gate's accuracy bar ({bar:.4f})")
     ax.set_title("Accuracy against batch-1 latency, every form of teacher and students\n"
                  "(marker area: size on disk)", fontsize=10)
     ax.set_xlabel("p50 latency at batch 1, one thread (ms, log scale)")
@@ -366,8 +366,8 @@ def write_evaluation(folder: Path, metrics: dict[str, dict], logits: dict[str, n
     plot_confusion(logits[served], gold, labels, folder / "confusion_student.png",
                    f"Confusion of the served student ({served})")
     plot_reliability({k: (logits[k], gold) for k in shown}, folder / "reliability.png", ece_bins)
-    bar = None if accuracy_tolerance is None else metrics[reference]["accuracy"] - accuracy_tolerance  # the gate's
-    plot_frontier(metrics, folder / "frontier.png", served=served, reference=reference, accuracy_bar=bar)
+    plot_frontier(metrics, folder / "frontier.png", served=served, reference=reference,
+                  accuracy_tolerance=accuracy_tolerance)
     plot_f1_difference(metrics[teacher_row(metrics)]["per_class_f1"], metrics[served]["per_class_f1"], labels,
                        folder / "per_class_f1_student_minus_teacher.png", student=served)
     if curves and oos_rows:

@@ -203,8 +203,9 @@ def frontier_table(metrics: dict[str, dict], served: tuple[str, ...] = (), refer
 
 def _place_labels(fig: plt.Figure, ax: plt.Axes, points: list[tuple[str, float, float, float]]) -> None:
     """Annotate each point (text, x, y, marker area in points^2), in order, beside its marker at the first of a few
-    places where the drawn text covers no marker and no earlier label (else where it covers least). Offsets are in
-    points, so the layout holds at any saving dpi; the labels stay out of tight_layout."""
+    places where the drawn text covers no marker and no earlier label (else where it covers least), joined to its
+    marker by a thin leader line. Offsets are in points, so the layout holds at any saving dpi; the labels stay out
+    of tight_layout."""
     from matplotlib.transforms import Bbox
 
     renderer = fig.canvas.get_renderer()
@@ -218,7 +219,9 @@ def _place_labels(fig: plt.Figure, ax: plt.Axes, points: list[tuple[str, float, 
 
     for text, x, y, area in points:
         r = area ** 0.5 / 2 * 0.75 + 2  # points: just off the marker, diagonally
-        note = ax.annotate(text, (x, y), fontsize=7, xytext=(r, r), textcoords="offset points", va="bottom")
+        style = {"fontsize": 7, "textcoords": "offset points", "va": "bottom", "zorder": 2.5,  # under the markers
+                 "bbox": {"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.7}}
+        note = ax.annotate(text, (x, y), xytext=(r, r), **style)
         note.set_in_layout(False)
         extent = note.get_window_extent(renderer)
         w, h = extent.width / pixels, extent.height / pixels
@@ -233,7 +236,9 @@ def _place_labels(fig: plt.Figure, ax: plt.Axes, points: list[tuple[str, float, 
                 best = (cost, offset, box)
             if cost == 0:
                 break
-        note.xyann = best[1]
+        note.remove()  # drawn again where it fits, with a leader to its own marker (its extent left it out)
+        ax.annotate(text, (x, y), xytext=best[1], **style, arrowprops={
+            "arrowstyle": "-", "color": "0.45", "lw": 0.5, "shrinkA": 0, "shrinkB": area ** 0.5 / 2}).set_in_layout(False)
         taken.append(best[2])
 
 

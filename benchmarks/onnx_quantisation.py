@@ -32,13 +32,12 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=200)
     args = parser.parse_args()
     import numpy as np
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from distillery.config import load_config
     from distillery.models.data import read_snapshot
     from distillery.models.modeling import load_classifier, load_tokenizer
-    from distillery.models.onnx_runtime import OnnxClassifier, export_onnx, quantize_onnx_int8
+    from distillery.models.onnx_runtime import (OnnxClassifier, calibration_batches, export_onnx,
+                                                quantize_onnx_int8, quantize_onnx_static)
 
     cfg = load_config(args.config)
     splits, _ = read_snapshot(cfg.path(cfg.data.snapshot_dir))
@@ -47,28 +46,16 @@ def main() -> int:
     length = cfg.distill.max_length
 
     def batch(texts: list[str]) -> dict:
-        enc = tokenizer(texts, padding=True, truncation=True, max_length=length, return_tensors="np")
-        return {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask")}
+        return calibration_batches(tokenizer, texts, length, len(texts))[0]
 
     sample = splits["train"]["text"].sample(min(args.calibration_rows, len(splits["train"])), random_state=0).tolist()
-
-    class Calibration(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter([batch(sample[i:i + 16]) for i in range(0, len(sample), 16)])
-
-        def get_next(self) -> dict | None:
-            return next(self.batches, None)
-
+    calibration = calibration_batches(tokenizer, sample, length)
     scratch = tempfile.TemporaryDirectory()  # the exported files, removed at the end
     work = Path(scratch.name)
     files = {"fp32": export_onnx(model, work / "fp32.onnx")}
     files["dynamic"] = quantize_onnx_int8(files["fp32"], work / "dynamic.onnx")
-    quant_pre_process(str(files["fp32"]), str(work / "pre.onnx"), skip_symbolic_shape=True)
-    for name, ops in (("static_matmul", ["MatMul", "Gemm"]), ("static_all", None)):
-        quantize_static(str(work / "pre.onnx"), str(work / f"{name}.onnx"), Calibration(),
-                        quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        op_types_to_quantize=ops)
-        files[name] = work / f"{name}.onnx"
+    for name, ops in (("static_matmul", ("MatMul", "Gemm")), ("static_all", None)):
+        files[name] = quantize_onnx_static(files["fp32"], work / f"{name}.onnx", calibration, op_types=ops)
     val = splits["validation"]
     texts, gold = val["text"].tolist(), val["label_id"].to_numpy()
     rows = np.random.default_rng(0).choice(len(texts), size=20 + args.repeats, replace=True)

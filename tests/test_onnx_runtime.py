@@ -10,7 +10,8 @@ import torch
 
 from distillery.models.evaluation import TimingSettings, evaluate_model
 from distillery.models.modeling import ModelError, count_parameters, load_classifier, load_tokenizer
-from distillery.models.onnx_runtime import OnnxClassifier, export_onnx, onnx_int8
+from distillery.models.onnx_runtime import (OnnxClassifier, calibration_batches, export_onnx, export_onnx_static_int8,
+                                            onnx_int8, quantize_onnx_static)
 from distillery.models.training import collate, encode, predict_logits
 from tests.helpers import LABELS, make_frames
 
@@ -51,6 +52,30 @@ def test_int8_session_runs_through_the_harness(tiny_teacher_dir, tmp_path):
                           parameters=count_parameters(model), size_bytes=int8.size_bytes())
     assert m["parameters"] == reference["parameters"] and m["size_mb"] == int8.size_bytes() / 1e6
     assert m["agreement"] >= 0.9 and m["latency_p95_ms"] >= m["latency_p50_ms"] > 0 and m["throughput_rps"] > 0
+
+
+def test_static_int8_is_calibrated_on_rows_and_keeps_the_answers(tiny_teacher_dir, tmp_path):
+    """Static INT8 (the quantisation variant benchmarks/run.py measures beside the served dynamic INT8): MatMul
+    weights and activations quantised with scales calibrated on encoded rows; the answers stay the torch model's."""
+    import onnx
+
+    tokenizer = load_tokenizer(tiny_teacher_dir)
+    model = load_classifier(tiny_teacher_dir).eval()
+    data = _test_split(tokenizer)
+    train, _ = make_frames()
+    batches = calibration_batches(tokenizer, train["text"].tolist(), 16, size=4)
+    assert {k: v.dtype for k, v in batches[0].items()} == {"input_ids": np.int64, "attention_mask": np.int64}
+    static = OnnxClassifier(export_onnx_static_int8(model, tmp_path / "static.onnx", batches), len(LABELS))
+    assert [p.name for p in tmp_path.iterdir()] == ["static.onnx"]  # no FP32 export, pre-processed or partial file
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "static.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "MatMul"} <= ops
+    expected = predict_logits(model, data, tokenizer.pad_token_id)
+    got = predict_logits(static, data, tokenizer.pad_token_id)
+    assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.9
+    assert not np.allclose(got, expected, atol=1e-6)  # it is quantised, not the FP32 graph
+    with pytest.raises(ModelError, match="calibration rows"):
+        quantize_onnx_static(export_onnx(model, tmp_path / "fp32.onnx"), tmp_path / "none.onnx", [])
+    assert not (tmp_path / "none.onnx").exists()
 
 
 def test_quantising_keeps_the_log_readable(tiny_teacher_dir, tmp_path, caplog):

@@ -4,8 +4,9 @@
 
 Needs a promoted ``student@champion`` (run ``make run`` first). Prints tables and writes
 ``benchmarks/results/<name>.json``. It measures:
-  1. teacher and champion in every form (FP32, torch INT8, ONNX Runtime INT8), the baseline student and the run's
-     other (frontier) students in the served form, on the test split (one harness: quality, batch-1 latency p50/p95
+  1. teacher and champion in every form (FP32, torch INT8, ONNX Runtime INT8, and static INT8 calibrated on
+     training rows beside the served dynamic INT8), the baseline student and the run's other (frontier) students in
+     the served form, on the test split (one harness: quality, batch-1 latency p50/p95
      on one thread, batch-32 throughput on all cores, size); the champion against the reference the gate used
      (interleaved pairs) and through its served code path; the frontier table and plot
      (``benchmarks/results/<name>-frontier.png``);
@@ -41,6 +42,23 @@ def machine() -> dict:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
             "platform": platform.platform()}
+
+
+STATIC_INT8 = "student_static_int8_onnx"
+CALIBRATION_ROWS = 256
+
+
+def static_int8_candidate(student_dir: Path, train_texts, max_length: int, work: Path) -> tuple:  # noqa: ANN001
+    """The served student in static INT8 (MatMul/Gemm QDQ, calibrated on ``CALIBRATION_ROWS`` training rows read
+    with its own tokenizer), as a harness candidate ``(model, FP32 parameters, folder)``."""
+    from distillery.models.modeling import count_parameters, load_classifier, load_tokenizer
+    from distillery.models.onnx_runtime import OnnxClassifier, calibration_batches, export_onnx_static_int8
+
+    model = load_classifier(Path(student_dir)).eval()
+    sample = train_texts.sample(min(CALIBRATION_ROWS, len(train_texts)), random_state=0).tolist()
+    path = export_onnx_static_int8(model, work / "student-static-int8.onnx",
+                                   calibration_batches(load_tokenizer(Path(student_dir)), sample, max_length))
+    return OnnxClassifier(path, model.config.num_labels), count_parameters(model), str(student_dir)
 
 
 def run_duration(client, run_id: str) -> float:  # noqa: ANN001 - MlflowClient
@@ -131,6 +149,10 @@ def main() -> int:
                                           str(teacher_dir))
     candidates = harness_candidates({"teacher": (str(teacher_dir), onnx_teacher_folder(cfg, teacher_ref))},
                                     student_dir, baseline_dir, others, form)
+    scratch_static = tempfile.TemporaryDirectory()  # the static INT8 file, measured then removed at exit
+    if form == "onnx-int8":  # the quantisation variant beside the served dynamic INT8: static INT8 of the same student
+        candidates[STATIC_INT8] = static_int8_candidate(student_dir, splits["train"]["text"], cfg.distill.max_length,
+                                                        Path(scratch_static.name))
     teacher = candidates["teacher_fp32"][0]
     encoded = encode_per_folder({c[2] for c in candidates.values()}, texts_test, gold, cfg.distill.max_length)
     metrics, per_class, reference_pred = {}, {}, None
@@ -143,7 +165,9 @@ def main() -> int:
         per_class[name] = m["per_class_f1"]
         print(f"  measured {name}", flush=True)
     served, reference = served_candidate(form), lineage.reference
-    contenders = (served, *(served_candidate(form, k) for k in others))
+    contenders = [served, *(served_candidate(form, k) for k in others)]
+    if STATIC_INT8 in candidates:
+        contenders.append(STATIC_INT8)
     r_model, _, r_folder = candidates[reference]
     for name in contenders:  # each student against the reference in interleaved pairs: p50s taken minutes apart
         model, _, folder = candidates[name]  # drift with the machine, the paired ratios do not
@@ -159,7 +183,7 @@ def main() -> int:
     results["ratios"] = {**headline_ratios(metrics, served, reference), **fast_end_ratios(metrics, distilled)}
     results["passing"] = passing
     results["frontier"] = sorted(pareto(metrics))
-    frontier_text = frontier_table(metrics, contenders, reference)
+    frontier_text = frontier_table(metrics, tuple(contenders), reference)
     plot_frontier(metrics, ROOT / "benchmarks" / "results" / f"{args.name}-frontier.png", served, reference,
                   cfg.gate.accuracy_tolerance)
     results["timing"] = {"threads": timing.threads, "warmup": timing.warmup, "repeats": timing.repeats,

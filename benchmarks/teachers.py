@@ -21,7 +21,7 @@ asked the endpoint (0: every answer from the answer cache; ``teacher.endpoint.re
 
 The recipe is the champion's (``student@champion``) when there is one, else ``distill.*``, with the fields given by
 ``--recipe`` and feature KD off (a black box has no hidden states): the same for every arm. Each student is measured
-in FP32 on the test split.
+on the test split in FP32 and in its served form (``student.deploy``, as the gate sees it: ``served_accuracy``).
 Results go to ``benchmarks/results/<name>-teachers.json`` as each (arm, seed) finishes, and a later invocation
 skips the (arm, seed) pairs already there: the benchmark can be run an arm at a time. Ratios (mean over seeds):
 ``endpoint_full_over_whitebox_student_accuracy``, ``endpoint_top5_...``, ``endpoint_top1_...``,
@@ -147,8 +147,8 @@ def main() -> int:  # noqa: C901 - one benchmark's wiring, read top to bottom
     from distillery.flows.label import label_flow
     from distillery.integrations import registry
     from distillery.models.data import read_snapshot
-    from distillery.models.evaluation import TimingSettings, encode_per_folder, evaluate_model
-    from distillery.models.modeling import load_classifier
+    from distillery.models.evaluation import TimingSettings, encode_per_folder, evaluate_model, served_form
+    from distillery.models.modeling import count_parameters, load_classifier
     from distillery.records import Candidate, Lineage
     from distillery.tasks.data import freeze
     from distillery.tasks.distill import train_student
@@ -177,10 +177,13 @@ def main() -> int:  # noqa: C901 - one benchmark's wiring, read top to bottom
     results = json.loads(results_file.read_text()) if results_file.is_file() else {"profile": args.name, "runs": []}
     done = {(r["arm"], r["seed"]) for r in results["runs"]}
 
-    def accuracy(folder: str) -> dict[str, float]:
+    def accuracy(folder: str) -> dict[str, float]:  # FP32, and the served form (student.deploy) as the gate sees it
         data, pad = encode_per_folder({folder}, texts, gold, cfg.distill.max_length)[folder]
-        m, _ = evaluate_model(load_classifier(Path(folder)).eval(), data, pad, len(labels), None, timing)
-        return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
+        model = load_classifier(Path(folder)).eval()
+        m, _ = evaluate_model(model, data, pad, len(labels), None, timing)
+        served, _ = evaluate_model(served_form(model, cfg.student.deploy, Path(folder)), data, pad, len(labels), None,
+                                   timing, count_parameters(model), size_bytes=0)
+        return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "served_accuracy": served["accuracy"]}
 
     def save() -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -237,8 +240,8 @@ def main() -> int:  # noqa: C901 - one benchmark's wiring, read top to bottom
     by_arm: dict[str, list[dict]] = {}
     for r in results["runs"]:
         by_arm.setdefault(r["arm"], []).append(r)
-    results["arms"] = {arm: {"accuracy": summary([r["accuracy"] for r in rs]),
-                             "macro_f1": summary([r["macro_f1"] for r in rs])} for arm, rs in by_arm.items()}
+    results["arms"] = {arm: {key: summary([r[key] for r in rs]) for key in ("accuracy", "macro_f1", "served_accuracy")
+                             if all(key in r for r in rs)} for arm, rs in by_arm.items()}
     ratios = {name: results["arms"][a]["accuracy"]["mean"] / results["arms"][b]["accuracy"]["mean"]
               for name, (a, b) in RATIOS.items() if a in results["arms"] and b in results["arms"]}
     if "cached_rerun" in results:
@@ -246,10 +249,12 @@ def main() -> int:  # noqa: C901 - one benchmark's wiring, read top to bottom
     results["ratios"] = ratios
     save()
     print(f"\n== {args.name}: teachers over seeds {args.seeds}; recipe {recipe.to_dict()}")
-    print(f"{'arm':<16}{'accuracy':>20}{'macro-F1':>20}")
+    print(f"{'arm':<16}{'accuracy':>20}{'macro-F1':>20}{'served accuracy':>24}")
     for arm, r in results["arms"].items():
+        served = r.get("served_accuracy")
         print(f"{arm:<16}{r['accuracy']['mean']:>12.4f} +- {r['accuracy']['std']:.4f}"
-              f"{r['macro_f1']['mean']:>12.4f} +- {r['macro_f1']['std']:.4f}")
+              f"{r['macro_f1']['mean']:>12.4f} +- {r['macro_f1']['std']:.4f}"
+              + (f"{served['mean']:>16.4f} +- {served['std']:.4f}" if served else ""))
     for name, value in ratios.items():
         print(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
     print(f"\nwritten {results_file}")

@@ -180,6 +180,9 @@ def test_teachers_benchmark_measures_the_endpoint_forms_and_a_budget_against_ran
     assert sorted((r["arm"], r["seed"]) for r in results["runs"]) == sorted(
         (arm, seed) for arm in ("full", "budget-diverse", "budget-random", "top1") for seed in (3, 4))
     assert "endpoint_top1_over_whitebox_student_accuracy" not in results["ratios"]  # no whitebox arm measured
+    assert all(0.0 <= r["served_accuracy"] <= 1.0 for r in results["runs"])  # the served form (ONNX INT8) too
+    assert results["arms"]["top1"]["served_accuracy"]["values"] == [r["served_accuracy"] for r in results["runs"]
+                                                                    if r["arm"] == "top1"]
 
 
 def test_the_monitoring_benchmark_runs_the_loop_and_resumes(teacher_project: Path, tmp_path: Path):

@@ -48,17 +48,18 @@ STATIC_INT8 = "student_static_int8_onnx"
 CALIBRATION_ROWS = 256
 
 
-def static_int8_candidate(student_dir: Path, train_texts, max_length: int, work: Path) -> tuple:  # noqa: ANN001
-    """The served student in static INT8 (MatMul/Gemm QDQ, calibrated on ``CALIBRATION_ROWS`` training rows read
-    with its own tokenizer), as a harness candidate ``(model, FP32 parameters, folder)``."""
-    from distillery.models.modeling import count_parameters, load_classifier, load_tokenizer
-    from distillery.models.onnx_runtime import OnnxClassifier, calibration_batches, export_onnx_static_int8
+def static_int8_candidate(model, parameters: int, student_dir: Path, train_texts, max_length: int,  # noqa: ANN001
+                          work: Path) -> tuple:
+    """The served student (``model``, already loaded by the harness) in static INT8 (MatMul/Gemm QDQ, calibrated on
+    ``CALIBRATION_ROWS`` training rows read with its own tokenizer), as a harness candidate
+    ``(model, FP32 parameters, folder)``."""
+    from distillery.models.modeling import load_tokenizer
+    from distillery.models.onnx_runtime import OnnxClassifier, calibration_batches, export_onnx_int8
 
-    model = load_classifier(Path(student_dir)).eval()
     sample = train_texts.sample(min(CALIBRATION_ROWS, len(train_texts)), random_state=0).tolist()
-    path = export_onnx_static_int8(model, work / "student-static-int8.onnx",
-                                   calibration_batches(load_tokenizer(Path(student_dir)), sample, max_length))
-    return OnnxClassifier(path, model.config.num_labels), count_parameters(model), str(student_dir)
+    path = export_onnx_int8(model, work / "student-static-int8.onnx",
+                            calibration_batches(load_tokenizer(Path(student_dir)), sample, max_length))
+    return OnnxClassifier(path, model.config.num_labels), parameters, str(student_dir)
 
 
 def run_duration(client, run_id: str) -> float:  # noqa: ANN001 - MlflowClient
@@ -151,7 +152,9 @@ def main() -> int:
                                     student_dir, baseline_dir, others, form)
     scratch_static = tempfile.TemporaryDirectory()  # the static INT8 file, measured then removed at exit
     if form == "onnx-int8":  # the quantisation variant beside the served dynamic INT8: static INT8 of the same student
-        candidates[STATIC_INT8] = static_int8_candidate(student_dir, splits["train"]["text"], cfg.distill.max_length,
+        _, parameters, _ = candidates[served_candidate(form)]  # the served form carries the FP32 parameter count
+        candidates[STATIC_INT8] = static_int8_candidate(candidates[served_candidate("fp32")][0], parameters, student_dir,
+                                                        splits["train"]["text"], cfg.distill.max_length,
                                                         Path(scratch_static.name))
     teacher = candidates["teacher_fp32"][0]
     encoded = encode_per_folder({c[2] for c in candidates.values()}, texts_test, gold, cfg.distill.max_length)

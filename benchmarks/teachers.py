@@ -181,8 +181,9 @@ def main() -> int:  # noqa: C901 - one benchmark's wiring, read top to bottom
         data, pad = encode_per_folder({folder}, texts, gold, cfg.distill.max_length)[folder]
         model = load_classifier(Path(folder)).eval()
         m, _ = evaluate_model(model, data, pad, len(labels), None, timing)
-        served, _ = evaluate_model(served_form(model, cfg.student.deploy, Path(folder)), data, pad, len(labels), None,
-                                   timing, count_parameters(model), size_bytes=0)
+        shipped = served_form(model, cfg.student.deploy, Path(folder))
+        served, _ = evaluate_model(shipped, data, pad, len(labels), None, timing, count_parameters(model),
+                                   size_bytes=shipped.size_bytes() if hasattr(shipped, "size_bytes") else None)
         return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "served_accuracy": served["accuracy"]}
 
     def save() -> None:

@@ -124,17 +124,6 @@ def calibration_batches(tokenizer, texts: list[str], max_length: int, size: int 
     return batches
 
 
-def export_onnx_static_int8(model: PreTrainedModel, target: Path, batches: list[dict]) -> Path:
-    """Export ``model`` and quantise it statically (``quantize_onnx_static``) at ``target``; the FP32 export is
-    removed again."""
-    target = Path(target)
-    fp32 = export_onnx(model, target.with_name(f"{target.stem}-fp32.onnx"))
-    try:
-        return quantize_onnx_static(fp32, target, batches)
-    finally:
-        fp32.unlink(missing_ok=True)
-
-
 @dataclass
 class _Output:
     logits: torch.Tensor
@@ -185,14 +174,17 @@ class OnnxClassifier:
         return self.path.stat().st_size
 
 
-def export_onnx_int8(model: PreTrainedModel, target: Path) -> Path:
-    """Export ``model`` and quantise it to INT8 at ``target`` (written whole or not at all); the FP32 export is
-    removed again."""
+def export_onnx_int8(model: PreTrainedModel, target: Path, calibration: list[dict] | None = None) -> Path:
+    """Export ``model`` and quantise it to INT8 at ``target`` (written whole or not at all): dynamically, or
+    statically on ``calibration`` batches (``quantize_onnx_static``); the FP32 export is removed again."""
     target = Path(target)
     fp32 = export_onnx(model, target.with_name(f"{target.stem}-fp32.onnx"))
-    partial = quantize_onnx_int8(fp32, target.with_suffix(".partial"))
-    fp32.unlink()
-    return partial.replace(target)
+    try:
+        if calibration is not None:
+            return quantize_onnx_static(fp32, target, calibration)
+        return quantize_onnx_int8(fp32, target.with_suffix(".partial")).replace(target)
+    finally:
+        fp32.unlink(missing_ok=True)
 
 
 def onnx_int8(model: PreTrainedModel, folder: Path, name: str, threads: int = 1) -> OnnxClassifier:

@@ -10,7 +10,7 @@ import torch
 
 from distillery.models.evaluation import TimingSettings, evaluate_model
 from distillery.models.modeling import ModelError, count_parameters, load_classifier, load_tokenizer
-from distillery.models.onnx_runtime import (OnnxClassifier, calibration_batches, export_onnx, export_onnx_static_int8,
+from distillery.models.onnx_runtime import (OnnxClassifier, calibration_batches, export_onnx, export_onnx_int8,
                                             onnx_int8, quantize_onnx_static)
 from distillery.models.training import collate, encode, predict_logits
 from tests.helpers import LABELS, make_frames
@@ -65,7 +65,7 @@ def test_static_int8_is_calibrated_on_rows_and_keeps_the_answers(tiny_teacher_di
     train, _ = make_frames()
     batches = calibration_batches(tokenizer, train["text"].tolist(), 16, size=4)
     assert {k: v.dtype for k, v in batches[0].items()} == {"input_ids": np.int64, "attention_mask": np.int64}
-    static = OnnxClassifier(export_onnx_static_int8(model, tmp_path / "static.onnx", batches), len(LABELS))
+    static = OnnxClassifier(export_onnx_int8(model, tmp_path / "static.onnx", calibration=batches), len(LABELS))
     assert [p.name for p in tmp_path.iterdir()] == ["static.onnx"]  # no FP32 export, pre-processed or partial file
     ops = {node.op_type for node in onnx.load(str(tmp_path / "static.onnx")).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "MatMul"} <= ops
